@@ -1,0 +1,19 @@
+"""fxhalo: domain parallelism for PyTorch models through ``torch.compile``.
+
+::
+
+    import fxhalo
+    model = torch.compile(model, backend="domain_parallel", options={"shard_dim": 2})
+    y_local = model(fxhalo.shard(x, shard_dim=2))
+"""
+
+from .errors import FxHaloError
+from .domain import Domain, gather, shard
+from .halo import Edge, halo_exchange, plan_halo
+from .backend import backend, register as _register_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["FxHaloError", "Domain", "Edge", "backend", "gather", "halo_exchange", "plan_halo", "shard", "__version__"]
+
+_register_backend()

@@ -1,0 +1,71 @@
+"""Halo arithmetic for windowed ops along one axis (shared/DESIGN.md section 4).
+
+An op with kernel ``k``, dilation ``d``, stride ``s`` and padding ``pl``/``pr``
+maps a global input length ``N`` to ``M = floor((N + pl + pr - d(k-1) - 1)/s) + 1``
+output rows, and output row ``o`` reads input rows ``o*s - pl ... o*s - pl + d(k-1)``.
+A rank that owns output rows ``[c, e)`` therefore needs input rows
+``[c*s - pl, (e-1)*s - pl + d(k-1) + 1)``; the halo plan does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .domain import Domain
+from .errors import FxHaloError
+from .halo import Edge, HaloPlan, plan_halo
+
+__all__ = ["Window", "WindowPlan", "plan_window"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    kernel: int
+    stride: int = 1
+    dilation: int = 1
+    pad_lo: int = 0
+    pad_hi: int = 0
+
+    @property
+    def span(self) -> int:
+        """Distance from the first to the last input row one output row reads."""
+        return self.dilation * (self.kernel - 1)
+
+    def out_length(self, n: int) -> int:
+        return (n + self.pad_lo + self.pad_hi - self.span - 1) // self.stride + 1
+
+    def needed(self, c: int, e: int) -> tuple[int, int]:
+        """Global input rows ``[start, stop)`` read by output rows ``[c, e)``."""
+        return c * self.stride - self.pad_lo, (e - 1) * self.stride - self.pad_lo + self.span + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """A windowed op on one sharded axis: this rank's halo plan and the global output length.
+
+    ``local`` is True when every rank's outputs read exactly its own input rows:
+    the op then needs no exchange at all (a 1-wide kernel, or a patchify conv
+    whose stride divides the shard), which is how fxhalo *proves* a conv local.
+    """
+
+    halo: HaloPlan
+    out_length: int
+    local: bool
+
+
+def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what: str) -> WindowPlan:
+    """Plan a windowed op on an evenly sharded axis of global length ``n_global``."""
+    m = window.out_length(n_global)
+    if m < 1:
+        raise FxHaloError(f"{what}: global input length {n_global} gives no output rows with {window}")
+    domain.require_even(n_global, what)
+    if m % domain.size:
+        raise FxHaloError(
+            f"{what}: the global output length {m} (from input length {n_global}) does not split "
+            f"evenly over {domain.size} ranks, so the output shards would differ in size. "
+            f"Choose a global input length whose output is divisible by {domain.size} (e.g. a local "
+            f"length divisible by the stride {window.stride}); uneven shards are not supported yet."
+        )
+    in_part = domain.partition(n_global)
+    needs = tuple(window.needed(c, e) for c, e in domain.partition(m))
+    return WindowPlan(plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part)

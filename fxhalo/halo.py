@@ -1,0 +1,286 @@
+"""The one halo-exchange primitive.
+
+Every op that reaches across a shard edge says which *global* rows each rank
+needs, ``[start, stop)`` along the sharded dim.  The range may reach past the
+global edges (padding), past a neighbour (multi-hop halos) or fall short of the
+local shard (negative halos drop local rows).  :func:`plan_halo` turns that into
+a :class:`HaloPlan`: what this rank sends to whom, how many rows it receives from
+whom, and how to assemble its extended slab from local rows, received rows and
+fill rows.  :func:`halo_exchange` carries the plan out with **one**
+``all_to_all_single`` functional collective, so both neighbours (and further
+ranks, for wide halos) are served at once and autograd returns each halo row's
+gradient to its owner, where it is added into that owner's rows.
+
+Rows outside ``[0, N)`` come from the :class:`Edge`: zeros, a constant, or the
+``reflect`` / ``replicate`` / ``circular`` image of a row inside the tensor.  The
+image may live on another rank (reflect on a tiny edge shard, circular wraps the
+ring); the plan treats it like any other remote row.
+
+Plans depend only on the partition, the needed ranges and the edge, which every
+rank knows for every rank, so all ranks agree on whether a collective happens
+at all (``HaloPlan.collective``) without talking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.distributed._functional_collectives  # noqa: F401  (registers autograd for _c10d_functional ops)
+
+from .errors import FxHaloError
+
+__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "needs_from_widths"]
+
+EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
+
+
+@dataclasses.dataclass(frozen=True)
+class Edge:
+    """What lies beyond the global edges of the sharded dim.
+
+    ``mode`` covers ``extent = (lo, hi)`` rows past each edge (``None``: as many as
+    needed); rows further out are zeros.  A convolution fed by ``F.pad(x, p,
+    mode)`` has ``Edge(mode, extent=p)`` followed by its own zero padding.
+    """
+
+    mode: str = "zeros"
+    value: float = 0.0
+    extent: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.mode not in EDGE_MODES:
+            raise FxHaloError(f"unknown edge mode {self.mode!r}; expected one of {EDGE_MODES}")
+
+    def source(self, i: int, n: int) -> int | float:
+        """Global row that supplies out-of-range row ``i`` (an ``int``), or a fill value (a ``float``)."""
+        below = i < 0
+        depth = -i if below else i - (n - 1)  # 1 for the first row past the edge
+        if self.extent is not None and depth > self.extent[0 if below else 1]:
+            return 0.0
+        mode = self.mode
+        if mode == "zeros":
+            return 0.0
+        if mode == "constant":
+            return float(self.value)
+        if mode == "replicate":
+            return 0 if below else n - 1
+        if mode == "reflect":
+            if depth >= n:
+                raise FxHaloError(
+                    f"reflect padding of {depth} rows needs more than the {n} rows of the global tensor"
+                )
+            return depth if below else n - 1 - depth
+        # circular
+        if depth > n:
+            raise FxHaloError(
+                f"circular padding of {depth} rows wraps more than once around the {n} rows of the global tensor"
+            )
+        return i + n if below else i - n
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A run of rows of the extended slab: ``local`` rows, ``recv`` rows, or ``fill`` rows."""
+
+    kind: str
+    start: int
+    length: int
+    reverse: bool = False
+    value: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HaloPlan:
+    """How one rank builds its extended slab.
+
+    ``send`` lists ``(local_start, length)`` runs in send-buffer order (grouped by
+    destination rank, ascending); ``send_splits[q]``/``recv_splits[q]`` count rows
+    sent to / received from rank ``q``.  ``pieces`` concatenated along the sharded
+    dim give the slab.  ``collective`` is True when any rank sends anything.
+    """
+
+    rank: int
+    size: int
+    lo: int
+    hi: int
+    local_length: int
+    send: tuple[tuple[int, int], ...]
+    send_splits: tuple[int, ...]
+    recv_splits: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    collective: bool
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(self.send_splits)
+
+    @property
+    def rows_received(self) -> int:
+        return sum(self.recv_splits)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the extended slab is exactly the local slab (nothing to do)."""
+        return not self.collective and self.pieces == (Piece("local", 0, self.local_length),)
+
+
+def needs_from_widths(partition, widths) -> tuple[tuple[int, int], ...]:
+    """Needed global ranges from per-rank ``(lo, hi)`` widths around each rank's rows."""
+    return tuple((a - lo, b + hi) for (a, b), (lo, hi) in zip(partition, widths))
+
+
+def _runs_for(start: int, stop: int, partition, edge: Edge) -> list[tuple]:
+    """The rows ``[start, stop)`` of one rank's slab as runs.
+
+    Each run is ``("row", owner, owner_local_first, length, step)`` or
+    ``("fill", value, length)``; rows inside the tensor are taken straight from
+    the partition (O(ranks)), rows past the edges one by one (O(halo width)).
+    """
+    n = partition[-1][1]
+    runs: list[list] = []
+
+    def add_row(owner: int, local: int) -> None:
+        if runs and runs[-1][0] == "row" and runs[-1][1] == owner:
+            run = runs[-1]
+            last = run[2] + (run[3] - 1) * run[4]
+            step = local - last
+            if step in (1, -1) and (run[3] == 1 or step == run[4]):
+                run[4] = step
+                run[3] += 1
+                return
+        runs.append(["row", owner, local, 1, 1])
+
+    def add_fill(value: float, length: int) -> None:
+        if runs and runs[-1][0] == "fill" and runs[-1][1] == value:
+            runs[-1][2] += length
+        else:
+            runs.append(["fill", value, length])
+
+    def add_global_row(g: int) -> None:
+        for owner, (a, b) in enumerate(partition):
+            if a <= g < b:
+                add_row(owner, g - a)
+                return
+        raise AssertionError(f"row {g} has no owner in {partition}")
+
+    def add_outside(i: int) -> None:
+        src = edge.source(i, n)
+        if isinstance(src, float):
+            add_fill(src, 1)
+        else:
+            add_global_row(src)
+
+    for i in range(start, min(stop, 0)):
+        add_outside(i)
+    lo, hi = max(start, 0), min(stop, n)
+    for owner, (a, b) in enumerate(partition):
+        s, e = max(lo, a), min(hi, b)
+        if s < e:
+            # Rows of one owner are contiguous and ascending: add them as one run.
+            if runs and runs[-1][0] == "row" and runs[-1][1] == owner and runs[-1][4] == 1 \
+                    and runs[-1][2] + runs[-1][3] == s - a:
+                runs[-1][3] += e - s
+            else:
+                runs.append(["row", owner, s - a, e - s, 1])
+    for i in range(max(start, n), stop):
+        add_outside(i)
+    return [tuple(r) for r in runs]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, int], ...],
+              rank: int, edge: Edge = Edge()) -> HaloPlan:
+    """Plan the exchange that gives every rank ``r`` the global rows ``needs[r]``.
+
+    ``partition[q]`` is rank ``q``'s ``[start, stop)`` of the input's global rows.
+    Pure and cached: the same arguments give the same plan on every rank.
+    """
+    size = len(partition)
+    if len(needs) != size:
+        raise AssertionError("one needed range per rank")
+    for r, (s, e) in enumerate(needs):
+        if e < s:
+            raise FxHaloError(f"rank {r} would need a negative number of rows ({s}..{e})")
+    all_runs = [_runs_for(s, e, partition, edge) for s, e in needs]
+
+    # Rank q's send buffer to rank r: r's runs owned by q, in r's order, rows ascending.
+    def sends_of(q: int) -> list[list[tuple[int, int]]]:
+        per_dest = []
+        for r in range(size):
+            per_dest.append([
+                (min(run[2], run[2] + (run[3] - 1) * run[4]), run[3])
+                for run in all_runs[r] if run[0] == "row" and run[1] == q and q != r
+            ])
+        return per_dest
+
+    my_sends = sends_of(rank)
+    send_splits = tuple(sum(length for _, length in runs) for runs in my_sends)
+    collective = any(
+        run[0] == "row" and run[1] != r for r in range(size) for run in all_runs[r]
+    )
+
+    recv_splits = [0] * size
+    for run in all_runs[rank]:
+        if run[0] == "row" and run[1] != rank:
+            recv_splits[run[1]] += run[3]
+    chunk_start = [sum(recv_splits[:q]) for q in range(size)]
+    within = [0] * size
+    pieces = []
+    for run in all_runs[rank]:
+        if run[0] == "fill":
+            pieces.append(Piece("fill", 0, run[2], value=run[1]))
+            continue
+        _, owner, first, length, step = run
+        reverse = step == -1 and length > 1
+        if owner == rank:
+            low = first if not reverse else first - (length - 1)
+            pieces.append(Piece("local", low, length, reverse))
+        else:
+            pieces.append(Piece("recv", chunk_start[owner] + within[owner], length, reverse))
+            within[owner] += length
+
+    a, b = partition[rank]
+    s, e = needs[rank]
+    return HaloPlan(
+        rank=rank, size=size, lo=a - s, hi=e - b, local_length=b - a,
+        send=tuple(run for runs in my_sends for run in runs),
+        send_splits=send_splits, recv_splits=tuple(recv_splits),
+        pieces=tuple(pieces), collective=collective,
+    )
+
+
+def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) -> torch.Tensor:
+    """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
+
+    One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
+    communicated when no rank needs a remote row.  Differentiable.
+    """
+    if plan.is_identity:
+        return x
+    parts = []
+    recv = None
+    if plan.collective:
+        # Sends are views of x and the received buffer always feeds the result, even
+        # when empty: then every rank's autograd graph reaches the collective, and
+        # every rank joins the backward all_to_all (a rank missing it would hang the others).
+        send_parts = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
+        send = torch.cat(send_parts, 0) if len(send_parts) > 1 else send_parts[0].contiguous()
+        recv = torch.ops._c10d_functional.all_to_all_single(
+            send, list(plan.recv_splits), list(plan.send_splits), group_name
+        )
+        recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
+    for p in plan.pieces:
+        if p.kind == "local":
+            t = x.narrow(dim, p.start, p.length)
+        elif p.kind == "recv":
+            t = recv.narrow(dim, p.start, p.length)
+        else:
+            shape = list(x.shape)
+            shape[dim] = p.length
+            t = x.new_full(shape, p.value)
+        parts.append(t.flip(dim) if p.reverse else t)
+    if recv is not None and plan.rows_received == 0:
+        parts.append(recv)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

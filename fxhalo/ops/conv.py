@@ -1,0 +1,81 @@
+"""Convolution over a sharded spatial dim: one halo exchange, then the local conv."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..domain import Domain
+from ..geometry import Window, WindowPlan, plan_window
+from ..halo import Edge, halo_exchange
+
+__all__ = ["conv", "conv_plan", "explicit_padding"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
+    """``(lo, hi)`` per spatial axis for an int, a tuple, ``'valid'`` or ``'same'``.
+
+    ``'same'`` follows torch: total ``d(k-1)``, the smaller half before.
+    """
+    n = len(kernel)
+    if padding == "valid":
+        return ((0, 0),) * n
+    if padding == "same":
+        out = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            out.append((total // 2, total - total // 2))
+        return tuple(out)
+    return tuple((p, p) for p in _tuple(padding, n))
+
+
+def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
+              edge: Edge) -> tuple[int, WindowPlan]:
+    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``."""
+    nd = len(weight_shape) - 2
+    axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
+    kernel = tuple(weight_shape[2:])
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    pads = explicit_padding(padding, kernel, dilation)
+    extent = edge.extent or (0, 0)
+    window = Window(kernel[axis], stride[axis], dilation[axis],
+                    pads[axis][0] + extent[0], pads[axis][1] + extent[1])
+    n = domain.global_length(x_shape[domain.dim_of(len(x_shape))])
+    return axis, plan_window(window, domain, n, edge, f"conv{nd}d (kernel {kernel}, stride {stride})")
+
+
+def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+         shard_dim: int, group_name: str, edge_mode: str = "zeros", edge_value: float = 0.0,
+         edge_extent: tuple[int, int] = (0, 0)):
+    """``F.conv{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
+
+    The conv's own ``padding`` is zeros past the global edges.  A pad folded in
+    from an ``F.pad`` just before the conv covers ``edge_extent`` rows on each side
+    with ``edge_mode`` (``constant`` with ``edge_value``, ``reflect``,
+    ``replicate`` or ``circular``); the conv's padding lies beyond it.
+    """
+    domain = Domain.from_group(group_name, shard_dim=shard_dim)
+    nd = weight.ndim - 2
+    dim = domain.dim_of(input.ndim)
+    kernel = tuple(weight.shape[2:])
+    dilation_t = _tuple(dilation, nd)
+    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
+    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
+                           dilation, domain, edge)
+    x = halo_exchange(input, dim, plan.halo, group_name)
+
+    # The halo already holds the sharded axis' padding; the other axes keep theirs.
+    pads = list(explicit_padding(padding, kernel, dilation_t))
+    pads[axis] = (0, 0)
+    symmetric = [min(lo, hi) for lo, hi in pads]
+    extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, symmetric)]
+    if any(lo or hi for lo, hi in extra):
+        # torch's conv takes only symmetric padding; the asymmetric rest is zeros.
+        x = F.pad(x, [p for lo_hi in reversed(extra) for p in lo_hi])
+    return _CONV[nd](x, weight, bias, _tuple(stride, nd), tuple(symmetric), dilation_t, groups)

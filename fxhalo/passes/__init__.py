@@ -1,0 +1,7 @@
+"""Graph passes.  Each is ``(gm, ctx) -> int``: it edits ``gm`` in place and returns a count of what it changed."""
+
+from .context import PassContext
+from .sharding import propagate_sharding
+from .rewrite import rewrite
+
+__all__ = ["PassContext", "propagate_sharding", "rewrite"]

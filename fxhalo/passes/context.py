@@ -1,0 +1,26 @@
+"""What every pass and rule gets to see: the domain, the options, and how to refuse."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from ..domain import Domain
+from ..errors import FxHaloError, describe_node
+from ..sharding import example_value
+
+
+@dataclasses.dataclass
+class PassContext:
+    domain: Domain
+    #: per forward-argument override of the input rule: name -> sharded dim, or None for replicated
+    input_shard_dims: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
+
+    def refuse(self, node, problem: str, remedy: str):
+        """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""
+        val = example_value(node.all_input_nodes[0]) if node.all_input_nodes else None
+        shape = f" Input local shape: {tuple(val.shape)}." if hasattr(val, "shape") else ""
+        raise FxHaloError(
+            f"fxhalo cannot make {describe_node(node)} domain-parallel: it {problem}.{shape} "
+            f"Remedy: {remedy}."
+        )

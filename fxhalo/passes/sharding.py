@@ -1,0 +1,91 @@
+"""Sharding propagation: annotate every node with how its value is laid out.
+
+Inputs follow the input rule: parameters and buffers are replicated; every other
+tensor input that has a dim ``shard_dim`` is sharded along it, unless the user
+overrides it per argument with ``input_shard_dims``.  Every other node asks its
+rule (:mod:`fxhalo.rules`).  A node with no rule that reads a sharded value is
+refused: fxhalo never guesses that an unknown op is local.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .. import rules
+from ..sharding import SHARDING, Sharded, example_value, sharding_of
+from .context import PassContext
+
+_STATE_MARKERS = ("._parameters[", "._buffers[")
+
+
+def input_name(node) -> tuple[str, str]:
+    """``(full, root)`` names of a placeholder's source, e.g. ``("batch['x']", "batch")``."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    full = source.name if source is not None else node.name
+    full = full() if callable(full) else full
+    pretty = re.sub(r"L\['([^']+)'\]", r"\1", full)
+    root = re.match(r"[A-Za-z_][A-Za-z0-9_]*", pretty)
+    return pretty, root.group(0) if root else pretty
+
+
+def is_state(node) -> bool:
+    """Parameters and buffers (graph inputs Dynamo lifted from modules)."""
+    grapharg = node.meta.get("grapharg")
+    if isinstance(getattr(grapharg, "example", None), torch.nn.Parameter):
+        return True
+    full, _ = input_name(node)
+    return any(m in full for m in _STATE_MARKERS) or full.startswith(("self.", "G["))
+
+
+def input_sharding(node, ctx: PassContext) -> Sharded | None:
+    val = example_value(node)
+    if not isinstance(val, torch.Tensor):
+        return None
+    full, root = input_name(node)
+    overrides = ctx.input_shard_dims
+    if full in overrides or root in overrides:
+        dim = overrides[full] if full in overrides else overrides[root]
+        if dim is None:
+            return None
+        dim = dim + val.ndim if dim < 0 else dim
+    elif is_state(node):
+        return None
+    else:
+        dim = ctx.domain.shard_dim
+        dim = dim + val.ndim if dim < 0 else dim
+        if not 0 <= dim < val.ndim:
+            return None
+    local = int(val.shape[dim])  # specialises a symbolic size: the halo plans need numbers
+    return Sharded(dim, local, ctx.domain.global_length(local))
+
+
+def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Annotate ``node.meta[SHARDING]`` on every node; returns how many values are sharded."""
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            s = input_sharding(node, ctx)
+        elif node.op in ("get_attr", "output"):
+            s = None
+        else:
+            rule = rules.lookup(node)
+            if rule is not None:
+                s = rule.propagate(node, ctx)
+            else:
+                sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
+                if sharded:
+                    ctx.refuse(
+                        node,
+                        f"reads '{sharded[0].name}', which is sharded ({sharding_of(sharded[0])}), "
+                        "and fxhalo has no rule for this op",
+                        "run the op outside the compiled region on fxhalo.gather()ed tensors, or mark "
+                        "the input replicated with options={'input_shard_dims': {name: None}} if it "
+                        "really is; please report the op so that a rule can be added",
+                    )
+                s = None
+        node.meta[SHARDING] = s
+        count += s is not None
+    return count

@@ -1,0 +1,65 @@
+"""The registry: graph target -> rule.
+
+A rule answers two questions about a node whose inputs' shardings are known:
+
+* ``propagate(node, ctx)``: how is the output laid out (a :class:`~fxhalo.sharding.Sharded`
+  or ``None``)?  It raises :class:`~fxhalo.errors.FxHaloError` when the op cannot be
+  made domain-parallel.  It must not change the graph.
+* ``rewrite(node, ctx)``: replace the node with its domain-parallel form; return
+  whether anything changed.  Rules for ops that are local return ``False``.
+
+Targets without a rule are refused whenever they read a sharded value (see
+:mod:`fxhalo.passes.sharding`).  Adding an op means adding a rule module here and
+its test; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+__all__ = ["Rule", "register", "lookup", "all_rules"]
+
+
+class Rule:
+    """Base class; subclasses override :meth:`propagate` and, when needed, :meth:`rewrite`."""
+
+    #: a short name for reports ("local", "conv", ...)
+    name = "rule"
+
+    def propagate(self, node, ctx):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rewrite(self, node, ctx) -> bool:
+        return False
+
+
+_RULES: dict[tuple[str, object], Rule] = {}
+
+
+def register(rule: Rule, *targets, op: str = "call_function") -> Rule:
+    """Register ``rule`` for each of ``targets`` (functions, or method names with ``op='call_method'``)."""
+    for target in targets:
+        if target is None:
+            continue  # an optional spelling absent from this torch build
+        _RULES[(op, target)] = rule
+    return rule
+
+
+def lookup(node) -> Rule | None:
+    try:
+        return _RULES.get((node.op, node.target))
+    except TypeError:  # unhashable target
+        return None
+
+
+def all_rules() -> dict[tuple[str, object], Rule]:
+    _load()
+    return dict(_RULES)
+
+
+def _load() -> None:
+    """Import the rule families (each registers itself)."""
+    from . import conv, local  # noqa: F401
+
+
+_load()

@@ -1,0 +1,144 @@
+"""Ops declared local, in one place.
+
+* **Elementwise** ops (arithmetic, activations, dropout, dtype casts): every output
+  element depends on the same position of each input, so they are local as long
+  as all sharded inputs agree on the sharded dim and no replicated input spans it.
+* **Channel-only** ops (``F.linear``, softmax over another dim): local as long as
+  the dim they mix is not the sharded one.
+
+Anything not listed here, and not handled by another rule, is refused when it
+reads a sharded value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
+from . import Rule, register
+
+_ELEMENTWISE_NAMES = (
+    "add sub mul div true_divide floor_divide remainder pow neg abs exp expm1 log log1p log2 "
+    "log10 sqrt rsqrt sin cos tan tanh sigmoid relu clamp clamp_min clamp_max clip where "
+    "maximum minimum erf erfc sign square reciprocal lerp addcmul addcdiv nan_to_num floor "
+    "ceil round trunc frac logical_not logical_and logical_or isnan isfinite isinf "
+    "masked_fill rsub atan2 hypot fmod copysign"
+).split()
+_ACTIVATIONS = (
+    "relu relu6 leaky_relu gelu silu mish elu selu celu softplus hardtanh hardswish "
+    "hardsigmoid sigmoid tanh logsigmoid softsign tanhshrink threshold rrelu "
+    "dropout alpha_dropout feature_alpha_dropout dropout1d dropout2d dropout3d"
+).split()
+_OPERATORS = (
+    "add sub mul truediv floordiv pow neg pos abs mod and_ or_ xor invert "
+    "eq ne lt le gt ge iadd isub imul itruediv ipow"
+).split()
+_METHODS = (
+    _ELEMENTWISE_NAMES
+    + [n + "_" for n in _ELEMENTWISE_NAMES]
+    + "relu_ sigmoid_ tanh_ float half bfloat16 double int long bool to type "
+      "contiguous clone detach requires_grad_ zero_ fill_".split()
+)
+#: methods whose output follows only their first (tensor) argument
+_FIRST_ARG_ONLY = {"to", "type", "type_as"}
+
+
+class Elementwise(Rule):
+    """Output sharded like the (broadcast) inputs."""
+
+    name = "local"
+
+    def propagate(self, node, ctx):
+        out = example_value(node)
+        inputs = [a for a in node.all_input_nodes if is_tensor_node(a)]
+        if node.op == "call_method" and node.target in _FIRST_ARG_ONLY:
+            inputs = inputs[:1]
+        sharded = [(a, sharding_of(a)) for a in inputs if sharding_of(a) is not None]
+        if not sharded:
+            return None
+        if not isinstance(out, torch.Tensor):
+            ctx.refuse(node, "returns a non-tensor computed from a sharded tensor",
+                       "compute it from fxhalo.gather()ed values outside the compiled region")
+        # Broadcasting aligns dims from the right: compare positions counted from the end.
+        positions = {s.dim - example_value(a).ndim for a, s in sharded}
+        lengths = {(s.local, s.length) for _, s in sharded}
+        if len(positions) != 1 or len(lengths) != 1:
+            ctx.refuse(node, "combines tensors sharded along different dims or with different sizes: "
+                       + ", ".join(f"{a.name} {s}" for a, s in sharded),
+                       "make the operands agree (same sharded dim and size) before combining them")
+        pos = positions.pop()
+        local, length = lengths.pop()
+        for a in inputs:
+            if sharding_of(a) is None:
+                shape = example_value(a).shape
+                if len(shape) >= -pos and shape[pos] != 1:
+                    ctx.refuse(node, f"broadcasts replicated tensor '{a.name}' of shape {tuple(shape)} "
+                               f"against the sharded dim (size {shape[pos]} there)",
+                               "shard that tensor too (pass it as a sharded input), or give it size 1 "
+                               "along the sharded dim")
+        return Sharded(out.ndim + pos, local, length)
+
+
+class ChannelOnly(Rule):
+    """Ops that mix values along one dim only; local when that dim is not the sharded one."""
+
+    name = "local"
+
+    def __init__(self, dim_of):
+        self._dim_of = dim_of  # (node) -> the dim the op mixes, non-negative
+
+    def propagate(self, node, ctx):
+        src = node.all_input_nodes[0]
+        s = sharding_of(src)
+        if s is None:
+            return None
+        for a in node.all_input_nodes[1:]:
+            if sharding_of(a) is not None:
+                ctx.refuse(node, f"takes sharded tensor '{a.name}' as a parameter", "pass replicated parameters")
+        mixed = self._dim_of(node)
+        if mixed == s.dim:
+            ctx.refuse(node, f"mixes values along dim {mixed}, the sharded dim",
+                       "apply it along another dim, or gather the tensor first")
+        out = example_value(node)
+        return Sharded(s.dim + out.ndim - example_value(src).ndim, s.local, s.length)
+
+
+def _last_dim(node) -> int:
+    return example_value(node.all_input_nodes[0]).ndim - 1
+
+
+def _softmax_dim(node) -> int:
+    bound = inspect.signature(F.softmax).bind(*node.args, **node.kwargs)
+    dim = bound.arguments.get("dim")
+    ndim = example_value(node.all_input_nodes[0]).ndim
+    if dim is None:  # torch's legacy implicit choice
+        dim = 0 if ndim in (0, 1, 3) else 1
+    return dim + ndim if dim < 0 else dim
+
+
+ELEMENTWISE = Elementwise()
+
+
+def _spellings(name):
+    """Every callable a graph may hold for an elementwise op or activation called ``name``."""
+    found = []
+    for ns in (torch, F, torch._C._nn, torch.special):
+        fn = getattr(ns, name, None)
+        if callable(fn) and fn not in found:
+            found.append(fn)
+    return found
+
+
+for _name in _ELEMENTWISE_NAMES + _ACTIVATIONS:
+    register(ELEMENTWISE, *_spellings(_name))
+    register(ELEMENTWISE, *_spellings(_name + "_"))
+register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
+register(ELEMENTWISE, *_METHODS, "type_as", op="call_method")
+
+register(ChannelOnly(_last_dim), F.linear, torch._C._nn.linear)
+_SOFTMAX = ChannelOnly(_softmax_dim)
+register(_SOFTMAX, F.softmax, F.log_softmax)
