@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from .domain import Domain
 from .errors import FxHaloError
@@ -61,26 +62,49 @@ class DomainParallelBackend:
         return "domain_parallel"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        if self.group is None and not dist.is_initialized():
+            return _inner(self.compiler)(gm, example_inputs)  # one process: the whole tensor is local
         domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
-        if domain.size > 1:
+        if domain.size == 1:
+            return _inner(self.compiler)(gm, example_inputs)
+        summary, error, compiled = None, None, None
+        try:
             transform(gm, example_inputs, domain, self.input_shard_dims)
-        return _inner(self.compiler)(gm, example_inputs)
+            summary = fingerprint(gm)
+            compiled = _inner(self.compiler)(gm, example_inputs)
+        except Exception as e:  # every rank must learn of it before anyone runs a collective
+            error = e
+        try:
+            check_agreement(domain, summary, error)
+        except FxHaloError as e:
+            return _refused(e)
+        return compiled
 
 
 def transform(gm: torch.fx.GraphModule, example_inputs, domain: Domain,
               input_shard_dims: Mapping[str, int | None] = {}) -> torch.fx.GraphModule:
-    """Run fxhalo's passes on ``gm`` in place and check that all ranks agree; returns ``gm``."""
+    """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
     ctx = PassContext(domain, dict(input_shard_dims))
-    summary, error = None, None
-    try:
-        propagate_sharding(gm, ctx)
-        rewrite(gm, ctx)
-        refresh_meta(gm, example_inputs)
-        summary = fingerprint(gm)
-    except Exception as e:  # every rank must learn of it before anyone runs a collective
-        error = e
-    check_agreement(domain, summary, error)
+    propagate_sharding(gm, ctx)
+    rewrite(gm, ctx)
+    refresh_meta(gm, example_inputs)
     return gm
+
+
+def _refused(error: FxHaloError) -> Callable:
+    """A compiled function that raises ``error``.
+
+    Raising from the backend itself would let Dynamo fall back to running the
+    original graph eagerly on the local slabs for some exception types (and for
+    all of them under ``TORCHDYNAMO_SUPPRESS_ERRORS``), which is silently wrong
+    for a domain-parallel model.  A function that raises cannot be fallen back
+    from, and the user sees the :class:`FxHaloError` itself.
+    """
+
+    def refused(*args, **kwargs):
+        raise error
+
+    return refused
 
 
 def _inner(compiler) -> Callable:
@@ -104,14 +128,18 @@ def backend(**options) -> DomainParallelBackend:
 
 def domain_parallel(gm: torch.fx.GraphModule, example_inputs, options: Mapping[str, Any] | None = None, **kwargs):
     """The function registered as ``backend="domain_parallel"``; ``options`` come from ``torch.compile``."""
-    if "mode" in kwargs:
-        raise FxHaloError("the domain_parallel backend takes options={...}, not mode=")
     settings = dict(options or {})
     known = {f.name for f in dataclasses.fields(DomainParallelBackend)}
     unknown = sorted(set(settings) - known)
+    if "mode" in kwargs:
+        return _refused(FxHaloError("the domain_parallel backend takes options={...}, not mode="))
     if unknown:
-        raise FxHaloError(f"unknown domain_parallel option(s) {unknown}; known options: {sorted(known)}")
-    return DomainParallelBackend(**settings)(gm, example_inputs)
+        return _refused(FxHaloError(f"unknown domain_parallel option(s) {unknown}; known options: {sorted(known)}"))
+    try:
+        backend_fn = DomainParallelBackend(**settings)
+    except FxHaloError as e:
+        return _refused(e)
+    return backend_fn(gm, example_inputs)
 
 
 def register() -> None:

@@ -283,4 +283,6 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) ->
         parts.append(t.flip(dim) if p.reverse else t)
     if recv is not None and plan.rows_received == 0:
         parts.append(recv)
+    if not parts:  # this rank needs no rows at all
+        return x.narrow(dim, 0, 0)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)

@@ -35,8 +35,10 @@ def check_agreement(domain: Domain, summary: list[str] | None, error: BaseExcept
     mine = {"error": f"{type(error).__name__}: {error}" if error is not None else None, "summary": summary}
     everyone: list = [None] * domain.size
     dist.all_gather_object(everyone, mine, group=domain.process_group)
-    if error is not None:
+    if isinstance(error, FxHaloError):
         raise error
+    if error is not None:
+        raise FxHaloError(f"fxhalo could not compile this graph: {type(error).__name__}: {error}") from error
     for r, theirs in enumerate(everyone):
         if theirs["error"] is not None:
             raise FxHaloError(f"rank {r} could not compile this graph, so no rank will run it: {theirs['error']}")

@@ -1,0 +1,117 @@
+"""The passes on real Dynamo graphs, in one process, with a simulated 4-rank domain.
+
+Propagation and rewrite need no process group (a Domain is plain data), so they
+can be unit-tested without spawning ranks: capture Dynamo's graph with a
+recording backend, run the passes, count nodes, lint.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxhalo import Domain, FxHaloError
+from fxhalo.ops import conv as conv_ops
+from fxhalo.passes import PassContext, propagate_sharding, rewrite
+from fxhalo.sharding import SHARDING, Sharded
+
+
+def passes_on(model, *inputs, size=4, **overrides):
+    """Run propagation and rewrite on Dynamo's graph of ``model``; ``(gm, nodes changed)``.
+
+    The passes run inside the backend, as in fxhalo's own backend: Dynamo drops the
+    placeholders' source information from ``node.meta`` once the backend returns.
+    """
+    out = {}
+
+    def capture(gm, example_inputs):
+        # A module generated from the graph as it is now: it keeps running the unrewritten
+        # code (which needs no process group) after the passes edit the graph.
+        original = torch.fx.GraphModule(gm, gm.graph)
+        ctx = PassContext(Domain("sim", 1, size, 2), overrides)
+        try:
+            propagate_sharding(gm, ctx)
+            out["changed"] = rewrite(gm, ctx)
+            gm.graph.lint()
+        except FxHaloError as e:
+            out["error"] = e
+        out["gm"] = gm
+        return original
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    if "error" in out:
+        raise out["error"]
+    return out["gm"], out["changed"]
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_3x3_conv_becomes_the_halo_kernel_and_1x1_stays():
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    gm, changed = passes_on(m, torch.randn(1, 2, 8, 8))
+    assert changed == 1
+    t = targets(gm)
+    assert t.count(conv_ops.conv) == 1 and t.count(torch.conv2d) == 1
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert out.meta[SHARDING] == Sharded(2, 8, 32)
+
+
+def test_patchify_conv_is_proven_local():
+    gm, changed = passes_on(nn.Conv2d(3, 8, 4, stride=4), torch.randn(1, 3, 8, 8))
+    assert changed == 0
+    conv = next(n for n in gm.graph.nodes if n.target is torch.conv2d)
+    assert conv.meta[SHARDING] == Sharded(2, 2, 8)
+
+
+def test_padding_mode_pad_is_folded_and_keeps_the_other_dims():
+    gm, changed = passes_on(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"), torch.randn(1, 1, 8, 8))
+    assert changed == 1
+    pads = [n for n in gm.graph.nodes if n.target is torch._C._nn.pad]
+    assert len(pads) == 1 and list(pads[0].args[1]) == [1, 1, 0, 0]  # W only; H is in the halo
+    kernel = next(n for n in gm.graph.nodes if n.target is conv_ops.conv)
+    assert kernel.kwargs["edge_mode"] == "circular" and kernel.kwargs["edge_extent"] == (1, 1)
+
+
+def test_pad_along_w_only_stays_local():
+    class M(nn.Module):
+        def forward(self, x):
+            return F.pad(x, (2, 2, 0, 0), mode="circular") + 1
+
+    assert passes_on(M(), torch.randn(1, 1, 8, 8))[1] == 0
+
+
+def test_replicated_override_makes_an_input_local():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, static):
+            return self.conv(x) + self.conv(static).mean()
+
+    with pytest.raises(FxHaloError, match="mean"):  # static would be sharded by default
+        passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8))
+    gm, changed = passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), static=None)
+    assert changed == 1
+    placeholders = {n.name: n.meta[SHARDING] for n in gm.graph.nodes if n.op == "placeholder"}
+    assert placeholders["l_static_"] is None and placeholders["l_x_"] == Sharded(2, 8, 32)
+
+
+def test_unknown_op_on_a_sharded_value_is_refused():
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.fft.fft(x, dim=-1)
+
+    with pytest.raises(FxHaloError, match=r"fft.*no rule"):
+        passes_on(M(), torch.randn(1, 1, 8, 8))
+
+
+def test_unknown_op_on_replicated_values_is_fine():
+    class M(nn.Module):
+        def forward(self, x, y):
+            return x + torch.fft.fft(y).real.sum()
+
+    assert passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(3))[1] == 0

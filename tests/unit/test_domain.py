@@ -1,0 +1,32 @@
+"""Domain arithmetic in one process (no process group needed: a Domain is plain data)."""
+
+import pytest
+
+from fxhalo import Domain, FxHaloError
+
+
+def test_balanced_partition_gives_the_first_ranks_one_extra_row():
+    assert Domain("g", 0, 4).partition(10) == ((0, 3), (3, 6), (6, 8), (8, 10))
+    assert Domain("g", 0, 3).partition(12) == ((0, 4), (4, 8), (8, 12))
+
+
+def test_bounds_neighbours_and_global_length():
+    d = Domain("g", 2, 4)
+    assert d.bounds(16) == (8, 12)
+    assert (d.left, d.right, d.ring_left, d.ring_right) == (1, 3, 1, 3)
+    edge = Domain("g", 0, 4)
+    assert (edge.left, edge.right, edge.ring_left) == (None, 1, 3)
+    assert Domain("g", 3, 4).right is None and Domain("g", 3, 4).ring_right == 0
+    assert d.global_length(5) == 20
+
+
+def test_negative_shard_dim_counts_from_the_end():
+    assert Domain("g", 0, 2, shard_dim=-2).dim_of(4) == 2
+    assert Domain("g", 0, 2, shard_dim=-2).dim_of(5) == 3
+    with pytest.raises(FxHaloError, match="does not exist"):
+        Domain("g", 0, 2, shard_dim=3).dim_of(3)
+
+
+def test_uneven_length_is_refused_with_the_sizes():
+    with pytest.raises(FxHaloError, match=r"global length 721 .* 4 ranks \(721 % 4 = 1\)"):
+        Domain("g", 0, 4).require_even(721, "test")
