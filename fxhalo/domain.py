@@ -181,9 +181,9 @@ def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
     d = dom.dim_of(y.ndim)
     if dom.size == 1:
         return y
-    lengths = torch.empty(dom.size, dtype=torch.int64)
-    dist.all_gather_into_tensor(lengths, torch.tensor([y.shape[d]], dtype=torch.int64), group=dom.process_group)
-    lengths = lengths.tolist()
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(dom.size)]
+    dist.all_gather(lengths, torch.tensor([y.shape[d]], dtype=torch.int64), group=dom.process_group)
+    lengths = [int(t) for t in lengths]
     if len(set(lengths)) != 1:
         raise FxHaloError(
             f"fxhalo.gather: local lengths along dim {d} differ between ranks: {lengths}. "
