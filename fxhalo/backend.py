@@ -7,11 +7,14 @@ captured graph to :class:`DomainParallelBackend`, which
 2. rewrites every node that reaches across a shard edge into a call to a shared
    kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`),
 3. refreshes the fake-tensor metadata of the rewritten graph,
-4. checks with the other ranks that everyone compiled the same thing,
-5. hands the graph to the inner compiler.  The kernels' functional collectives
-   are traced by AOTAutograd, which also derives their backward.
+4. hands the graph to the inner compiler; AOTAutograd traces the kernels'
+   functional collectives and derives their backward,
+5. checks with the other ranks (one small all-gather) that every rank compiled
+   the same thing, or that all of them fail together.
 
-With one rank the graph goes to the inner compiler untouched.
+A refusal becomes a compiled function that raises the :class:`FxHaloError`
+(see :func:`_refused`).  With one rank, or no process group, the graph goes to
+the inner compiler untouched.
 """
 
 from __future__ import annotations

@@ -57,15 +57,27 @@ def user_source(node) -> str:
     return "<source unknown>"
 
 
-def describe_node(node) -> str:
-    """``'conv2d' (torch.conv2d) at file:line`` for error messages."""
-    target = node.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+def _public_name(target) -> str:
+    """How a user would spell a graph target: ``torch.conv2d``, ``torch.nn.functional.pad``, ``operator.add``."""
+    import operator
+
+    import torch.nn.functional as F
+
+    name = getattr(target, "__name__", None)
+    if name is None:
+        return str(target)
+    for prefix, ns in (("torch", torch), ("torch.nn.functional", F), ("torch.fft", torch.fft),
+                       ("torch.special", torch.special), ("torch.linalg", torch.linalg),
+                       ("operator", operator), ("torch._C._nn", torch._C._nn)):
+        if getattr(ns, name, None) is target:
+            if ns is torch._C._nn and hasattr(F, name):  # F.pad and friends call these builtins
+                return f"torch.nn.functional.{name}"
+            return f"{prefix}.{name}"
     module = getattr(target, "__module__", None)
-    if node.op == "call_method":
-        spelled = f"Tensor.{target}"
-    elif module and not module.startswith("builtins"):
-        spelled = f"{module}.{name}"
-    else:
-        spelled = name
+    return f"{module}.{name}" if module else name
+
+
+def describe_node(node) -> str:
+    """``node 'conv2d' (torch.conv2d) at file:line`` for error messages."""
+    spelled = f"Tensor.{node.target}" if node.op == "call_method" else _public_name(node.target)
     return f"node '{node.name}' ({spelled}) at {user_source(node)}"
