@@ -15,9 +15,21 @@ its test; nothing else changes.
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
 
-__all__ = ["Rule", "register", "lookup", "all_rules"]
+__all__ = ["Rule", "bind", "register", "lookup", "all_rules"]
+
+
+def bind(sig: inspect.Signature, node) -> dict:
+    """The node's arguments by parameter name, defaults filled in.
+
+    Each rule binds its nodes against one explicit Python signature, so it sees the
+    same names whatever the spelling (``normalize_function`` is ambiguous for ops
+    with several overloads, such as ``torch.conv2d``).
+    """
+    bound = sig.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 class Rule:

@@ -23,7 +23,7 @@ from ..domain import Domain
 from ..halo import Edge
 from ..ops import conv as conv_ops
 from ..sharding import Sharded, example_value, sharding_of
-from . import Rule, lookup, register
+from . import Rule, bind, lookup, register
 
 PLAN = "fxhalo_conv"
 FOLD = "fxhalo_folded_pad"
@@ -37,13 +37,6 @@ def _pad_signature(input, pad, mode="constant", value=None): ...
 
 _CONV_SIG = inspect.signature(_conv_signature)
 _PAD_SIG = inspect.signature(_pad_signature)
-
-
-def bind(sig: inspect.Signature, node) -> dict:
-    """The node's arguments by parameter name, defaults filled in (one canonical spelling)."""
-    bound = sig.bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 @dataclasses.dataclass(frozen=True)
