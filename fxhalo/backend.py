@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from .domain import Domain
 from .errors import FxHaloError
-from .passes import PassContext, propagate_sharding, rewrite
+from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.agreement import check_agreement, fingerprint
+from .passes.boundary import wrap_replicated_boundaries
 from .passes.meta import refresh_meta
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
@@ -46,6 +47,8 @@ class DomainParallelBackend:
     * ``compiler``: the inner compiler, ``"inductor"`` (default), ``"aot_eager"``, ``"eager"`` or a callable.
     * ``input_shard_dims``: per forward-argument override of the input rule, e.g.
       ``{"mask": None}`` (replicated) or ``{"lat_weights": 0}``.
+    * ``fallback``: ``None`` (default: refuse ops without a rule) or ``"gather"``
+      (run them on the all-gathered tensors, with a warning per node).
     """
 
     group: Any = None
@@ -53,10 +56,13 @@ class DomainParallelBackend:
     compiler: str | Callable = "inductor"
     input_shard_dims: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
     mesh_axis: str | int | None = None
+    fallback: str | None = None
 
     def __post_init__(self):
         if not callable(self.compiler) and self.compiler not in COMPILERS:
             raise FxHaloError(f"unknown compiler {self.compiler!r}; use one of {COMPILERS} or a callable")
+        if self.fallback not in (None, "gather"):
+            raise FxHaloError(f"unknown fallback {self.fallback!r}; use None (refuse) or 'gather'")
         if not isinstance(self.shard_dim, int):
             raise FxHaloError(f"shard_dim must be an int, got {self.shard_dim!r}")
 
@@ -72,9 +78,11 @@ class DomainParallelBackend:
             return _inner(self.compiler)(gm, example_inputs)
         summary, error, compiled = None, None, None
         try:
-            transform(gm, example_inputs, domain, self.input_shard_dims)
+            ctx = PassContext(domain, dict(self.input_shard_dims), self.fallback,
+                              known_inputs=layouts.known(gm, example_inputs))
+            transform(gm, example_inputs, ctx)
             summary = fingerprint(gm)
-            compiled = _inner(self.compiler)(gm, example_inputs)
+            compiled = layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
         try:
@@ -84,12 +92,11 @@ class DomainParallelBackend:
         return compiled
 
 
-def transform(gm: torch.fx.GraphModule, example_inputs, domain: Domain,
-              input_shard_dims: Mapping[str, int | None] = {}) -> torch.fx.GraphModule:
+def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> torch.fx.GraphModule:
     """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
-    ctx = PassContext(domain, dict(input_shard_dims))
     propagate_sharding(gm, ctx)
     rewrite(gm, ctx)
+    wrap_replicated_boundaries(gm, ctx)
     refresh_meta(gm, example_inputs)
     return gm
 

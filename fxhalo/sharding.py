@@ -17,14 +17,41 @@ SHARDING = "fxhalo_sharding"
 
 @dataclasses.dataclass(frozen=True)
 class Sharded:
-    """Sharded along tensor dim ``dim``: this rank holds ``local`` of ``length`` global rows."""
+    """Sharded along tensor dim ``dim``: this rank holds ``local`` of the dim's ``length`` global entries.
+
+    Usually the rank holds one contiguous block of rows.  A reshape can merge
+    the sharded dim with other dims.  Dims merged *inside* it keep each rank's
+    entries one contiguous block (a plain shard of a longer dim).  A dim of size
+    ``outer`` merged *outside* it interleaves them: the merged dim reads ``outer``
+    blocks, and the rank holds one slice of each (``B*h*w`` windows after a Swin
+    window partition, say).  Ops that act entry by entry or window by window do
+    not care; windowed ops along the dim need ``contiguous``.
+    """
 
     dim: int
     local: int
     length: int
+    outer: int = 1
+
+    @property
+    def contiguous(self) -> bool:
+        return self.outer == 1
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """``(local, global)`` size of the sharded factor itself, without ``outer``."""
+        return self.local // self.outer, self.length // self.outer
+
+    def moved(self, dim: int) -> "Sharded":
+        return dataclasses.replace(self, dim=dim)
+
+    def same_layout(self, other: "Sharded") -> bool:
+        """Equal up to which dim the sharding sits on."""
+        return (self.local, self.length, self.outer) == (other.local, other.length, other.outer)
 
     def __str__(self) -> str:
-        return f"S(dim={self.dim}, {self.local}/{self.length})"
+        extra = f", outer={self.outer}" if self.outer != 1 else ""
+        return f"S(dim={self.dim}, {self.local}/{self.length}{extra})"
 
 
 def sharding_of(arg) -> Sharded | None:

@@ -3,5 +3,6 @@
 from .context import PassContext
 from .sharding import propagate_sharding
 from .rewrite import rewrite
+from . import layouts
 
-__all__ = ["PassContext", "propagate_sharding", "rewrite"]
+__all__ = ["PassContext", "layouts", "propagate_sharding", "rewrite"]

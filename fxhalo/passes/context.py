@@ -15,6 +15,10 @@ class PassContext:
     domain: Domain
     #: per forward-argument override of the input rule: name -> sharded dim, or None for replicated
     input_shard_dims: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
+    #: None (refuse ops without a rule) or "gather"
+    fallback: str | None = None
+    #: layouts already known for some placeholders (values produced by an earlier graph)
+    known_inputs: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
     def refuse(self, node, problem: str, remedy: str):
         """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import rules
 from ..errors import FxHaloError, describe_node
 from .context import PassContext
+from .sharding import RULE
 
 
 def rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
@@ -25,7 +25,7 @@ def rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
-        rule = rules.lookup(node)
+        rule = node.meta.get(RULE)  # the rule propagation used: the op's own, or the fallback
         if rule is None:
             continue
         try:

@@ -14,8 +14,13 @@ import re
 import torch
 
 from .. import rules
+from ..errors import FxHaloError
+from ..rules.fallback import GATHER_FALLBACK
 from ..sharding import SHARDING, Sharded, example_value, sharding_of
 from .context import PassContext
+
+#: the rule that decided each node; the rewrite applies the same one
+RULE = "fxhalo_rule"
 
 _STATE_MARKERS = ("._parameters[", "._buffers[")
 
@@ -44,6 +49,8 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
     val = example_value(node)
     if not isinstance(val, torch.Tensor):
         return None
+    if node.name in ctx.known_inputs:  # produced by an earlier graph: keep its layout
+        return ctx.known_inputs[node.name]
     full, root = input_name(node)
     overrides = ctx.input_shard_dims
     if full in overrides or root in overrides:
@@ -71,21 +78,31 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         elif node.op in ("get_attr", "output"):
             s = None
         else:
-            rule = rules.lookup(node)
-            if rule is not None:
-                s = rule.propagate(node, ctx)
-            else:
-                sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
-                if sharded:
-                    ctx.refuse(
-                        node,
-                        f"reads '{sharded[0].name}', which is sharded ({sharding_of(sharded[0])}), "
-                        "and fxhalo has no rule for this op",
-                        "run the op outside the compiled region on fxhalo.gather()ed tensors, or mark "
-                        "the input replicated with options={'input_shard_dims': {name: None}} if it "
-                        "really is; please report the op so that a rule can be added",
-                    )
-                s = None
+            s = _propagate_call(node, ctx)
         node.meta[SHARDING] = s
         count += s is not None
     return count
+
+
+def _propagate_call(node, ctx: PassContext):
+    rule = rules.lookup(node)
+    sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
+    try:
+        if rule is None:
+            if sharded:
+                ctx.refuse(
+                    node,
+                    f"reads '{sharded[0].name}', which is sharded ({sharding_of(sharded[0])}), "
+                    "and fxhalo has no rule for this op",
+                    "use options={'fallback': 'gather'} to run it on the gathered tensor, run it outside "
+                    "the compiled region on fxhalo.gather()ed tensors, or mark the input replicated with "
+                    "options={'input_shard_dims': {name: None}} if it really is",
+                )
+            return None
+        node.meta[RULE] = rule
+        return rule.propagate(node, ctx)
+    except FxHaloError:
+        if ctx.fallback != "gather" or not sharded or node.op not in ("call_function", "call_method"):
+            raise
+    node.meta[RULE] = GATHER_FALLBACK
+    return GATHER_FALLBACK.propagate(node, ctx)

@@ -112,6 +112,9 @@ class ConvRule(Rule):
         s = sharding_of(src)
         if s is None:
             return None
+        if not s.contiguous:
+            ctx.refuse(node, f"convolves along a dim whose shards are interleaved with another dim ({s})",
+                       "apply the convolution before the reshape that merged the sharded dim under another dim")
         shape = list(example_value(src).shape)
         shape[s.dim] = s.local
         w_shape = tuple(example_value(args["weight"]).shape)

@@ -18,7 +18,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
+from ..sharding import example_value, is_tensor_node, sharding_of
 from . import Rule, register
 
 _ELEMENTWISE_NAMES = (
@@ -26,7 +26,8 @@ _ELEMENTWISE_NAMES = (
     "log10 sqrt rsqrt sin cos tan tanh sigmoid relu clamp clamp_min clamp_max clip where "
     "maximum minimum erf erfc sign square reciprocal lerp addcmul addcdiv nan_to_num floor "
     "ceil round trunc frac logical_not logical_and logical_or isnan isfinite isinf "
-    "masked_fill rsub atan2 hypot fmod copysign"
+    "masked_fill rsub atan2 hypot fmod copysign zeros_like ones_like empty_like full_like "
+    "rand_like randn_like"
 ).split()
 _ACTIVATIONS = (
     "relu relu6 leaky_relu gelu silu mish elu selu celu softplus hardtanh hardswish "
@@ -65,13 +66,12 @@ class Elementwise(Rule):
                        "compute it from fxhalo.gather()ed values outside the compiled region")
         # Broadcasting aligns dims from the right: compare positions counted from the end.
         positions = {s.dim - example_value(a).ndim for a, s in sharded}
-        lengths = {(s.local, s.length) for _, s in sharded}
-        if len(positions) != 1 or len(lengths) != 1:
+        first = sharded[0][1]
+        if len(positions) != 1 or not all(first.same_layout(s) for _, s in sharded):
             ctx.refuse(node, "combines tensors sharded along different dims or with different sizes: "
                        + ", ".join(f"{a.name} {s}" for a, s in sharded),
                        "make the operands agree (same sharded dim and size) before combining them")
         pos = positions.pop()
-        local, length = lengths.pop()
         for a in inputs:
             if sharding_of(a) is None:
                 shape = example_value(a).shape
@@ -80,7 +80,7 @@ class Elementwise(Rule):
                                f"against the sharded dim (size {shape[pos]} there)",
                                "shard that tensor too (pass it as a sharded input), or give it size 1 "
                                "along the sharded dim")
-        return Sharded(out.ndim + pos, local, length)
+        return first.moved(out.ndim + pos)
 
 
 class ChannelOnly(Rule):
@@ -104,7 +104,7 @@ class ChannelOnly(Rule):
             ctx.refuse(node, f"mixes values along dim {mixed}, the sharded dim",
                        "apply it along another dim, or gather the tensor first")
         out = example_value(node)
-        return Sharded(s.dim + out.ndim - example_value(src).ndim, s.local, s.length)
+        return s.moved(s.dim + out.ndim - example_value(src).ndim)
 
 
 def _last_dim(node) -> int:

@@ -1,0 +1,335 @@
+"""Shape and indexing ops: follow the sharded dim where it survives, refuse where it does not.
+
+* **Reshapes** (``view``, ``reshape``, ``flatten``, ``unflatten``) keep the row-major
+  order of entries.  The rule lays the input's dims out as factors (the sharded
+  dim contributes ``outer x S``) and deals them to the output dims in
+  order.  Splitting the sharded factor keeps the shard on the outer part
+  (``H -> (h, ws)`` shards ``h``, global ``P*h``); merging it with the dims inside it
+  keeps a contiguous shard; merging it under an outer dim interleaves it
+  (``outer > 1``).
+  A split the sizes do not allow is refused.
+* **Permutations** (``permute``, ``transpose``, ``movedim``, ``swapaxes``) move the dim.
+* ``unsqueeze`` / ``squeeze`` / ``expand`` shift it, and refuse to squeeze or
+  expand the sharded dim itself.
+* ``split`` / ``chunk`` / ``unbind`` / ``cat`` / ``stack`` / indexing are local when
+  they work along other dims; along the sharded dim they are not local and are
+  refused (or, with ``fallback="gather"``, run on the gathered tensor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+
+import torch
+
+from ..sharding import Sharded, example_value, sharding_of
+from . import Rule, bind, register
+
+
+def _input(node):
+    src = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    return src, sharding_of(src)
+
+
+def _check_traced_size(node, ctx, src, s: Sharded) -> list[int]:
+    """The input's local shape; refuse if Dynamo traced a different size along the sharded dim.
+
+    Dynamo traced on local slabs; an earlier rewrite (a 'valid' conv, say) can give
+    the sharded dim a different local size than Dynamo saw, and a reshape whose
+    sizes Dynamo baked in would then be wrong.
+    """
+    shape = list(example_value(src).shape)
+    if shape[s.dim] != s.local:
+        ctx.refuse(node, f"reshapes a tensor whose local size along the sharded dim is {s.local}, while "
+                   f"the traced graph assumed {shape[s.dim]} (an earlier op changed the size)",
+                   "use padding that keeps sizes ('same') before reshapes, or compute the sizes from x.shape")
+    return shape
+
+
+def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
+    """The sharding of a row-major reshape from ``in_shape`` to ``out_shape``, or why there is none."""
+    factors = []  # [kind, local, global] in row-major order; kind "S" is the sharded factor
+    for k, size in enumerate(in_shape):
+        if k == s.dim:
+            local, length = s.block
+            factors += [["R", s.outer, s.outer], ["S", local, length]]
+        else:
+            factors.append(["R", size, size])
+    factors = [f for f in factors if f[0] == "S" or f[1] != 1]
+
+    result = None
+    for k, size in enumerate(out_shape):
+        need, taken = size, []
+        # An S factor of local size 1 still stands for P global rows: it joins the
+        # output dim being filled rather than vanishing.
+        while factors and (need > 1 or (factors[0][0] == "S" and factors[0][1] == 1)):
+            kind, local, glob = factors[0]
+            if need % local == 0:
+                taken.append(factors.pop(0))
+                need //= local
+            elif local % need == 0:
+                rest = local // need
+                if kind == "S":
+                    taken.append(["S", need, glob // rest])  # the outer part keeps the shard
+                else:
+                    taken.append(["R", need, need])
+                factors[0] = ["R", rest, rest]
+                need = 1
+            else:
+                return (f"the sizes do not allow it: output dim {k} (size {size}) would cut a dim of size "
+                        f"{local} unevenly")
+        if need != 1:
+            return f"output dim {k} (size {size}) is not made of whole input dims"
+        if any(f[0] == "S" for f in taken):
+            # Dims after the sharded factor stay inside each rank's block, so they join it;
+            # dims before it interleave the blocks.
+            i = next(j for j, f in enumerate(taken) if f[0] == "S")
+            outer = math.prod(f[1] for f in taken[:i])
+            inner = math.prod(f[1] for f in taken[i + 1:])
+            _, local, glob = taken[i]
+            result = Sharded(k, outer * local * inner, outer * glob * inner, outer)
+    if factors or result is None:
+        return "the reshape does not keep every input entry"
+    return result
+
+
+class Reshape(Rule):
+    name = "reshape"
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        in_shape = _check_traced_size(node, ctx, src, s)
+        out = reshape_sharding(in_shape, list(example_value(node).shape), s)
+        if isinstance(out, str):
+            ctx.refuse(node, f"reshapes the sharded dim {s.dim} ({s}) from {tuple(in_shape)} to "
+                       f"{tuple(example_value(node).shape)}, but {out}",
+                       "reshape so that the sharded dim is split into (outer, inner) parts or merged with "
+                       "dims inside it, e.g. make the local size a multiple of the window")
+        return out
+
+
+def _dim_map(node) -> list[int]:
+    """Where each input dim goes, found by running the op on a meta tensor with distinct sizes."""
+    src = example_value(node.args[0])
+    primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37][: src.ndim]
+    probe = torch.empty(primes, device="meta")
+    args = [probe] + list(node.args[1:])
+    if node.op == "call_method":
+        out = getattr(probe, node.target)(*args[1:], **node.kwargs)
+    else:
+        out = node.target(*args, **node.kwargs)
+    return [list(out.shape).index(p) for p in primes]
+
+
+class Permute(Rule):
+    name = "permute"
+
+    def propagate(self, node, ctx):
+        _, s = _input(node)
+        return None if s is None else s.moved(_dim_map(node)[s.dim])
+
+
+class Unsqueeze(Rule):
+    name = "unsqueeze"
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        dim = bind(_DIM_SIG, node)["dim"]
+        out_ndim = example_value(node).ndim
+        dim = dim + out_ndim if dim < 0 else dim
+        return s.moved(s.dim + 1 if dim <= s.dim else s.dim)
+
+
+class Squeeze(Rule):
+    name = "squeeze"
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        in_shape = list(example_value(src).shape)
+        out_shape = list(example_value(node).shape)
+        dims = node.args[1:] or tuple(node.kwargs.values())
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        ndim = len(in_shape)
+        if dims:
+            squeezed = {d + ndim if d < 0 else d for d in dims}
+        else:
+            squeezed = {d for d, n in enumerate(in_shape) if n == 1}
+        squeezed = {d for d in squeezed if in_shape[d] == 1}
+        if s.dim in squeezed:
+            ctx.refuse(node, f"squeezes the sharded dim {s.dim}, which holds 1 row here but {s.length} "
+                       "globally", "do not squeeze the sharded dim, or give each rank more than one row")
+        out = s.moved(s.dim - sum(1 for d in squeezed if d < s.dim))
+        assert len(out_shape) == ndim - len(squeezed)
+        return out
+
+
+class Expand(Rule):
+    name = "expand"
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        out = example_value(node)
+        dim = s.dim + out.ndim - example_value(src).ndim
+        if out.shape[dim] != s.local:
+            ctx.refuse(node, f"expands the sharded dim {s.dim} from {s.local} to {out.shape[dim]}",
+                       "expand only dims that are not sharded")
+        return s.moved(dim)
+
+
+def _split_sig(tensor, split_size_or_sections=None, dim=0): ...
+def _dim_sig(input, dim=0, *args, **kwargs): ...
+def _cat_sig(tensors, dim=0, *, out=None): ...
+
+
+_SPLIT_SIG = inspect.signature(_split_sig)
+_DIM_SIG = inspect.signature(_dim_sig)
+_CAT_SIG = inspect.signature(_cat_sig)
+
+
+def _norm_dim(dim, ndim):
+    return dim + ndim if dim < 0 else dim
+
+
+class Split(Rule):
+    """``split``/``chunk``/``unbind``: a tuple of pieces, each sharded like the input."""
+
+    name = "split"
+
+    def __init__(self, removes_dim: bool = False):
+        self.removes_dim = removes_dim
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        ndim = example_value(src).ndim
+        dim = _norm_dim(bind(_DIM_SIG if self.removes_dim else _SPLIT_SIG, node)["dim"], ndim)
+        if dim == s.dim:
+            ctx.refuse(node, f"splits along the sharded dim {s.dim}, which is not local",
+                       "split along another dim, or use options={'fallback': 'gather'}")
+        piece = s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
+        return tuple(piece for _ in example_value(node))
+
+
+class Cat(Rule):
+    """``cat``/``stack`` of identically sharded tensors along another dim."""
+
+    name = "cat"
+
+    def __init__(self, stacks: bool = False):
+        self.stacks = stacks
+
+    def propagate(self, node, ctx):
+        args = bind(_CAT_SIG, node)
+        tensors = list(args["tensors"])
+        shardings = [sharding_of(t) for t in tensors]
+        if all(x is None for x in shardings):
+            return None
+        first = next(x for x in shardings if x is not None)
+        if any(x is None or x.dim != first.dim or not x.same_layout(first) for x in shardings):
+            ctx.refuse(node, "joins tensors that are not all sharded alike: "
+                       + ", ".join(f"{getattr(t, 'name', t)} {x or 'replicated'}" for t, x in zip(tensors, shardings)),
+                       "shard every operand the same way (a replicated operand would repeat the same rows on "
+                       "every rank)")
+        ndim = example_value(tensors[0]).ndim
+        dim = _norm_dim(args["dim"], ndim + (1 if self.stacks else 0))
+        if self.stacks:
+            return first.moved(first.dim + 1 if dim <= first.dim else first.dim)
+        if dim == first.dim:
+            ctx.refuse(node, f"concatenates along the sharded dim {first.dim}, which is not local",
+                       "concatenate along another dim (e.g. channels), or use options={'fallback': 'gather'}")
+        return first
+
+
+class GetItem(Rule):
+    """``x[idx]`` on a sharded tensor, or picking an element of a tuple of sharded values."""
+
+    name = "getitem"
+
+    def propagate(self, node, ctx):
+        src, idx = node.args
+        s = sharding_of(src)
+        if isinstance(s, tuple):  # an element of split/chunk/... output
+            return s[idx]
+        if s is None:
+            return None
+        items = idx if isinstance(idx, tuple) else (idx,)
+        ndim = example_value(src).ndim
+        if any(i is Ellipsis for i in items):
+            at = items.index(Ellipsis)
+            fill = ndim - sum(1 for i in items if i is not None and i is not Ellipsis)
+            items = items[:at] + (slice(None),) * fill + items[at + 1:]
+        in_dim = out_dim = 0
+        result = None
+        for item in items:
+            if item is None:
+                out_dim += 1
+                continue
+            if in_dim == s.dim:
+                if item != slice(None, None, None):
+                    ctx.refuse(node, f"indexes the sharded dim {s.dim} with {item!r}; each rank holds "
+                               "different rows, so this is not local",
+                               "index other dims only, or use options={'fallback': 'gather'}")
+                result = s.moved(out_dim)
+            if isinstance(item, slice):
+                out_dim += 1
+            elif not isinstance(item, int):
+                ctx.refuse(node, f"indexes a sharded tensor with {type(item).__name__} {item!r}",
+                           "use basic indexing (ints and slices) on dims that are not sharded")
+            in_dim += 1
+        if result is None:  # the sharded dim lies past the explicit index items
+            result = s.moved(out_dim + (s.dim - in_dim))
+        return result
+
+
+class Narrow(Rule):
+    """``narrow``/``select`` along other dims are local; along the sharded dim they are not."""
+
+    name = "narrow"
+
+    def __init__(self, removes_dim: bool):
+        self.removes_dim = removes_dim
+
+    def propagate(self, node, ctx):
+        src, s = _input(node)
+        if s is None:
+            return None
+        dim = _norm_dim(bind(_DIM_SIG, node)["dim"], example_value(src).ndim)
+        if dim == s.dim:
+            ctx.refuse(node, f"takes rows of the sharded dim {s.dim}, which live on different ranks",
+                       "select along another dim, or use options={'fallback': 'gather'}")
+        return s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
+
+
+_RESHAPE = Reshape()
+register(_RESHAPE, torch.reshape, torch.flatten, torch.unflatten)
+register(_RESHAPE, "view", "reshape", "flatten", "unflatten", op="call_method")
+_PERMUTE = Permute()
+register(_PERMUTE, torch.permute, torch.transpose, torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims)
+register(_PERMUTE, "permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", op="call_method")
+register(Unsqueeze(), torch.unsqueeze)
+register(Unsqueeze(), "unsqueeze", op="call_method")
+register(Squeeze(), torch.squeeze)
+register(Squeeze(), "squeeze", op="call_method")
+register(Expand(), "expand", "expand_as", op="call_method")
+register(Split(), torch.split, torch.chunk, torch.tensor_split)
+register(Split(), "split", "chunk", "tensor_split", op="call_method")
+register(Split(removes_dim=True), torch.unbind)
+register(Split(removes_dim=True), "unbind", op="call_method")
+register(Cat(), torch.cat, torch.concat, torch.concatenate)
+register(Cat(stacks=True), torch.stack)
+register(GetItem(), operator.getitem)
+register(Narrow(removes_dim=False), torch.narrow)
+register(Narrow(removes_dim=False), "narrow", op="call_method")
+register(Narrow(removes_dim=True), torch.select)
+register(Narrow(removes_dim=True), "select", op="call_method")

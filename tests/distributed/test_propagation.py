@@ -1,0 +1,139 @@
+"""Issue-3 models on real ranks against one device: window partitions, graph breaks, the gather fallback.
+
+Each check compares the forward slab ("out"), the input-gradient slab
+("grad_in": a layout mistake in a reshape shows up here as rows from the wrong
+rank) and the weight gradients summed over ranks.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tests.harness import close, run_ranks
+
+WS = 2  # window size
+
+
+class WindowModel(nn.Module):
+    """conv -> window partition (B,C,H,W -> B*nH*nW, ws, ws, C) -> Linear -> reverse -> conv."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2, c, 3, padding=1)
+        self.mix = nn.Linear(c, c)
+        self.conv_out = nn.Conv2d(c, 2, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        b, c, h, w = x.shape
+        win = x.view(b, c, h // WS, WS, w // WS, WS).permute(0, 2, 4, 3, 5, 1).reshape(-1, WS, WS, c)
+        win = torch.relu(self.mix(win))
+        x = win.view(b, h // WS, w // WS, WS, WS, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return self.conv_out(x)
+
+
+class GraphBreakModel(nn.Module):
+    """A graph break between two convs, with a replicated scale crossing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        s = self.scale * 2  # replicated, shaped (1, C, 1, 1): it must stay replicated after the break
+        torch._dynamo.graph_break()
+        return self.b(y * s)
+
+
+class CumsumModel(nn.Module):
+    """cumsum along the sharded dim has no rule: the gather fallback runs it on the global tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.cumsum(self.conv(x), dim=2))
+
+
+class LogsumexpModel(nn.Module):
+    """logsumexp over the sharded dim: the fallback's output is replicated (and is a graph output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.logsumexp(self.conv(x), dim=2)
+
+
+def _compare(model, x, rank, world_size, fallback=None, replicated_output=False):
+    torch._dynamo.reset()
+    ref_in = x.clone().requires_grad_()
+    ref = model(ref_in)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    import fxhalo
+
+    options = {"compiler": "aot_eager"}
+    if fallback:
+        options["fallback"] = fallback
+    x_local = fxhalo.shard(x, 2).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(model, backend="domain_parallel", options=options)(x_local)
+    if replicated_output:
+        y.backward(grad)  # the same gradient on every rank, as a loss would give
+        checks = {"out": close(y, ref.detach())}
+    else:
+        y.backward(fxhalo.shard(grad, 2))
+        checks = {"out": close(y, fxhalo.shard(ref.detach(), 2))}
+    checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, 2))
+    for (name, p), want in zip(model.named_parameters(), ref_grads):
+        summed = p.grad.clone()
+        dist.all_reduce(summed)
+        checks["grad_" + name] = close(summed, want)
+    warned = [str(w.message) for w in caught if "fallback='gather'" in str(w.message)]
+    return {k: ok for k, (ok, _) in checks.items()}, warned
+
+
+def _models(rank, world_size):
+    torch.manual_seed(0)
+    out = {}
+    out["window"] = _compare(WindowModel(), torch.randn(2, 2, 4 * world_size, 6), rank, world_size)
+    out["graph_break"] = _compare(GraphBreakModel(), torch.randn(2, 2, 3 * world_size, 5), rank, world_size)
+    out["fallback_cumsum"] = _compare(CumsumModel(), torch.randn(1, 2, 3 * world_size, 4), rank, world_size,
+                                      fallback="gather")
+    out["fallback_replicated"] = _compare(LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4), rank,
+                                          world_size, fallback="gather", replicated_output=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def results(request):
+    return run_ranks(_models, request.param, timeout=300)
+
+
+@pytest.mark.timeout(330)
+@pytest.mark.parametrize("name", ["window", "graph_break", "fallback_cumsum", "fallback_replicated"])
+def test_model_matches_one_device(results, name):
+    for rank, per_rank in enumerate(results):
+        checks, _ = per_rank[name]
+        assert all(checks.values()), (rank, name, checks)
+
+
+@pytest.mark.timeout(330)
+def test_fallback_warns_with_op_line_and_bytes(results):
+    for per_rank in results:
+        _, warned = per_rank["fallback_cumsum"]
+        assert warned and "torch.cumsum" in warned[0] and "test_propagation.py" in warned[0]
+        assert "bytes per call" in warned[0]

@@ -1,0 +1,116 @@
+"""Sharding propagation through shape and indexing ops, on real Dynamo graphs, one process.
+
+A simulated 4-rank domain (H sharded, 8 local rows of 32) is enough: propagation
+needs no process group.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fxhalo import FxHaloError
+from fxhalo.rules.shape import reshape_sharding
+from fxhalo.sharding import SHARDING, Sharded
+from tests.passes.test_passes import passes_on
+
+
+def output_sharding(model, *inputs, **overrides):
+    gm, _ = passes_on(model, *inputs, **overrides)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return [a.meta[SHARDING] for a in out]
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+X = torch.randn(2, 3, 8, 6)  # local slab of a (2, 3, 32, 6) tensor on 4 ranks
+
+
+@pytest.mark.parametrize("fn, want", [
+    (lambda x: x.permute(0, 2, 3, 1), Sharded(1, 8, 32)),
+    (lambda x: x.transpose(2, 3), Sharded(3, 8, 32)),
+    (lambda x: torch.movedim(x, 2, 0), Sharded(0, 8, 32)),
+    (lambda x: x.unsqueeze(0), Sharded(3, 8, 32)),
+    (lambda x: x.unsqueeze(-1), Sharded(2, 8, 32)),
+    (lambda x: x.contiguous().flatten(0, 1), Sharded(1, 8, 32)),
+    (lambda x: x.flatten(2), Sharded(2, 48, 192)),                 # H merged with W (inside it)
+    (lambda x: x.view(2, 3, 4, 2, 6), Sharded(2, 4, 16)),          # H -> (h, 2): h is sharded
+    (lambda x: x.reshape(6, 8, 6), Sharded(1, 8, 32)),
+    (lambda x: x.expand(2, 2, 3, 8, 6) if False else x[None].expand(2, 2, 3, 8, 6), Sharded(3, 8, 32)),
+    (lambda x: x[:, 1:, :, ::2], Sharded(2, 8, 32)),
+    (lambda x: x[..., 0], Sharded(2, 8, 32)),
+    (lambda x: x[0], Sharded(1, 8, 32)),
+    (lambda x: x[:, None], Sharded(3, 8, 32)),
+    (lambda x: x.split(1, dim=1)[2], Sharded(2, 8, 32)),
+    (lambda x: torch.chunk(x, 3, 3)[1], Sharded(2, 8, 32)),
+    (lambda x: x.unbind(1)[0], Sharded(1, 8, 32)),
+    (lambda x: torch.cat([x, x * 2], dim=1), Sharded(2, 8, 32)),
+    (lambda x: torch.stack([x, x], dim=0), Sharded(3, 8, 32)),
+    (lambda x: torch.stack([x, x], dim=-1), Sharded(2, 8, 32)),
+    (lambda x: x.narrow(3, 1, 2), Sharded(2, 8, 32)),
+    (lambda x: x.select(0, 1), Sharded(1, 8, 32)),
+])
+def test_shape_ops_follow_the_sharded_dim(fn, want):
+    assert output_sharding(Lambda(fn), X) == [want]
+
+
+def test_window_partition_and_reverse():
+    ws = 2
+
+    def partition(x):
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // ws, ws, w // ws, ws).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(-1, ws, ws, c)
+
+    def reverse(win, b, c, h, w):
+        x = win.view(b, h // ws, w // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, h, w)
+
+    windows, = output_sharding(Lambda(partition), X)
+    # (b, h/ws, w/ws) merged: the batch dim sits outside the sharded window rows.
+    assert windows == Sharded(0, 2 * 4 * 3, 2 * 16 * 3, outer=2)
+    back, = output_sharding(Lambda(lambda x: reverse(partition(x) * 2, 2, 3, 8, 6)), X)
+    assert back == Sharded(2, 8, 32)
+
+
+@pytest.mark.parametrize("fn, match", [
+    (lambda x: x[:, :, 1:], "indexes the sharded dim"),
+    (lambda x: x[:, :, 0], "indexes the sharded dim"),
+    (lambda x: x.narrow(2, 0, 4), "takes rows of the sharded dim"),
+    (lambda x: torch.cat([x, x], dim=2), "concatenates along the sharded dim"),
+    (lambda x: x.split(4, dim=2)[0], "splits along the sharded dim"),
+    (lambda x: x.view(2, 3, 48), None),
+    (lambda x: x.reshape(2, 3, 6, 8), "reshapes the sharded dim"),
+    (lambda x: x.view(2, 3, 8, 6).permute(0, 2, 1, 3).reshape(2, 8, 18).view(2, 8, 3, 6), None),
+    (lambda x, y: torch.cat([x, y], dim=1), "not all sharded alike"),
+])
+def test_refused_shape_ops_name_the_problem(fn, match):
+    inputs = (X, X.clone()) if fn.__code__.co_argcount == 2 else (X,)
+    overrides = {"xs[1]": None} if len(inputs) == 2 else {}  # the second forward argument is replicated
+    if match is None:  # allowed: the sharded dim survives
+        output_sharding(Lambda(fn), *inputs, **overrides)
+        return
+    with pytest.raises(FxHaloError, match=match) as err:
+        output_sharding(Lambda(fn), *inputs, **overrides)
+    assert "test_shape_rules.py" in str(err.value) and "Remedy:" in str(err.value)
+
+
+def test_squeezing_a_one_row_shard_is_refused():
+    with pytest.raises(FxHaloError, match="squeezes the sharded dim"):
+        output_sharding(Lambda(lambda x: x.squeeze(2)), torch.randn(2, 3, 1, 6))
+    assert output_sharding(Lambda(lambda x: x.squeeze(1)), torch.randn(2, 1, 8, 6)) == [Sharded(1, 8, 32)]
+
+
+def test_reshape_factor_arithmetic():
+    s = Sharded(1, 6, 24)
+    assert reshape_sharding([2, 6, 4], [2, 3, 8], s) == Sharded(1, 3, 12)          # split, inner joins W
+    assert reshape_sharding([2, 6, 4], [12, 4], s) == Sharded(0, 12, 48, outer=2)  # merged under batch
+    assert reshape_sharding([2, 6, 4], [2, 24], s) == Sharded(1, 24, 96)           # merged with W
+    assert reshape_sharding([2, 24], [2, 8, 3], Sharded(1, 24, 96)) == Sharded(1, 8, 32)  # and split again
+    assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)             # would cut H unevenly
