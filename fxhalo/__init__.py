@@ -11,9 +11,13 @@ from .errors import FxHaloError
 from .domain import Domain, gather, shard
 from .halo import Edge, halo_exchange, plan_halo
 from .backend import backend, register as _register_backend
+from .validate import Problem, validate
 
 __version__ = "0.1.0"
 
-__all__ = ["FxHaloError", "Domain", "Edge", "backend", "gather", "halo_exchange", "plan_halo", "shard", "__version__"]
+__all__ = [
+    "FxHaloError", "Domain", "Edge", "Problem", "backend", "gather", "halo_exchange", "plan_halo", "shard",
+    "validate", "__version__",
+]
 
 _register_backend()

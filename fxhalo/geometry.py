@@ -51,6 +51,9 @@ class WindowPlan:
     halo: HaloPlan
     out_length: int
     local: bool
+    #: the widest halo any rank needs on one side, and the smallest input shard
+    reach: int = 0
+    shard: int = 0
 
 
 def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what: str) -> WindowPlan:
@@ -68,4 +71,6 @@ def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what:
         )
     in_part = domain.partition(n_global)
     needs = tuple(window.needed(c, e) for c, e in domain.partition(m))
-    return WindowPlan(plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part)
+    reach = max(max(a - s, e - b) for (a, b), (s, e) in zip(in_part, needs))
+    return WindowPlan(plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part,
+                      reach, min(b - a for a, b in in_part))

@@ -69,19 +69,40 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
     return Sharded(dim, local, ctx.domain.global_length(local))
 
 
-def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Annotate ``node.meta[SHARDING]`` on every node; returns how many values are sharded."""
+def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:
+    """Annotate ``node.meta[SHARDING]`` on every node; returns how many values are sharded.
+
+    With a ``problems`` list, a refused node's FxHaloError is appended to it instead
+    of raised, and propagation goes on with a best guess for that node's layout, so
+    that one pass reports every problem (``fxhalo.validate``).
+    """
     count = 0
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             s = input_sharding(node, ctx)
         elif node.op in ("get_attr", "output"):
             s = None
-        else:
+        elif problems is None:
             s = _propagate_call(node, ctx)
+        else:
+            try:
+                s = _propagate_call(node, ctx)
+            except FxHaloError as e:
+                problems.append((node, e))
+                s = _best_guess(node)
         node.meta[SHARDING] = s
         count += s is not None
     return count
+
+
+def _best_guess(node):
+    """After a refusal: the first sharded input's layout, if the output looks like it."""
+    out = example_value(node)
+    for a in node.all_input_nodes:
+        s = sharding_of(a)
+        if isinstance(s, Sharded) and isinstance(out, torch.Tensor) and out.ndim == example_value(a).ndim:
+            return s
+    return None
 
 
 def _propagate_call(node, ctx: PassContext):

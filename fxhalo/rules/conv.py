@@ -62,6 +62,7 @@ class ConvDecision:
     out: Sharded
     kwargs: dict
     fold: PadFold | None
+    window: object = None  # the WindowPlan, for reports
 
 
 def _sharded_pad_entries(pad, ndim: int, dim: int) -> tuple[int, int]:
@@ -132,7 +133,7 @@ class ConvRule(Rule):
         kwargs = dict(shard_dim=s.dim, group_name=ctx.domain.group_name,
                       edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent or (0, 0))
         out = Sharded(s.dim, plan.out_length // ctx.domain.size, plan.out_length)
-        return ConvDecision(plan.local and fold is None, out, kwargs, fold)
+        return ConvDecision(plan.local and fold is None, out, kwargs, fold, plan)
 
     def propagate(self, node, ctx):
         decision = self.decide(node, ctx)
