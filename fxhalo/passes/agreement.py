@@ -18,15 +18,21 @@ from ..errors import FxHaloError
 from ..sharding import example_value, sharding_of
 
 
+def _shape(arg) -> str:
+    val = example_value(arg) if hasattr(arg, "meta") else None
+    return str(tuple(val.shape)) if isinstance(val, torch.Tensor) else type(val).__name__
+
+
 def fingerprint(gm: torch.fx.GraphModule) -> list[str]:
+    """What this rank compiled: input local shapes and layouts, then every inserted kernel
+    (each of which runs the graph's collectives) with its settings and input shapes."""
     out = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            val = example_value(n)
-            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-            out.append(f"input {n.name} {shape} {sharding_of(n) or 'replicated'}")
+            out.append(f"input {n.name} {_shape(n)} {sharding_of(n) or 'replicated'}")
         elif n.op == "call_function" and getattr(n.target, "__module__", "").startswith("fxhalo."):
-            out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {sorted(n.kwargs.items())}")
+            shapes = [_shape(a) for a in n.all_input_nodes]
+            out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {shapes} {sorted(n.kwargs.items())}")
     return out
 
 
