@@ -42,7 +42,7 @@ X = torch.randn(2, 3, 8, 6)  # local slab of a (2, 3, 32, 6) tensor on 4 ranks
     (lambda x: x.flatten(2), Sharded(2, 48, 192)),                 # H merged with W (inside it)
     (lambda x: x.view(2, 3, 4, 2, 6), Sharded(2, 4, 16)),          # H -> (h, 2): h is sharded
     (lambda x: x.reshape(6, 8, 6), Sharded(1, 8, 32)),
-    (lambda x: x.expand(2, 2, 3, 8, 6) if False else x[None].expand(2, 2, 3, 8, 6), Sharded(3, 8, 32)),
+    (lambda x: x[None].expand(2, 2, 3, 8, 6), Sharded(3, 8, 32)),
     (lambda x: x[:, 1:, :, ::2], Sharded(2, 8, 32)),
     (lambda x: x[..., 0], Sharded(2, 8, 32)),
     (lambda x: x[0], Sharded(1, 8, 32)),
@@ -79,26 +79,34 @@ def test_window_partition_and_reverse():
     assert back == Sharded(2, 8, 32)
 
 
-@pytest.mark.parametrize("fn, match", [
-    (lambda x: x[:, :, 1:], "indexes the sharded dim"),
-    (lambda x: x[:, :, 0], "indexes the sharded dim"),
-    (lambda x: x.narrow(2, 0, 4), "takes rows of the sharded dim"),
-    (lambda x: torch.cat([x, x], dim=2), "concatenates along the sharded dim"),
-    (lambda x: x.split(4, dim=2)[0], "splits along the sharded dim"),
-    (lambda x: x.view(2, 3, 48), None),
-    (lambda x: x.reshape(2, 3, 6, 8), "reshapes the sharded dim"),
-    (lambda x: x.view(2, 3, 8, 6).permute(0, 2, 1, 3).reshape(2, 8, 18).view(2, 8, 3, 6), None),
-    (lambda x, y: torch.cat([x, y], dim=1), "not all sharded alike"),
+@pytest.mark.parametrize("fn, op, match", [
+    (lambda x: x[:, :, 1:], "operator.getitem", "indexes the sharded dim"),
+    (lambda x: x[:, :, 0], "operator.getitem", "indexes the sharded dim"),
+    (lambda x: x.narrow(2, 0, 4), "Tensor.narrow", "takes rows of the sharded dim"),
+    (lambda x: torch.select(x, 2, 1), "torch.select", "takes rows of the sharded dim"),
+    (lambda x: torch.cat([x, x], dim=2), "torch.cat", "concatenates along the sharded dim"),
+    (lambda x: x.split(4, dim=2)[0], "Tensor.split", "splits along the sharded dim"),
+    (lambda x: x.reshape(2, 3, 6, 8), "Tensor.reshape", "reshapes the sharded dim"),
+    (lambda x, y: torch.cat([x, y], dim=1), "torch.cat", "not all sharded alike"),
+    (lambda x: torch.flip(x, dims=[2]), "torch.flip", "no rule"),
+    (lambda x: torch.roll(x, 1, dims=2), "torch.roll", "no rule"),
+    (lambda x: torch.fft.rfft(x, dim=2), "fft", "no rule"),
 ])
-def test_refused_shape_ops_name_the_problem(fn, match):
+def test_refused_ops_name_the_op_line_and_remedy(fn, op, match):
     inputs = (X, X.clone()) if fn.__code__.co_argcount == 2 else (X,)
     overrides = {"xs[1]": None} if len(inputs) == 2 else {}  # the second forward argument is replicated
-    if match is None:  # allowed: the sharded dim survives
-        output_sharding(Lambda(fn), *inputs, **overrides)
-        return
     with pytest.raises(FxHaloError, match=match) as err:
         output_sharding(Lambda(fn), *inputs, **overrides)
-    assert "test_shape_rules.py" in str(err.value) and "Remedy:" in str(err.value)
+    msg = str(err.value)
+    assert op in msg and "test_shape_rules.py" in msg and "Remedy:" in msg
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.view(2, 3, 48),
+    lambda x: x.view(2, 3, 8, 6).permute(0, 2, 1, 3).reshape(2, 8, 18).view(2, 8, 3, 6),
+])
+def test_reshapes_that_keep_the_shard_are_allowed(fn):
+    output_sharding(Lambda(fn), X)
 
 
 def test_squeezing_a_one_row_shard_is_refused():
