@@ -6,11 +6,9 @@ import dataclasses
 import random
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-import fxhalo
-from tests.harness import close
+from tests.harness import check_against_one_device
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -105,33 +103,12 @@ def random_cases(n: int, world_size: int, seed: int = 0) -> list[ConvCase]:
     return cases
 
 
-def run_case(case: ConvCase, rank: int, world_size: int, compiler: str, seed: int) -> dict:
+def run_case(case: ConvCase, rank: int, world_size: int, compiler, seed: int) -> dict:
     """Compile ``case`` with domain_parallel and compare with one device; returns the errors."""
-    torch._dynamo.reset()  # each case is a fresh conv: no recompile limits, no cached graphs
     torch.manual_seed(seed)
     m = case.module()
     x = torch.randn(case.global_shape(world_size))
-    ref_in = x.clone().requires_grad_()
-    ref = m(ref_in)
-    grad_out = torch.randn_like(ref)
-    ref.backward(grad_out)
-    ref_grads = [p.grad.clone() for p in m.parameters()]
-    m.zero_grad()
-
-    x_local = fxhalo.shard(x, case.shard_dim).requires_grad_()
-    compiled = torch.compile(m, backend="domain_parallel",
-                             options={"compiler": compiler, "shard_dim": case.shard_dim})
-    y = compiled(x_local)
-    y.backward(fxhalo.shard(grad_out, case.shard_dim))
-
-    checks = {
-        "out": close(y, fxhalo.shard(ref.detach(), case.shard_dim)),
-        "grad_in": close(x_local.grad, fxhalo.shard(ref_in.grad, case.shard_dim)),
-    }
-    for (name, p), want in zip(m.named_parameters(), ref_grads):
-        summed = p.grad.clone()
-        dist.all_reduce(summed)  # each rank holds a partial weight gradient
-        checks["grad_" + name] = close(summed, want)
+    checks = check_against_one_device(m, x, shard_dim=case.shard_dim, options={"compiler": compiler}, seed=seed)
     return {"ok": all(ok for ok, _ in checks.values()),
             "max_err": max(err for _, err in checks.values()),
             "failed": [k for k, (ok, _) in checks.items() if not ok]}

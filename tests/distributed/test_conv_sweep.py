@@ -11,7 +11,6 @@ Rank 0's table groups the cases by dimensionality, padding and padding mode.
 from collections import Counter
 
 import pytest
-import torch
 from tabulate import tabulate
 
 from tests.harness import run_ranks

@@ -9,10 +9,9 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from tests.harness import close, run_ranks
+from tests.harness import check_against_one_device, run_ranks
 
 WS = 2  # window size
 
@@ -73,35 +72,13 @@ class LogsumexpModel(nn.Module):
         return torch.logsumexp(self.conv(x), dim=2)
 
 
-def _compare(model, x, rank, world_size, fallback=None, replicated_output=False):
-    torch._dynamo.reset()
-    ref_in = x.clone().requires_grad_()
-    ref = model(ref_in)
-    grad = torch.randn_like(ref)
-    ref.backward(grad)
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
-    import fxhalo
-
+def _compare(model, x, fallback=None, replicated_output=False):
     options = {"compiler": "aot_eager"}
     if fallback:
         options["fallback"] = fallback
-    x_local = fxhalo.shard(x, 2).requires_grad_()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = torch.compile(model, backend="domain_parallel", options=options)(x_local)
-    if replicated_output:
-        y.backward(grad)  # the same gradient on every rank, as a loss would give
-        checks = {"out": close(y, ref.detach())}
-    else:
-        y.backward(fxhalo.shard(grad, 2))
-        checks = {"out": close(y, fxhalo.shard(ref.detach(), 2))}
-    checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, 2))
-    for (name, p), want in zip(model.named_parameters(), ref_grads):
-        summed = p.grad.clone()
-        dist.all_reduce(summed)
-        checks["grad_" + name] = close(summed, want)
+        checks = check_against_one_device(model, x, options=options, replicated_output=replicated_output)
     warned = [str(w.message) for w in caught if "fallback='gather'" in str(w.message)]
     return {k: ok for k, (ok, _) in checks.items()}, warned
 
@@ -109,12 +86,11 @@ def _compare(model, x, rank, world_size, fallback=None, replicated_output=False)
 def _models(rank, world_size):
     torch.manual_seed(0)
     out = {}
-    out["window"] = _compare(WindowModel(), torch.randn(2, 2, 4 * world_size, 6), rank, world_size)
-    out["graph_break"] = _compare(GraphBreakModel(), torch.randn(2, 2, 3 * world_size, 5), rank, world_size)
-    out["fallback_cumsum"] = _compare(CumsumModel(), torch.randn(1, 2, 3 * world_size, 4), rank, world_size,
-                                      fallback="gather")
-    out["fallback_replicated"] = _compare(LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4), rank,
-                                          world_size, fallback="gather", replicated_output=True)
+    out["window"] = _compare(WindowModel(), torch.randn(2, 2, 4 * world_size, 6))
+    out["graph_break"] = _compare(GraphBreakModel(), torch.randn(2, 2, 3 * world_size, 5))
+    out["fallback_cumsum"] = _compare(CumsumModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather")
+    out["fallback_replicated"] = _compare(LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4),
+                                          fallback="gather", replicated_output=True)
     return out
 
 
