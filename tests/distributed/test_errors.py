@@ -26,6 +26,21 @@ class StandalonePad(nn.Module):
         return F.pad(x, (0, 0, 1, 1), mode="replicate") * 2  # PAD-LINE
 
 
+class BreaksOnRankZero(nn.Module):
+    """Rank 0 takes a graph break the other ranks do not: their graphs differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 1, 3, padding=1)
+        self.b = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        x = self.a(x)
+        if torch.distributed.get_rank() == 0:
+            torch._dynamo.graph_break()
+        return self.b(x)
+
+
 class ReplicatedBroadcast(nn.Module):
     def __init__(self):
         super().__init__()
@@ -62,6 +77,7 @@ def _scenarios(rank, world_size):
     # Different local shapes on different ranks must be refused on all ranks, not hang.
     rows = 4 + 2 * rank
     out["uneven_local_shapes"] = _outcome(lambda: _compile(nn.Conv2d(1, 1, 3, padding=1))(torch.randn(1, 1, rows, 4)))
+    out["different_graph_breaks"] = _outcome(lambda: _compile(BreaksOnRankZero())(torch.randn(1, 1, 4, 4)))
     # Sharding the batch dim makes a conv local (no halo): it must run and match.
     torch._dynamo.reset()
     conv = nn.Conv2d(1, 1, 3, padding=1)
@@ -111,6 +127,12 @@ def test_different_local_shapes_raise_on_every_rank(outcomes):
     msgs = _all_ranks(outcomes, "uneven_local_shapes")
     assert all("ranks compiled different graphs" in m for m in msgs)
     assert all("(1, 1, 4, 4)" in m and "(1, 1, 6, 4)" in m for m in msgs)
+
+
+@pytest.mark.timeout(300)
+def test_different_graph_breaks_raise_on_every_rank(outcomes):
+    msgs = _all_ranks(outcomes, "different_graph_breaks")
+    assert all("ranks compiled different graphs" in m for m in msgs)
 
 
 @pytest.mark.timeout(300)
