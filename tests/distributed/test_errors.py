@@ -120,6 +120,7 @@ def test_unknown_op_names_op_line_and_remedy(outcomes):
 def test_stride_that_does_not_divide_is_refused_with_sizes(outcomes):
     for msg in _all_ranks(outcomes, "stride_not_divisible"):
         assert "global output length 5" in msg and "2 ranks" in msg
+        assert "conv2d" in msg and "Remedy:" in msg
 
 
 @pytest.mark.timeout(300)
