@@ -3,8 +3,9 @@
 * **Elementwise** ops (arithmetic, activations, dropout, dtype casts): every output
   element depends on the same position of each input, so they are local as long
   as all sharded inputs agree on the sharded dim and no replicated input spans it.
-* **Channel-only** ops (``F.linear``, softmax over another dim): local as long as
-  the dim they mix is not the sharded one.
+* **Channel-only** ops (``F.linear``): local as long as the dim they mix is not
+  the sharded one.  (Softmax, local over another dim and global along the sharded
+  one, lives in :mod:`fxhalo.rules.reduce`.)
 
 Anything not listed here, and not handled by another rule, is refused when it
 reads a sharded value.
@@ -12,7 +13,6 @@ reads a sharded value.
 
 from __future__ import annotations
 
-import inspect
 import operator
 
 import torch
@@ -111,15 +111,6 @@ def _last_dim(node) -> int:
     return example_value(node.all_input_nodes[0]).ndim - 1
 
 
-def _softmax_dim(node) -> int:
-    bound = inspect.signature(F.softmax).bind(*node.args, **node.kwargs)
-    dim = bound.arguments.get("dim")
-    ndim = example_value(node.all_input_nodes[0]).ndim
-    if dim is None:  # torch's legacy implicit choice
-        dim = 0 if ndim in (0, 1, 3) else 1
-    return dim + ndim if dim < 0 else dim
-
-
 ELEMENTWISE = Elementwise()
 
 
@@ -140,5 +131,3 @@ register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
 register(ELEMENTWISE, *_METHODS, "type_as", op="call_method")
 
 register(ChannelOnly(_last_dim), F.linear, torch._C._nn.linear)
-_SOFTMAX = ChannelOnly(_softmax_dim)
-register(_SOFTMAX, F.softmax, F.log_softmax)

@@ -1,0 +1,160 @@
+"""Transposed convolution over a sharded spatial dim: one halo exchange, the local op, a crop.
+
+Along one axis, with kernel ``k``, dilation ``d``, stride ``s``, padding ``p`` and
+output padding ``op``, a transposed conv scatters input row ``i`` into output rows
+``i*s - p + t*d`` for ``t`` in ``[0, k)``.  (It is a conv of the input upsampled
+with ``s - 1`` zero rows between rows, padded by ``d(k-1) - p`` before and
+``d(k-1) - p + op`` after.)  So:
+
+* the global output length is ``M = (N-1)*s - 2p + d(k-1) + op + 1``;
+* output row ``o`` receives input rows ``i`` with ``o + p - d(k-1) <= i*s <= o + p``;
+* a rank that owns output rows ``[c, e)`` needs input rows
+  ``[ceil((c + p - d(k-1))/s), floor((e-1 + p)/s) + 1)``, clipped to the tensor
+  (rows outside it do not exist: they contribute nothing).
+
+The local ``conv_transpose`` with no padding along the sharded axis writes output
+rows starting at global row ``A*s - p`` for a slab starting at input row ``A``.  A
+few zero rows are added around the slab where needed so that its output covers
+``[c, e)`` (when the first or last of those rows receives no input row at all,
+e.g. a stride larger than the kernel), and the result is cropped to ``[c, e)``.
+Zero rows and cropped rows carry no gradient, so the weight gradient summed over
+ranks is exactly one device's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..domain import Domain
+from ..halo import HaloPlan, halo_exchange
+from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis, split_rows
+
+__all__ = ["TransposedAxis", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
+
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposedAxis:
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    output_padding: int = 0
+    dilation: int = 1
+
+    @property
+    def span(self) -> int:
+        return self.dilation * (self.kernel - 1)
+
+    def out_length(self, n: int) -> int:
+        return (n - 1) * self.stride - 2 * self.padding + self.span + self.output_padding + 1
+
+    def contributing(self, c: int, e: int) -> tuple[int, int]:
+        """Input rows ``[start, stop)`` that write into output rows ``[c, e)`` (may be empty)."""
+        start = ceil_div(c + self.padding - self.span, self.stride)
+        stop = (e - 1 + self.padding) // self.stride + 1
+        return start, max(start, stop)
+
+    def first_out(self, a: int) -> int:
+        """Global output row of the first row of an unpadded transposed conv of rows from ``a``."""
+        return a * self.stride - self.padding
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposedPlan:
+    """A transposed conv on one rank.
+
+    ``local``: the op on the local shard as it is gives this rank's outputs (``halo`` is
+    None).  Otherwise: exchange, prepend ``zeros_before`` and append ``zeros_after`` zero
+    rows, run the op with no padding along the axis, and keep ``m_local`` rows from
+    ``crop``.
+    """
+
+    n: int
+    m: int
+    rows: tuple[int, int]
+    local: bool
+    halo: HaloPlan | None
+    zeros_before: int = 0
+    zeros_after: int = 0
+    crop: int = 0
+
+    @property
+    def m_local(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+def _is_local(axis: TransposedAxis, in_part, out_part, needs, n: int) -> bool:
+    """The op on each rank's own rows gives its outputs: aligned, the right length, no remote row read."""
+    return covers_only_own_rows(in_part, needs, n) and all(
+        axis.first_out(a) == c and axis.out_length(b - a) == e - c
+        for (a, b), (c, e) in zip(in_part, out_part))
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_conv_transpose(axis: TransposedAxis, domain: Domain, n: int, what: str) -> TransposedPlan:
+    m = axis.out_length(n)
+    in_part, out_part = split_rows(domain, n, m, what)
+    needs = tuple(axis.contributing(c, e) for c, e in out_part)
+    c, e = out_part[domain.rank]
+    if _is_local(axis, in_part, out_part, needs, n):
+        return TransposedPlan(n, m, (c, e), True, None)
+    # Only rows inside the tensor exist; clip every rank's range to them.
+    needs = tuple((min(max(s, 0), n), min(max(t, 0), n)) for s, t in needs)
+    a, b = needs[domain.rank]
+    if a == b:  # no input row reaches these outputs: an empty slab placed where they are
+        a = b = max(0, ceil_div(c + axis.padding, axis.stride))
+    before = max(0, ceil_div(axis.first_out(a) - c, axis.stride))
+    after = max(0, ceil_div(e - 1 + axis.padding - axis.span, axis.stride) - b + 1)
+    if b - a + before + after == 0:
+        after = 1  # torch needs at least one input row
+    crop = c - axis.first_out(a - before)
+    return TransposedPlan(n, m, (c, e), False, halo_plan(in_part, needs, domain.rank), before, after, crop)
+
+
+def _zeros_around(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    if not before and not after:
+        return x
+    parts = []
+    for rows in (before, None, after):
+        if rows is None:
+            parts.append(x)
+        elif rows:
+            shape = list(x.shape)
+            shape[dim] = rows
+            parts.append(x.new_zeros(shape))
+    return torch.cat(parts, dim)
+
+
+def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                   *, shard_dim: int, group_name: str):
+    """``F.conv_transpose{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
+
+    Gives this rank's rows of the one-device output (balanced partition of the global
+    output length).
+    """
+    domain = Domain.from_group(group_name, shard_dim=shard_dim)
+    nd = weight.ndim - 2
+    op = _CONV_T[nd]
+    dim = domain.dim_of(input.ndim)
+    axis = spatial_axis(input.ndim, nd, dim)
+    if axis is None:  # batch sharded: each sample is local (the rule refuses channel sharding)
+        return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    k = tuple(weight.shape[2:])
+    s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
+    plan = plan_conv_transpose(
+        TransposedAxis(k[axis], s[axis], p[axis], op_[axis], d[axis]), domain,
+        domain.global_length(input.shape[dim]),
+        f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})")
+    if plan.local:
+        return op(input, weight, bias, s, p, op_, groups, d)
+    x = halo_exchange(input, dim, plan.halo, group_name)
+    x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
+    pads = tuple(0 if i == axis else v for i, v in enumerate(p))
+    out_pads = tuple(0 if i == axis else v for i, v in enumerate(op_))
+    y = op(x, weight, bias, s, pads, out_pads, groups, d)
+    return y.narrow(dim, plan.crop, plan.m_local)

@@ -1,0 +1,95 @@
+"""Normalisation whose statistics span the sharded dim: one all_reduce per op.
+
+Each kernel has the signature of its ``torch.nn.functional`` namesake plus
+``shard_dim`` and ``group_name``, and is called only when the op's statistics
+include the sharded dim (the rule leaves the other cases, such as eval-mode batch
+norm, as the local torch op).  The statistics of one op (every group, instance
+or channel) travel in one float64 tensor through one ``all_reduce``: see
+:func:`fxhalo.ops.reduce.global_moments` for the scheme and its measured accuracy.
+The backward comes from autograd through that all_reduce, whose backward
+all-reduces the statistics' gradients: the cross-rank terms of the norm's
+gradient (one more all_reduce in the backward).
+
+Running statistics (batch norm in training, instance norm with
+``use_input_stats``) are updated in place exactly as one device updates them, with
+the unbiased variance from the *global* count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reduce import global_moments, normalize
+
+__all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm"]
+
+
+def _per_channel(t, ndim: int):
+    """A ``[C]`` parameter shaped to broadcast against an ``ndim``-D ``[N, C, ...]`` tensor."""
+    return None if t is None else t.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+def _update_running(running, value, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * value``, in place, outside autograd."""
+    if running is None:
+        return
+    with torch.no_grad():
+        running.mul_(1 - momentum).add_(value.detach().reshape(running.shape).to(running.dtype), alpha=momentum)
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str):
+    """``F.group_norm`` whose per-sample statistics span the sharded (spatial) dim."""
+    n, c = input.shape[:2]
+    grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
+    dims = tuple(range(2, grouped.ndim))
+    mean, m2, count = global_moments(grouped, dims, group_name)
+    shape = (1, num_groups, c // num_groups) + (1,) * (input.ndim - 2)
+    w = None if weight is None else weight.reshape(shape)
+    b = None if bias is None else bias.reshape(shape)
+    return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str):
+    """``F.instance_norm`` with statistics per (sample, channel) over the global spatial extent.
+
+    Without ``use_input_stats`` the running statistics normalise and nothing is
+    communicated.  With it, running statistics (if given) move towards the batch
+    mean of the per-instance means and unbiased variances, as torch does.
+    """
+    if not use_input_stats:
+        return F.instance_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    dims = tuple(range(2, input.ndim))
+    mean, m2, count = global_moments(input, dims, group_name)
+    _update_running(running_mean, mean.mean(0), momentum)
+    _update_running(running_var, (m2 / (count - 1)).mean(0), momentum)
+    return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str):
+    """``F.batch_norm``: in training, per-channel statistics over the batch and every spatial dim.
+
+    In eval mode (``training=False``) the running statistics normalise and the op
+    is local.
+    """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    dims = (0,) + tuple(range(2, input.ndim))
+    mean, m2, count = global_moments(input, dims, group_name)
+    _update_running(running_mean, mean, momentum)
+    _update_running(running_var, m2 / (count - 1), momentum)
+    return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str):
+    """``F.layer_norm`` whose ``normalized_shape`` covers the sharded dim.
+
+    ``weight`` and ``bias`` (shape ``normalized_shape``) must then be sharded like the
+    input, so that each rank applies its own rows of them; the rule refuses
+    replicated ones.
+    """
+    dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    mean, m2, count = global_moments(input, dims, group_name)
+    return normalize(input, mean, m2 / count, eps, weight, bias)

@@ -1,0 +1,166 @@
+"""Max, average and adaptive pooling along the sharded dim (kernels in :mod:`fxhalo.ops.pool`).
+
+Pooling never mixes planes, so a value sharded along the batch or channel dim
+stays local.  Along a spatial dim the planner decides from the geometry:
+
+* a pool whose every rank reads only its own rows, with windows that line up
+  (kernel 1 and stride 1, or ``stride == kernel`` dividing the shard, no padding),
+  is proven local and left as it is, unless it returns indices: those must be
+  translated to the global input, which the kernel does (still with no exchange);
+* any other window gets a halo exchange;
+* adaptive pools always become the kernel, since their ``output_size`` along the
+  sharded dim is the global length and each rank asks for its share of it.
+
+Targets are spelled as Dynamo records them: ``F.max_pool2d`` is a
+``boolean_dispatch`` wrapper whose ``return_indices=True`` variant is the separate
+function ``F.max_pool2d_with_indices``; ``F.avg_pool2d`` is the builtin
+``torch._C._nn.avg_pool2d``; ``torch.max_pool2d`` and friends are the builtins a
+user may call directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import pool as pool_ops
+from ..ops.rows import ints, spatial_axis
+from ..sharding import Sharded, example_value
+from . import register
+from .resample import (Decision, ResampleRule, domain_for, require_contiguous, resized,
+                       static_or_refuse)
+
+
+def _max_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+                   return_indices=False): ...
+
+
+def _avg_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                   divisor_override=None): ...
+
+
+def _adaptive_signature(input, output_size, return_indices=False): ...
+
+
+_MAX_KERNELS = {1: pool_ops.max_pool1d, 2: pool_ops.max_pool2d, 3: pool_ops.max_pool3d}
+_AVG_KERNELS = {1: pool_ops.avg_pool1d, 2: pool_ops.avg_pool2d, 3: pool_ops.avg_pool3d}
+_ADAPTIVE_KERNELS = {
+    "avg": {1: pool_ops.adaptive_avg_pool1d, 2: pool_ops.adaptive_avg_pool2d, 3: pool_ops.adaptive_avg_pool3d},
+    "max": {1: pool_ops.adaptive_max_pool1d, 2: pool_ops.adaptive_max_pool2d, 3: pool_ops.adaptive_max_pool3d},
+}
+
+
+def _sharded_axis(node, ctx, args, nd: int, s: Sharded) -> int | None:
+    """The pooled axis that is sharded, or None when a batch or channel dim is."""
+    axis = spatial_axis(example_value(args["input"]).ndim, nd, s.dim)
+    if axis is not None:
+        require_contiguous(node, ctx, s)
+    return axis
+
+
+class MaxPoolRule(ResampleRule):
+    name = "pool"
+    signature = inspect.signature(_max_signature)
+
+    def __init__(self, nd: int, indices: bool | None):
+        self.nd = nd
+        self.indices = indices  # None: as the node's return_indices says
+
+    def decide(self, node, ctx, args, s):
+        nd = self.nd
+        ret = bool(args["return_indices"]) if self.indices is None else self.indices
+        items = 2 if ret else 0
+        static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"],
+                         padding=args["padding"], dilation=args["dilation"])
+        axis = _sharded_axis(node, ctx, args, nd, s)
+        if axis is None:  # batch or channel sharded; indices count within each plane, so they hold
+            return Decision(s, items=items)
+        stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
+        k, st = ints(args["kernel_size"], nd), ints(stride, nd)
+        p, d = ints(args["padding"], nd), ints(args["dilation"], nd)
+        plan = pool_ops.plan_pool(
+            pool_ops.PoolAxis(k[axis], st[axis], p[axis], d[axis], bool(args["ceil_mode"])),
+            domain_for(ctx, s), s.length, float("-inf"), None,
+            f"max_pool{nd}d (kernel {k}, stride {st}, padding {p}, dilation {d})")
+        out = resized(s, plan.m, ctx)
+        if plan.local and not ret:
+            return Decision(out)
+        call = (args["input"], args["kernel_size"], args["stride"], args["padding"], args["dilation"],
+                args["ceil_mode"], ret)
+        return Decision(out, _MAX_KERNELS[nd], call, items)
+
+
+class AvgPoolRule(ResampleRule):
+    name = "pool"
+    signature = inspect.signature(_avg_signature)
+
+    def __init__(self, nd: int):
+        self.nd = nd
+
+    def decide(self, node, ctx, args, s):
+        nd = self.nd
+        static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"],
+                         padding=args["padding"])
+        axis = _sharded_axis(node, ctx, args, nd, s)
+        if axis is None:
+            return Decision(s)
+        stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
+        k, st, p = ints(args["kernel_size"], nd), ints(stride, nd), ints(args["padding"], nd)
+        plan = pool_ops.plan_pool(
+            pool_ops.PoolAxis(k[axis], st[axis], p[axis], 1, bool(args["ceil_mode"])),
+            domain_for(ctx, s), s.length, 0.0, bool(args["count_include_pad"]),
+            f"avg_pool{nd}d (kernel {k}, stride {st}, padding {p})")
+        out = resized(s, plan.m, ctx)
+        if plan.local:
+            return Decision(out)
+        call = (args["input"], args["kernel_size"], args["stride"], args["padding"], args["ceil_mode"],
+                args["count_include_pad"]) + (() if nd == 1 else (args["divisor_override"],))
+        return Decision(out, _AVG_KERNELS[nd], call)
+
+
+class AdaptivePoolRule(ResampleRule):
+    name = "pool"
+    signature = inspect.signature(_adaptive_signature)
+
+    def __init__(self, nd: int, kind: str, indices: bool | None):
+        self.nd, self.kind, self.indices = nd, kind, indices
+
+    def decide(self, node, ctx, args, s):
+        nd, kind = self.nd, self.kind
+        ret = kind == "max" and (bool(args["return_indices"]) if self.indices is None else self.indices)
+        items = 2 if ret else 0
+        static_or_refuse(node, ctx, output_size=args["output_size"])
+        axis = _sharded_axis(node, ctx, args, nd, s)
+        if axis is None:
+            return Decision(s, items=items)
+        size = args["output_size"]
+        sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
+        m = s.length if sizes[axis] is None else int(sizes[axis])
+        plan = pool_ops.plan_adaptive(domain_for(ctx, s), s.length, m,
+                                      f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
+        out = resized(s, m, ctx)
+        if plan.halo is None and sizes[axis] is None and not ret:
+            return Decision(out)  # keeps the (local) size along the sharded dim: local as it is
+        call = (args["input"], size) + ((ret,) if kind == "max" else ())
+        return Decision(out, _ADAPTIVE_KERNELS[kind][nd], call, items)
+
+
+for _nd in (1, 2, 3):
+    register(MaxPoolRule(_nd, None), getattr(F, f"max_pool{_nd}d"), getattr(torch, f"max_pool{_nd}d", None))
+    register(MaxPoolRule(_nd, True), getattr(F, f"max_pool{_nd}d_with_indices"),
+             getattr(torch, f"max_pool{_nd}d_with_indices", None),
+             getattr(torch._C._nn, f"max_pool{_nd}d_with_indices", None))
+    register(AvgPoolRule(_nd), getattr(F, f"avg_pool{_nd}d"), getattr(torch, f"avg_pool{_nd}d", None),
+             getattr(torch._C._nn, f"avg_pool{_nd}d", None))
+    # Pooling to one row along the sharded dim is a reduction over the ranks, not a window:
+    # fxhalo.rules.reduce registers a rule in front of these for the value-only spellings,
+    # which hands every other case back to AdaptivePoolRule.
+    register(AdaptivePoolRule(_nd, "avg", None), getattr(F, f"adaptive_avg_pool{_nd}d"),
+             getattr(torch, f"adaptive_avg_pool{_nd}d", None), getattr(torch._C._nn, f"adaptive_avg_pool{_nd}d", None))
+    register(AdaptivePoolRule(_nd, "max", None), getattr(F, f"adaptive_max_pool{_nd}d"))
+    register(AdaptivePoolRule(_nd, "max", True), getattr(F, f"adaptive_max_pool{_nd}d_with_indices"),
+             getattr(torch, f"adaptive_max_pool{_nd}d", None), getattr(torch._C._nn, f"adaptive_max_pool{_nd}d", None))
+
+# max_pool(..., return_indices=True) returns (values, indices), read with operator.getitem.

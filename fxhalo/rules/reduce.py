@@ -1,0 +1,360 @@
+"""Reductions, adaptive pooling to one row, and softmax: local, or one collective over the sharded dim.
+
+A reduction whose dims leave out the sharded dim is local.  Its output is sharded
+too, along the same dim moved left by the reduced dims before it (unless
+``keepdim``).  A reduction over the sharded dim (or over everything) becomes a call
+to a kernel in :mod:`fxhalo.ops.reduce` with one collective, and its result is
+replicated (``propagate`` returns ``None``).
+
+Before::
+
+    mean = l_x_.mean(dim=(2, 3))
+
+After::
+
+    mean = fxhalo.ops.reduce.mean(l_x_, (2, 3), False, dtype=None, shard_dim=2, group_name='0')
+
+Spellings, as Dynamo records them: ``x.sum(...)`` is ``call_method 'sum'`` and
+``torch.sum(x, ...)`` is ``call_function torch.sum``; the same holds for ``mean``,
+``amax``, ``amin``, ``var``, ``std``, ``max``, ``min``, ``softmax`` and
+``log_softmax``.  ``F.softmax``, ``F.log_softmax``, ``F.adaptive_avg_pool2d/3d``
+and ``F.adaptive_max_pool1d/2d/3d`` arrive as the Python functions themselves;
+``F.adaptive_avg_pool1d`` is the builtin ``torch.adaptive_avg_pool1d``.
+
+Adaptive pooling to output size 1 along the sharded dim is a reduction over the
+ranks; its rule sits in front of the windowed pooling rule of
+:mod:`fxhalo.rules.pool` and hands it every other case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import reduce as ops
+from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
+from . import Rule, bind, register
+from .local import ELEMENTWISE
+from .pool import AdaptivePoolRule  # imported first, so that the registrations below come after its own
+
+PLAN = "fxhalo_reduce"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """The kernel call that replaces a node: ``kernel(*args, **kwargs, shard_dim=..., group_name=...)``."""
+
+    kernel: Callable
+    args: tuple
+    kwargs: dict
+
+
+def replace_with_kernel(node, call: KernelCall, ctx, shard_dim: int) -> None:
+    """The rewrite step shared by the reduction, norm and loss rules."""
+    graph = node.graph
+    kwargs = dict(call.kwargs, shard_dim=shard_dim, group_name=ctx.domain.group_name)
+    with graph.inserting_before(node):
+        new = graph.call_function(call.kernel, call.args, kwargs)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def after_reduction(s: Sharded, dims, keepdim: bool) -> Sharded:
+    """Where the sharded dim lands after a reduction over ``dims`` that leaves it out."""
+    if keepdim:
+        return s
+    return dataclasses.replace(s, dim=s.dim - sum(d < s.dim for d in dims))
+
+
+class PlannedRule(Rule):
+    """A rule that decides in ``propagate``: ``node.meta[PLAN]`` is the sharded dim when the node
+    becomes a kernel call, else ``None``.
+
+    The call itself is built from the node's arguments when the rewrite runs
+    (:meth:`kernel_call`): an earlier rewrite may have replaced an input node.
+    """
+
+    def kernel_call(self, node) -> KernelCall:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rewrite(self, node, ctx) -> bool:
+        shard_dim = node.meta.get(PLAN)
+        if shard_dim is None:
+            return False
+        replace_with_kernel(node, self.kernel_call(node), ctx, shard_dim)
+        return True
+
+
+# -- sum, mean, amax, amin, var, std -------------------------------------------
+
+def _sum_signature(input, dim=None, keepdim=False, *, dtype=None, axis=None, out=None): ...
+def _amax_signature(input, dim=(), keepdim=False, *, axis=None, out=None): ...
+def _var_signature(input, dim=None, unbiased=None, keepdim=False, *, correction=None, axis=None, out=None): ...
+def _max_signature(input, dim=None, keepdim=False, *, other=None, out=None): ...
+
+
+_SUM_SIG = inspect.signature(_sum_signature)
+_AMAX_SIG = inspect.signature(_amax_signature)
+_VAR_SIG = inspect.signature(_var_signature)
+_MAX_SIG = inspect.signature(_max_signature)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """A reduction in canonical form: its input, the dims it reduces, ``keepdim``, and its kernel call."""
+
+    input: object
+    dims: tuple[int, ...]
+    keepdim: bool
+    call: KernelCall
+
+
+def _dims(args, ndim):
+    dim = args["axis"] if args.get("axis") is not None else args["dim"]
+    return ops.reduced_dims(dim, ndim)
+
+
+def _sum_like(kernel):
+    def canonical(node) -> Reduced:
+        a = bind(_SUM_SIG, node)
+        dims = _dims(a, example_value(a["input"]).ndim)
+        return Reduced(a["input"], dims, bool(a["keepdim"]),
+                       KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {"dtype": a["dtype"]}))
+    return canonical
+
+
+def _amax_like(kernel):
+    def canonical(node) -> Reduced:
+        a = bind(_AMAX_SIG, node)
+        dims = _dims(a, example_value(a["input"]).ndim)
+        return Reduced(a["input"], dims, bool(a["keepdim"]),
+                       KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {}))
+    return canonical
+
+
+def _var_like(kernel):
+    def canonical(node) -> Reduced:
+        a = bind(_VAR_SIG, node)
+        dim, unbiased = a["dim"], a["unbiased"]
+        if isinstance(dim, bool):  # x.var(False): the legacy (unbiased) overload
+            dim, unbiased = None, dim
+        a["dim"] = dim
+        dims = _dims(a, example_value(a["input"]).ndim)
+        correction = a["correction"] if a["correction"] is not None else (0 if unbiased is False else 1)
+        return Reduced(a["input"], dims, bool(a["keepdim"]),
+                       KernelCall(kernel, (a["input"], dims, correction, bool(a["keepdim"])), {}))
+    return canonical
+
+
+def _refuse_out(node, ctx) -> None:
+    if node.kwargs.get("out") is not None:
+        ctx.refuse(node, "writes into an out= tensor", "assign the result instead of passing out=")
+
+
+class Reduction(PlannedRule):
+    name = "reduce"
+
+    def __init__(self, canonical):
+        self._canonical = canonical  # node -> Reduced
+
+    def propagate(self, node, ctx):
+        node.meta[PLAN] = None
+        _refuse_out(node, ctx)
+        return self.decide(node, self._canonical(node), ctx)
+
+    def kernel_call(self, node) -> KernelCall:
+        return self._canonical(node).call
+
+    @staticmethod
+    def decide(node, r: Reduced, ctx):
+        s = sharding_of(r.input)
+        if s is None:
+            return None  # replicated: every rank computes the same value
+        if s.dim not in r.dims:
+            return after_reduction(s, r.dims, r.keepdim)
+        node.meta[PLAN] = s.dim
+        return None
+
+
+class MaxMin(Reduction):
+    """``torch.max``/``min`` and the methods: three ops under one name.
+
+    * ``x.max()``: everything, like ``amax`` (one all_gather);
+    * ``torch.max(x, y)``: elementwise, as ``torch.maximum``;
+    * ``x.max(dim)``: values *and* indices.  Local when ``dim`` is not the sharded dim
+      (a tuple of two layouts, one per output); refused along it.
+    """
+
+    def __init__(self, largest: bool):
+        self._largest = largest
+        self._kernel = ops.amax if largest else ops.amin
+
+    def propagate(self, node, ctx):
+        node.meta[PLAN] = None
+        _refuse_out(node, ctx)
+        a = bind(_MAX_SIG, node)
+        other = a["other"] if a["other"] is not None else a["dim"] if is_tensor_node(a["dim"]) else None
+        if other is not None:
+            return ELEMENTWISE.propagate(node, ctx)
+        ndim = example_value(a["input"]).ndim
+        if a["dim"] is None:
+            return self.decide(node, self._everything(node), ctx)
+        s = sharding_of(a["input"])
+        dims = ops.reduced_dims(a["dim"], ndim)
+        if s is None:
+            return None
+        if s.dim in dims:
+            which = "max" if self._largest else "min"
+            ctx.refuse(node, f"returns the arg{which} indices along the sharded dim {s.dim}",
+                       f"use amax/amin (values only, supported along the sharded dim), or "
+                       f"torch.arg{which} on fxhalo.gather()ed values")
+        out = after_reduction(s, dims, bool(a["keepdim"]))
+        return (out, out)  # (values, indices), as getitem expects of a tuple-valued node
+
+    def _everything(self, node) -> Reduced:
+        x = bind(_MAX_SIG, node)["input"]
+        dims = tuple(range(example_value(x).ndim))
+        return Reduced(x, dims, False, KernelCall(self._kernel, (x, dims, False), {}))
+
+    def kernel_call(self, node) -> KernelCall:
+        return self._everything(node).call
+
+
+_SUM = Reduction(_sum_like(ops.sum))
+_MEAN = Reduction(_sum_like(ops.mean))
+_AMAX = Reduction(_amax_like(ops.amax))
+_AMIN = Reduction(_amax_like(ops.amin))
+_VAR = Reduction(_var_like(ops.var))
+_STD = Reduction(_var_like(ops.std))
+_MAX = MaxMin(True)
+_MIN = MaxMin(False)
+
+for _rule, _name in ((_SUM, "sum"), (_MEAN, "mean"), (_AMAX, "amax"), (_AMIN, "amin"), (_VAR, "var"),
+                     (_STD, "std"), (_MAX, "max"), (_MIN, "min")):
+    register(_rule, getattr(torch, _name))
+    register(_rule, _name, op="call_method")
+
+
+# -- adaptive pooling to one row -------------------------------------------------
+
+def _pool_signature(input, output_size, return_indices=False): ...
+
+
+_POOL_SIG = inspect.signature(_pool_signature)
+
+
+class AdaptivePoolToOne(PlannedRule):
+    """``F.adaptive_{avg,max}_pool{1,2,3}d`` with output size 1 along the sharded dim: a reduction over it.
+
+    Every other case (other output sizes, pooling that leaves the sharded dim
+    alone, ``return_indices=True``) belongs to the windowed pooling rule of
+    :mod:`fxhalo.rules.pool`, to which this rule hands the node: one registered
+    rule per target, two families behind it.
+    """
+
+    name = "reduce"
+
+    def __init__(self, nd: int, kernel, windowed: Rule):
+        self._nd = nd
+        self._kernel = kernel
+        self._windowed = windowed
+
+    def propagate(self, node, ctx):
+        node.meta[PLAN] = None
+        a = bind(_POOL_SIG, node)
+        s = sharding_of(a["input"])
+        if s is None or not self._to_one(a, s):
+            return self._windowed.propagate(node, ctx)
+        if self._kernel is ops.adaptive_max_pool and getattr(s, "outer", 1) != 1:
+            ctx.refuse(node, f"max-pools a dim whose shards are interleaved with another dim ({s})",
+                       "pool before the reshape that merged the sharded dim under another dim")
+        node.meta[PLAN] = s.dim
+        return None
+
+    def kernel_call(self, node) -> KernelCall:
+        a = bind(_POOL_SIG, node)
+        return KernelCall(self._kernel, (a["input"], a["output_size"]), {"nd": self._nd})
+
+    def rewrite(self, node, ctx) -> bool:
+        if node.meta.get(PLAN) is None:
+            return self._windowed.rewrite(node, ctx)
+        return super().rewrite(node, ctx)
+
+    def _to_one(self, a, s: Sharded) -> bool:
+        axis = s.dim - (example_value(a["input"]).ndim - self._nd)
+        sizes = a["output_size"]
+        sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,) * self._nd
+        return axis >= 0 and isinstance(sizes[axis], int) and sizes[axis] == 1 and not a["return_indices"]
+
+
+def _register_adaptive_pools() -> None:
+    """Put :class:`AdaptivePoolToOne` in front of the pooling rule for the value-only adaptive pools."""
+    for nd in (1, 2, 3):
+        for kind, kernel in (("avg", ops.adaptive_avg_pool), ("max", ops.adaptive_max_pool)):
+            rule = AdaptivePoolToOne(nd, kernel, AdaptivePoolRule(nd, kind, None))
+            if kind == "max":
+                targets = (getattr(F, f"adaptive_max_pool{nd}d"),)
+            else:
+                targets = (getattr(F, f"adaptive_avg_pool{nd}d"), getattr(torch, f"adaptive_avg_pool{nd}d", None),
+                           getattr(torch._C._nn, f"adaptive_avg_pool{nd}d", None))
+            register(rule, *targets)
+
+
+_register_adaptive_pools()
+
+
+# -- softmax ------------------------------------------------------------------
+
+def _softmax_signature(input, dim, dtype=None): ...
+
+
+_SOFTMAX_SIG = inspect.signature(_softmax_signature)
+_F_SOFTMAX_SIG = inspect.signature(F.softmax)  # (input, dim=None, _stacklevel=3, dtype=None)
+
+
+class Softmax(PlannedRule):
+    """Softmax and log-softmax: local along another dim; along the sharded dim, a global max and sum.
+
+    The kernel sends each rank's (max, sum of exp) per row in one all_gather
+    (:func:`fxhalo.ops.reduce.softmax`); the output is sharded like the input.
+    """
+
+    name = "softmax"
+
+    def __init__(self, sig, kernel):
+        self._sig = sig
+        self._kernel = kernel
+
+    def propagate(self, node, ctx):
+        node.meta[PLAN] = None
+        a = bind(self._sig, node)
+        s = sharding_of(a["input"])
+        if s is None:
+            return None
+        if self._dim(a) == s.dim:
+            node.meta[PLAN] = s.dim
+        return s
+
+    @staticmethod
+    def _dim(a) -> int:
+        ndim = example_value(a["input"]).ndim
+        dim = a["dim"]
+        if dim is None:  # torch's legacy implicit choice
+            dim = 0 if ndim in (0, 1, 3) else 1
+        return dim + ndim if dim < 0 else dim
+
+    def kernel_call(self, node) -> KernelCall:
+        a = bind(self._sig, node)
+        return KernelCall(self._kernel, (a["input"], self._dim(a), a["dtype"]), {})
+
+
+for _name, _kernel in (("softmax", ops.softmax), ("log_softmax", ops.log_softmax)):
+    register(Softmax(_F_SOFTMAX_SIG, _kernel), getattr(F, _name))
+    _plain = Softmax(_SOFTMAX_SIG, _kernel)
+    register(_plain, getattr(torch, _name), getattr(torch.special, _name, None))
+    register(_plain, _name, op="call_method")

@@ -1,0 +1,32 @@
+"""Reductions, adaptive pools, softmax and losses over the sharded dim, against one device, for 2, 3 and 4 ranks.
+
+They share the spawned group of ``test_norm.py`` (see ``reduce_cases.results``).
+What a failure points to (each op has its own inputs, so a row names the op):
+- ``out`` wrong: the global count, the reduced dims, or a tie rule (amax, max pooling);
+- ``grad_<input>`` wrong with ``out`` right: a replicated result's gradient convention
+  (divided by the group size at the graph output, summed again by the collective's
+  backward), or which tied element gets the gradient of a maximum.
+"""
+
+import pytest
+
+from tests.distributed.reduce_cases import failures, results
+
+WORLD_SIZES = [2, 3, 4]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_reductions_softmax_and_losses_match_one_device(world_size):
+    per_rank = results(world_size)
+    assert not failures(per_rank, "reductions"), failures(per_rank, "reductions")
+    assert sum(c["ops"] for c in per_rank[0]["reductions"]) >= 40
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_one_collective_per_reduction(world_size):
+    for case in results(world_size)[0]["reductions"]:
+        assert case["fw"] and len(case["fw"]) == len(case["kernels"]), case
+        assert set(case["fw"]) <= {"all_reduce", "all_gather_into_tensor"}, case
+        assert len(case["bw"]) == len(case["fw"]), case

@@ -1,0 +1,126 @@
+"""The resampling rules on real Dynamo graphs, in one process, with a simulated 4-rank domain.
+
+What is checked here is the decision, not the numbers (the multi-rank sweep checks
+those): which nodes the geometry proves local and leaves as they are, which become
+fxhalo kernels, the layout of their outputs, and the refusals.
+"""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxhalo import Domain, FxHaloError
+from fxhalo.ops import conv_transpose as ct_ops
+from fxhalo.ops import interpolate as interp_ops
+from fxhalo.ops import pool as pool_ops
+from fxhalo.passes import PassContext, propagate_sharding, rewrite
+from fxhalo.sharding import SHARDING, Sharded
+
+SIZE = 4  # simulated ranks
+
+
+def passes_on(fn, *inputs, shard_dim=2):
+    """Run propagation and rewrite on Dynamo's graph of ``fn``; returns the rewritten graph module."""
+    out = {}
+
+    def capture(gm, example_inputs):
+        original = torch.fx.GraphModule(gm, gm.graph)
+        ctx = PassContext(Domain("sim", 1, SIZE, shard_dim))
+        try:
+            propagate_sharding(gm, ctx)
+            rewrite(gm, ctx)
+            gm.graph.lint()
+        except FxHaloError as e:
+            out["error"] = e
+        out["gm"] = gm
+        return original
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True)(*inputs)
+    if "error" in out:
+        raise out["error"]
+    return out["gm"]
+
+
+def targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def output_layouts(gm):
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return [a.meta[SHARDING] for a in out]
+
+
+X = torch.randn(1, 2, 8, 6)  # local slab: 8 of 32 global rows
+
+
+@pytest.mark.timeout(120)
+def test_patchify_pool_is_proven_local_and_a_3x3_pool_gets_a_halo():
+    gm = passes_on(lambda x: (F.max_pool2d(x, 2), F.max_pool2d(x, 3, 1, 1), F.avg_pool2d(x, (1, 3))), X)
+    t = targets(gm)
+    assert t.count(F.max_pool2d) == 1 and t.count(pool_ops.max_pool2d) == 1
+    assert F.avg_pool2d in t  # window 1 along the sharded dim: local
+    assert output_layouts(gm) == [Sharded(2, 4, 16), Sharded(2, 8, 32), Sharded(2, 8, 32)]
+
+
+@pytest.mark.timeout(120)
+def test_max_pool_indices_become_the_kernel_even_when_local_and_getitem_follows():
+    gm = passes_on(lambda x: F.max_pool2d(x, 2, return_indices=True), X)
+    assert pool_ops.max_pool2d in targets(gm)  # local windows, but the indices must be made global
+    items = [n for n in gm.graph.nodes if n.target is operator.getitem]
+    assert [n.meta[SHARDING] for n in items] == [Sharded(2, 4, 16)] * 2
+
+
+@pytest.mark.timeout(120)
+def test_adaptive_pool_asks_each_rank_for_its_share():
+    gm = passes_on(lambda x: F.adaptive_avg_pool2d(x, (12, 3)), X)
+    assert pool_ops.adaptive_avg_pool2d in targets(gm)
+    assert output_layouts(gm) == [Sharded(2, 3, 12)]
+
+
+@pytest.mark.timeout(120)
+def test_nearest_x2_is_local_and_bilinear_or_a_size_is_not():
+    gm = passes_on(lambda x: (F.interpolate(x, scale_factor=2), F.interpolate(x, scale_factor=2, mode="bilinear"),
+                              F.interpolate(x, size=(64, 6))), X)
+    t = targets(gm)
+    assert t.count(F.interpolate) == 1 and t.count(interp_ops.interpolate) == 2
+    assert output_layouts(gm) == [Sharded(2, 16, 64)] * 3
+
+
+@pytest.mark.timeout(120)
+def test_conv_transpose_kernel_equal_to_stride_is_local_and_3_2_1_gets_a_halo():
+    up = nn.ConvTranspose2d(2, 2, 2, stride=2)
+    k3 = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1)
+    gm = passes_on(lambda x: (up(x), k3(x)), X)
+    t = targets(gm)
+    assert t.count(torch.conv_transpose2d) == 1 and t.count(ct_ops.conv_transpose) == 1
+    assert output_layouts(gm) == [Sharded(2, 16, 64)] * 2
+
+
+@pytest.mark.timeout(120)
+def test_batch_or_channel_sharding_leaves_pooling_alone():
+    gm = passes_on(lambda x: (F.max_pool2d(x, 3), F.interpolate(x, scale_factor=1.5, mode="bicubic")), X,
+                   shard_dim=1)
+    assert F.max_pool2d in targets(gm) and F.interpolate in targets(gm)
+
+
+@pytest.mark.timeout(120)
+def test_uneven_output_is_refused_with_the_sizes():
+    k3 = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)  # 32 rows -> 63
+    with pytest.raises(FxHaloError, match=r"global output length 63 .*4 ranks"):
+        passes_on(k3, X)
+
+
+@pytest.mark.timeout(120)
+def test_conv_transpose_over_sharded_channels_is_refused():
+    with pytest.raises(FxHaloError, match="mixes the channels"):
+        passes_on(nn.ConvTranspose2d(2, 2, 3), X, shard_dim=1)
+
+
+@pytest.mark.timeout(120)
+def test_antialias_is_refused():
+    with pytest.raises(FxHaloError, match="antialias"):
+        passes_on(lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), X)
