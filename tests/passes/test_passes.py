@@ -10,43 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxhalo import Domain, FxHaloError
+from fxhalo import FxHaloError
 from fxhalo.ops import conv as conv_ops
-from fxhalo.passes import PassContext, propagate_sharding, rewrite
 from fxhalo.sharding import SHARDING, Sharded
-
-
-def passes_on(model, *inputs, size=4, **overrides):
-    """Run propagation and rewrite on Dynamo's graph of ``model``; ``(gm, nodes changed)``.
-
-    The passes run inside the backend, as in fxhalo's own backend: Dynamo drops the
-    placeholders' source information from ``node.meta`` once the backend returns.
-    """
-    out = {}
-
-    def capture(gm, example_inputs):
-        # A module generated from the graph as it is now: it keeps running the unrewritten
-        # code (which needs no process group) after the passes edit the graph.
-        original = torch.fx.GraphModule(gm, gm.graph)
-        ctx = PassContext(Domain("sim", 1, size, 2), overrides)
-        try:
-            propagate_sharding(gm, ctx)
-            out["changed"] = rewrite(gm, ctx)
-            gm.graph.lint()
-        except FxHaloError as e:
-            out["error"] = e
-        out["gm"] = gm
-        return original
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=capture, fullgraph=True)(*inputs)
-    if "error" in out:
-        raise out["error"]
-    return out["gm"], out["changed"]
-
-
-def targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+from tests.passes.graphs import passes_on, targets
 
 
 def test_3x3_conv_becomes_the_halo_kernel_and_1x1_stays():

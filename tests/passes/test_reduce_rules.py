@@ -15,16 +15,8 @@ from fxhalo import FxHaloError
 from fxhalo.ops import norm as norm_ops
 from fxhalo.ops import reduce as reduce_ops
 from fxhalo.sharding import SHARDING, Sharded
-from tests.passes.test_passes import passes_on
+from tests.passes.graphs import Lambda, passes_on
 
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
 
 
 X = torch.randn(2, 4, 8, 6)  # local slab of a (2, 4, 32, 6) tensor on 4 ranks

@@ -12,41 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxhalo import Domain, FxHaloError
+from fxhalo import FxHaloError
 from fxhalo.ops import conv_transpose as ct_ops
 from fxhalo.ops import interpolate as interp_ops
 from fxhalo.ops import pool as pool_ops
-from fxhalo.passes import PassContext, propagate_sharding, rewrite
 from fxhalo.sharding import SHARDING, Sharded
+from tests.passes import graphs
+from tests.passes.graphs import targets
 
 SIZE = 4  # simulated ranks
 
 
 def passes_on(fn, *inputs, shard_dim=2):
-    """Run propagation and rewrite on Dynamo's graph of ``fn``; returns the rewritten graph module."""
-    out = {}
-
-    def capture(gm, example_inputs):
-        original = torch.fx.GraphModule(gm, gm.graph)
-        ctx = PassContext(Domain("sim", 1, SIZE, shard_dim))
-        try:
-            propagate_sharding(gm, ctx)
-            rewrite(gm, ctx)
-            gm.graph.lint()
-        except FxHaloError as e:
-            out["error"] = e
-        out["gm"] = gm
-        return original
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=capture, fullgraph=True)(*inputs)
-    if "error" in out:
-        raise out["error"]
-    return out["gm"]
-
-
-def targets(gm):
-    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    """The rewritten graph module of ``fn`` on a simulated domain of SIZE ranks."""
+    return graphs.passes_on(fn, *inputs, size=SIZE, shard_dim=shard_dim)[0]
 
 
 def output_layouts(gm):

@@ -6,12 +6,11 @@ needs no process group.
 
 import pytest
 import torch
-import torch.nn as nn
 
 from fxhalo import FxHaloError
 from fxhalo.rules.shape import reshape_sharding
 from fxhalo.sharding import SHARDING, Sharded
-from tests.passes.test_passes import passes_on
+from tests.passes.graphs import Lambda, passes_on
 
 
 def output_sharding(model, *inputs, **overrides):
@@ -19,14 +18,6 @@ def output_sharding(model, *inputs, **overrides):
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     return [a.meta[SHARDING] for a in out]
 
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
 
 
 X = torch.randn(2, 3, 8, 6)  # local slab of a (2, 3, 32, 6) tensor on 4 ranks
