@@ -23,6 +23,8 @@ from .context import PassContext
 RULE = "fxhalo_rule"
 
 _STATE_MARKERS = ("._parameters[", "._buffers[")
+# Dynamo's name for a value the graph-breaking call left on the stack: its eager result.
+_EAGER_RESULT = "___stack"
 
 
 def input_name(node) -> tuple[str, str]:
@@ -53,6 +55,15 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
         return ctx.known_inputs[node.name]
     full, root = input_name(node)
     overrides = ctx.input_shard_dims
+    if root.startswith(_EAGER_RESULT) and full not in overrides:
+        raise FxHaloError(
+            f"graph input '{full}' was computed outside the compiled graphs: Dynamo broke the graph at a "
+            "call it could not trace and ran that call eagerly on the local slab, where fxhalo cannot make "
+            "it domain-parallel (for example nn.BatchNorm(momentum=None), which reads a tensor as a Python "
+            "number). Remedy: find the break with TORCH_LOGS=graph_breaks (or compile with fullgraph=True) "
+            "and remove it; if that call really is local, declare its result with "
+            f"options={{'input_shard_dims': {{'{full}': dim or None}}}}."
+        )
     if full in overrides or root in overrides:
         dim = overrides[full] if full in overrides else overrides[root]
         if dim is None:

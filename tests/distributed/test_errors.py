@@ -41,6 +41,18 @@ class BreaksOnRankZero(nn.Module):
         return self.b(x)
 
 
+class BatchNormMomentumNone(nn.Module):
+    """BatchNorm(momentum=None) breaks the graph; Dynamo runs the whole bn call eagerly, on the local slab."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2, momentum=None)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * 2
+
+
 class ReplicatedBroadcast(nn.Module):
     def __init__(self):
         super().__init__()
@@ -77,6 +89,7 @@ def _scenarios(rank, world_size):
     # Different local shapes on different ranks must be refused on all ranks, not hang.
     rows = 4 + 2 * rank
     out["uneven_local_shapes"] = _outcome(lambda: _compile(nn.Conv2d(1, 1, 3, padding=1))(torch.randn(1, 1, rows, 4)))
+    out["eager_call_at_graph_break"] = _outcome(lambda: _compile(BatchNormMomentumNone())(torch.randn(2, 1, 4, 4)))
     out["different_graph_breaks"] = _outcome(lambda: _compile(BreaksOnRankZero())(torch.randn(1, 1, 4, 4)))
     # Sharding the batch dim makes a conv local (no halo): it must run and match.
     torch._dynamo.reset()
@@ -128,6 +141,13 @@ def test_different_local_shapes_raise_on_every_rank(outcomes):
     msgs = _all_ranks(outcomes, "uneven_local_shapes")
     assert all("ranks compiled different graphs" in m for m in msgs)
     assert all("(1, 1, 4, 4)" in m and "(1, 1, 6, 4)" in m for m in msgs)
+
+
+@pytest.mark.timeout(300)
+def test_a_call_run_eagerly_at_a_graph_break_is_refused(outcomes):
+    # Before: the BatchNorm ran eagerly with local statistics and the result was silently wrong.
+    for msg in _all_ranks(outcomes, "eager_call_at_graph_break"):
+        assert "computed outside the compiled graphs" in msg and "Remedy:" in msg
 
 
 @pytest.mark.timeout(300)
