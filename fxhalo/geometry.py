@@ -15,7 +15,38 @@ from .domain import Domain
 from .errors import FxHaloError
 from .halo import Edge, HaloPlan, plan_halo
 
-__all__ = ["Window", "WindowPlan", "plan_window"]
+__all__ = ["Unsplittable", "Window", "WindowPlan", "plan_window", "split_rows"]
+
+
+class Unsplittable(FxHaloError):
+    """An op fxhalo cannot split exactly.  ``problem`` reads after "it" in a rule's refusal."""
+
+    def __init__(self, what: str, problem: str, remedy: str):
+        super().__init__(f"{what}: it {problem}. Remedy: {remedy}.")
+        self.problem = problem
+        self.remedy = remedy
+
+
+def split_rows(domain: Domain, n: int, m: int, what: str):
+    """``(input partition, output partition)`` of an op mapping ``n`` global rows to ``m``.
+
+    Until uneven shards land both lengths must divide by the rank count; the
+    refusal names the sizes.
+    """
+    if m < 1:
+        raise Unsplittable(what, f"gives no output rows from the global input length {n}",
+                           "check the op's arguments against the global (not the local) size")
+    if n % domain.size:
+        raise Unsplittable(
+            what, f"reads a global length {n} along the sharded dim that does not split evenly "
+                  f"over {domain.size} ranks", "choose sizes divisible by the rank count")
+    if m % domain.size:
+        raise Unsplittable(
+            what, f"gives a global output length {m} (from input length {n}) that does not split "
+                  f"evenly over {domain.size} ranks, so the output shards would differ in size",
+            f"choose sizes for which the global output length is divisible by {domain.size}; "
+            "uneven shards are not supported yet")
+    return domain.partition(n), domain.partition(m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,18 +90,8 @@ class WindowPlan:
 def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what: str) -> WindowPlan:
     """Plan a windowed op on an evenly sharded axis of global length ``n_global``."""
     m = window.out_length(n_global)
-    if m < 1:
-        raise FxHaloError(f"{what}: global input length {n_global} gives no output rows with {window}")
-    domain.require_even(n_global, what)
-    if m % domain.size:
-        raise FxHaloError(
-            f"{what}: the global output length {m} (from input length {n_global}) does not split "
-            f"evenly over {domain.size} ranks, so the output shards would differ in size. "
-            f"Choose a global input length whose output is divisible by {domain.size} (e.g. a local "
-            f"length divisible by the stride {window.stride}); uneven shards are not supported yet."
-        )
-    in_part = domain.partition(n_global)
-    needs = tuple(window.needed(c, e) for c, e in domain.partition(m))
+    in_part, out_part = split_rows(domain, n_global, m, what)
+    needs = tuple(window.needed(c, e) for c, e in out_part)
     reach = max(max(a - s, e - b) for (a, b), (s, e) in zip(in_part, needs))
     return WindowPlan(plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part,
                       reach, min(b - a for a, b in in_part))

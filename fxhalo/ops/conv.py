@@ -7,14 +7,11 @@ import torch.nn.functional as F
 from ..domain import Domain
 from ..geometry import Window, WindowPlan, plan_window
 from ..halo import Edge, halo_exchange
+from .rows import ints
 
 __all__ = ["conv", "conv_plan", "explicit_padding"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _tuple(v, n: int) -> tuple[int, ...]:
-    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * n
 
 
 def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
@@ -31,7 +28,7 @@ def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
             total = d * (k - 1)
             out.append((total // 2, total - total // 2))
         return tuple(out)
-    return tuple((p, p) for p in _tuple(padding, n))
+    return tuple((p, p) for p in ints(padding, n))
 
 
 def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
@@ -40,7 +37,7 @@ def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
     nd = len(weight_shape) - 2
     axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
     kernel = tuple(weight_shape[2:])
-    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    stride, dilation = ints(stride, nd), ints(dilation, nd)
     pads = explicit_padding(padding, kernel, dilation)
     extent = edge.extent or (0, 0)
     window = Window(kernel[axis], stride[axis], dilation[axis],
@@ -63,7 +60,7 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     nd = weight.ndim - 2
     dim = domain.dim_of(input.ndim)
     kernel = tuple(weight.shape[2:])
-    dilation_t = _tuple(dilation, nd)
+    dilation_t = ints(dilation, nd)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
                            dilation, domain, edge)
@@ -77,4 +74,4 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     if any(lo or hi for lo, hi in extra):
         # torch's conv takes only symmetric padding; the asymmetric rest is zeros.
         x = F.pad(x, [p for lo_hi in reversed(extra) for p in lo_hi])
-    return _CONV[nd](x, weight, bias, _tuple(stride, nd), tuple(symmetric), dilation_t, groups)
+    return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)

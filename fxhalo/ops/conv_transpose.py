@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..domain import Domain
 from ..halo import HaloPlan, halo_exchange
-from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis, split_rows
+from ..geometry import split_rows
+from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
 
 __all__ = ["TransposedAxis", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
 

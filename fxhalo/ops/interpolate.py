@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..domain import Domain
 from ..halo import HaloPlan, halo_exchange
-from .rows import Unsplittable, along, halo_plan, spatial_axis, split_rows
+from ..geometry import Unsplittable, split_rows
+from .rows import along, halo_plan, spatial_axis
 
 __all__ = ["MODES", "AxisResize", "InterpPlan", "axis_resize", "source_taps", "plan_interpolate", "interpolate"]
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from ..domain import Domain
 from ..halo import Edge, HaloPlan, halo_exchange
-from .rows import Unsplittable, along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis, split_rows
+from ..geometry import Unsplittable, split_rows
+from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
 
 __all__ = [
     "PoolAxis", "PoolPlan", "plan_pool", "default_stride", "global_indices", "AdaptivePlan", "plan_adaptive", "adaptive_bins",

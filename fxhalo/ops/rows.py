@@ -9,27 +9,17 @@ Every resampling op along the sharded axis is planned the same way:
 3. one :func:`~fxhalo.halo.halo_exchange` builds each rank's slab of those rows;
 4. the local op runs on the slab and yields exactly rows ``[c, e)``.
 
-This module holds the pieces of that recipe that do not depend on the op.
+This module holds the pieces of that recipe that do not depend on the op; step 1
+(:func:`fxhalo.geometry.split_rows`) is shared with the convolutions.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..domain import Domain
-from ..errors import FxHaloError
 from ..halo import Edge, HaloPlan, plan_halo
 
-__all__ = ["Unsplittable", "ints", "spatial_axis", "split_rows", "halo_plan", "along", "ceil_div"]
-
-
-class Unsplittable(FxHaloError):
-    """An op fxhalo cannot split exactly.  ``problem`` reads after "it" in a rule's refusal."""
-
-    def __init__(self, what: str, problem: str, remedy: str):
-        super().__init__(f"{what}: it {problem}. Remedy: {remedy}.")
-        self.problem = problem
-        self.remedy = remedy
+__all__ = ["ints", "spatial_axis", "halo_plan", "covers_only_own_rows", "along", "ceil_div"]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -52,28 +42,6 @@ def spatial_axis(ndim: int, nd: int, dim: int) -> int | None:
     """
     axis = dim - (ndim - nd)
     return axis if axis >= 0 else None
-
-
-def split_rows(domain: Domain, n: int, m: int, what: str):
-    """``(input partition, output partition)`` of an op mapping ``n`` global rows to ``m``.
-
-    Until uneven shards land both lengths must divide by the rank count; the
-    refusal names the sizes.
-    """
-    if m < 1:
-        raise Unsplittable(what, f"gives no output rows from the global input length {n}",
-                           "check the op's arguments against the global (not the local) size")
-    if n % domain.size:
-        raise Unsplittable(
-            what, f"reads a global length {n} along the sharded dim that does not split evenly "
-                  f"over {domain.size} ranks", "choose sizes divisible by the rank count")
-    if m % domain.size:
-        raise Unsplittable(
-            what, f"gives a global output length {m} (from input length {n}) that does not split "
-                  f"evenly over {domain.size} ranks, so the output shards would differ in size",
-            f"choose sizes for which the global output length is divisible by {domain.size}; "
-            "uneven shards are not supported yet")
-    return domain.partition(n), domain.partition(m)
 
 
 def halo_plan(in_part, needs, rank: int, edge: Edge = Edge()) -> HaloPlan:

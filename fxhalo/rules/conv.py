@@ -20,7 +20,7 @@ import inspect
 import torch
 
 from ..domain import Domain
-from ..errors import FxHaloError
+from ..geometry import Unsplittable
 from ..halo import Edge
 from ..ops import conv as conv_ops
 from ..sharding import Sharded, example_value, sharding_of
@@ -132,9 +132,8 @@ class ConvRule(Rule):
         try:
             _, plan = conv_ops.conv_plan(tuple(shape), w_shape, args["stride"], args["padding"],
                                          args["dilation"], domain, edge)
-        except FxHaloError as e:  # the sizes do not split: say which node, and where
-            ctx.refuse(node, f"cannot be split over the ranks: {e}",
-                       "give the sharded dim a local size that the strides divide at every level")
+        except Unsplittable as e:  # the sizes do not split: say which node, and where
+            ctx.refuse(node, e.problem, e.remedy)
         kwargs = dict(shard_dim=s.dim, group_name=ctx.domain.group_name,
                       edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent or (0, 0))
         out = Sharded(s.dim, plan.out_length // ctx.domain.size, plan.out_length)

@@ -19,7 +19,7 @@ import inspect
 from typing import Callable
 
 from ..domain import Domain
-from ..ops.rows import Unsplittable
+from ..geometry import Unsplittable
 from ..sharding import Sharded, sharding_of
 from . import Rule, bind
 
