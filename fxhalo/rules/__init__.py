@@ -71,7 +71,8 @@ def all_rules() -> dict[tuple[str, object], Rule]:
 
 def _load() -> None:
     """Import the rule families (each registers itself)."""
-    from . import conv, conv_transpose, interpolate, local, loss, norm, pool, reduce, resample, shape  # noqa: F401
+    from . import (conv, conv_transpose, interpolate, local, loss, norm, pool, reduce,  # noqa: F401
+                   resample, shape, shift)
 
 
 _load()

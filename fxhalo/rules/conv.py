@@ -9,7 +9,9 @@ conv over the sharded dim becomes a call to :func:`fxhalo.ops.conv.conv`.
 ``pad(x, p, mode)`` followed by an unpadded conv.  When such a pad touches the
 sharded dim and feeds exactly one conv, the pad's rows along the sharded dim are
 folded into that conv's halo (``reflect``/``replicate``/``circular``/``constant``
-at the global edges only); what it pads along other dims stays a local pad.
+at the global edges only); what it pads along other dims stays a local pad.  The
+pad rule (:mod:`fxhalo.rules.shift`) decides the fold and records a
+:class:`PadFold` on the pad node; the conv rule carries it out.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..geometry import Unsplittable
 from ..halo import Edge
 from ..ops import conv as conv_ops
 from ..sharding import Sharded, example_value, sharding_of
-from . import Rule, bind, lookup, register
+from . import Rule, bind, register
 
 PLAN = "fxhalo_conv"
 FOLD = "fxhalo_folded_pad"
@@ -33,11 +35,7 @@ FOLD = "fxhalo_folded_pad"
 def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
 
 
-def _pad_signature(input, pad, mode="constant", value=None): ...
-
-
 _CONV_SIG = inspect.signature(_conv_signature)
-_PAD_SIG = inspect.signature(_pad_signature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,40 +62,6 @@ class ConvDecision:
     kwargs: dict
     fold: PadFold | None
     window: object = None  # the WindowPlan, for reports
-
-
-def _sharded_pad_entries(pad, ndim: int, dim: int) -> tuple[int, int]:
-    """``(before, after)`` that an ``F.pad`` spec adds along ``dim`` of an ``ndim``-D tensor."""
-    i = ndim - 1 - dim  # F.pad lists the last dim first
-    if 2 * i + 1 >= len(pad):
-        return 0, 0
-    return int(pad[2 * i]), int(pad[2 * i + 1])
-
-
-class PadRule(Rule):
-    name = "pad"
-
-    def propagate(self, node, ctx):
-        args = bind(_PAD_SIG, node)
-        s = sharding_of(args["input"])
-        if s is None:
-            return None
-        lo, hi = _sharded_pad_entries(args["pad"], example_value(args["input"]).ndim, s.dim)
-        if lo == 0 and hi == 0:
-            return s  # pads other dims only: local
-        users = list(node.users)
-        if (len(users) == 1 and isinstance(lookup(users[0]), ConvRule)
-                and users[0].args and users[0].args[0] is node and lo >= 0 and hi >= 0):
-            rest = list(args["pad"])
-            i = example_value(args["input"]).ndim - 1 - s.dim
-            rest[2 * i] = rest[2 * i + 1] = 0
-            node.meta[FOLD] = PadFold(args["input"], s.dim, lo, hi, args["mode"],
-                                      float(args["value"] or 0.0), tuple(rest))
-            return s
-        ctx.refuse(node, f"pads the sharded dim {s.dim} by ({lo}, {hi}) rows",
-                   "fxhalo supports F.pad along the sharded dim only when it feeds a convolution "
-                   "directly (it is folded into the conv's halo); pad along other dims, or use the "
-                   "conv's padding / padding_mode")
 
 
 class ConvRule(Rule):
@@ -174,5 +138,4 @@ class ConvRule(Rule):
         return True
 
 
-register(PadRule(), torch._C._nn.pad, torch.nn.functional.pad)
 _CONV = register(ConvRule(), torch.conv1d, torch.conv2d, torch.conv3d)

@@ -7,7 +7,6 @@ exception type and message it saw for each scenario.
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tests.harness import run_ranks
 
@@ -21,9 +20,9 @@ class UnknownOp(nn.Module):
         return torch.cumsum(self.conv(x), dim=2)  # UNKNOWN-OP-LINE
 
 
-class StandalonePad(nn.Module):
+class FlatRoll(nn.Module):
     def forward(self, x):
-        return F.pad(x, (0, 0, 1, 1), mode="replicate") * 2  # PAD-LINE
+        return torch.roll(x, 3) * 2  # ROLL-LINE
 
 
 class BreaksOnRankZero(nn.Module):
@@ -97,7 +96,7 @@ def _scenarios(rank, world_size):
     x = torch.randn(2 * world_size, 1, 4, 4)
     mine = _compile(conv, shard_dim=0)(fxhalo.shard(x, shard_dim=0))
     out["batch_sharded"] = ("ok", str(torch.allclose(mine, fxhalo.shard(conv(x), shard_dim=0), atol=1e-6)))
-    out["standalone_pad"] = _outcome(lambda: _compile(StandalonePad())(torch.randn(1, 1, 4, 4)))
+    out["flat_roll"] = _outcome(lambda: _compile(FlatRoll())(torch.randn(1, 1, 4, 4)))
     out["replicated_broadcast"] = _outcome(lambda: _compile(ReplicatedBroadcast())(torch.randn(1, 1, 4, 4)))
     out["shard_not_divisible"] = _outcome(lambda: fxhalo.shard(torch.randn(1, 1, 5, 4)))
     out["gather_uneven"] = _outcome(lambda: fxhalo.gather(torch.randn(1, 1, 2 + rank, 4)))
@@ -162,9 +161,9 @@ def test_batch_sharded_conv_is_local(outcomes):
 
 
 @pytest.mark.timeout(300)
-def test_standalone_pad_along_sharded_dim_is_refused(outcomes):
-    for msg in _all_ranks(outcomes, "standalone_pad"):
-        assert "PAD-LINE" in msg and "pads the sharded dim" in msg
+def test_roll_of_the_flattened_tensor_is_refused(outcomes):
+    for msg in _all_ranks(outcomes, "flat_roll"):
+        assert "ROLL-LINE" in msg and "rolls the flattened tensor" in msg
 
 
 @pytest.mark.timeout(300)

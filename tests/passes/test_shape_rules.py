@@ -79,8 +79,8 @@ def test_window_partition_and_reverse():
     (lambda x: x.split(4, dim=2)[0], "Tensor.split", "splits along the sharded dim"),
     (lambda x: x.reshape(2, 3, 6, 8), "Tensor.reshape", "reshapes the sharded dim"),
     (lambda x, y: torch.cat([x, y], dim=1), "torch.cat", "not all sharded alike"),
-    (lambda x: torch.flip(x, dims=[2]), "torch.flip", "no rule"),
-    (lambda x: torch.roll(x, 1, dims=2), "torch.roll", "no rule"),
+    (lambda x: torch.roll(x, 1), "torch.roll", "rolls the flattened tensor"),
+    (lambda x: torch.cumsum(x, dim=2), "torch.cumsum", "no rule"),
     (lambda x: torch.fft.rfft(x, dim=2), "fft", "no rule"),
 ])
 def test_refused_ops_name_the_op_line_and_remedy(fn, op, match):

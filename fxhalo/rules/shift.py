@@ -1,0 +1,207 @@
+"""Padding, rolls, flips and pixel shuffles along the sharded dim.
+
+* ``F.pad`` that touches the sharded dim and feeds exactly one conv is folded
+  into that conv's halo (see :mod:`fxhalo.rules.conv`); any other pad along the
+  sharded dim (standalone, negative, feeding something else) becomes
+  :func:`fxhalo.ops.shift.pad`.  A pad of other dims only is local.
+* ``torch.roll`` along the sharded dim becomes :func:`fxhalo.ops.shift.roll`
+  (a ring shift of exactly the rolled rows); ``torch.flip`` (and ``fliplr`` /
+  ``flipud``) over it becomes :func:`fxhalo.ops.shift.flip`.  Along other dims
+  both are local.  ``torch.roll`` without ``dims`` rolls the flattened tensor and
+  is refused.
+* ``pixel_shuffle`` / ``pixel_unshuffle`` map each rank's rows to a block of rows
+  (or channels), so they are local exactly when the scaled shard boundaries are
+  the output's shard boundaries under the partition rule; otherwise refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from ..errors import FxHaloError
+from ..geometry import Unsplittable
+from ..ops import shift as shift_ops
+from ..sharding import example_value, sharding_of
+from . import Rule, bind, lookup, register
+from .conv import FOLD, ConvRule, PadFold
+from .resample import domain_for, require_contiguous, resized
+
+KERNEL = "fxhalo_shift"
+
+
+def _pad_signature(input, pad, mode="constant", value=None): ...
+
+
+def _roll_signature(input, shifts, dims=None): ...
+
+
+_PAD_SIG = inspect.signature(_pad_signature)
+_ROLL_SIG = inspect.signature(_roll_signature)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    kernel: object
+    args: tuple
+
+
+class _KernelRule(Rule):
+    """Rules whose rewrite replaces the node by ``node.meta[KERNEL]``, when propagation set one."""
+
+    def rewrite(self, node, ctx) -> bool:
+        call = node.meta.get(KERNEL)
+        if call is None:
+            return False
+        graph = node.graph
+        with graph.inserting_before(node):
+            new = graph.call_function(call.kernel, call.args,
+                                      {"shard_dim": sharding_of(node).dim, "group_name": ctx.domain.group_name})
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
+
+    @staticmethod
+    def planned(node, ctx, plan):
+        """Run a planner; its refusals (sizes that do not split, pads wider than the tensor) name the node."""
+        try:
+            return plan()
+        except Unsplittable as e:
+            ctx.refuse(node, e.problem, e.remedy)
+        except FxHaloError as e:
+            ctx.refuse(node, f"cannot be planned ({e})", "check the op's arguments against the global size")
+
+
+class PadRule(_KernelRule):
+    name = "pad"
+
+    def propagate(self, node, ctx):
+        node.meta.pop(KERNEL, None)
+        node.meta.pop(FOLD, None)
+        args = bind(_PAD_SIG, node)
+        s = sharding_of(args["input"])
+        if s is None:
+            return None
+        ndim = example_value(args["input"]).ndim
+        (lo, hi), rest = shift_ops.pad_entries(args["pad"], ndim, s.dim)
+        if lo == 0 and hi == 0:
+            return s  # pads other dims only: local
+        require_contiguous(node, ctx, s)
+        mode, value = args["mode"], args["value"]
+        users = list(node.users)
+        if (len(users) == 1 and isinstance(lookup(users[0]), ConvRule)
+                and users[0].args and users[0].args[0] is node and lo >= 0 and hi >= 0):
+            node.meta[FOLD] = PadFold(args["input"], s.dim, lo, hi, mode, float(value or 0.0), tuple(rest))
+            return s
+        _, m = self.planned(node, ctx, lambda: shift_ops.pad_plan(
+            domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad"))
+        node.meta[KERNEL] = KernelCall(shift_ops.pad, (args["input"], tuple(args["pad"]), mode, value))
+        return resized(s, m, ctx)
+
+
+class RollRule(_KernelRule):
+    name = "roll"
+
+    def propagate(self, node, ctx):
+        node.meta.pop(KERNEL, None)
+        args = bind(_ROLL_SIG, node)
+        s = sharding_of(args["input"])
+        if s is None:
+            return None
+        if args["dims"] is None or args["dims"] == () or args["dims"] == []:
+            ctx.refuse(node, "rolls the flattened tensor (no dims given), which mixes the sharded dim with all others",
+                       "pass dims=... to torch.roll")
+        ndim = example_value(args["input"]).ndim
+        shift, _, _ = shift_ops.roll_shift(args["shifts"], args["dims"], s.dim, ndim)
+        dims = args["dims"] if isinstance(args["dims"], (tuple, list)) else [args["dims"]]
+        if not any(int(d) % ndim == s.dim for d in dims):
+            return s
+        require_contiguous(node, ctx, s)
+        self.planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.length, shift, "torch.roll"))
+        node.meta[KERNEL] = KernelCall(shift_ops.roll, (args["input"], args["shifts"], args["dims"]))
+        return s
+
+
+class FlipRule(_KernelRule):
+    """``torch.flip(x, dims)``, ``x.flip(*dims)``, ``torch.fliplr`` (dim 1) and ``torch.flipud`` (dim 0)."""
+
+    name = "flip"
+
+    def __init__(self, fixed_dims=None):
+        self.fixed_dims = fixed_dims
+
+    def _dims(self, node) -> tuple[int, ...]:
+        if self.fixed_dims is not None:
+            return self.fixed_dims
+        rest = list(node.args[1:]) or [node.kwargs.get("dims")]
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            rest = list(rest[0])
+        return tuple(int(d) for d in rest)
+
+    def propagate(self, node, ctx):
+        node.meta.pop(KERNEL, None)
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        s = sharding_of(x)
+        if s is None:
+            return None
+        ndim = example_value(x).ndim
+        dims = self._dims(node)
+        if not any(d % ndim == s.dim for d in dims):
+            return s
+        require_contiguous(node, ctx, s)
+        self.planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.length, "torch.flip"))
+        node.meta[KERNEL] = KernelCall(shift_ops.flip, (x, dims))
+        return s
+
+
+class PixelShuffleRule(Rule):
+    """``pixel_shuffle`` (``unshuffle=False``) or ``pixel_unshuffle`` on ``[..., C, H, W]``: local or refused."""
+
+    name = "pixel_shuffle"
+
+    def __init__(self, unshuffle: bool):
+        self.unshuffle = unshuffle
+
+    def propagate(self, node, ctx):
+        x, factor = node.args[0], int(node.args[1] if len(node.args) > 1 else
+                                      node.kwargs.get("upscale_factor", node.kwargs.get("downscale_factor")))
+        s = sharding_of(x)
+        if s is None:
+            return None
+        ndim = example_value(x).ndim
+        channel = ndim - 3
+        if s.dim < channel:
+            return s  # a batch dim: every image stays on its rank
+        require_contiguous(node, ctx, s)
+        # How the sharded dim's length scales: rows and columns by the factor, channels by its square.
+        num, den = (factor, 1) if s.dim > channel else (1, factor * factor)
+        if self.unshuffle:
+            num, den = den, num
+        if s.length * num % den:
+            ctx.refuse(node, f"gets a global length {s.length} along the sharded dim that {den} does not divide",
+                       "choose sizes divisible by the factor")
+        m = s.length * num // den
+        domain = domain_for(ctx, s)
+        scaled = tuple((a * num // den, b * num // den) for a, b in domain.partition(s.length))
+        ok = all(a * num % den == 0 and b * num % den == 0 for a, b in domain.partition(s.length))
+        if not ok or scaled != domain.partition(m):
+            ctx.refuse(node, f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
+                             f"(shards {domain.partition(s.length)})",
+                       f"choose a local size divisible by {den}")
+        return resized(s, m, ctx)
+
+
+register(PadRule(), torch._C._nn.pad, torch.nn.functional.pad)
+register(RollRule(), torch.roll)
+register(RollRule(), "roll", op="call_method")
+register(FlipRule(), torch.flip)
+register(FlipRule(), "flip", op="call_method")
+register(FlipRule((1,)), torch.fliplr)
+register(FlipRule((0,)), torch.flipud)
+register(PixelShuffleRule(False), torch.pixel_shuffle)
+register(PixelShuffleRule(True), torch.pixel_unshuffle)
+register(PixelShuffleRule(False), "pixel_shuffle", op="call_method")
+register(PixelShuffleRule(True), "pixel_unshuffle", op="call_method")
