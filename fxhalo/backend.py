@@ -3,14 +3,17 @@
 ``torch.compile(model, backend="domain_parallel", options={...})`` hands each
 captured graph to :class:`DomainParallelBackend`, which
 
-1. propagates sharding from the inputs (:mod:`fxhalo.passes.sharding`),
-2. rewrites every node that reaches across a shard edge into a call to a shared
-   kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`),
-3. refreshes the fake-tensor metadata of the rewritten graph,
-4. hands the graph to the inner compiler; AOTAutograd traces the kernels'
+1. learns the global length of every sharded input from the other ranks (one
+   small all-gather; shards may be uneven) (:mod:`fxhalo.passes.agreement`),
+2. propagates sharding from the inputs (:mod:`fxhalo.passes.sharding`),
+3. rewrites every node that reaches across a shard edge into a call to a shared
+   kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`), and reads the
+   parameters through ``grad_sync``'s buckets (:mod:`fxhalo.passes.boundary`),
+4. refreshes the fake-tensor metadata of the rewritten graph,
+5. hands the graph to the inner compiler; AOTAutograd traces the kernels'
    functional collectives and derives their backward,
-5. checks with the other ranks (one small all-gather) that every rank compiled
-   the same thing, or that all of them fail together.
+6. checks with the other ranks (one more small all-gather) that every rank
+   compiled the same thing, or that all of them fail together.
 
 A refusal becomes a compiled function that raises the :class:`FxHaloError`
 (see :func:`_refused`).  With one rank, or no process group, the graph goes to
@@ -28,8 +31,9 @@ import torch.distributed as dist
 from .domain import Domain
 from .errors import FxHaloError
 from .passes import PassContext, layouts, propagate_sharding, rewrite
-from .passes.agreement import check_agreement, fingerprint
+from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.boundary import wrap_replicated_boundaries
+from .passes.sharding import local_input_lengths
 from .passes.meta import refresh_meta
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
@@ -49,6 +53,10 @@ class DomainParallelBackend:
       ``{"mask": None}`` (replicated) or ``{"lat_weights": 0}``.
     * ``fallback``: ``None`` (default: refuse ops without a rule) or ``"gather"``
       (run them on the all-gathered tensors, with a warning per node).
+    * ``grad_sync``: ``True`` (default): the gradient of every parameter the graph
+      reads is summed over the domain group inside the backward, so every rank
+      ends ``backward()`` with the full, identical gradient.  ``False``: each rank
+      keeps its partial gradient (sum them yourself).
     """
 
     group: Any = None
@@ -57,6 +65,7 @@ class DomainParallelBackend:
     input_shard_dims: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
     mesh_axis: str | int | None = None
     fallback: str | None = None
+    grad_sync: bool = True
 
     def __post_init__(self):
         if not callable(self.compiler) and self.compiler not in COMPILERS:
@@ -76,10 +85,19 @@ class DomainParallelBackend:
         domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
         if domain.size == 1:
             return _inner(self.compiler)(gm, example_inputs)
-        summary, error, compiled = None, None, None
+        ctx, local, error = None, None, None
         try:
             ctx = PassContext(domain, dict(self.input_shard_dims), self.fallback,
-                              known_inputs=layouts.known(gm, example_inputs))
+                              known_inputs=layouts.known(gm, example_inputs), grad_sync=self.grad_sync)
+            local = local_input_lengths(gm, ctx)
+        except Exception as e:  # every rank must learn of it before anyone runs a collective
+            error = e
+        try:
+            ctx.input_lengths = gather_input_lengths(domain, local, error)
+        except FxHaloError as e:
+            return _refused(e)
+        summary, compiled = None, None
+        try:
             transform(gm, example_inputs, ctx)
             summary = fingerprint(gm)
             compiled = layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)

@@ -3,9 +3,10 @@
 A :class:`Domain` is a small frozen value.  Everything that depends on "which rows
 does rank r hold" goes through :meth:`Domain.partition`, so that the rule is
 written once.  The rule is *balanced*: for a global length ``N`` on ``P`` ranks
-the first ``N % P`` ranks hold one extra row.  For now every tensor that fxhalo
-shards must split evenly (``N % P == 0``); :meth:`Domain.require_even` enforces
-that with a message naming the sizes.
+the first ``N % P`` ranks hold one extra row (721 latitudes on 4 ranks: 181, 180,
+180, 180).  Every sharded tensor fxhalo makes or expects follows it: inputs
+(:func:`shard`), outputs of every op (each op's output rows are split by the same
+rule over the op's global output length), and :func:`gather`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["Domain", "resolve_group", "shard", "gather"]
+__all__ = ["Domain", "resolve_group", "shard", "gather", "all_gather_rows", "check_partition"]
 
 
 def resolve_group(group=None, mesh_axis: str | int | None = None) -> dist.ProcessGroup:
@@ -95,17 +96,43 @@ class Domain:
     def bounds(self, length: int, rank: int | None = None) -> tuple[int, int]:
         return self.partition(length)[self.rank if rank is None else rank]
 
-    def require_even(self, length: int, what: str) -> None:
-        if length % self.size:
-            raise FxHaloError(
-                f"{what}: global length {length} along the sharded dim does not split evenly "
-                f"over {self.size} ranks ({length} % {self.size} = {length % self.size}). "
-                "Uneven shards are not supported yet; choose sizes divisible by the rank count."
-            )
+    def rescales(self, n: int, m: int) -> bool:
+        """True when scaling every rank's rows of ``n`` by ``m / n`` gives the partition of ``m``.
 
-    def global_length(self, local_length: int) -> int:
-        """Global length for equal local lengths on every rank."""
-        return int(local_length) * self.size
+        Ops that map each row to a fixed block of rows (a reshape that merges or
+        splits the sharded dim, a pixel shuffle) are local exactly then; with even
+        shards they always are when the sizes divide.
+        """
+        scaled = []
+        for a, b in self.partition(n):
+            if a * m % n or b * m % n:
+                return False
+            scaled.append((a * m // n, b * m // n))
+        return tuple(scaled) == self.partition(m)
+
+    def local_length(self, length: int, rank: int | None = None) -> int:
+        a, b = self.bounds(length, rank)
+        return b - a
+
+    def global_length(self, local_length: int, length: int | None = None) -> int:
+        """The global length of a dim of which this rank holds ``local_length`` rows.
+
+        Compiled graphs know it (the backend gathers the inputs' lengths once, at
+        compile time, and every kernel call carries its input's ``length``).
+        Without it, eager code asks the group: one small all_reduce per call, which
+        also checks that the shards follow the partition rule.  While tracing (no
+        ``length``, no collective possible) the shards are taken to be even.
+        """
+        if length is not None:
+            return int(length)
+        if self.size == 1:
+            return int(local_length)
+        if torch.compiler.is_compiling():
+            return int(local_length) * self.size
+        lengths = _all_lengths(int(local_length), self)
+        n = builtins_sum(lengths)
+        check_partition(lengths, self, "this tensor")
+        return n
 
     # -- neighbours -------------------------------------------------------
     @property
@@ -125,6 +152,28 @@ class Domain:
         return (self.rank + 1) % self.size
 
 
+builtins_sum = sum
+
+
+def _all_lengths(local: int, domain: "Domain") -> list[int]:
+    """Every rank's local length (one small all_gather over the domain group)."""
+    out = [torch.zeros(1, dtype=torch.int64) for _ in range(domain.size)]
+    dist.all_gather(out, torch.tensor([local], dtype=torch.int64), group=domain.process_group)
+    return [int(t) for t in out]
+
+
+def check_partition(lengths, domain: "Domain", what: str) -> None:
+    """Raise unless the ranks' local ``lengths`` are the partition rule's split of their sum."""
+    n = builtins_sum(lengths)
+    want = [b - a for a, b in domain.partition(n)]
+    if list(lengths) != want:
+        raise FxHaloError(
+            f"{what}: the ranks hold {list(lengths)} rows along the sharded dim, but fxhalo's partition "
+            f"rule splits {n} rows over {domain.size} ranks as {want} (the first N % P ranks get one "
+            "extra row). Shard with fxhalo.shard(), or slice each rank's rows with fxhalo.Domain.bounds()."
+        )
+
+
 @functools.lru_cache(maxsize=None)
 def _balanced_partition(length: int, size: int) -> tuple[tuple[int, int], ...]:
     base, extra = divmod(length, size)
@@ -137,15 +186,29 @@ def _balanced_partition(length: int, size: int) -> tuple[tuple[int, int], ...]:
 
 
 def shard(x: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
-    """This rank's slab of the global tensor ``x`` (a contiguous copy).
-
-    Raises :class:`FxHaloError` if ``x.shape[shard_dim]`` does not split evenly.
-    """
+    """This rank's slab of the global tensor ``x`` (a contiguous copy), by the partition rule."""
     dom = Domain.from_group(group, shard_dim=shard_dim)
     d = dom.dim_of(x.ndim)
-    dom.require_even(x.shape[d], "fxhalo.shard")
     start, stop = dom.bounds(x.shape[d])
     return x.narrow(d, start, stop - start).contiguous()
+
+
+def all_gather_rows(x: torch.Tensor, dim: int, lengths, group_name: str) -> torch.Tensor:
+    """All ranks' rows of ``x`` along ``dim``, concatenated in rank order (``lengths[q]`` rows from rank q).
+
+    One functional all_gather: shards shorter than the longest are padded to it
+    first, and the padding is cut out after.  Differentiable (its backward is a
+    reduce_scatter: the gradient of a value every rank holds is summed).
+    """
+    size, longest = len(lengths), max(lengths)
+    moved = x.movedim(dim, 0)
+    if moved.shape[0] < longest:
+        moved = torch.cat([moved, moved.new_zeros((longest - moved.shape[0], *moved.shape[1:]))])
+    out = torch.ops._c10d_functional.all_gather_into_tensor(moved.contiguous(), size, group_name)
+    out = torch.ops._c10d_functional.wait_tensor(out)
+    if min(lengths) != longest:
+        out = torch.cat([out.narrow(0, q * longest, n) for q, n in enumerate(lengths)])
+    return out.movedim(0, dim)
 
 
 class _GatherAlongDim(torch.autograd.Function):
@@ -158,35 +221,25 @@ class _GatherAlongDim(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, dim, group_name, size, rank):
-        ctx.dim, ctx.rank, ctx.length = dim, rank, y.shape[dim]
-        moved = y.movedim(dim, 0).contiguous()
-        out = torch.ops._c10d_functional.all_gather_into_tensor(moved, size, group_name)
-        out = torch.ops._c10d_functional.wait_tensor(out)
-        return out.movedim(0, dim).contiguous()
+    def forward(ctx, y, dim, group_name, lengths, rank):
+        ctx.dim, ctx.start, ctx.length = dim, builtins_sum(lengths[:rank]), lengths[rank]
+        return all_gather_rows(y, dim, lengths, group_name).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
-        start = ctx.rank * ctx.length
-        return grad.narrow(ctx.dim, start, ctx.length).contiguous(), None, None, None, None
+        return grad.narrow(ctx.dim, ctx.start, ctx.length).contiguous(), None, None, None, None
 
 
 def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
     """Differentiable all-gather of the slabs ``y`` into the global tensor, on every rank.
 
-    Checks first (one small all-gather) that every rank holds the same local
-    length, and raises :class:`FxHaloError` with the lengths otherwise.
+    Checks first (one small all-gather) that the ranks' local lengths follow the
+    partition rule, and raises :class:`FxHaloError` with the lengths otherwise.
     """
     dom = Domain.from_group(group, shard_dim=shard_dim)
     d = dom.dim_of(y.ndim)
     if dom.size == 1:
         return y
-    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(dom.size)]
-    dist.all_gather(lengths, torch.tensor([y.shape[d]], dtype=torch.int64), group=dom.process_group)
-    lengths = [int(t) for t in lengths]
-    if len(set(lengths)) != 1:
-        raise FxHaloError(
-            f"fxhalo.gather: local lengths along dim {d} differ between ranks: {lengths}. "
-            "Every rank must hold the same number of rows."
-        )
-    return _GatherAlongDim.apply(y, d, dom.group_name, dom.size, dom.rank)
+    lengths = _all_lengths(y.shape[d], dom)
+    check_partition(lengths, dom, "fxhalo.gather")
+    return _GatherAlongDim.apply(y, d, dom.group_name, tuple(lengths), dom.rank)

@@ -30,22 +30,20 @@ class Unsplittable(FxHaloError):
 def split_rows(domain: Domain, n: int, m: int, what: str):
     """``(input partition, output partition)`` of an op mapping ``n`` global rows to ``m``.
 
-    Until uneven shards land both lengths must divide by the rank count; the
-    refusal names the sizes.
+    Both follow the partition rule, so shards may differ by a row.  A rank with no
+    rows at all is refused: most local ops cannot run on an empty slab, and a
+    layer that small gains nothing from being sharded.
     """
     if m < 1:
         raise Unsplittable(what, f"gives no output rows from the global input length {n}",
                            "check the op's arguments against the global (not the local) size")
-    if n % domain.size:
-        raise Unsplittable(
-            what, f"reads a global length {n} along the sharded dim that does not split evenly "
-                  f"over {domain.size} ranks", "choose sizes divisible by the rank count")
-    if m % domain.size:
-        raise Unsplittable(
-            what, f"gives a global output length {m} (from input length {n}) that does not split "
-                  f"evenly over {domain.size} ranks, so the output shards would differ in size",
-            f"choose sizes for which the global output length is divisible by {domain.size}; "
-            "uneven shards are not supported yet")
+    for length, which in ((n, "input"), (m, "output")):
+        if length < domain.size:
+            raise Unsplittable(
+                what, f"has a global {which} length of {length} rows along the sharded dim, fewer than the "
+                      f"{domain.size} ranks, so some ranks would hold no rows",
+                "use fewer ranks, or stop sharding before this layer (gather its input with fxhalo.gather, "
+                "or mark it replicated), as the deepest levels of a UNet often need")
     return domain.partition(n), domain.partition(m)
 
 
@@ -88,7 +86,7 @@ class WindowPlan:
 
 
 def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what: str) -> WindowPlan:
-    """Plan a windowed op on an evenly sharded axis of global length ``n_global``."""
+    """Plan a windowed op on a sharded axis of global length ``n_global``."""
     m = window.out_length(n_global)
     in_part, out_part = split_rows(domain, n_global, m, what)
     needs = tuple(window.needed(c, e) for c, e in out_part)

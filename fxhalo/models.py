@@ -32,19 +32,25 @@ class _Block(nn.Module):
 class SmallUNet(nn.Module):
     """A two-level UNet: ``in_channels`` → ``out_channels`` at the same resolution.
 
-    ``upsample`` is ``"bilinear"`` or ``"nearest"``.  The height and width must be
-    even, so that the ×2 upsample meets the skip at its size (asking for the skip's
-    size instead would bake a *local* size into the graph).
+    ``upsample`` is ``"bilinear"`` or ``"nearest"``.
+
+    With ``skip=True`` (the default) the ×2 upsample is concatenated with the
+    encoder's output, so every rank's *local* height must be even: Dynamo traces the
+    model on each rank's slab, and on an odd slab the two would not concatenate
+    (asking the upsample for the skip's size instead would bake a local size into
+    the graph).  ``skip=False`` drops the concatenation: the model then maps ``H``
+    rows to ``2 * ceil(H / 2)`` and traces on any slab, uneven shards included.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 8,
-                 groups: int = 4, upsample: str = "bilinear"):
+                 groups: int = 4, upsample: str = "bilinear", skip: bool = True):
         super().__init__()
         self.upsample = upsample
+        self.skip = skip
         self.enc = _Block(in_channels, width, groups)
         self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
         self.mid = _Block(2 * width, 2 * width, groups)
-        self.dec = _Block(3 * width, width, groups)
+        self.dec = _Block(3 * width if skip else 2 * width, width, groups)
         self.head = nn.Conv2d(width, out_channels, 1)
 
     def forward(self, x):
@@ -54,7 +60,9 @@ class SmallUNet(nn.Module):
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         else:
             h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.head(self.dec(torch.cat([h, skip], dim=1)))
+        if self.skip:
+            h = torch.cat([h, skip], dim=1)
+        return self.head(self.dec(h))
 
 
 def small_unet(**kwargs) -> SmallUNet:

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["Sharded", "SHARDING", "sharding_of", "example_value"]
+__all__ = ["Sharded", "SHARDING", "split", "sharding_of", "example_value"]
 
 SHARDING = "fxhalo_sharding"
 
@@ -52,6 +52,11 @@ class Sharded:
     def __str__(self) -> str:
         extra = f", outer={self.outer}" if self.outer != 1 else ""
         return f"S(dim={self.dim}, {self.local}/{self.length}{extra})"
+
+
+def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:
+    """The layout of a global ``length`` split along ``dim`` by the partition rule, on this rank."""
+    return Sharded(dim, domain.local_length(length), length, outer)
 
 
 def sharding_of(arg) -> Sharded | None:

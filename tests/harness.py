@@ -33,11 +33,10 @@ def check_against_one_device(model, x: torch.Tensor, *, shard_dim: int = 2, opti
     Every rank computes the reference itself.  Returns ``{check: (ok, max_err)}`` for
     ``out`` (the forward slab: wrong halo widths or edge rules show up here, usually
     on edge ranks), ``grad_in`` (the input-gradient slab: a halo gradient that does
-    not reach its owner shows up here) and ``grad_<param>`` (partial weight gradients
-    summed over ranks).  ``replicated_output``: the model's output is replicated and
+    not reach its owner shows up here) and ``grad_<param>`` (the weight gradients,
+    full on every rank with grad_sync).  ``replicated_output``: the model's output is replicated and
     gets the same gradient on every rank, as a loss does.
     """
-    import torch.distributed as dist
 
     import fxhalo
 
@@ -61,7 +60,5 @@ def check_against_one_device(model, x: torch.Tensor, *, shard_dim: int = 2, opti
         checks = {"out": close(y, fxhalo.shard(ref.detach(), shard_dim))}
     checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, shard_dim))
     for (name, p), want in zip(model.named_parameters(), ref_grads):
-        summed = p.grad.clone()
-        dist.all_reduce(summed)  # each rank holds a partial weight gradient
-        checks["grad_" + name] = close(summed, want)
+        checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
     return checks

@@ -32,8 +32,11 @@ def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
 
 
 def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
-              edge: Edge) -> tuple[int, WindowPlan]:
-    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``."""
+              edge: Edge, length: int | None = None) -> tuple[int, WindowPlan]:
+    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``.
+
+    ``length``: the global length of the sharded dim (see :meth:`Domain.global_length`).
+    """
     nd = len(weight_shape) - 2
     axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
     kernel = tuple(weight_shape[2:])
@@ -42,15 +45,17 @@ def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
     extent = edge.extent or (0, 0)
     window = Window(kernel[axis], stride[axis], dilation[axis],
                     pads[axis][0] + extent[0], pads[axis][1] + extent[1])
-    n = domain.global_length(x_shape[domain.dim_of(len(x_shape))])
+    n = domain.global_length(x_shape[domain.dim_of(len(x_shape))], length)
     return axis, plan_window(window, domain, n, edge, f"conv{nd}d (kernel {kernel}, stride {stride})")
 
 
 def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
          shard_dim: int, group_name: str, edge_mode: str = "zeros", edge_value: float = 0.0,
-         edge_extent: tuple[int, int] = (0, 0)):
+         edge_extent: tuple[int, int] = (0, 0), length: int | None = None):
     """``F.conv{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
+    ``length`` is the input's global length along ``shard_dim`` (compiled graphs
+    pass it; eager callers may leave it to :meth:`Domain.global_length`).
     The conv's own ``padding`` is zeros past the global edges.  A pad folded in
     from an ``F.pad`` just before the conv covers ``edge_extent`` rows on each side
     with ``edge_mode`` (``constant`` with ``edge_value``, ``reflect``,
@@ -63,7 +68,7 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     dilation_t = ints(dilation, nd)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
-                           dilation, domain, edge)
+                           dilation, domain, edge, length)
     x = halo_exchange(input, dim, plan.halo, group_name)
 
     # The halo already holds the sharded axis' padding; the other axes keep theirs.

@@ -132,7 +132,7 @@ def _zeros_around(x: torch.Tensor, dim: int, before: int, after: int) -> torch.T
 
 
 def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                   *, shard_dim: int, group_name: str):
+                   *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.conv_transpose{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
     Gives this rank's rows of the one-device output (balanced partition of the global
@@ -149,7 +149,7 @@ def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
     plan = plan_conv_transpose(
         TransposedAxis(k[axis], s[axis], p[axis], op_[axis], d[axis]), domain,
-        domain.global_length(input.shape[dim]),
+        domain.global_length(input.shape[dim], length),
         f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})")
     if plan.local:
         return op(input, weight, bias, s, p, op_, groups, d)

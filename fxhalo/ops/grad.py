@@ -13,6 +13,12 @@ the boundary:
   incoming gradient by the group size, so the partial gradients it feeds sum to it;
 * :func:`replicated_input` - identity forward; backward all-reduces the partial
   gradients, so a replicated activation leaves the graph with its true gradient.
+
+Parameters are replicated inputs too.  :func:`synced_params` does for a bucket of
+them what :func:`replicated_input` does for one activation, with one all_reduce
+for the whole bucket (``grad_sync``, on by default): after ``backward()`` every
+rank holds the full gradient, identical on every rank, so the optimizer keeps the
+replicas identical.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives  # noqa: F401  (registers autograd for _c10d_functional ops)
 
-__all__ = ["replicated_output", "replicated_input"]
+__all__ = ["replicated_output", "replicated_input", "synced_params"]
 
 
 class _ReplicatedOutput(torch.autograd.Function):
@@ -52,3 +58,41 @@ def replicated_output(x: torch.Tensor, *, group_name: str, size: int) -> torch.T
 
 def replicated_input(x: torch.Tensor, *, group_name: str) -> torch.Tensor:
     return _ReplicatedInput.apply(x, group_name)
+
+
+class _SyncedParams(torch.autograd.Function):
+    """Identity on a bucket of parameters; backward sums their gradients over the group in one all_reduce."""
+
+    @staticmethod
+    def forward(ctx, group_name, *params):
+        ctx.group_name = group_name
+        ctx.shapes = [p.shape for p in params]
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if all(g is None for g in grads):  # the same on every rank: the ranks run the same graph
+            return (None,) * (len(grads) + 1)
+        # A parameter this rank's graph did not reach still joins the bucket, as zeros:
+        # every rank must send the same bucket.
+        flat = torch.cat([
+            (g if g is not None else torch.zeros(shape, dtype=_first(grads).dtype, device=_first(grads).device))
+            .reshape(-1) for g, shape in zip(grads, ctx.shapes)
+        ])
+        total = torch.ops._c10d_functional.wait_tensor(
+            torch.ops._c10d_functional.all_reduce(flat, "sum", ctx.group_name))
+        out, start = [], 0
+        for shape in ctx.shapes:
+            n = shape.numel()
+            out.append(total[start:start + n].view(shape))
+            start += n
+        return (None, *out)
+
+
+def _first(grads) -> torch.Tensor:
+    return next(g for g in grads if g is not None)
+
+
+def synced_params(*params: torch.Tensor, group_name: str) -> tuple[torch.Tensor, ...]:
+    """The same parameters; their gradients are summed over ``group_name``'s ranks, as one bucket."""
+    return _SyncedParams.apply(group_name, *params)

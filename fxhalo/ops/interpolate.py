@@ -280,7 +280,8 @@ def _local_op(input, axis, nd, plan, size, scale_factor, mode, align_corners, re
 
 
 def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                recompute_scale_factor=None, antialias=False, *, shard_dim: int, group_name: str):
+                recompute_scale_factor=None, antialias=False, *, shard_dim: int, group_name: str,
+                length: int | None = None):
     """``F.interpolate`` of a slab sharded along ``shard_dim``: this rank's rows of the global result.
 
     ``size`` along the sharded dim is the *global* output length.  ``antialias`` and
@@ -297,7 +298,7 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         raise Unsplittable(what, "uses antialias or a mode fxhalo does not split",
                            f"use one of {MODES} without antialias")
     align = bool(align_corners) if mode not in _NEAREST else False
-    resize = axis_resize(domain.global_length(input.shape[dim]), size, scale_factor,
+    resize = axis_resize(domain.global_length(input.shape[dim], length), size, scale_factor,
                          recompute_scale_factor, axis, nd)
     plan = plan_interpolate(mode, nd, axis, resize, align, input.dtype == torch.float64,
                             input.device.type, domain, what)

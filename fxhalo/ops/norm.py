@@ -1,7 +1,9 @@
 """Normalisation whose statistics span the sharded dim: one all_reduce per op.
 
 Each kernel has the signature of its ``torch.nn.functional`` namesake plus
-``shard_dim`` and ``group_name``, and is called only when the op's statistics
+``shard_dim``, ``group_name`` and ``length``, the input's global length along
+``shard_dim`` (it gives the global element count; without it, each rank's count
+travels with its statistics), and is called only when the op's statistics
 include the sharded dim (the rule leaves the other cases, such as eval-mode batch
 norm, as the local torch op).  The statistics of one op (every group, instance
 or channel) travel in one float64 tensor through one ``all_reduce``: see
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reduce import global_moments, normalize
+from .reduce import global_count, global_moments, normalize
 
 __all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm"]
 
@@ -38,12 +40,14 @@ def _update_running(running, value, momentum: float) -> None:
         running.mul_(1 - momentum).add_(value.detach().reshape(running.shape).to(running.dtype), alpha=momentum)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.group_norm`` whose per-sample statistics span the sharded (spatial) dim."""
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
-    mean, m2, count = global_moments(grouped, dims, group_name)
+    count = global_count(grouped, dims, shard_dim % input.ndim + 1, length)  # grouping adds a dim before it
+    mean, m2, count = global_moments(grouped, dims, group_name, count)
     shape = (1, num_groups, c // num_groups) + (1,) * (input.ndim - 2)
     w = None if weight is None else weight.reshape(shape)
     b = None if bias is None else bias.reshape(shape)
@@ -51,7 +55,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.instance_norm`` with statistics per (sample, channel) over the global spatial extent.
 
     Without ``use_input_stats`` the running statistics normalise and nothing is
@@ -61,14 +66,16 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if not use_input_stats:
         return F.instance_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = tuple(range(2, input.ndim))
-    mean, m2, count = global_moments(input, dims, group_name)
+    count = global_count(input, dims, shard_dim % input.ndim, length)
+    mean, m2, count = global_moments(input, dims, group_name, count)
     _update_running(running_mean, mean.mean(0), momentum)
     _update_running(running_var, (m2 / (count - 1)).mean(0), momentum)
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str):
+               momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.batch_norm``: in training, per-channel statistics over the batch and every spatial dim.
 
     In eval mode (``training=False``) the running statistics normalise and the op
@@ -77,13 +84,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = (0,) + tuple(range(2, input.ndim))
-    mean, m2, count = global_moments(input, dims, group_name)
+    count = global_count(input, dims, shard_dim % input.ndim, length)
+    mean, m2, count = global_moments(input, dims, group_name, count)
     _update_running(running_mean, mean, momentum)
     _update_running(running_var, m2 / (count - 1), momentum)
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.layer_norm`` whose ``normalized_shape`` covers the sharded dim.
 
     ``weight`` and ``bias`` (shape ``normalized_shape``) must then be sharded like the
@@ -91,5 +100,6 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, sha
     replicated ones.
     """
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
-    mean, m2, count = global_moments(input, dims, group_name)
+    count = global_count(input, dims, shard_dim % input.ndim, length)
+    mean, m2, count = global_moments(input, dims, group_name, count)
     return normalize(input, mean, m2 / count, eps, weight, bias)

@@ -213,7 +213,7 @@ def _inner(x: torch.Tensor, dim: int) -> int:
 
 
 def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-              shard_dim, group_name):
+              shard_dim, group_name, length):
     domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
     op = _MAX[nd]
     stride = default_stride(stride, kernel_size)
@@ -221,7 +221,7 @@ def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, retu
         return op(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     k, s, p, d = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd), ints(dilation, nd)
     plan = plan_pool(PoolAxis(k[axis], s[axis], p[axis], d[axis], bool(ceil_mode)), domain,
-                     domain.global_length(input.shape[dim]), float("-inf"), None,
+                     domain.global_length(input.shape[dim], length), float("-inf"), None,
                      f"max_pool{nd}d (kernel {k}, stride {s}, padding {p}, dilation {d})")
     if plan.local:
         x, pads = input, p
@@ -242,7 +242,7 @@ def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, retu
 
 
 def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
-              shard_dim, group_name):
+              shard_dim, group_name, length):
     domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
     stride = default_stride(stride, kernel_size)
     extra = () if nd == 1 else (divisor_override,)  # avg_pool1d has no divisor_override
@@ -254,7 +254,7 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
         return op(input, padding)
     k, s, p = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd)
     plan = plan_pool(PoolAxis(k[axis], s[axis], p[axis], 1, bool(ceil_mode)), domain,
-                     domain.global_length(input.shape[dim]), 0.0, bool(count_include_pad),
+                     domain.global_length(input.shape[dim], length), 0.0, bool(count_include_pad),
                      f"avg_pool{nd}d (kernel {k}, stride {s}, padding {p})")
     if plan.local:
         return op(input, p)
@@ -304,19 +304,19 @@ def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
     if all(_reproduces(s, t, c0, e0, n, m) for (s, t), (c0, e0) in zip(needs, out_part)):
         return AdaptivePlan(n, m, (c, e), needs[domain.rank][0], halo_plan(in_part, needs, domain.rank))
     raise Unsplittable(
-        what, f"pools {n} global rows into {m} bins, and the bins of each rank's {m // domain.size} "
+        what, f"pools {n} global rows into {m} bins, and the bins of some rank's "
               "output rows are not those of an adaptive pool over any slab of its rows",
         "choose an output size that divides the input size, or pool before sharding")
 
 
-def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name):
+def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name, length):
     domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
     op = _ADAPTIVE_MAX[nd] if kind == "max" else _ADAPTIVE_AVG[nd]
     extra = (return_indices,) if kind == "max" else ()
     if axis is None:
         return op(input, output_size, *extra)
     sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * nd
-    n = domain.global_length(input.shape[dim])
+    n = domain.global_length(input.shape[dim], length)
     m = n if sizes[axis] is None else int(sizes[axis])  # None keeps the (global) input size
     plan = plan_adaptive(domain, n, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
     x = input if plan.halo is None else halo_exchange(input, dim, plan.halo, group_name)
@@ -331,72 +331,84 @@ def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, grou
 # -- the public kernels, one per torch op ---------------------------------------------
 
 def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str):
+               return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.max_pool1d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
     return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name)
+                     shard_dim, group_name, length)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str):
+               return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.max_pool2d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
     return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name)
+                     shard_dim, group_name, length)
 
 
 def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str):
+               return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.max_pool3d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
     return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name)
+                     shard_dim, group_name, length)
 
 
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               *, shard_dim: int, group_name: str):
+               *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.avg_pool1d`` of a slab sharded along ``shard_dim``."""
     return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None,
-                     shard_dim, group_name)
+                     shard_dim, group_name, length)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None, *, shard_dim: int, group_name: str):
+               divisor_override=None, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.avg_pool2d`` of a slab sharded along ``shard_dim``."""
     return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override, shard_dim, group_name)
+                     divisor_override, shard_dim, group_name, length)
 
 
 def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None, *, shard_dim: int, group_name: str):
+               divisor_override=None, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.avg_pool3d`` of a slab sharded along ``shard_dim``."""
     return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override, shard_dim, group_name)
+                     divisor_override, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool1d(input, output_size, *, shard_dim: int, group_name: str):
+def adaptive_avg_pool1d(input, output_size, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_avg_pool1d``; ``output_size`` along the sharded dim is the global length."""
-    return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name)
+    return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool2d(input, output_size, *, shard_dim: int, group_name: str):
+def adaptive_avg_pool2d(input, output_size, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_avg_pool2d``; ``output_size`` along the sharded dim is the global length."""
-    return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name)
+    return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool3d(input, output_size, *, shard_dim: int, group_name: str):
+def adaptive_avg_pool3d(input, output_size, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_avg_pool3d``; ``output_size`` along the sharded dim is the global length."""
-    return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name)
+    return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_max_pool1d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str):
+def adaptive_max_pool1d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
-    return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name)
+    return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool2d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str):
+def adaptive_max_pool2d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
-    return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name)
+    return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool3d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str):
+def adaptive_max_pool3d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
+               length: int | None = None):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""
-    return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name)
+    return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name, length)

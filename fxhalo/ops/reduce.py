@@ -39,11 +39,11 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives  # noqa: F401  (registers autograd for _c10d_functional ops)
 import torch.nn.functional as F
 
-from ..domain import resolve_group
+from ..domain import Domain, resolve_group
 
 __all__ = [
     "group_size", "all_reduce_sum", "all_gather_stacked", "reduced_dims", "global_moments", "local_sums",
-    "moments_from_sums", "normalize",
+    "moments_from_sums", "normalize", "global_count",
     "sum", "mean", "var", "std", "amax", "amin", "adaptive_avg_pool", "adaptive_max_pool",
     "softmax", "log_softmax",
     "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "cross_entropy", "nll_loss",
@@ -97,8 +97,11 @@ def _count(x: torch.Tensor, dims: tuple[int, ...]) -> int:
 
 # -- mean and variance ---------------------------------------------------------
 
-def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str):
+def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, count: int | None = None):
     """``(mean, m2, count)`` over ``dims`` of the global tensor (``keepdim``; float64).
+
+    ``count``, the global number of elements per statistic, when the caller knows it
+    (:func:`global_count`); otherwise each rank's count travels with its sums.
 
     ``m2`` is the sum of squared deviations from the mean; ``count`` the global
     number of elements per statistic.  One ``all_reduce`` of a float64 tensor that
@@ -131,13 +134,28 @@ def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str):
     below fp32 rounding up to a mean/std ratio of about 1e4.
     ``tests/unit/test_moments.py`` repeats the mean-1e3 measurement.
     """
-    count = _count(x, dims) * group_size(group_name)
-    mean, m2 = moments_from_sums(all_reduce_sum(local_sums(x, dims), group_name), count)
+    if count is not None:  # known from the global length: only the two sums travel
+        total = all_reduce_sum(local_sums(x, dims, with_count=False), group_name)
+    else:
+        total = all_reduce_sum(local_sums(x, dims), group_name)
+        count = total[2]  # exact: float64 counts up to 2**53
+    mean, m2 = moments_from_sums(total[:2], count)
     return mean, m2, count
 
 
-def local_sums(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """``stack([sum x, sum x^2])`` over ``dims`` (``keepdim``), in float64, from shifted sums.
+def global_count(x: torch.Tensor, dims: tuple[int, ...], dim: int, length: int | None) -> int | None:
+    """Elements per statistic of a reduction over ``dims`` of the global tensor, whose dim ``dim``
+    has ``length`` rows (``None`` when the length is not known)."""
+    if length is None:
+        return None
+    return math.prod(length if d == dim else x.shape[d] for d in dims)
+
+
+def local_sums(x: torch.Tensor, dims: tuple[int, ...], with_count: bool = True) -> torch.Tensor:
+    """``stack([sum x, sum x^2, count])`` over ``dims`` (``keepdim``), in float64, from shifted sums.
+
+    The count travels with the sums (unless ``with_count`` is False), so shards of
+    different lengths give the true global count without knowing the lengths.
 
     The shift ``c`` is this rank's own mean, a constant for autograd: any shift
     gives the same sums, and this one keeps ``x - c`` small so that its sums are
@@ -150,11 +168,12 @@ def local_sums(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     s1 = r.sum(dims, keepdim=True).double()
     s2 = (r * r).sum(dims, keepdim=True).double()
     c = c.double()
-    return torch.stack([n * c + s1, s2 + c * (2 * s1 + n * c)])
+    sums = [n * c + s1, s2 + c * (2 * s1 + n * c)]
+    return torch.stack(sums + [torch.full_like(s1, n)] if with_count else sums)
 
 
-def moments_from_sums(total: torch.Tensor, count: int):
-    """``(mean, m2)`` from the summed :func:`local_sums` of ``count`` elements (float64)."""
+def moments_from_sums(total: torch.Tensor, count):
+    """``(mean, m2)`` from the summed ``[sum x, sum x^2]`` of ``count`` elements (float64)."""
     mean = total[0] / count
     return mean, (total[1] - total[0] * mean).clamp_min(0)
 
@@ -187,7 +206,8 @@ def _sum_dtype(x: torch.Tensor, dtype) -> torch.dtype:
     return x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
 
 
-def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str):
+def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``torch.sum`` over ``dim`` (which includes ``shard_dim``): local sum, one all_reduce."""
     dims = reduced_dims(dim, input.ndim)
     out_dtype = _sum_dtype(input, dtype)
@@ -195,27 +215,51 @@ def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_nam
     return all_reduce_sum(local, group_name).to(out_dtype)
 
 
-def mean(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str):
-    """``torch.mean``: the global sum over the global count (one all_reduce)."""
+def mean(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str,
+         length: int | None = None):
+    """``torch.mean``: the global sum over the global count (one all_reduce; it carries the count too
+    when ``length`` is not given)."""
     dims = reduced_dims(dim, input.ndim)
     out_dtype = dtype or input.dtype
     local = input.sum(dims, keepdim=keepdim, dtype=_acc_dtype(out_dtype))
-    total = all_reduce_sum(local, group_name)
-    return (total / (_count(input, dims) * group_size(group_name))).to(out_dtype)
+    count = global_count(input, dims, shard_dim % input.ndim, length)
+    if count is None:
+        total, count = _sum_with_count(local, _count(input, dims), group_name)
+    else:
+        total = all_reduce_sum(local, group_name)
+    return (total / count).to(out_dtype)
 
 
-def var(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str):
+def _sum_with_count(local: torch.Tensor, count: int, group_name: str):
+    """``(sum over ranks of local, sum over ranks of count)`` in one float64 all_reduce.
+
+    Shards may differ in length, so the count is summed rather than assumed;
+    float64 holds counts exactly up to 2**53.
+    """
+    packed = torch.cat([local.double().reshape(-1), local.new_full((1,), count, dtype=torch.float64)])
+    total = all_reduce_sum(packed, group_name)
+    return total[:-1].reshape(local.shape), total[-1]
+
+
+def var(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``torch.var`` with ``correction`` (1 = unbiased), from :func:`global_moments`."""
     dims = reduced_dims(dim, input.ndim)
-    _, m2, count = global_moments(input, dims, group_name)
-    return _squeeze(m2 / max(count - correction, 0), dims, keepdim).to(input.dtype)
+    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
+    return _squeeze(m2 / _degrees_of_freedom(count, correction), dims, keepdim).to(input.dtype)
 
 
-def std(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str):
+def std(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``torch.std``: the square root of :func:`var`, taken in float64."""
     dims = reduced_dims(dim, input.ndim)
-    _, m2, count = global_moments(input, dims, group_name)
-    return _squeeze((m2 / max(count - correction, 0)).sqrt(), dims, keepdim).to(input.dtype)
+    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
+    return _squeeze((m2 / _degrees_of_freedom(count, correction)).sqrt(), dims, keepdim).to(input.dtype)
+
+
+def _degrees_of_freedom(count, correction):
+    """``max(count - correction, 0)`` for a count that is an int or a (float64) tensor."""
+    return (count - correction).clamp_min(0) if isinstance(count, torch.Tensor) else max(count - correction, 0)
 
 
 # -- amax, amin and max pooling ------------------------------------------------
@@ -276,7 +320,8 @@ def _extreme(input, dim, keepdim, largest, group_name):
     return _squeeze(out, dims, keepdim)
 
 
-def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str):
+def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``torch.amax`` over ``dim`` (which includes ``shard_dim``).
 
     The gradient is split evenly over every element equal to the maximum, on every
@@ -286,7 +331,8 @@ def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str):
     return _extreme(input, dim, keepdim, True, group_name)
 
 
-def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str):
+def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``torch.amin``; see :func:`amax`."""
     return _extreme(input, dim, keepdim, False, group_name)
 
@@ -299,18 +345,23 @@ def _pool_axes(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]
     return shard_dim - (input.ndim - nd), sizes
 
 
-def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str):
+def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.adaptive_avg_pool{nd}d`` whose output has size 1 along ``shard_dim``.
 
-    Every rank holds the same number of rows, so the global window mean is the
-    mean of the ranks' local window means: one all_reduce.
+    The global window mean is the mean of the ranks' local window means, weighted
+    by their rows: one all_reduce.
     """
-    _, sizes = _pool_axes(input, output_size, nd, shard_dim)
-    local = _AVG_POOL[nd](input.to(_acc_dtype(input.dtype)), sizes)
-    return (all_reduce_sum(local, group_name) / group_size(group_name)).to(input.dtype)
+    axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
+    rows = input.shape[shard_dim]
+    # The window along the sharded axis is every rank's whole shard: weight each local mean by its rows.
+    local = _AVG_POOL[nd](input.to(_acc_dtype(input.dtype)), sizes) * rows
+    total, count = _sum_with_count(local, rows, group_name)
+    return (total / count).to(input.dtype)
 
 
-def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str):
+def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.adaptive_max_pool{nd}d`` (no indices) whose output has size 1 along ``shard_dim``.
 
     Max pooling sends the whole gradient to the *first* maximum of its window in
@@ -319,21 +370,23 @@ def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name
     """
     axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
     local, index = _MAX_POOL[nd](input, sizes, return_indices=True)
-    position = _global_position(index, input.shape[input.ndim - nd:], axis, group_name)
+    position = _global_position(index, input.shape[input.ndim - nd:], axis, group_name, length)
     return _pick_across_ranks(local, position, True, False, group_name)
 
 
-def _global_position(index, local_spatial, axis: int, group_name: str):
+def _global_position(index, local_spatial, axis: int, group_name: str, length: int | None):
     """Local flat spatial indices -> flat indices in the global spatial plane."""
-    rank = dist.get_rank(resolve_group(group_name))
+    domain = Domain.from_group(group_name)
+    n = domain.global_length(local_spatial[axis], length)
+    start = domain.bounds(n)[0]
     global_spatial = list(local_spatial)
-    global_spatial[axis] *= group_size(group_name)
+    global_spatial[axis] = n
     coords, rest = [], index
     for size in reversed(local_spatial):
         coords.append(rest % size)
         rest = rest // size
     coords.reverse()
-    coords[axis] = coords[axis] + rank * local_spatial[axis]
+    coords[axis] = coords[axis] + start
     flat = torch.zeros_like(index)
     for c, size in zip(coords, global_spatial):
         flat = flat * size + c
@@ -360,13 +413,15 @@ def _softmax_parts(input, dim, dtype, group_name):
     return x, xs, top, (sums * torch.exp(maxes - top)).sum(0)
 
 
-def softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str):
+def softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.softmax`` along ``dim == shard_dim``: exp(x - max) / sum, with a global max and sum."""
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (torch.exp(xs - top) / total).to(x.dtype)
 
 
-def log_softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str):
+def log_softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.log_softmax`` along ``dim == shard_dim``."""
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (xs - top - torch.log(total)).to(x.dtype)
@@ -384,15 +439,16 @@ def _finish_loss(pointwise, reduction: str, denominator, group_name: str):
     """Reduce a per-element loss over the whole domain: one all_reduce.
 
     ``denominator`` is this rank's share of what ``'mean'`` divides by (a tensor:
-    summed along with the loss), or ``None`` for the global element count.
+    summed along with the loss), or ``None`` for the global element count (this
+    rank's count, summed along with the loss: shards may differ in length).
     """
     acc = _acc_dtype(pointwise.dtype)
     local = pointwise.sum(dtype=acc)
     if reduction == "sum":
         return all_reduce_sum(local, group_name).to(pointwise.dtype)
     if denominator is None:
-        total = all_reduce_sum(local, group_name)
-        return (total / (pointwise.numel() * group_size(group_name))).to(pointwise.dtype)
+        total, count = _sum_with_count(local, pointwise.numel(), group_name)
+        return (total / count).to(pointwise.dtype)
     total = all_reduce_sum(torch.stack([local, denominator.to(acc)]), group_name)
     return (total[0] / total[1]).to(pointwise.dtype)
 
@@ -405,27 +461,31 @@ def _elementwise_loss(fn, input, target, reduction, weight, group_name, **option
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *,
-             shard_dim: int, group_name: str):
+             shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.mse_loss`` over the whole domain ('mean': global sum over global count, or over ``sum(weight)``)."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.mse_loss, input, target, reduction, weight, group_name)
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *,
-            shard_dim: int, group_name: str):
+            shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.l1_loss`` over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.l1_loss, input, target, reduction, weight, group_name)
 
 
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0, *,
-                   shard_dim: int, group_name: str):
+                   shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.smooth_l1_loss`` over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.smooth_l1_loss, input, target, reduction, None, group_name, beta=beta)
 
 
-def huber_loss(input, target, reduction="mean", delta=1.0, weight=None, *, shard_dim: int, group_name: str):
+def huber_loss(input, target, reduction="mean", delta=1.0, weight=None, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.huber_loss`` over the whole domain."""
     return _elementwise_loss(F.huber_loss, input, target, reduction, weight, group_name, delta=delta)
 
@@ -439,7 +499,8 @@ def _class_denominator(target, weight, ignore_index: int):
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, shard_dim: int, group_name: str):
+                  reduction="mean", label_smoothing=0.0, *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.cross_entropy`` with class dim 1 and spatial targets, over the whole domain.
 
     ``'mean'`` is ``sum(per-pixel loss) / D`` with ``D`` the sum of the target
@@ -456,7 +517,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-             reduction="mean", *, shard_dim: int, group_name: str):
+             reduction="mean", *, shard_dim: int, group_name: str,
+        length: int | None = None):
     """``F.nll_loss`` with class dim 1 and spatial targets, over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction="none")

@@ -75,31 +75,31 @@ def flip_plan(domain: Domain, n: int, what: str) -> HaloPlan:
     return plan_halo(part, tuple((n - e, n - c) for c, e in part), domain.rank)
 
 
-def pad(input, pad, mode="constant", value=None, *, shard_dim: int, group_name: str):
+def pad(input, pad, mode="constant", value=None, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.pad`` of a slab sharded along ``shard_dim``: the sharded dim is padded at the global edges only."""
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     (lo, hi), rest = pad_entries(pad, input.ndim, dim)
     # Pad the other dims first, so rows fetched from other ranks arrive padded.
     x = F.pad(input, rest, mode, value) if any(rest) else input
-    plan, _ = pad_plan(domain, domain.global_length(input.shape[dim]), lo, hi, mode, value, "F.pad")
+    plan, _ = pad_plan(domain, domain.global_length(input.shape[dim], length), lo, hi, mode, value, "F.pad")
     return halo_exchange(x, dim, plan, group_name)
 
 
-def roll(input, shifts, dims=(), *, shard_dim: int, group_name: str):
+def roll(input, shifts, dims=(), *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.roll`` of a slab sharded along ``shard_dim`` (``dims`` given, as the rule requires)."""
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     shift, other_s, other_d = roll_shift(shifts, dims, dim, input.ndim)
     x = torch.roll(input, other_s, other_d) if other_d else input
-    plan = roll_plan(domain, domain.global_length(input.shape[dim]), shift, "torch.roll")
+    plan = roll_plan(domain, domain.global_length(input.shape[dim], length), shift, "torch.roll")
     return halo_exchange(x, dim, plan, group_name)
 
 
-def flip(input, dims, *, shard_dim: int, group_name: str):
+def flip(input, dims, *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.flip`` of a slab sharded along ``shard_dim``, which is one of ``dims``."""
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
-    plan = flip_plan(domain, domain.global_length(input.shape[dim]), "torch.flip")
+    plan = flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip")
     # Fetch the mirror rows, then flip every requested dim locally (the sharded one included).
     return halo_exchange(input, dim, plan, group_name).flip(dims)

@@ -1,10 +1,17 @@
 """Ranks agree on the rewrite before any collective runs.
 
-Each rank summarises what it compiled (input local shapes, and the sequence of
-inserted kernels with their settings) or the error it hit.  One small
-``all_gather_object`` over the domain group shows every rank everybody's
-summary, so either all ranks go on with the same collectives, or all raise the
-same :class:`FxHaloError`.  No rank is left waiting inside a collective that the
+Two small ``all_gather_object`` calls over the domain group, at compile time:
+
+1. :func:`gather_input_lengths`, before propagation: every rank's local length of
+   each sharded graph input.  Their sum is the global length every rule plans
+   with; the lengths must follow the partition rule.
+2. :func:`check_agreement`, after the rewrite: each rank's summary of what it
+   compiled (the inputs' global layouts, and the sequence of inserted kernels
+   with their settings and input shapes, the sharded dim written as its global
+   length) or the error it hit.
+
+Either all ranks go on with the same collectives, or all raise the same
+:class:`FxHaloError`.  No rank is left waiting inside a collective that the
 others never call.
 """
 
@@ -13,23 +20,74 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..domain import Domain
+from ..domain import Domain, check_partition
 from ..errors import FxHaloError
-from ..sharding import example_value, sharding_of
+from ..sharding import Sharded, example_value, sharding_of
 
 
 def _shape(arg) -> str:
+    """The node's shape with its sharded dim written as the global length (the same on every rank)."""
     val = example_value(arg) if hasattr(arg, "meta") else None
-    return str(tuple(val.shape)) if isinstance(val, torch.Tensor) else type(val).__name__
+    if not isinstance(val, torch.Tensor):
+        return type(val).__name__
+    shape = [str(d) for d in val.shape]
+    s = sharding_of(arg)
+    if isinstance(s, Sharded):
+        shape[s.dim] = f"{s.length}g"
+    return f"({', '.join(shape)})"
+
+
+def _everyone(domain: Domain, mine: dict) -> list[dict]:
+    everyone: list = [None] * domain.size
+    dist.all_gather_object(everyone, mine, group=domain.process_group)
+    return everyone
+
+
+def _raise_first_error(everyone: list[dict], error: BaseException | None) -> None:
+    """This rank's own error if it has one, else the first other rank's, on every rank."""
+    if isinstance(error, FxHaloError):
+        raise error
+    if error is not None:
+        raise FxHaloError(f"fxhalo could not compile this graph: {type(error).__name__}: {error}") from error
+    for r, theirs in enumerate(everyone):
+        if theirs["error"] is not None:
+            raise FxHaloError(f"rank {r} could not compile this graph, so no rank will run it: {theirs['error']}")
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    return f"{type(error).__name__}: {error}" if error is not None else None
+
+
+def gather_input_lengths(domain: Domain, local: dict[str, int] | None,
+                         error: BaseException | None) -> dict[str, int]:
+    """Global length of each sharded graph input, from every rank's ``local`` lengths (one all_gather_object).
+
+    Raises the same :class:`FxHaloError` on every rank if a rank failed, the ranks
+    shard different inputs, or an input's shards do not follow the partition rule.
+    """
+    everyone = _everyone(domain, {"error": _error_text(error), "lengths": local})
+    _raise_first_error(everyone, error)
+    names = [sorted(e["lengths"]) for e in everyone]
+    if any(n != names[0] for n in names):
+        raise FxHaloError(f"ranks shard different graph inputs ({names}), which would hang the job; "
+                          "every rank must run the same model on the same kind of inputs")
+    out = {}
+    for name in names[0]:
+        lengths = [e["lengths"][name] for e in everyone]
+        check_partition(lengths, domain, f"graph input '{name}'")
+        out[name] = sum(lengths)
+    return out
 
 
 def fingerprint(gm: torch.fx.GraphModule) -> list[str]:
-    """What this rank compiled: input local shapes and layouts, then every inserted kernel
+    """What this rank compiled: input global shapes and layouts, then every inserted kernel
     (each of which runs the graph's collectives) with its settings and input shapes."""
     out = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            out.append(f"input {n.name} {_shape(n)} {sharding_of(n) or 'replicated'}")
+            s = sharding_of(n)
+            layout = f"sharded along dim {s.dim}" if isinstance(s, Sharded) else "replicated"
+            out.append(f"input {n.name} {_shape(n)} {layout}")
         elif n.op == "call_function" and getattr(n.target, "__module__", "").startswith("fxhalo."):
             shapes = [_shape(a) for a in n.all_input_nodes]
             out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {shapes} {sorted(n.kwargs.items())}")
@@ -38,16 +96,8 @@ def fingerprint(gm: torch.fx.GraphModule) -> list[str]:
 
 def check_agreement(domain: Domain, summary: list[str] | None, error: BaseException | None) -> None:
     """Raise the same FxHaloError on every rank if any rank failed or the ranks' graphs differ."""
-    mine = {"error": f"{type(error).__name__}: {error}" if error is not None else None, "summary": summary}
-    everyone: list = [None] * domain.size
-    dist.all_gather_object(everyone, mine, group=domain.process_group)
-    if isinstance(error, FxHaloError):
-        raise error
-    if error is not None:
-        raise FxHaloError(f"fxhalo could not compile this graph: {type(error).__name__}: {error}") from error
-    for r, theirs in enumerate(everyone):
-        if theirs["error"] is not None:
-            raise FxHaloError(f"rank {r} could not compile this graph, so no rank will run it: {theirs['error']}")
+    everyone = _everyone(domain, {"error": _error_text(error), "summary": summary})
+    _raise_first_error(everyone, error)
     reference = everyone[0]["summary"]
     for r, theirs in enumerate(everyone[1:], start=1):
         if theirs["summary"] != reference:
@@ -58,5 +108,5 @@ def check_agreement(domain: Domain, summary: list[str] | None, error: BaseExcept
             raise FxHaloError(
                 f"ranks compiled different graphs, which would hang the job. First difference, at "
                 f"entry {i}: rank 0 has '{first}', rank {r} has '{second}'. Every rank must see the same "
-                "local shapes (equal shards) and take the same graph breaks."
+                "inputs (sharded by the partition rule) and take the same graph breaks."
             )

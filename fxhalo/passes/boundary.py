@@ -12,11 +12,18 @@ After::
     return (loss_1, y)
 
 and likewise ``replicated_input`` after each replicated activation input that
-requires grad.  Parameters and buffers are left alone: their gradients stay
-partial (sum them over the group).
+requires grad.  With ``grad_sync`` (the default) the parameters that require grad
+are read through :func:`fxhalo.ops.grad.synced_params`, in buckets of at most
+:data:`BUCKET_BYTES` of one dtype, so that their gradients leave the backward
+summed over the domain group: one all_reduce per bucket.  Buckets are filled
+from the parameters the forward reads last, whose gradients the backward
+produces first, so the first bucket's all_reduce can start early.  Without
+``grad_sync`` their gradients stay partial (sum them over the group).
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch.utils import _pytree as pytree
@@ -32,9 +39,54 @@ def _needs_grad(node) -> bool:
     return isinstance(val, torch.Tensor) and val.requires_grad
 
 
+#: the most gradient bytes one grad_sync all_reduce carries (DDP's default bucket is 25 MiB)
+BUCKET_BYTES = 25 * 2**20
+
+
+def _buckets(params: list) -> list[list]:
+    """Parameters in buckets of one dtype and at most BUCKET_BYTES, last-read parameters first."""
+    order = {n: i for i, n in enumerate(params[0].graph.nodes)} if params else {}
+    first_use = {p: min(order[u] for u in p.users) for p in params}
+    buckets: dict = {}
+    out = []
+    for p in sorted(params, key=lambda p: -first_use[p]):
+        val = example_value(p)
+        size = val.numel() * val.element_size()
+        current = buckets.get(val.dtype)
+        if current is None or (current[1] + size > BUCKET_BYTES and current[0]):
+            current = buckets[val.dtype] = [[], 0]
+            out.append(current[0])
+        current[0].append(p)
+        current[1] += size
+    return out
+
+
+def sync_parameter_grads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Read every parameter that requires grad through :func:`~fxhalo.ops.grad.synced_params`; returns buckets."""
+    graph = gm.graph
+    params = [n for n in graph.nodes if n.op == "placeholder" and n.meta.get(SHARDING) is None
+              and is_state(n) and _needs_grad(n) and n.users]
+    last_input = [n for n in graph.nodes if n.op == "placeholder"][-1] if params else None
+    buckets = _buckets(params)
+    for bucket in buckets:
+        users = {p: list(p.users) for p in bucket}
+        with graph.inserting_after(last_input):
+            synced = graph.call_function(grad_ops.synced_params, tuple(bucket), {"group_name": ctx.domain.group_name})
+        synced.meta["val"] = tuple(example_value(p) for p in bucket)
+        for i, p in enumerate(bucket):
+            with graph.inserting_after(synced):
+                item = graph.call_function(operator.getitem, (synced, i))
+            item.meta["val"] = example_value(p)
+            for user in users[p]:
+                user.replace_input_with(p, item)
+    return len(buckets)
+
+
 def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     graph, changed = gm.graph, 0
     group = ctx.domain.group_name
+    if ctx.grad_sync:
+        changed += sync_parameter_grads(gm, ctx)
     for node in list(graph.nodes):
         if node.op != "placeholder" or node.meta.get(SHARDING) is not None:
             continue

@@ -19,6 +19,11 @@ class PassContext:
     fallback: str | None = None
     #: layouts already known for some placeholders (values produced by an earlier graph)
     known_inputs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    #: global length of each sharded placeholder along its sharded dim (gathered from the ranks at
+    #: compile time); a placeholder missing here is taken to be evenly sharded (one-process tools)
+    input_lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: wrap the parameters so that their gradients are summed over the domain group (issue 6)
+    grad_sync: bool = True
 
     def refuse(self, node, problem: str, remedy: str):
         """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""

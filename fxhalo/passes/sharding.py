@@ -55,7 +55,9 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
         return ctx.known_inputs[node.name]
     full, root = input_name(node)
     overrides = ctx.input_shard_dims
-    if root.startswith(_EAGER_RESULT) and full not in overrides:
+    # A parameter or buffer of a module Dynamo keeps on its stack across a break
+    # (``___stack0._parameters['weight']``) is state, not an eager result.
+    if root.startswith(_EAGER_RESULT) and full not in overrides and not is_state(node):
         raise FxHaloError(
             f"graph input '{full}' was computed outside the compiled graphs: Dynamo broke the graph at a "
             "call it could not trace and ran that call eagerly on the local slab, where fxhalo cannot make "
@@ -77,7 +79,18 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
         if not 0 <= dim < val.ndim:
             return None
     local = int(val.shape[dim])  # specialises a symbolic size: the halo plans need numbers
-    return Sharded(dim, local, ctx.domain.global_length(local))
+    return Sharded(dim, local, ctx.input_lengths.get(node.name, local * ctx.domain.size))
+
+
+def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+    """This rank's local length of every sharded placeholder (before the global lengths are known)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            s = input_sharding(node, ctx)
+            if isinstance(s, Sharded):
+                out[node.name] = s.local
+    return out
 
 
 def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:

@@ -15,9 +15,15 @@ its test; nothing else changes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from typing import Callable
 
-__all__ = ["Rule", "bind", "register", "lookup", "all_rules"]
+__all__ = ["Rule", "PlannedRule", "KernelCall", "KERNEL_INPUT", "replace_with_kernel", "bind", "register",
+           "lookup", "all_rules"]
+
+#: node.meta key: the layout of the input of a node that becomes a kernel call (absent or None: left as is)
+KERNEL_INPUT = "fxhalo_kernel_input"
 
 
 def bind(sig: inspect.Signature, node) -> dict:
@@ -43,6 +49,46 @@ class Rule:
 
     def rewrite(self, node, ctx) -> bool:
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """The call that replaces a node: ``kernel(*args, **kwargs, shard_dim=, group_name=, length=)``."""
+
+    kernel: Callable
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+def replace_with_kernel(node, call: KernelCall, ctx, s) -> None:
+    """Replace ``node`` by ``call``, told where its input ``s`` is sharded and its global length."""
+    graph = node.graph
+    kwargs = dict(call.kwargs, shard_dim=s.dim, group_name=ctx.domain.group_name, length=s.length)
+    with graph.inserting_before(node):
+        new = graph.call_function(call.kernel, call.args, kwargs)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+class PlannedRule(Rule):
+    """A rule that decides in ``propagate``: ``node.meta[KERNEL_INPUT]`` is the input's layout when
+    the node becomes a kernel call, else ``None``.
+
+    The call itself is built from the node's arguments when the rewrite runs
+    (:meth:`kernel_call`): an earlier rewrite may have replaced an input node, and
+    only the node's own arguments are updated when that happens.
+    """
+
+    def kernel_call(self, node) -> KernelCall:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rewrite(self, node, ctx) -> bool:
+        s = node.meta.get(KERNEL_INPUT)
+        if s is None:
+            return False
+        replace_with_kernel(node, self.kernel_call(node), ctx, s)
+        return True
 
 
 _RULES: dict[tuple[str, object], Rule] = {}

@@ -25,7 +25,7 @@ from ..domain import Domain
 from ..geometry import Unsplittable
 from ..halo import Edge
 from ..ops import conv as conv_ops
-from ..sharding import Sharded, example_value, sharding_of
+from ..sharding import SHARDING, Sharded, example_value, sharding_of, split
 from . import Rule, bind, register
 
 PLAN = "fxhalo_conv"
@@ -95,12 +95,13 @@ class ConvRule(Rule):
         edge = fold.edge if fold is not None else Edge()
         try:
             _, plan = conv_ops.conv_plan(tuple(shape), w_shape, args["stride"], args["padding"],
-                                         args["dilation"], domain, edge)
+                                         args["dilation"], domain, edge, s.length)
         except Unsplittable as e:  # the sizes do not split: say which node, and where
             ctx.refuse(node, e.problem, e.remedy)
         kwargs = dict(shard_dim=s.dim, group_name=ctx.domain.group_name,
-                      edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent or (0, 0))
-        out = Sharded(s.dim, plan.out_length // ctx.domain.size, plan.out_length)
+                      edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent or (0, 0),
+                      length=s.length)
+        out = split(s.dim, plan.out_length, ctx.domain)
         return ConvDecision(plan.local and fold is None, out, kwargs, fold, plan)
 
     def propagate(self, node, ctx):
@@ -125,6 +126,7 @@ class ConvRule(Rule):
                     value = fold.value if fold.mode == "constant" else None
                     x = graph.call_function(pad_node.target, (x, fold.rest, fold.mode, value))
                     x.meta.update({k: v for k, v in pad_node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+                    x.meta[SHARDING] = sharding_of(fold.source)
             new = graph.call_function(
                 conv_ops.conv,
                 (x, args["weight"], args["bias"], args["stride"], args["padding"], args["dilation"], args["groups"]),

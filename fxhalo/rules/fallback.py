@@ -36,11 +36,11 @@ class GatherFallback(Rule):
                 if not s.contiguous:
                     ctx.refuse(node, f"would need its sharded argument '{leaf.name}' gathered, but its shards are "
                                f"interleaved ({s})", "apply the op before the reshape that interleaved the shards")
-                gathers[i] = s.dim
+                gathers[i] = (s.dim, tuple(b - a for a, b in ctx.domain.partition(s.length)))
                 shape = list(val.shape)
                 shape[s.dim] = s.length
                 fake_mode = val.fake_mode
-                received += (ctx.domain.size - 1) * val.numel() * val.element_size()
+                received += (s.length - s.local) * (val.numel() // max(s.local, 1)) * val.element_size()
                 val = ("global", shape, val)
             elif s is not None:
                 ctx.refuse(node, "takes a tuple of sharded values", "unpack the tuple first")
@@ -58,10 +58,9 @@ class GatherFallback(Rule):
         outs, out_spec = pytree.tree_flatten(out)
         out_dims, shardings = [], []
         for o in outs:
-            keep = (isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.length
-                    and first.length % ctx.domain.size == 0)
+            keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.length
             out_dims.append(first.dim if keep else None)
-            shardings.append(Sharded(first.dim, first.length // ctx.domain.size, first.length) if keep else None)
+            shardings.append(first if keep else None)
         node.meta[PLAN] = (gathers, tuple(out_dims))
         warnings.warn(
             f"fxhalo: {describe_node(node)} has no domain-parallel rule and runs on the all-gathered "

@@ -69,7 +69,7 @@ class Loss(PlannedRule):
         reduction = ops.legacy_reduction(a.get("size_average"), a.get("reduce"), a["reduction"])
         if reduction == "none":
             return pointwise
-        node.meta[PLAN] = sx.dim
+        node.meta[PLAN] = sx
         return None
 
     def kernel_call(self, node) -> KernelCall:

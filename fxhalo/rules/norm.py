@@ -85,7 +85,7 @@ class Norm(PlannedRule):
                        "shard a spatial dim (e.g. shard_dim=2) instead")
         self._check_params(node, params, s, ndim, crosses, ctx)
         if crosses:
-            node.meta[PLAN] = s.dim
+            node.meta[PLAN] = s
         return s
 
     def kernel_call(self, node) -> KernelCall:

@@ -30,38 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import reduce as ops
 from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
-from . import Rule, bind, register
+from . import KERNEL_INPUT, KernelCall, PlannedRule, Rule, bind, register
 from .local import ELEMENTWISE
 from .pool import AdaptivePoolRule  # imported first, so that the registrations below come after its own
 
-PLAN = "fxhalo_reduce"
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelCall:
-    """The kernel call that replaces a node: ``kernel(*args, **kwargs, shard_dim=..., group_name=...)``."""
-
-    kernel: Callable
-    args: tuple
-    kwargs: dict
-
-
-def replace_with_kernel(node, call: KernelCall, ctx, shard_dim: int) -> None:
-    """The rewrite step shared by the reduction, norm and loss rules."""
-    graph = node.graph
-    kwargs = dict(call.kwargs, shard_dim=shard_dim, group_name=ctx.domain.group_name)
-    with graph.inserting_before(node):
-        new = graph.call_function(call.kernel, call.args, kwargs)
-    new.meta.update(node.meta)
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
+PLAN = KERNEL_INPUT  # for the norm and loss rules, which import it from here
 
 
 def after_reduction(s: Sharded, dims, keepdim: bool) -> Sharded:
@@ -69,25 +48,6 @@ def after_reduction(s: Sharded, dims, keepdim: bool) -> Sharded:
     if keepdim:
         return s
     return dataclasses.replace(s, dim=s.dim - sum(d < s.dim for d in dims))
-
-
-class PlannedRule(Rule):
-    """A rule that decides in ``propagate``: ``node.meta[PLAN]`` is the sharded dim when the node
-    becomes a kernel call, else ``None``.
-
-    The call itself is built from the node's arguments when the rewrite runs
-    (:meth:`kernel_call`): an earlier rewrite may have replaced an input node.
-    """
-
-    def kernel_call(self, node) -> KernelCall:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def rewrite(self, node, ctx) -> bool:
-        shard_dim = node.meta.get(PLAN)
-        if shard_dim is None:
-            return False
-        replace_with_kernel(node, self.kernel_call(node), ctx, shard_dim)
-        return True
 
 
 # -- sum, mean, amax, amin, var, std -------------------------------------------
@@ -177,7 +137,7 @@ class Reduction(PlannedRule):
             return None  # replicated: every rank computes the same value
         if s.dim not in r.dims:
             return after_reduction(s, r.dims, r.keepdim)
-        node.meta[PLAN] = s.dim
+        node.meta[PLAN] = s
         return None
 
 
@@ -273,7 +233,7 @@ class AdaptivePoolToOne(PlannedRule):
         if self._kernel is ops.adaptive_max_pool and getattr(s, "outer", 1) != 1:
             ctx.refuse(node, f"max-pools a dim whose shards are interleaved with another dim ({s})",
                        "pool before the reshape that merged the sharded dim under another dim")
-        node.meta[PLAN] = s.dim
+        node.meta[PLAN] = s
         return None
 
     def kernel_call(self, node) -> KernelCall:
@@ -337,7 +297,7 @@ class Softmax(PlannedRule):
         if s is None:
             return None
         if self._dim(a) == s.dim:
-            node.meta[PLAN] = s.dim
+            node.meta[PLAN] = s
         return s
 
     @staticmethod

@@ -20,8 +20,8 @@ from typing import Callable
 
 from ..domain import Domain
 from ..geometry import Unsplittable
-from ..sharding import Sharded, sharding_of
-from . import Rule, bind
+from ..sharding import Sharded, sharding_of, split
+from . import KernelCall, Rule, bind, replace_with_kernel
 
 __all__ = ["Decision", "ResampleRule", "PLAN", "domain_for",
            "require_contiguous", "resized", "static_or_refuse"]
@@ -69,13 +69,12 @@ class ResampleRule(Rule):
         decision = node.meta.get(PLAN)
         if decision is None or decision.kernel is None:
             return False
-        graph = node.graph
-        with graph.inserting_before(node):
-            new = graph.call_function(decision.kernel, decision.args,
-                                      {"shard_dim": decision.out.dim, "group_name": ctx.domain.group_name})
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        # Decide again from the node's current arguments: an earlier rewrite may have
+        # replaced the input node that the propagation-time decision refers to.
+        args = bind(self.signature, node)
+        s = sharding_of(args["input"])
+        decision = self.decide(node, ctx, args, s)
+        replace_with_kernel(node, KernelCall(decision.kernel, decision.args), ctx, s)
         return True
 
 
@@ -85,8 +84,8 @@ def domain_for(ctx, s: Sharded) -> Domain:
 
 
 def resized(s: Sharded, m: int, ctx) -> Sharded:
-    """The layout of an op's output of ``m`` global rows along ``s.dim`` (even shards)."""
-    return Sharded(s.dim, m // ctx.domain.size, m)
+    """The layout of an op's output of ``m`` global rows along ``s.dim`` (split by the partition rule)."""
+    return split(s.dim, m, ctx.domain)
 
 
 def require_contiguous(node, ctx, s: Sharded) -> None:

@@ -109,6 +109,13 @@ class Reshape(Rule):
                        f"{tuple(example_value(node).shape)}, but {out}",
                        "reshape so that the sharded dim is split into (outer, inner) parts or merged with "
                        "dims inside it, e.g. make the local size a multiple of the window")
+        before, after = s.block[1], out.block[1]
+        if before != after and not ctx.domain.rescales(before, after):
+            ctx.refuse(node, f"reshapes the sharded dim {s.dim} ({s}) so that its {before} global rows become "
+                       f"{after}, which moves rows between ranks: the shards "
+                       f"{ctx.domain.partition(before)} do not scale to the partition of {after}",
+                       "use even shards for this model (a global size divisible by the rank count), or "
+                       "reshape only dims other than the sharded one")
         return out
 
 

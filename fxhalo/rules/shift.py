@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import torch
@@ -25,12 +24,9 @@ from ..errors import FxHaloError
 from ..geometry import Unsplittable
 from ..ops import shift as shift_ops
 from ..sharding import example_value, sharding_of
-from . import Rule, bind, lookup, register
+from . import KERNEL_INPUT, KernelCall, PlannedRule, Rule, bind, lookup, register
 from .conv import FOLD, ConvRule, PadFold
 from .resample import domain_for, require_contiguous, resized
-
-KERNEL = "fxhalo_shift"
-
 
 def _pad_signature(input, pad, mode="constant", value=None): ...
 
@@ -42,44 +38,21 @@ _PAD_SIG = inspect.signature(_pad_signature)
 _ROLL_SIG = inspect.signature(_roll_signature)
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelCall:
-    kernel: object
-    args: tuple
+def _planned(node, ctx, plan):
+    """Run a planner; its refusals (sizes that do not split, pads wider than the tensor) name the node."""
+    try:
+        return plan()
+    except Unsplittable as e:
+        ctx.refuse(node, e.problem, e.remedy)
+    except FxHaloError as e:
+        ctx.refuse(node, f"cannot be planned ({e})", "check the op's arguments against the global size")
 
 
-class _KernelRule(Rule):
-    """Rules whose rewrite replaces the node by ``node.meta[KERNEL]``, when propagation set one."""
-
-    def rewrite(self, node, ctx) -> bool:
-        call = node.meta.get(KERNEL)
-        if call is None:
-            return False
-        graph = node.graph
-        with graph.inserting_before(node):
-            new = graph.call_function(call.kernel, call.args,
-                                      {"shard_dim": sharding_of(node).dim, "group_name": ctx.domain.group_name})
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        return True
-
-    @staticmethod
-    def planned(node, ctx, plan):
-        """Run a planner; its refusals (sizes that do not split, pads wider than the tensor) name the node."""
-        try:
-            return plan()
-        except Unsplittable as e:
-            ctx.refuse(node, e.problem, e.remedy)
-        except FxHaloError as e:
-            ctx.refuse(node, f"cannot be planned ({e})", "check the op's arguments against the global size")
-
-
-class PadRule(_KernelRule):
+class PadRule(PlannedRule):
     name = "pad"
 
     def propagate(self, node, ctx):
-        node.meta.pop(KERNEL, None)
+        node.meta[KERNEL_INPUT] = None
         node.meta.pop(FOLD, None)
         args = bind(_PAD_SIG, node)
         s = sharding_of(args["input"])
@@ -96,17 +69,21 @@ class PadRule(_KernelRule):
                 and users[0].args and users[0].args[0] is node and lo >= 0 and hi >= 0):
             node.meta[FOLD] = PadFold(args["input"], s.dim, lo, hi, mode, float(value or 0.0), tuple(rest))
             return s
-        _, m = self.planned(node, ctx, lambda: shift_ops.pad_plan(
+        _, m = _planned(node, ctx, lambda: shift_ops.pad_plan(
             domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad"))
-        node.meta[KERNEL] = KernelCall(shift_ops.pad, (args["input"], tuple(args["pad"]), mode, value))
+        node.meta[KERNEL_INPUT] = s
         return resized(s, m, ctx)
 
+    def kernel_call(self, node) -> KernelCall:
+        a = bind(_PAD_SIG, node)
+        return KernelCall(shift_ops.pad, (a["input"], tuple(a["pad"]), a["mode"], a["value"]))
 
-class RollRule(_KernelRule):
+
+class RollRule(PlannedRule):
     name = "roll"
 
     def propagate(self, node, ctx):
-        node.meta.pop(KERNEL, None)
+        node.meta[KERNEL_INPUT] = None
         args = bind(_ROLL_SIG, node)
         s = sharding_of(args["input"])
         if s is None:
@@ -120,12 +97,16 @@ class RollRule(_KernelRule):
         if not any(int(d) % ndim == s.dim for d in dims):
             return s
         require_contiguous(node, ctx, s)
-        self.planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.length, shift, "torch.roll"))
-        node.meta[KERNEL] = KernelCall(shift_ops.roll, (args["input"], args["shifts"], args["dims"]))
+        _planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.length, shift, "torch.roll"))
+        node.meta[KERNEL_INPUT] = s
         return s
 
+    def kernel_call(self, node) -> KernelCall:
+        a = bind(_ROLL_SIG, node)
+        return KernelCall(shift_ops.roll, (a["input"], a["shifts"], a["dims"]))
 
-class FlipRule(_KernelRule):
+
+class FlipRule(PlannedRule):
     """``torch.flip(x, dims)``, ``x.flip(*dims)``, ``torch.fliplr`` (dim 1) and ``torch.flipud`` (dim 0)."""
 
     name = "flip"
@@ -142,7 +123,7 @@ class FlipRule(_KernelRule):
         return tuple(int(d) for d in rest)
 
     def propagate(self, node, ctx):
-        node.meta.pop(KERNEL, None)
+        node.meta[KERNEL_INPUT] = None
         x = node.args[0] if node.args else node.kwargs.get("input")
         s = sharding_of(x)
         if s is None:
@@ -152,9 +133,13 @@ class FlipRule(_KernelRule):
         if not any(d % ndim == s.dim for d in dims):
             return s
         require_contiguous(node, ctx, s)
-        self.planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.length, "torch.flip"))
-        node.meta[KERNEL] = KernelCall(shift_ops.flip, (x, dims))
+        _planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.length, "torch.flip"))
+        node.meta[KERNEL_INPUT] = s
         return s
+
+    def kernel_call(self, node) -> KernelCall:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        return KernelCall(shift_ops.flip, (x, self._dims(node)))
 
 
 class PixelShuffleRule(Rule):
@@ -185,9 +170,7 @@ class PixelShuffleRule(Rule):
                        "choose sizes divisible by the factor")
         m = s.length * num // den
         domain = domain_for(ctx, s)
-        scaled = tuple((a * num // den, b * num // den) for a, b in domain.partition(s.length))
-        ok = all(a * num % den == 0 and b * num % den == 0 for a, b in domain.partition(s.length))
-        if not ok or scaled != domain.partition(m):
+        if not domain.rescales(s.length, m):
             ctx.refuse(node, f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
                              f"(shards {domain.partition(s.length)})",
                        f"choose a local size divisible by {den}")

@@ -64,6 +64,9 @@ def recording_compiler(log: dict):
         log.setdefault("kernels", []).extend(
             f"{n.target.__module__.rsplit('.', 1)[-1]}.{n.target.__name__}" for n in gm.graph.nodes
             if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(_KERNEL_MODULES))
+        # grad_sync's parameter buckets: one all_reduce each in the backward
+        log["buckets"] = log.get("buckets", 0) + sum(
+            getattr(n.target, "__name__", "") == "synced_params" for n in gm.graph.nodes)
         return aot_eager(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
 
     return compile_fn
@@ -156,8 +159,7 @@ def _step(case: Case, dp, ref_fn, ref_dtype, step: int, seed: int, group) -> lis
             _zeros_if_none(g, local[k]).to(w.dtype), local_of(w, local[k].shape, group))
     summed = {}
     for j, (g, w, p, rp) in enumerate(zip(got[len(keys):], want[len(keys):], params, ref_params)):
-        g = _zeros_if_none(g, p).clone()
-        dist.all_reduce(g, group=group)  # each rank holds a partial parameter gradient
+        g = _zeros_if_none(g, p)  # grad_sync: every rank holds the full gradient
         summed[f"param {j} {tuple(p.shape)} grad"] = close(g.to(rp.dtype), _zeros_if_none(w, rp))
     labelled = [(op.label, row) for op, row in zip(case.ops, rows)]
     return labelled + ([("parameter gradients", summed)] if summed else [])
@@ -210,7 +212,7 @@ def run_case(case: Case, seed: int, group=None) -> dict:
     return {"case": case.name, "ok": not failed, "failed": failed, "ops": len(case.ops), "errors": errors,
             "max_err": max(errors.values(), default=0.0),
             "kernels": log.get("kernels", []), "fw": log.get("fw", []), "bw": log.get("bw", []),
-            "seconds": time.perf_counter() - start}
+            "buckets": log.get("buckets", 0), "seconds": time.perf_counter() - start}
 
 
 def _randn(seed: int):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tests.harness import check_against_one_device, run_ranks
 
-N_CASES = 24  # per world size
+N_CASES = 20  # per world size
 
 
 class Op(nn.Module):
@@ -130,7 +130,6 @@ def _refusals(world_size):
     out = {}
     cases = {
         "roll_flat": (Op(torch.roll, 1), torch.randn(1, 2, 4 * world_size, 4)),
-        "pad_uneven": (Op(F.pad, (0, 0, 1, 0)), torch.randn(1, 2, 4 * world_size, 4)),
     }
     for name, (model, x) in cases.items():
         torch._dynamo.reset()

@@ -87,10 +87,19 @@ def test_batch_or_channel_sharding_leaves_pooling_alone():
 
 
 @pytest.mark.timeout(120)
-def test_uneven_output_is_refused_with_the_sizes():
-    k3 = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)  # 32 rows -> 63
-    with pytest.raises(FxHaloError, match=r"global output length 63 .*4 ranks"):
-        passes_on(k3, X)
+def test_uneven_output_follows_the_partition_rule():
+    k3 = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)  # 32 rows -> 63: 16, 16, 16, 15 on 4 ranks
+    gm = passes_on(k3, X)
+    out = next(n for n in gm.graph.nodes if n.target is ct_ops.conv_transpose)
+    assert out.meta[SHARDING] == Sharded(2, 16, 63)  # the simulated rank is rank 1
+    assert out.kwargs["length"] == 32
+
+
+@pytest.mark.timeout(120)
+def test_output_with_fewer_rows_than_ranks_is_refused_with_the_sizes():
+    pool = nn.MaxPool2d((8, 1), stride=(16, 1))  # 32 rows -> 2, for 4 ranks (each local slab -> 1)
+    with pytest.raises(FxHaloError, match=r"global output length of 2 rows .* fewer than the 4 ranks"):
+        passes_on(pool, X)
 
 
 @pytest.mark.timeout(120)

@@ -17,7 +17,8 @@ def test_bounds_neighbours_and_global_length():
     edge = Domain("g", 0, 4)
     assert (edge.left, edge.right, edge.ring_left) == (None, 1, 3)
     assert Domain("g", 3, 4).right is None and Domain("g", 3, 4).ring_right == 0
-    assert d.global_length(5) == 20
+    assert d.global_length(5, length=19) == 19  # given: used as it is (no collective)
+    assert d.local_length(721) == 180 and Domain("g", 0, 4).local_length(721) == 181
 
 
 def test_negative_shard_dim_counts_from_the_end():
@@ -27,6 +28,9 @@ def test_negative_shard_dim_counts_from_the_end():
         Domain("g", 0, 2, shard_dim=3).dim_of(3)
 
 
-def test_uneven_length_is_refused_with_the_sizes():
-    with pytest.raises(FxHaloError, match=r"global length 721 .* 4 ranks \(721 % 4 = 1\)"):
-        Domain("g", 0, 4).require_even(721, "test")
+def test_shards_off_the_partition_rule_are_refused_with_the_sizes():
+    from fxhalo.domain import check_partition
+
+    check_partition([181, 180, 180, 180], Domain("g", 0, 4), "test")  # 721 rows: the rule's split
+    with pytest.raises(FxHaloError, match=r"hold \[180, 181, 180, 180\] rows .* as \[181, 180, 180, 180\]"):
+        check_partition([180, 181, 180, 180], Domain("g", 0, 4), "test")
