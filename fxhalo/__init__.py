@@ -15,12 +15,13 @@ from .validate import Problem, validate
 from . import nn  # fxhalo.nn; not in __all__, where a star import would shadow torch.nn
 from .convert import convert_to_domain_parallel, validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
+from .explain import Explanation, explain
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FxHaloError", "Domain", "Edge", "Problem", "backend", "gather", "halo_exchange", "plan_halo", "shard",
-    "validate", "__version__",
+    "FxHaloError", "Domain", "Edge", "Explanation", "Problem", "backend", "explain", "gather", "halo_exchange",
+    "plan_halo", "shard", "validate", "__version__",
     "convert_to_domain_parallel", "validate_sharding_constraints",
     "DistributedDepthwiseConv1d", "DistributedDepthwiseConv2d",
 ]

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .domain import Domain
 from .errors import FxHaloError
+from .explain import log_rewrite
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.boundary import wrap_replicated_boundaries
@@ -99,6 +100,7 @@ class DomainParallelBackend:
         summary, compiled = None, None
         try:
             transform(gm, example_inputs, ctx)
+            log_rewrite(gm, ctx)  # TORCH_LOGS="+fxhalo"; one level check when off
             summary = fingerprint(gm)
             compiled = layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
