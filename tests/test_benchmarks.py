@@ -1,0 +1,64 @@
+"""The benchmark runner works end to end: every model, every row, one tiny step on 2 ranks.
+
+No timing is checked.  The byte counters are: an exact method cannot send less than
+the analytic minimum, so fxhalo's counted halo bytes must reach it (a counter that
+misses collectives, or a minimum that over-counts, fails here).
+
+All models and rows run inside one spawned 2-rank group (one-process rows run on
+each rank at once, so only their 1-thread versions) and the compiled rows use the
+``eager`` inner compiler, to stay under a minute on 2 cores.
+"""
+
+import time
+
+import pytest
+
+from fxhalo.launch import run_ranks
+
+
+def _plans(world_size):
+    from benchmarks import run
+    from benchmarks.models import MODELS
+
+    # One thread per process: the one-process rows with P threads would run on every rank at once here.
+    rows = tuple(r for r in run.plan_rows(run.ROW_KINDS, world_size) if r.threads == 1)
+    return {name: run.Plan(spec.tiny_config(), world_size, repeats=1, warmup=1, compiler="eager", rows=rows)
+            for name, spec in MODELS.items()}
+
+
+def _every_model(rank, world_size):
+    from benchmarks import run
+
+    return {name: run._worker(rank, world_size, plan, tuple(r.key for r in plan.rows))
+            for name, plan in _plans(world_size).items()}
+
+
+@pytest.mark.timeout(300)
+def test_every_benchmark_model_runs_one_tiny_step():
+    from benchmarks import report, run
+
+    started = time.time()
+    got = run_ranks(_every_model, 2, timeout=280)
+    host = report.machine()
+    for name, plan in _plans(2).items():
+        per_row = {key: [g[name][key] for g in got] for key in got[0][name]}
+        rep = run.assemble(plan, per_row, started=started, host=host)
+        rows = {r["key"]: r for r in rep["rows"]}
+        assert set(rows) == {r.key for r in plan.rows}, name
+        for key in ("eager-1x1", "inductor-1x1", "fxhalo-1x1", "fxhalo-2x1"):
+            assert "skipped" not in rows[key], (name, key, rows[key].get("skipped"))
+            assert len(rows[key]["step_s"]["all"]) == 1
+        for r in rows.values():  # a row that could not run says why
+            assert "skipped" in r or r["step_s"]["median"] > 0, (name, r["key"])
+
+        fx = rows["fxhalo-2x1"]
+        assert max(fx["rel_err"].values()) < 1e-4, (name, fx["rel_err"])  # fxhalo is exact
+        minimum = rep["minimum"]
+        assert minimum["exchange_bytes"] > 0, name
+        assert fx["comm"]["exchange_bytes_mean"] >= minimum["exchange_bytes"] * (1 - 1e-9), (name, fx["comm"])
+        assert fx["comm"]["calls_max"] > 0 and "efficiency" in fx, name
+
+        text = report.summary(rep)
+        assert "fxhalo compiled (eager), 2 ranks" in text, text
+        if rows["credit-2x1"].get("skipped"):
+            assert "credit" in rows["credit-2x1"]["skipped"].lower(), rows["credit-2x1"]
