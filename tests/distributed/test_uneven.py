@@ -12,16 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.distributed.resample_cases import Op
 from tests.harness import check_against_one_device, run_ranks
-
-
-class Op(nn.Module):
-    def __init__(self, fn, **kwargs):
-        super().__init__()
-        self.fn, self.kwargs = fn, kwargs
-
-    def forward(self, x):
-        return self.fn(x, **self.kwargs)
 
 
 def _cases():
