@@ -119,18 +119,23 @@ class Domain:
 
         Compiled graphs know it (the backend gathers the inputs' lengths once, at
         compile time, and every kernel call carries its input's ``length``).
-        Without it, eager code asks the group: one small all_reduce per call, which
-        also checks that the shards follow the partition rule.  While tracing (no
-        ``length``, no collective possible) the shards are taken to be even.
+        Without it, eager code asks the group: one small all_gather per call, which
+        also checks that the shards follow the partition rule.  While tracing, that
+        collective cannot run, and assuming even shards could be silently wrong, so
+        a kernel traced without ``length`` is refused.
         """
         if length is not None:
             return int(length)
         if self.size == 1:
             return int(local_length)
         if torch.compiler.is_compiling():
-            return int(local_length) * self.size
+            raise FxHaloError(
+                "an fxhalo kernel was traced without the global length of its input (the fxhalo.nn "
+                "modules under torch.compile with another backend, say). Remedy: compile the plain model "
+                "with backend='domain_parallel', which passes the lengths, or run fxhalo.nn modules eagerly."
+            )
         lengths = _all_lengths(int(local_length), self)
-        n = builtins_sum(lengths)
+        n = sum(lengths)
         check_partition(lengths, self, "this tensor")
         return n
 
@@ -152,9 +157,6 @@ class Domain:
         return (self.rank + 1) % self.size
 
 
-builtins_sum = sum
-
-
 def _all_lengths(local: int, domain: "Domain") -> list[int]:
     """Every rank's local length (one small all_gather over the domain group)."""
     out = [torch.zeros(1, dtype=torch.int64) for _ in range(domain.size)]
@@ -164,7 +166,7 @@ def _all_lengths(local: int, domain: "Domain") -> list[int]:
 
 def check_partition(lengths, domain: "Domain", what: str) -> None:
     """Raise unless the ranks' local ``lengths`` are the partition rule's split of their sum."""
-    n = builtins_sum(lengths)
+    n = sum(lengths)
     want = [b - a for a, b in domain.partition(n)]
     if list(lengths) != want:
         raise FxHaloError(
@@ -222,7 +224,7 @@ class _GatherAlongDim(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, dim, group_name, lengths, rank):
-        ctx.dim, ctx.start, ctx.length = dim, builtins_sum(lengths[:rank]), lengths[rank]
+        ctx.dim, ctx.start, ctx.length = dim, sum(lengths[:rank]), lengths[rank]
         return all_gather_rows(y, dim, lengths, group_name).contiguous()
 
     @staticmethod

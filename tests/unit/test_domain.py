@@ -1,6 +1,7 @@
 """Domain arithmetic in one process (no process group needed: a Domain is plain data)."""
 
 import pytest
+import torch
 
 from fxhalo import Domain, FxHaloError
 
@@ -34,3 +35,11 @@ def test_shards_off_the_partition_rule_are_refused_with_the_sizes():
     check_partition([181, 180, 180, 180], Domain("g", 0, 4), "test")  # 721 rows: the rule's split
     with pytest.raises(FxHaloError, match=r"hold \[180, 181, 180, 180\] rows .* as \[181, 180, 180, 180\]"):
         check_partition([180, 181, 180, 180], Domain("g", 0, 4), "test")
+
+
+def test_a_kernel_traced_without_the_global_length_is_refused(monkeypatch):
+    # While tracing, the all_gather that finds the length cannot run; assuming even shards
+    # could be silently wrong (before: local * size).
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(FxHaloError, match="without the global length"):
+        Domain("g", 0, 4).global_length(5)
