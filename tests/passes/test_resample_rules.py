@@ -112,3 +112,16 @@ def test_conv_transpose_over_sharded_channels_is_refused():
 def test_antialias_is_refused():
     with pytest.raises(FxHaloError, match="antialias"):
         passes_on(lambda x: F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True), X)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("after", [nn.MaxPool2d(3, stride=2, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"),
+                                   graphs.Lambda(lambda y: torch.flip(y, dims=(2,))),
+                                   graphs.Lambda(lambda y: torch.nn.functional.pad(y, (0, 0, 1, 2)) * 2)])
+def test_an_op_right_after_a_rewritten_conv_reads_the_new_node(after):
+    # Before: the resample and shift rules kept the conv node they saw while propagating;
+    # the conv's rewrite replaced it, and the graph read an erased node ("used before defined").
+    gm = passes_on(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), after), X)
+    gm.graph.lint()
+    kernels = [t for t in targets(gm) if getattr(t, "__module__", "").startswith("fxhalo.ops")]
+    assert len(kernels) == 2
