@@ -24,7 +24,8 @@ replicas identical.
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives  # noqa: F401  (registers autograd for _c10d_functional ops)
+
+from .reduce import all_reduce_sum
 
 __all__ = ["replicated_output", "replicated_input", "synced_params"]
 
@@ -48,8 +49,7 @@ class _ReplicatedInput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        out = torch.ops._c10d_functional.all_reduce(grad.contiguous(), "sum", ctx.group_name)
-        return torch.ops._c10d_functional.wait_tensor(out), None
+        return all_reduce_sum(grad, ctx.group_name), None
 
 
 def replicated_output(x: torch.Tensor, *, group_name: str, size: int) -> torch.Tensor:
@@ -75,22 +75,16 @@ class _SyncedParams(torch.autograd.Function):
             return (None,) * (len(grads) + 1)
         # A parameter this rank's graph did not reach still joins the bucket, as zeros:
         # every rank must send the same bucket.
-        flat = torch.cat([
-            (g if g is not None else torch.zeros(shape, dtype=_first(grads).dtype, device=_first(grads).device))
-            .reshape(-1) for g, shape in zip(grads, ctx.shapes)
-        ])
-        total = torch.ops._c10d_functional.wait_tensor(
-            torch.ops._c10d_functional.all_reduce(flat, "sum", ctx.group_name))
+        like = next(g for g in grads if g is not None)
+        flat = torch.cat([(g if g is not None else like.new_zeros(shape)).reshape(-1)
+                          for g, shape in zip(grads, ctx.shapes)])
+        total = all_reduce_sum(flat, ctx.group_name)
         out, start = [], 0
         for shape in ctx.shapes:
             n = shape.numel()
             out.append(total[start:start + n].view(shape))
             start += n
         return (None, *out)
-
-
-def _first(grads) -> torch.Tensor:
-    return next(g for g in grads if g is not None)
 
 
 def synced_params(*params: torch.Tensor, group_name: str) -> tuple[torch.Tensor, ...]:
