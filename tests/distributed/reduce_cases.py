@@ -415,12 +415,48 @@ def along_w_case(P: int) -> Case:
 WORLD_SIZES = (2, 3, 4)
 
 
+def sum_collectives(P: int, group) -> list[dict]:
+    """``fxhalo.ops.reduce.all_reduce_sum`` called directly, eagerly, on a small and a large tensor.
+
+    Each rank sums ``rank + 1`` times a common tensor and backpropagates ``rank + 1``
+    times a common gradient, so the exact sum and the full gradient are known.  The
+    result is returned whole: the ranks compare it bit for bit.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fxhalo.domain import resolve_group
+    from fxhalo.ops.reduce import EXCHANGE_SUM_MAX_BYTES, all_reduce_sum
+
+    rank = dist.get_rank(group) if group is not None else dist.get_rank()
+    name = resolve_group(group).group_name
+    out = []
+    for numel in (7, EXCHANGE_SUM_MAX_BYTES // 4 + 1):  # fp32: just under, and just over the limit
+        base = _randn(70 + numel % 3)(numel)
+        x = ((rank + 1) * base).requires_grad_()
+        seen = []
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "_c10d_functional" and "wait" not in func.name():
+                    seen.append(func.name().split("::")[1].split(".")[0])
+                return func(*args, **(kwargs or {}))
+
+        with Spy():
+            y = all_reduce_sum(x, name)
+            y.backward(base * (rank + 1))
+        total = P * (P + 1) // 2
+        out.append({"numel": numel, "collectives": seen, "sum": y.detach(),
+                    "sum_ok": torch.allclose(y, total * base, rtol=1e-5, atol=1e-6),
+                    "grad_ok": torch.allclose(x.grad, total * base, rtol=1e-5, atol=1e-6)})
+    return out
+
+
 def run_world(P: int, group) -> dict:
     start = time.perf_counter()
     norms = [run_case(norms_case(P), 1, group), run_case(running_stats_case(P), 2, group)]
     reductions = [run_case(reductions_case(P), 3, group), run_case(along_w_case(P), 4, group)]
     return {"norms": norms, "reductions": reductions, "fp32_one_device_err": fp32_one_device_error(P),
-            "seconds": time.perf_counter() - start}
+            "sums": sum_collectives(P, group), "seconds": time.perf_counter() - start}
 
 
 def run_all(rank: int, world_size: int) -> dict:

@@ -9,6 +9,7 @@ What a failure points to (each op has its own inputs, so a row names the op):
 """
 
 import pytest
+import torch
 
 from tests.distributed.reduce_cases import failures, results
 
@@ -28,5 +29,20 @@ def test_reductions_softmax_and_losses_match_one_device(world_size):
 def test_one_collective_per_reduction(world_size):
     for case in results(world_size)[0]["reductions"]:
         assert case["fw"] and len(case["fw"]) == len(case["kernels"]), case
-        assert set(case["fw"]) <= {"all_reduce", "all_gather_into_tensor"}, case
+        # a sum travels by exchange on gloo (all_reduce_sum); extrema and softmax rows by all_gather
+        assert set(case["fw"]) <= {"all_to_all_single", "all_gather_into_tensor"}, case
         assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case  # + grad_sync's buckets
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_all_reduce_sum_exchanges_small_tensors_on_gloo_and_is_the_same_on_every_rank(world_size):
+    per_rank = results(world_size)
+    small, large = per_rank[0]["sums"]
+    # forward and backward: one exchange for the small tensor, one all_reduce for the large one
+    assert small["collectives"] == ["all_to_all_single"] * 2, small["collectives"]
+    assert large["collectives"] == ["all_reduce"] * 2, large["collectives"]
+    for r, res in enumerate(per_rank):
+        for got, first in zip(res["sums"], per_rank[0]["sums"]):
+            assert got["sum_ok"] and got["grad_ok"], (r, got["numel"])
+            assert torch.equal(got["sum"], first["sum"]), (r, got["numel"])  # bit-identical replicas
