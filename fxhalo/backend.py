@@ -34,6 +34,7 @@ from .explain import log_rewrite
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.boundary import wrap_replicated_boundaries
+from .passes.fuse import fuse_norm_exchanges
 from .passes.sharding import local_input_lengths
 from .passes.meta import refresh_meta
 
@@ -58,6 +59,9 @@ class DomainParallelBackend:
       reads is summed over the domain group inside the backward, so every rank
       ends ``backward()`` with the full, identical gradient.  ``False``: each rank
       keeps its partial gradient (sum them yourself).
+    * ``fuse_exchanges``: ``True`` (default): a GroupNorm followed (through elementwise
+      ops) by a conv sends its statistics and the conv's halo rows in one collective
+      (:mod:`fxhalo.passes.fuse`).  ``False``: two collectives, as written.
     """
 
     group: Any = None
@@ -67,6 +71,7 @@ class DomainParallelBackend:
     mesh_axis: str | int | None = None
     fallback: str | None = None
     grad_sync: bool = True
+    fuse_exchanges: bool = True
 
     def __post_init__(self):
         if not callable(self.compiler) and self.compiler not in COMPILERS:
@@ -89,7 +94,8 @@ class DomainParallelBackend:
         ctx, local, error = None, None, None
         try:
             ctx = PassContext(domain, dict(self.input_shard_dims), self.fallback,
-                              known_inputs=layouts.known(gm, example_inputs), grad_sync=self.grad_sync)
+                              known_inputs=layouts.known(gm, example_inputs), grad_sync=self.grad_sync,
+                              fuse_exchanges=self.fuse_exchanges)
             local = local_input_lengths(gm, ctx)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
@@ -116,6 +122,8 @@ def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> tor
     """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
     propagate_sharding(gm, ctx)
     rewrite(gm, ctx)
+    if ctx.fuse_exchanges:
+        fuse_norm_exchanges(gm, ctx)
     wrap_replicated_boundaries(gm, ctx)
     refresh_meta(gm, example_inputs)
     return gm

@@ -67,6 +67,7 @@ import copy
 import dataclasses
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -83,6 +84,7 @@ from . import halo as _halo
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, _public_name, user_source
 from .ops import grad as _grad_ops
+from .ops import reduce as _reduce_ops
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.boundary import wrap_replicated_boundaries
 from .passes.meta import refresh_meta
@@ -100,7 +102,8 @@ log = logging.getLogger(__name__)
 torch._logging._internal.register_log("fxhalo", "fxhalo")
 
 _ORIGIN = "fxhalo_explain_origin"  # (node name, op) before the rewrite; the rewrite copies meta over
-_HALO_CODE = _halo.halo_exchange.__code__
+# Where the kernels hold their halo plan: the exchange primitive, and the norm-and-halo exchange.
+_HALO_CODES = (_halo.halo_exchange.__code__, _reduce_ops.global_moments_with_rows.__code__)
 
 # The kernels build their Edge themselves, so only the conv kernel names its edge mode in
 # the graph (``edge_mode=``).  For the others the edge follows from the op.
@@ -515,7 +518,7 @@ def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
     evenly sharded, which is what one rank's input can tell.
     """
     fields = {f.name for f in dataclasses.fields(PassContext)}
-    extra = {name: getattr(settings, name) for name in ("grad_sync",) if name in fields and hasattr(settings, name)}
+    extra = {name: getattr(settings, name) for name in ("grad_sync", "fuse_exchanges") if name in fields and hasattr(settings, name)}
     return PassContext(domain, dict(settings.input_shard_dims), settings.fallback,
                        known_inputs=layouts.known(gm, example_inputs), **extra)
 
@@ -617,6 +620,8 @@ def _local(graph, skip=()) -> collections.Counter:
     for n in graph.graph.nodes:
         if not _is_call(n) or _is_kernel(n) or n.name in skip:
             continue
+        if n.target is operator.getitem and _is_kernel(n.args[0]):
+            continue  # one output of a kernel that returns several
         if n.meta.get(SHARDING) is not None or any(a.meta.get(SHARDING) is not None for a in n.all_input_nodes):
             local[_origin(n)[1] if _ORIGIN in n.meta else _spelled(n)] += 1
     return local
@@ -676,7 +681,7 @@ class _Watch(TorchFunctionMode):
             self._collective(kind, args, kwargs)
         else:
             caller = sys._getframe(1)
-            if caller.f_code is _HALO_CODE and caller is not self._frame:
+            if caller.f_code in _HALO_CODES and caller is not self._frame:
                 self._frame = caller
                 self.halos[self.node].append(caller.f_locals["plan"])
         return func(*args, **kwargs)
@@ -687,9 +692,11 @@ class _Watch(TorchFunctionMode):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         size, received = self.size, sent
         if kind == "all_to_all":
-            x, out_splits = args[0], args[1]
+            x, out_splits, in_splits, group = args[0], args[1], args[2], args[3]
             row = math.prod(x.shape[1:]) * x.element_size()
-            received = sum(int(s) for s in out_splits) * row
+            own = dist.get_rank(resolve_group(group))
+            sent -= int(in_splits[own]) * row  # a rank's copy to itself never leaves it
+            received = (sum(int(s) for s in out_splits) - int(out_splits[own])) * row
             size = len(out_splits)
         elif kind in ("all_gather", "reduce_scatter"):
             size = next((int(a) for a in args[1:] if isinstance(a, int)), 1)

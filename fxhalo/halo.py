@@ -31,7 +31,8 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "needs_from_widths"]
+__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "send_rows", "assemble",
+           "needs_from_widths"]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
 
@@ -251,26 +252,28 @@ def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, in
     )
 
 
-def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) -> torch.Tensor:
-    """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
+def send_rows(x: torch.Tensor, dim: int, plan: HaloPlan) -> list[torch.Tensor]:
+    """The rows this rank sends, one tensor per destination rank (rows first: ``movedim(dim, 0)``)."""
+    runs = iter(plan.send)
+    out = []
+    for count in plan.send_splits:
+        parts, taken = [], 0
+        while taken < count:
+            start, length = next(runs)
+            parts.append(x.narrow(dim, start, length).movedim(dim, 0))
+            taken += length
+        out.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0] if parts
+                   else x.narrow(dim, 0, 0).movedim(dim, 0))
+    return out
 
-    One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
-    communicated when no rank needs a remote row.  Differentiable.
+
+def assemble(x: torch.Tensor, recv: torch.Tensor | None, dim: int, plan: HaloPlan) -> torch.Tensor:
+    """The extended slab from the local rows ``x`` and the received rows ``recv`` (along ``dim``).
+
+    ``recv`` holds the rows from every source rank in rank order, as
+    :func:`halo_exchange`'s collective delivers them; ``None`` when nothing was exchanged.
     """
-    if plan.is_identity:
-        return x
     parts = []
-    recv = None
-    if plan.collective:
-        # Sends are views of x and the received buffer always feeds the result, even
-        # when empty: then every rank's autograd graph reaches the collective, and
-        # every rank joins the backward all_to_all (a rank missing it would hang the others).
-        send_parts = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
-        send = torch.cat(send_parts, 0) if len(send_parts) > 1 else send_parts[0].contiguous()
-        recv = torch.ops._c10d_functional.all_to_all_single(
-            send, list(plan.recv_splits), list(plan.send_splits), group_name
-        )
-        recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
     for p in plan.pieces:
         if p.kind == "local":
             t = x.narrow(dim, p.start, p.length)
@@ -282,7 +285,28 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) ->
             t = x.new_full(shape, p.value)
         parts.append(t.flip(dim) if p.reverse else t)
     if recv is not None and plan.rows_received == 0:
+        # The (empty) received buffer feeds the result on every rank: then every rank's
+        # autograd graph reaches the collective, and every rank joins the backward
+        # all_to_all (a rank missing it would hang the others).
         parts.append(recv)
     if not parts:  # this rank needs no rows at all
         return x.narrow(dim, 0, 0)
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) -> torch.Tensor:
+    """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
+
+    One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
+    communicated when no rank needs a remote row.  Differentiable.
+    """
+    if plan.is_identity:
+        return x
+    recv = None
+    if plan.collective:
+        send = torch.cat(send_rows(x, dim, plan), 0)
+        recv = torch.ops._c10d_functional.all_to_all_single(
+            send, list(plan.recv_splits), list(plan.send_splits), group_name
+        )
+        recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
+    return assemble(x, recv, dim, plan)

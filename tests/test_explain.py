@@ -18,6 +18,10 @@ head            1x1 conv                     8                 64  (local)
 6 x GroupNorm   one all_reduce each
 ==============  ===========================  ================  ==========
 
+Most tests explain the graph as written (``fuse_exchanges=False``), where every layer
+has its own collective.  ``test_fused_norms_send_their_statistics_with_the_halo`` checks
+the default, where four GroupNorms send their statistics with the next conv's halo.
+
 One row of an NCHW slab along H is ``B * C * W`` elements, so a halo of ``r`` rows
 sent to one neighbour costs ``r * B * C * W * 4`` bytes in fp32.  Which wrong number
 points where: a wrong *halo* means the geometry (fxhalo.geometry / the rule) changed;
@@ -50,6 +54,8 @@ _STATS = local_sums(torch.zeros(1, 1, 2, 2), (2, 3), with_count=False).shape[0]
 
 
 def _explain(world_size, rank, **kw):
+    """The graph as written (``fuse_exchanges=False``) unless a test asks for the fused one."""
+    kw.setdefault("fuse_exchanges", False)
     torch.manual_seed(0)
     x = torch.randn(B, 1, 64 // world_size, W)  # this rank's slab of the 64 x 64 input
     return fxhalo.explain(small_unet(), x, world_size=world_size, rank=rank, **kw)
@@ -136,6 +142,29 @@ def test_eight_ranks_interior_and_last_rank():
     last, _ = _layers(_explain(8, 7))
     assert last["enc1"].halo == ((1, 1),) and last["enc1"].bytes_sent == 256  # one neighbour only
     assert last["down"].bytes_sent == 0
+
+
+@pytest.mark.timeout(120)
+def test_fused_norms_send_their_statistics_with_the_halo():
+    ex = _explain(2, 0, fuse_exchanges=True)
+    fused = [r for r in ex.rows if r.kernel == "ops.norm.group_norm_exchange"]
+    plain = [r for r in ex.rows if r.kernel == "ops.norm.group_norm"]
+    # enc.norm1 -> enc.conv2, enc.norm2 -> down, mid.norm1 -> mid.conv2, dec.norm1 -> dec.conv2.
+    # mid.norm2 feeds the upsample and dec.norm2 the 1x1 head: they keep their all_reduce.
+    assert len(fused) == 4 and len(plain) == 2
+    # Each fused exchange carries the conv's halo rows (the same rows as without fusion: 2048 B,
+    # see test_two_ranks_rank0_matches_hand_arithmetic) and this rank's statistics for the
+    # other rank: (c, s1, s2) per (sample, group) in fp32, 3 * B(1) * G(4) * 4 B = 48 B.
+    assert [r.halo for r in fused] == [((1, 1),), ((1, 0),), ((1, 1),), ((1, 1),)]
+    assert all(_kinds(r) == ["all_to_all"] and r.bytes_sent == 2048 + 3 * B * 4 * F32 for r in fused)
+    convs = [r for r in ex.rows if r.kernel == "ops.conv.conv_with_halo"]
+    assert len(convs) == 4 and not any(r.collectives for r in convs)  # their rows came with the norm
+    halo_bytes = 256 + 2048 + 2048 + 6144  # enc.conv1, mid.conv1, the upsample, dec.conv1
+    d = ex.to_dict()
+    assert d["forward"]["by_kind"] == {"all_to_all": {"count": 8, "bytes": halo_bytes + 4 * (2048 + 48)},
+                                       "all_reduce": {"count": 2, "bytes": 2 * _STATS * B * 4 * 8}}
+    # Backward: every exchange but the first conv's (its input needs no gradient) runs once more.
+    assert d["backward"]["by_kind"]["all_to_all"]["count"] == 7
 
 
 @pytest.mark.timeout(120)
@@ -304,7 +333,8 @@ def _only_rank0_explains(rank, world_size):
 def test_one_rank_alone_can_explain_in_a_real_group():
     from tests.harness import run_ranks
 
-    assert run_ranks(_only_rank0_explains, 2, timeout=180) == [((0, 2, 14), 2.0), (None, 2.0)]
+    # 10 forward collectives: the default fuses four norms with the next conv's halo exchange
+    assert run_ranks(_only_rank0_explains, 2, timeout=180) == [((0, 2, 10), 2.0), (None, 2.0)]
 
 
 # -- the command line and the log ------------------------------------------------------
@@ -365,7 +395,7 @@ def test_torch_logs_shows_the_rewritten_graph_on_rank0(tmp_path):
     out = _run([str(script), "0"], env={"TORCH_LOGS": "+fxhalo"})
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-3000:]
     assert "fxhalo rewrote graph" in out.stderr and "class GraphModule" in out.stderr
-    assert "halo lo/hi" in out.stderr and "forward:  14 collectives" in out.stderr
+    assert "halo lo/hi" in out.stderr and "forward:  10 collectives" in out.stderr  # fused norms
 
     info = _run([str(script), "0"], env={"TORCH_LOGS": "fxhalo"})  # INFO: one line per graph
     assert "fxhalo rewrote graph" in info.stderr and "halo lo/hi" not in info.stderr

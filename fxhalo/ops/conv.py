@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from ..domain import Domain
 from ..geometry import Window, WindowPlan, plan_window
-from ..halo import Edge, halo_exchange
+from ..halo import Edge, assemble, halo_exchange
 from .rows import ints
 
-__all__ = ["conv", "conv_plan", "explicit_padding"]
+__all__ = ["conv", "conv_with_halo", "conv_plan", "conv_window", "explicit_padding"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -31,22 +31,45 @@ def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
     return tuple((p, p) for p in ints(padding, n))
 
 
-def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
-              edge: Edge, length: int | None = None) -> tuple[int, WindowPlan]:
-    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``.
-
-    ``length``: the global length of the sharded dim (see :meth:`Domain.global_length`).
-    """
+def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
+                edge: Edge) -> tuple[int, Window]:
+    """``(sharded spatial axis, window)`` of a conv of a local slab of shape ``x_shape``."""
     nd = len(weight_shape) - 2
     axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
     kernel = tuple(weight_shape[2:])
     stride, dilation = ints(stride, nd), ints(dilation, nd)
     pads = explicit_padding(padding, kernel, dilation)
     extent = edge.extent or (0, 0)
-    window = Window(kernel[axis], stride[axis], dilation[axis],
-                    pads[axis][0] + extent[0], pads[axis][1] + extent[1])
+    return axis, Window(kernel[axis], stride[axis], dilation[axis],
+                        pads[axis][0] + extent[0], pads[axis][1] + extent[1])
+
+
+def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
+              edge: Edge, length: int | None = None) -> tuple[int, WindowPlan]:
+    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``.
+
+    ``length``: the global length of the sharded dim (see :meth:`Domain.global_length`).
+    """
+    axis, window = conv_window(x_shape, weight_shape, stride, padding, dilation, domain, edge)
+    nd = len(weight_shape) - 2
     n = domain.global_length(x_shape[domain.dim_of(len(x_shape))], length)
-    return axis, plan_window(window, domain, n, edge, f"conv{nd}d (kernel {kernel}, stride {stride})")
+    what = f"conv{nd}d (kernel {tuple(weight_shape[2:])}, stride {ints(stride, nd)})"
+    return axis, plan_window(window, domain, n, edge, what)
+
+
+def _local_conv(x, weight, bias, stride, padding, dilation, groups, axis):
+    """The conv of an extended slab: its sharded axis is already padded (the halo), the others are not."""
+    nd = weight.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    dilation_t = ints(dilation, nd)
+    pads = list(explicit_padding(padding, kernel, dilation_t))
+    pads[axis] = (0, 0)
+    symmetric = [min(lo, hi) for lo, hi in pads]
+    extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, symmetric)]
+    if any(lo or hi for lo, hi in extra):
+        # torch's conv takes only symmetric padding; the asymmetric rest is zeros.
+        x = F.pad(x, [p for lo_hi in reversed(extra) for p in lo_hi])
+    return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)
 
 
 def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -62,21 +85,26 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     ``replicate`` or ``circular``); the conv's padding lies beyond it.
     """
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    nd = weight.ndim - 2
-    dim = domain.dim_of(input.ndim)
-    kernel = tuple(weight.shape[2:])
-    dilation_t = ints(dilation, nd)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
                            dilation, domain, edge, length)
-    x = halo_exchange(input, dim, plan.halo, group_name)
+    x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)
 
-    # The halo already holds the sharded axis' padding; the other axes keep theirs.
-    pads = list(explicit_padding(padding, kernel, dilation_t))
-    pads[axis] = (0, 0)
-    symmetric = [min(lo, hi) for lo, hi in pads]
-    extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, symmetric)]
-    if any(lo or hi for lo, hi in extra):
-        # torch's conv takes only symmetric padding; the asymmetric rest is zeros.
-        x = F.pad(x, [p for lo_hi in reversed(extra) for p in lo_hi])
-    return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)
+
+def conv_with_halo(input, received, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                   shard_dim: int, group_name: str, edge_mode: str = "zeros", edge_value: float = 0.0,
+                   edge_extent: tuple[int, int] = (0, 0), length: int | None = None):
+    """:func:`conv` whose halo rows have already been exchanged: ``received`` holds them, in
+    source-rank order, as the collective that fetched them delivered them.
+
+    The producer of ``input`` fetched them (e.g.
+    :func:`fxhalo.ops.norm.group_norm_exchange`, with the window of
+    :func:`conv_window`), so this kernel communicates nothing.
+    """
+    domain = Domain.from_group(group_name, shard_dim=shard_dim)
+    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
+    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
+                           dilation, domain, edge, length)
+    x = assemble(input, received, domain.dim_of(input.ndim), plan.halo)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)

@@ -19,12 +19,17 @@ the unbiased variance from the *global* count.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from .reduce import global_count, global_moments, normalize
+from ..domain import Domain
+from ..geometry import Window, plan_window
+from ..halo import Edge
+from .reduce import global_count, global_moments, global_moments_with_rows, normalize
 
-__all__ = ["group_norm", "instance_norm", "batch_norm", "layer_norm"]
+__all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm"]
 
 
 def _per_channel(t, ndim: int):
@@ -52,6 +57,42 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim
     w = None if weight is None else weight.reshape(shape)
     b = None if bias is None else bias.reshape(shape)
     return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
+
+
+def group_norm_exchange(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int,
+                        group_name: str, length: int, window: tuple[int, ...], edge_mode: str = "zeros",
+                        edge_value: float = 0.0, edge_extent: tuple[int, int] = (0, 0)):
+    """:func:`group_norm`, and the halo rows of its output that a windowed op needs, in **one**
+    ``all_to_all_single`` (:func:`fxhalo.ops.reduce.global_moments_with_rows`).
+
+    ``window`` is the consumer's :class:`~fxhalo.geometry.Window` along the sharded dim,
+    as a tuple (``kernel, stride, dilation, pad_lo, pad_hi``), and ``edge_*`` its
+    edge: the rows fetched are the ones :func:`fxhalo.halo.plan_halo` plans for that
+    window.  The exchange carries the *input's* rows and each rank normalises the
+    rows it receives with the global statistics, so no second exchange is needed.
+    Returns ``(output, received)``: ``received`` is normalised like ``output`` and
+    ordered as :func:`fxhalo.halo.assemble` expects.  ``length`` (the global length)
+    is required: it gives every rank's element count.
+    """
+    domain = Domain.from_group(group_name, shard_dim=shard_dim)
+    dim = domain.dim_of(input.ndim)
+    plan = plan_window(Window(*window), domain, length, Edge(edge_mode, float(edge_value), tuple(edge_extent)),
+                       "group_norm_exchange").halo
+    n, c = input.shape[:2]
+    grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
+    dims = tuple(range(2, grouped.ndim))
+    per_row = math.prod(grouped.shape[d] for d in dims if d != dim + 1)  # grouping adds a dim before it
+    counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
+    mean, m2, count, received = global_moments_with_rows(grouped, dims, input, dim, plan, counts, group_name)
+    shape = (1, num_groups, c // num_groups) + (1,) * (input.ndim - 2)
+    w = None if weight is None else weight.reshape(shape)
+    b = None if bias is None else bias.reshape(shape)
+
+    def norm(t):
+        g = t.reshape(n, num_groups, c // num_groups, *t.shape[2:])
+        return normalize(g, mean, m2 / count, eps, w, b).reshape(t.shape)
+
+    return norm(input), norm(received)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

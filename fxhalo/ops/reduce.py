@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..domain import Domain, resolve_group
 
 __all__ = [
-    "group_size", "EXCHANGE_SUM_MAX_BYTES", "sums_by_exchange", "all_reduce_sum", "all_gather_stacked", "reduced_dims", "global_moments", "local_sums",
+    "group_size", "EXCHANGE_SUM_MAX_BYTES", "sums_by_exchange", "all_reduce_sum", "all_gather_stacked", "reduced_dims", "global_moments", "global_moments_with_rows", "local_sums", "shifted_sums", "sums_from_shifted",
     "moments_from_sums", "normalize", "global_count",
     "sum", "mean", "var", "std", "amax", "amin", "adaptive_avg_pool", "adaptive_max_pool",
     "softmax", "log_softmax",
@@ -180,6 +180,53 @@ def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, coun
     return mean, m2, count
 
 
+def global_moments_with_rows(x: torch.Tensor, dims: tuple[int, ...], rows: torch.Tensor, dim: int,
+                             plan, counts: tuple[int, ...], group_name: str):
+    """:func:`global_moments` of ``x`` and the halo rows of ``rows`` that ``plan`` asks for, in **one**
+    ``all_to_all_single``.
+
+    ``rows`` is the tensor whose rows along ``dim`` the plan exchanges (``x`` may be a
+    view of it, e.g. grouped); ``counts[q]`` is the number of elements per statistic
+    on rank ``q``.  Every rank sends to every rank (itself included) its
+    :func:`shifted_sums` ``(c, s1, s2)`` in the working dtype, followed by the rows
+    that rank needs; each rank then merges the statistics in float64, in rank order
+    (so every rank gets the same bits, and the same accuracy as :func:`global_moments`),
+    and gets the received rows in source-rank order, ready for
+    :func:`fxhalo.halo.assemble`.  The backward is the exchange's own: each copy's
+    gradient goes back to its sender.  Returns ``(mean, m2, count, received)``.
+
+    The statistics and the rows share one buffer, so ``x`` must be float32 or
+    float64 (its own accumulation dtype).
+    """
+    from ..halo import send_rows
+
+    if _acc_dtype(x.dtype) != x.dtype or rows.dtype != x.dtype:
+        raise AssertionError(f"statistics and rows share one buffer: {x.dtype} and {rows.dtype}")
+    size = group_size(group_name)
+    stats = torch.cat([t.reshape(-1) for t in shifted_sums(x, dims)])
+    k = stats.numel()
+    row_numel = math.prod(d for i, d in enumerate(rows.shape) if i != dim)
+    sends = [torch.cat([stats, r.reshape(-1)]) for r in send_rows(rows, dim, plan)]
+    send_sizes = [k + n * row_numel for n in plan.send_splits]
+    recv_sizes = [k + n * row_numel for n in plan.recv_splits]
+    got = torch.ops._c10d_functional.all_to_all_single(torch.cat(sends), recv_sizes, send_sizes, group_name)
+    got = torch.ops._c10d_functional.wait_tensor(got)
+    keep = list(x.shape)
+    for d in dims:
+        keep[d] = 1
+    total, received, at = None, [], 0
+    for q in range(size):
+        c, s1, s2 = got.narrow(0, at, k).view(3, *keep).unbind(0)
+        sums = torch.stack(sums_from_shifted(c, s1, s2, counts[q]))
+        total = sums if total is None else total + sums
+        shape = [plan.recv_splits[q]] + [d for i, d in enumerate(rows.shape) if i != dim]
+        received.append(got.narrow(0, at + k, recv_sizes[q] - k).view(shape))
+        at += recv_sizes[q]
+    count = math.fsum(counts)  # (this module's own ``sum`` is the kernel)
+    mean, m2 = moments_from_sums(total, count)
+    return mean, m2, count, torch.cat(received, 0).movedim(0, dim)
+
+
 def global_count(x: torch.Tensor, dims: tuple[int, ...], dim: int, length: int | None) -> int | None:
     """Elements per statistic of a reduction over ``dims`` of the global tensor, whose dim ``dim``
     has ``length`` rows (``None`` when the length is not known)."""
@@ -188,25 +235,36 @@ def global_count(x: torch.Tensor, dims: tuple[int, ...], dim: int, length: int |
     return math.prod(length if d == dim else x.shape[d] for d in dims)
 
 
+def shifted_sums(x: torch.Tensor, dims: tuple[int, ...]):
+    """``(c, s1, s2)`` over ``dims`` (``keepdim``), in the accumulation dtype: ``c`` this rank's
+    own mean (a constant for autograd), ``s1 = sum(x - c)``, ``s2 = sum((x - c)^2)``.
+
+    Any shift gives the same sums; this one keeps ``x - c`` small, so that ``s1`` and
+    ``s2`` are accurate in the working dtype.  :func:`sums_from_shifted` turns them
+    into ``sum x`` and ``sum x^2`` in float64.
+    """
+    xs = x.to(_acc_dtype(x.dtype))
+    c = xs.detach().mean(dims, keepdim=True)
+    r = xs - c
+    return c, r.sum(dims, keepdim=True), (r * r).sum(dims, keepdim=True)
+
+
+def sums_from_shifted(c, s1, s2, n) -> list[torch.Tensor]:
+    """``[sum x, sum x^2]`` in float64 from :func:`shifted_sums` of ``n`` elements."""
+    c, s1, s2 = c.double(), s1.double(), s2.double()
+    return [n * c + s1, s2 + c * (2 * s1 + n * c)]
+
+
 def local_sums(x: torch.Tensor, dims: tuple[int, ...], with_count: bool = True) -> torch.Tensor:
-    """``stack([sum x, sum x^2, count])`` over ``dims`` (``keepdim``), in float64, from shifted sums.
+    """``stack([sum x, sum x^2, count])`` over ``dims`` (``keepdim``), in float64, from
+    :func:`shifted_sums`.
 
     The count travels with the sums (unless ``with_count`` is False), so shards of
     different lengths give the true global count without knowing the lengths.
-
-    The shift ``c`` is this rank's own mean, a constant for autograd: any shift
-    gives the same sums, and this one keeps ``x - c`` small so that its sums are
-    accurate in the working dtype.
     """
-    xs = x.to(_acc_dtype(x.dtype))
     n = _count(x, dims)
-    c = xs.detach().mean(dims, keepdim=True)
-    r = xs - c
-    s1 = r.sum(dims, keepdim=True).double()
-    s2 = (r * r).sum(dims, keepdim=True).double()
-    c = c.double()
-    sums = [n * c + s1, s2 + c * (2 * s1 + n * c)]
-    return torch.stack(sums + [torch.full_like(s1, n)] if with_count else sums)
+    sums = sums_from_shifted(*shifted_sums(x, dims), n)
+    return torch.stack(sums + [torch.full_like(sums[0], n)] if with_count else sums)
 
 
 def moments_from_sums(total: torch.Tensor, count):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..domain import Domain, check_partition
 from ..errors import FxHaloError
 from ..sharding import Sharded, example_value, sharding_of
+from .fuse import HALO_ROWS
 
 
 def _shape(arg) -> str:
@@ -34,6 +35,9 @@ def _shape(arg) -> str:
     s = sharding_of(arg)
     if isinstance(s, Sharded):
         shape[s.dim] = f"{s.length}g"
+    halo_dim = arg.meta.get(HALO_ROWS)
+    if halo_dim is not None:  # received halo rows: edge ranks get fewer
+        shape[halo_dim] = "halo"
     return f"({', '.join(shape)})"
 
 

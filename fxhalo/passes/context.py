@@ -24,6 +24,8 @@ class PassContext:
     input_lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
     #: wrap the parameters so that their gradients are summed over the domain group (issue 6)
     grad_sync: bool = True
+    #: send a norm's statistics with the next conv's halo rows (fxhalo.passes.fuse)
+    fuse_exchanges: bool = True
 
     def refuse(self, node, problem: str, remedy: str):
         """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""

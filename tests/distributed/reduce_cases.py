@@ -286,6 +286,58 @@ def fp32_one_device_error(P: int) -> float:
     return max((o32[i].double() - o64[i]).abs().max().item() for i in big)
 
 
+class _Scaled(nn.Module):
+    """``x * 0.5 + 0.1``: two more elementwise ops, with Python scalars."""
+
+    def forward(self, x):
+        return x * 0.5 + 0.1
+
+
+class _TwoUses(nn.Module):
+    """GroupNorm -> GELU -> conv, and the norm's output used again after the conv (a residual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv = nn.GroupNorm(2, 6), nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return self.conv(F.gelu(y)) + y
+
+
+def norm_conv_case(P: int) -> Case:
+    """GroupNorm -> elementwise ops -> conv: the norm's statistics and the conv's halo in one exchange
+    (fxhalo.passes.fuse), on an uneven row count, for convs of every geometry.
+
+    The dropout one is not fused (a random op stops the search); the others are.
+    """
+    rows = 4 * P + 1  # uneven: one rank holds an extra row
+    torch.manual_seed(P)  # the convs' initial weights: the same on every rank, whatever ran before
+
+    def pool(step):
+        r = _randn(50 + step)
+        return {"x": 1.5 * r(2, 6, rows, 5) + 0.5, "x1": r(2, 6, rows), "x3": r(1, 4, 3, rows, 3)}
+
+    p = _perturbed
+    gn = lambda seed, c=6, g=2: p(nn.GroupNorm(g, c), seed)  # noqa: E731
+    ops = [
+        Op("GroupNorm -> GELU -> conv 3x3", nn.Sequential(gn(30), nn.GELU(), p(nn.Conv2d(6, 4, 3, padding=1), 31))),
+        Op("GroupNorm -> SiLU -> *0.5+0.1 -> conv k3 s2", nn.Sequential(
+            gn(32), nn.SiLU(), _Scaled(), p(nn.Conv2d(6, 4, 3, stride=2, padding=1), 33))),
+        Op("GroupNorm -> ReLU -> conv k5 dilation 2", nn.Sequential(
+            gn(34, g=3), nn.ReLU(), p(nn.Conv2d(6, 4, 5, padding=4, dilation=2), 35))),
+        Op("GroupNorm -> conv (4, 3) 'same'", nn.Sequential(gn(36), p(nn.Conv2d(6, 4, (4, 3), padding="same"), 37))),
+        Op("GroupNorm -> conv, output used twice", p(_TwoUses(), 38)),
+        Op("GroupNorm -> GELU -> conv1d k3", nn.Sequential(gn(39), nn.GELU(), p(nn.Conv1d(6, 4, 3, padding=1), 40))),
+        Op("GroupNorm -> GELU -> conv3d k3", nn.Sequential(
+            gn(41, c=4), nn.GELU(), p(nn.Conv3d(4, 2, 3, padding=1), 42)), ("x3",)),
+        Op("GroupNorm -> Dropout(0) -> conv (not fused)", nn.Sequential(
+            gn(43), nn.Dropout(0.0), p(nn.Conv2d(6, 4, 3, padding=1), 44))),
+    ]
+    ops[5].inputs = ("x1",)
+    return Case("GroupNorm then conv: one exchange", ops, pool, {"x": 2, "x1": 2, "x3": 3}, steps=2)
+
+
 def running_stats_case(P: int) -> Case:
     """Instance and batch norm with running statistics: 3 training steps, then one in eval mode."""
     def pool(step):
@@ -456,7 +508,8 @@ def run_world(P: int, group) -> dict:
     norms = [run_case(norms_case(P), 1, group), run_case(running_stats_case(P), 2, group)]
     reductions = [run_case(reductions_case(P), 3, group), run_case(along_w_case(P), 4, group)]
     return {"norms": norms, "reductions": reductions, "fp32_one_device_err": fp32_one_device_error(P),
-            "sums": sum_collectives(P, group), "seconds": time.perf_counter() - start}
+            "sums": sum_collectives(P, group), "fused": run_case(norm_conv_case(P), 5, group),
+            "seconds": time.perf_counter() - start}
 
 
 def run_all(rank: int, world_size: int) -> dict:

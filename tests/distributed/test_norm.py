@@ -44,3 +44,18 @@ def test_one_collective_per_norm_in_the_forward(world_size):
         assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case
     kernels = results(world_size)[0]["norms"][0]["kernels"]
     assert kernels.count("norm.group_norm") == 5 and kernels.count("norm.layer_norm") == 3
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_norm_and_the_next_convs_halo_share_one_exchange(world_size):
+    """fxhalo.passes.fuse: exact against one device (forward, input and weight gradients, two
+    steps, uneven rows), and one collective per fused norm + conv, forward and backward."""
+    case = results(world_size)[0]["fused"]
+    per_rank = results(world_size)
+    assert all(r["fused"]["ok"] for r in per_rank), [r["fused"]["failed"][:6] for r in per_rank]
+    assert case["kernels"].count("norm.group_norm_exchange") == 7, case["kernels"]
+    assert case["kernels"].count("norm.group_norm") == 1  # the dropout one
+    # 7 fused exchanges, and the unfused norm's sum plus its conv's exchange
+    assert len(case["fw"]) == 7 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
+    assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case["bw"]

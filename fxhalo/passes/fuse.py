@@ -1,0 +1,142 @@
+"""Merge a norm's statistics with the next conv's halo exchange: one collective instead of two.
+
+A UNet block is ``conv -> GroupNorm -> activation -> conv``.  After the rewrite the
+GroupNorm sums its statistics over the ranks (one collective) and the second conv
+fetches its halo rows (another), forward and backward alike.  Both can travel
+together: the norm is elementwise once its statistics are known, and so is the
+activation, so the neighbour may send the norm's *input* rows along with its
+statistics and each rank normalises and activates the rows it receives itself.
+
+The pass looks for::
+
+    y = fxhalo.ops.norm.group_norm(x, ...)       # one collective
+    a = f_k(... f_1(y) ...)                      # elementwise, deterministic, y's only sharded operand
+    z = fxhalo.ops.conv.conv(a, w, ...)          # one collective
+
+and writes::
+
+    y, r = fxhalo.ops.norm.group_norm_exchange(x, ..., window=<the conv's window>)   # one collective
+    a = f_k(... f_1(y) ...)
+    h = f_k(... f_1(r) ...)                      # the same ops, on the received rows only
+    z = fxhalo.ops.conv.conv_with_halo(a, h, w, ...)
+
+The rows exchanged, the windows and the edges are the conv's own (its
+:class:`~fxhalo.geometry.Window` goes to the norm kernel), so the conv reads exactly
+the rows it would have fetched; the backward comes from autograd through the one
+exchange, which returns each received row's and statistic's gradient to its owner.
+Random ops (dropout) stop the search: the received rows would draw other numbers
+than their owner did.  Half-precision activations are left alone: the statistics
+travel in the rows' buffer, and they need float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+
+from ..domain import Domain
+from ..halo import Edge
+from ..ops import conv as conv_ops
+from ..ops import norm as norm_ops
+from ..rules.conv import PLAN
+from ..rules.local import Elementwise
+from ..sharding import example_value, sharding_of
+from .context import PassContext
+from .sharding import RULE
+
+__all__ = ["HALO_ROWS", "fuse_norm_exchanges"]
+
+#: node.meta key on the received-rows nodes the pass adds: the dim along which they are rows
+#: (their length differs between ranks; the agreement check writes that dim as "halo")
+HALO_ROWS = "fxhalo_halo_rows"
+
+_RANDOM = ("dropout", "rand", "rrelu", "bernoulli")
+
+
+def _is_random(node) -> bool:
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return any(word in name for word in _RANDOM)
+
+
+def _norm_source(conv):
+    """``(group_norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``.
+
+    The chain lists the nodes between the two in graph order; each must be
+    elementwise, deterministic, and read exactly one sharded node, the one before it.
+    """
+    chain, node = [], conv.args[0]
+    while hasattr(node, "meta"):
+        if node.op == "call_function" and node.target is norm_ops.group_norm:
+            return node, chain[::-1]
+        if not isinstance(node.meta.get(RULE), Elementwise) or _is_random(node):
+            return None, None
+        sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
+        if len(sharded) != 1:
+            return None, None
+        chain.append(node)
+        node = sharded[0]
+    return None, None
+
+
+def _fusible(conv, norm) -> bool:
+    decision = conv.meta.get(PLAN)
+    if decision is None or decision.local or decision.fold is not None or decision.window is None:
+        return False
+    if not decision.window.halo.collective or norm.kwargs.get("length") is None:
+        return False
+    val = example_value(norm)
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
+
+
+def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Fuse every ``group_norm -> elementwise ops -> conv`` of ``gm``; returns how many."""
+    graph = gm.graph
+    fused = 0
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target is not conv_ops.conv:
+            continue
+        norm, chain = _norm_source(conv)
+        if norm is None or not _fusible(conv, norm):
+            continue
+        x, weight, bias, stride, padding, dilation, groups = (list(conv.args) + [None, 1, 0, 1, 1])[:7]
+        s = sharding_of(norm)
+        kw = conv.kwargs
+        edge = Edge(kw["edge_mode"], kw["edge_value"], tuple(kw["edge_extent"]))
+        local_shape = tuple(example_value(x).shape)
+        domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
+        _, window = conv_ops.conv_window(local_shape, tuple(example_value(weight).shape), stride, padding,
+                                         dilation, domain, edge)
+        with graph.inserting_before(norm):
+            both = graph.call_function(
+                norm_ops.group_norm_exchange, norm.args,
+                dict(norm.kwargs, window=dataclasses.astuple(window), edge_mode=edge.mode,
+                     edge_value=edge.value, edge_extent=tuple(edge.extent)))
+            y = graph.call_function(operator.getitem, (both, 0))
+            rows = graph.call_function(operator.getitem, (both, 1))
+        both.meta.update({k: v for k, v in norm.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        y.meta.update(norm.meta)
+        rows.meta[HALO_ROWS] = s.dim
+        norm.replace_all_uses_with(y)
+        graph.erase_node(norm)
+        copies = {y: rows}
+        last = rows
+        for node in chain:
+            with graph.inserting_before(conv):
+                last = graph.node_copy(node, lambda a: copies.get(a, a))
+            last.meta = {HALO_ROWS: s.dim}
+            copies[node] = last
+        x = conv.args[0]  # the norm's replacement, when the conv read the norm directly
+        with graph.inserting_before(conv):
+            new = graph.call_function(conv_ops.conv_with_halo, (x, last, weight, bias, stride, padding, dilation,
+                                                                groups), dict(kw))
+        new.meta.update(conv.meta)
+        conv.replace_all_uses_with(new)
+        graph.erase_node(conv)
+        fused += 1
+    if fused:
+        graph.lint()
+        gm.recompile()
+    return fused
+
