@@ -116,14 +116,18 @@ def derive(report: dict) -> None:
         target("efficiency", fx["efficiency"], goal, fx["efficiency"] >= 0.85)
     if fx and fx.get("comm", {}).get("ratio") is not None:
         # The target is stated to two decimals: 1.004 meets "1.00".
+        # Halo rows and statistics share collectives (fxhalo.passes.fuse, and gloo's small sums go by
+        # exchange), so only the total is compared; the JSON keeps the split by collective kind.
         target("bytes_ratio", fx["comm"]["ratio"], "1.00", round(fx["comm"]["ratio"], 2) <= 1.0)
-        if fx["comm"].get("exchange_ratio") is not None:
-            target("bytes_ratio_halo", fx["comm"]["exchange_ratio"], "1.00", round(fx["comm"]["exchange_ratio"], 2) <= 1.0)
     for name, r in (("speedup_vs_credit", fx), ("speedup_vs_credit_eager_layer", fe)):
         if cr and r:
             v = cr["step_s"]["median"] / r["step_s"]["median"]
             target(name, v, ">= 1.8x", v >= 1.8)
-    if fx1 and ind and compiler == "inductor":
+    paired = report.get("paired_p1")
+    if paired:  # both warm, stepping in turn: the drift of the machine cancels
+        v = statistics.median(paired["ratios"]) - 1
+        target("p1_overhead", v, "<= 0.02 (paired steps)", v <= 0.02)
+    elif fx1 and ind and compiler == "inductor":
         v = fx1["step_s"]["median"] / ind["step_s"]["median"] - 1
         target("p1_overhead", v, "<= 0.02", v <= 0.02)
     if fx and "memory_ratio" in fx:
@@ -138,7 +142,7 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 
 
 HEADERS = ["row", "procs x threads", "step ms median", "IQR ms", "CPU ms", "efficiency", "sent KiB/rank/step",
-           "minimum KiB", "ratio halo/stats", "collectives /step", "step mem MiB", "mem vs 1 proc",
+           "minimum KiB", "ratio", "collectives /step", "step mem MiB", "mem vs 1 proc",
            "compile s", "max rel err"]
 
 
@@ -159,7 +163,7 @@ def table(report: dict, fmt: str = "simple") -> str:
             _fmt(r["cpu_s"], ".1f", 1e3),
             _fmt(r.get("efficiency"), ".2f"),
             _fmt(c.get("bytes_mean"), ".1f", 2**-10), _fmt(minimum if c else None, ".1f", 2**-10),
-            f"{_fmt(c.get('exchange_ratio'), '.2f')}/{_fmt(c.get('reduce_ratio'), '.2f')}" if c else "-",
+            _fmt(c.get("ratio"), ".3f"),
             _fmt(c.get("calls_max"), "d"),
             _fmt(r.get("step_memory_bytes"), ".1f", 2**-20), _fmt(r.get("memory_ratio"), ".2f"),
             _fmt(r.get("compile_s"), ".1f"),

@@ -376,8 +376,40 @@ def _worker(rank: int, world_size: int, plan: Plan, row_keys: tuple[str, ...]) -
             results[row.key] = {"key": row.key, "skipped": f"failed: {msg}"}
         finally:
             gc.collect()
+    if world_size == 1 and {"inductor-1x1", "fxhalo-1x1"} <= set(row_keys) and plan.compiler == "inductor":
+        results["_paired_p1"] = _paired_p1(plan, x_full)
     results["_maxrss"] = _lifetime_peak_rss()
     return results
+
+
+def _paired_p1(plan: Plan, x_full: torch.Tensor) -> dict:
+    """The P=1 overhead measured in pairs: Inductor's step and fxhalo's world-size-1 step, alternately.
+
+    The rows above run one after another, so a drift of the machine's speed between them
+    (here +-15 % from minute to minute) shows up as overhead.  Here both compiled models
+    are warm and step in turn (A B, then B A, ...), and each pair gives one ratio.
+    """
+    import fxhalo  # noqa: F401  (registers the backend)
+
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    inductor, fx = make(plan.cfg), make(plan.cfg)
+    steps = {
+        "inductor": _make_step(torch.compile(inductor), inductor, x_full, x_full.numel(), None)[0],
+        "fxhalo": _make_step(torch.compile(fx, backend="domain_parallel",
+                                           options={"shard_dim": MODELS[plan.cfg.model].shard_dim}),
+                             fx, x_full, x_full.numel(), None)[0],
+    }
+    for step in steps.values():
+        for _ in range(max(plan.warmup, 1)):
+            step()
+    times: dict[str, list[float]] = {"inductor": [], "fxhalo": []}
+    for i in range(plan.repeats):
+        for name in (("inductor", "fxhalo") if i % 2 == 0 else ("fxhalo", "inductor")):
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {"times_s": times, "ratios": [f / i for f, i in zip(times["fxhalo"], times["inductor"])]}
 
 
 def _lifetime_peak_rss() -> int:
@@ -396,8 +428,8 @@ def measure(plan: Plan, *, timeout: float = 3600) -> dict[str, list[dict]]:
         if not keys:
             continue
         got = run_ranks(_worker, world, plan, keys, timeout=timeout)
-        for key in keys + ("_maxrss",):
-            per_row.setdefault(key, []).extend(g[key] for g in got)
+        for key in keys + ("_maxrss", "_paired_p1"):
+            per_row.setdefault(key, []).extend(g[key] for g in got if key in g)
     return per_row
 
 
@@ -417,6 +449,7 @@ def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host
                                                   "warmup": plan.warmup, "compiler": plan.compiler},
         "machine": host,
         "lifetime_peak_rss_bytes": per_row.get("_maxrss", []),
+        "paired_p1": (per_row.get("_paired_p1") or [None])[0],
         "minimum": {"exchange_bytes": minimum.exchange, "reduce_bytes": minimum.reduce,
                     "total_bytes": minimum.total, "ops": minimum.ops},
         "rows": [report_.combine(r.key, r.label(plan.compiler), r.kind, r.procs, r.threads, per_row[r.key])
