@@ -387,7 +387,7 @@ def _paired_p1(plan: Plan, x_full: torch.Tensor) -> dict:
 
     The rows above run one after another, so a drift of the machine's speed between them
     (here +-15 % from minute to minute) shows up as overhead.  Here both compiled models
-    are warm and step in turn (A B, then B A, ...), and each pair gives one ratio.
+    are warm and step in turn (A B, then B A, ...), ``2 * repeats`` pairs, and each pair gives one ratio.
     """
     import fxhalo  # noqa: F401  (registers the backend)
 
@@ -404,7 +404,7 @@ def _paired_p1(plan: Plan, x_full: torch.Tensor) -> dict:
         for _ in range(max(plan.warmup, 1)):
             step()
     times: dict[str, list[float]] = {"inductor": [], "fxhalo": []}
-    for i in range(plan.repeats):
+    for i in range(2 * plan.repeats):  # twice the rows' repeats: one step varies by +-15 % here
         for name in (("inductor", "fxhalo") if i % 2 == 0 else ("fxhalo", "inductor")):
             t0 = time.perf_counter()
             steps[name]()
