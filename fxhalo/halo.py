@@ -304,7 +304,9 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) ->
         return x
     recv = None
     if plan.collective:
-        send = torch.cat(send_rows(x, dim, plan), 0)
+        # The runs are already in destination order: one view, or one cat, and no per-rank pieces.
+        runs = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
+        send = torch.cat(runs, 0) if len(runs) > 1 else runs[0].contiguous()
         recv = torch.ops._c10d_functional.all_to_all_single(
             send, list(plan.recv_splits), list(plan.send_splits), group_name
         )
