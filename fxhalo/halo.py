@@ -31,7 +31,7 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "send_rows", "assemble",
+__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "send_buffer", "assemble",
            "needs_from_widths"]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -252,19 +252,11 @@ def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, in
     )
 
 
-def send_rows(x: torch.Tensor, dim: int, plan: HaloPlan) -> list[torch.Tensor]:
-    """The rows this rank sends, one tensor per destination rank (rows first: ``movedim(dim, 0)``)."""
-    runs = iter(plan.send)
-    out = []
-    for count in plan.send_splits:
-        parts, taken = [], 0
-        while taken < count:
-            start, length = next(runs)
-            parts.append(x.narrow(dim, start, length).movedim(dim, 0))
-            taken += length
-        out.append(torch.cat(parts, 0) if len(parts) > 1 else parts[0] if parts
-                   else x.narrow(dim, 0, 0).movedim(dim, 0))
-    return out
+def send_buffer(x: torch.Tensor, dim: int, plan: HaloPlan) -> torch.Tensor:
+    """The rows this rank sends, rows first (``movedim(dim, 0)``), grouped by destination in rank
+    order: ``plan.send_splits[q]`` rows for rank ``q``."""
+    runs = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
+    return torch.cat(runs, 0) if len(runs) > 1 else runs[0].contiguous()
 
 
 def assemble(x: torch.Tensor, recv: torch.Tensor | None, dim: int, plan: HaloPlan) -> torch.Tensor:
@@ -304,11 +296,8 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) ->
         return x
     recv = None
     if plan.collective:
-        # The runs are already in destination order: one view, or one cat, and no per-rank pieces.
-        runs = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
-        send = torch.cat(runs, 0) if len(runs) > 1 else runs[0].contiguous()
         recv = torch.ops._c10d_functional.all_to_all_single(
-            send, list(plan.recv_splits), list(plan.send_splits), group_name
+            send_buffer(x, dim, plan), list(plan.recv_splits), list(plan.send_splits), group_name
         )
         recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
     return assemble(x, recv, dim, plan)

@@ -37,6 +37,11 @@ def _per_channel(t, ndim: int):
     return None if t is None else t.reshape(1, -1, *([1] * (ndim - 2)))
 
 
+def _per_group(t, num_groups: int, ndim: int):
+    """A ``[C]`` parameter shaped to broadcast against an ``[N, G, C // G, ...]`` grouped tensor."""
+    return None if t is None else t.reshape(1, num_groups, -1, *([1] * (ndim - 2)))
+
+
 def _update_running(running, value, momentum: float) -> None:
     """``running = (1 - momentum) * running + momentum * value``, in place, outside autograd."""
     if running is None:
@@ -53,9 +58,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim
     dims = tuple(range(2, grouped.ndim))
     count = global_count(grouped, dims, shard_dim % input.ndim + 1, length)  # grouping adds a dim before it
     mean, m2, count = global_moments(grouped, dims, group_name, count)
-    shape = (1, num_groups, c // num_groups) + (1,) * (input.ndim - 2)
-    w = None if weight is None else weight.reshape(shape)
-    b = None if bias is None else bias.reshape(shape)
+    w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
     return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
 
 
@@ -84,9 +87,7 @@ def group_norm_exchange(input, num_groups, weight=None, bias=None, eps=1e-5, *, 
     per_row = math.prod(grouped.shape[d] for d in dims if d != dim + 1)  # grouping adds a dim before it
     counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
     mean, m2, count, received = global_moments_with_rows(grouped, dims, input, dim, plan, counts, group_name)
-    shape = (1, num_groups, c // num_groups) + (1,) * (input.ndim - 2)
-    w = None if weight is None else weight.reshape(shape)
-    b = None if bias is None else bias.reshape(shape)
+    w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
 
     def norm(t):
         g = t.reshape(n, num_groups, c // num_groups, *t.shape[2:])

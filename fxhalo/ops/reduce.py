@@ -198,7 +198,7 @@ def global_moments_with_rows(x: torch.Tensor, dims: tuple[int, ...], rows: torch
     The statistics and the rows share one buffer, so ``x`` must be float32 or
     float64 (its own accumulation dtype).
     """
-    from ..halo import send_rows
+    from ..halo import send_buffer
 
     if _acc_dtype(x.dtype) != x.dtype or rows.dtype != x.dtype:
         raise AssertionError(f"statistics and rows share one buffer: {x.dtype} and {rows.dtype}")
@@ -206,7 +206,7 @@ def global_moments_with_rows(x: torch.Tensor, dims: tuple[int, ...], rows: torch
     stats = torch.cat([t.reshape(-1) for t in shifted_sums(x, dims)])
     k = stats.numel()
     row_numel = math.prod(d for i, d in enumerate(rows.shape) if i != dim)
-    sends = [torch.cat([stats, r.reshape(-1)]) for r in send_rows(rows, dim, plan)]
+    sends = [torch.cat([stats, r.reshape(-1)]) for r in send_buffer(rows, dim, plan).split(list(plan.send_splits))]
     send_sizes = [k + n * row_numel for n in plan.send_splits]
     recv_sizes = [k + n * row_numel for n in plan.recv_splits]
     got = torch.ops._c10d_functional.all_to_all_single(torch.cat(sends), recv_sizes, send_sizes, group_name)
