@@ -63,7 +63,7 @@ class Tally:
         self.bytes[kind] += nbytes * times
         self.ops[name] = self.ops.get(name, 0) + times
 
-    def merge(self, other: "Tally", times: int = 1) -> None:
+    def merge(self, other: Tally, times: int = 1) -> None:
         for k in self.calls:
             self.calls[k] += other.calls[k] * times
             self.bytes[k] += other.bytes[k] * times
@@ -98,8 +98,15 @@ def payload(name: str, args) -> int:
         return total
     if name.startswith("recv"):
         return 0
-    if name in ("allgather_", "_allgather_base_", "reduce_scatter_", "_reduce_scatter_base_",
-                "alltoall_base_", "alltoall_", "allgather_into_tensor_coalesced_"):
+    if name in (
+        "allgather_",
+        "_allgather_base_",
+        "reduce_scatter_",
+        "_reduce_scatter_base_",
+        "alltoall_base_",
+        "alltoall_",
+        "allgather_into_tensor_coalesced_",
+    ):
         return _nbytes(args[1])  # c10d ops: (outputs, inputs, ...)
     return _nbytes(args[0])
 
@@ -154,5 +161,9 @@ def counting_compiler(sink: Tally):
 
         return make_boxed_func(run)
 
-    return aot_autograd(fw_compiler=counted, bw_compiler=counted,
-                        partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)
+    return aot_autograd(
+        fw_compiler=counted,
+        bw_compiler=counted,
+        partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True,
+    )

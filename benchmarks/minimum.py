@@ -77,7 +77,8 @@ def remote_rows(n_in: int, n_out: int, p: int, reads) -> int:
         need = set()
         # Reads move monotonically with o, so only the first outputs can read below a and
         # only the last ones above b: walk in from each end until the reads are all local.
-        for order, outside in ((range(o0, o1), lambda i: i < a), (range(o1 - 1, o0 - 1, -1), lambda i: i >= b)):
+        sides = ((range(o0, o1), lambda i, a=a: i < a), (range(o1 - 1, o0 - 1, -1), lambda i, b=b: i >= b))
+        for order, outside in sides:
             for o in order:
                 far = [i for i in reads(o) if outside(i)]
                 if not far:
@@ -108,8 +109,14 @@ class _Recorder(TorchDispatchMode):
                 self.keep.append(out)  # keep ids unique while we use them
         elif packet is aten.convolution:
             self._conv(args, out)
-        elif packet in (aten.upsample_bilinear2d, aten.upsample_linear1d, aten.upsample_trilinear3d,
-                        aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d):
+        elif packet in (
+            aten.upsample_bilinear2d,
+            aten.upsample_linear1d,
+            aten.upsample_trilinear3d,
+            aten.upsample_nearest1d,
+            aten.upsample_nearest2d,
+            aten.upsample_nearest3d,
+        ):
             self._resize(func, args, out)
         elif packet is aten.native_group_norm:
             x, n, groups = args[0], args[3], args[6]
@@ -150,7 +157,7 @@ class _Recorder(TorchDispatchMode):
         nearest = "nearest" in func.overloadpacket.__name__
         # The vec overloads carry scale factors as a list; the plain ones as trailing floats.
         align = False if nearest else bool(args[2])
-        scales = [a for a in args[2 + (not nearest):] if a is None or isinstance(a, float)]
+        scales = [a for a in args[2 + (not nearest) :] if a is None or isinstance(a, float)]
         if func._overloadname == "vec":
             factors = args[-1]
             scale_arg = factors[axis] if factors else None

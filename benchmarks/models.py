@@ -17,7 +17,7 @@ sharded dim splittable by the rank counts we use (2 and 4) at every depth.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -53,6 +53,7 @@ def combine(key: str, label: str, kind: str, procs: int, threads: int, per_rank:
 
 def _git(path: str) -> str | None:
     """The commit of the repository holding ``path``, marked when ``path`` has uncommitted changes."""
+
     def git(*args):
         return subprocess.run(["git", "-C", path, *args], capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -72,10 +73,16 @@ def machine() -> dict:
         pass
     import fxhalo
 
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "fxhalo": os.path.dirname(fxhalo.__file__),
-            "fxhalo_git": _git(os.path.dirname(fxhalo.__file__)),
-            "load_avg_1m": os.getloadavg()[0]}
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "fxhalo": os.path.dirname(fxhalo.__file__),
+        "fxhalo_git": _git(os.path.dirname(fxhalo.__file__)),
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 def derive(report: dict) -> None:
@@ -141,9 +148,22 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
     return format(v, spec) if spec == "d" else format(v * scale, spec)
 
 
-HEADERS = ["row", "procs x threads", "step ms median", "IQR ms", "CPU ms", "efficiency", "sent KiB/rank/step",
-           "minimum KiB", "ratio", "collectives /step", "step mem MiB", "mem vs 1 proc",
-           "compile s", "max rel err"]
+HEADERS = [
+    "row",
+    "procs x threads",
+    "step ms median",
+    "IQR ms",
+    "CPU ms",
+    "efficiency",
+    "sent KiB/rank/step",
+    "minimum KiB",
+    "ratio",
+    "collectives /step",
+    "step mem MiB",
+    "mem vs 1 proc",
+    "compile s",
+    "max rel err",
+]
 
 
 def table(report: dict, fmt: str = "simple") -> str:
@@ -157,18 +177,24 @@ def table(report: dict, fmt: str = "simple") -> str:
             continue
         s, c = r["step_s"], r.get("comm", {})
         err = r.get("rel_err")
-        lines.append([
-            r["label"], f"{r['procs']}x{r['threads']}",
-            _fmt(s["median"], ".1f", 1e3), f"{s['p25'] * 1e3:.1f}-{s['p75'] * 1e3:.1f}",
-            _fmt(r["cpu_s"], ".1f", 1e3),
-            _fmt(r.get("efficiency"), ".2f"),
-            _fmt(c.get("bytes_mean"), ".1f", 2**-10), _fmt(minimum if c else None, ".1f", 2**-10),
-            _fmt(c.get("ratio"), ".3f"),
-            _fmt(c.get("calls_max"), "d"),
-            _fmt(r.get("step_memory_bytes"), ".1f", 2**-20), _fmt(r.get("memory_ratio"), ".2f"),
-            _fmt(r.get("compile_s"), ".1f"),
-            "-" if not err else f"{max(err['out'], err['grad']):.0e}",
-        ])
+        lines.append(
+            [
+                r["label"],
+                f"{r['procs']}x{r['threads']}",
+                _fmt(s["median"], ".1f", 1e3),
+                f"{s['p25'] * 1e3:.1f}-{s['p75'] * 1e3:.1f}",
+                _fmt(r["cpu_s"], ".1f", 1e3),
+                _fmt(r.get("efficiency"), ".2f"),
+                _fmt(c.get("bytes_mean"), ".1f", 2**-10),
+                _fmt(minimum if c else None, ".1f", 2**-10),
+                _fmt(c.get("ratio"), ".3f"),
+                _fmt(c.get("calls_max"), "d"),
+                _fmt(r.get("step_memory_bytes"), ".1f", 2**-20),
+                _fmt(r.get("memory_ratio"), ".2f"),
+                _fmt(r.get("compile_s"), ".1f"),
+                "-" if not err else f"{max(err['out'], err['grad']):.0e}",
+            ]
+        )
     out = tabulate(lines, headers=HEADERS, tablefmt=fmt, disable_numparse=True)
     return out + ("\n\n" + "\n".join(notes) if notes else "")
 
@@ -179,16 +205,21 @@ def summary(report: dict, fmt: str = "simple") -> str:
         f"{cfg['model']}: input {tuple(cfg['input_shape'])} sharded along dim {cfg['shard_dim']}, width "
         f"{cfg['width']}, P={cfg['ranks']}; {cfg['repeats']} timed steps after {cfg['warmup']} warm-up; "
         f"compiled rows use {cfg['compiler']}\n"
-        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, fxhalo {m['fxhalo']} ({m['fxhalo_git'] or 'not a git checkout'}); "
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"fxhalo {m['fxhalo']} ({m['fxhalo_git'] or 'not a git checkout'}); "
         f"load average {m['load_avg_1m']:.1f} at start, {m['load_avg_1m_end']:.1f} at end\n"
         f"efficiency = T({report['efficiency_reference']}) / (P * T_P); minimum per rank per step = "
         f"{mini['exchange_bytes'] / 1024:.2f} KiB halo + {mini['reduce_bytes'] / 1024:.2f} KiB statistics; "
         "weight-gradient sum (not in the bytes) = "
         + next((f"{r['comm']['grad_sync_bytes'] / 1024:.1f} KiB" for r in report["rows"] if "comm" in r), "-")
     )
-    lines = [f"  {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
-             for k, v in report["targets"].items()]
-    return head + "\n\n" + table(report, fmt) + ("\n\nissue-9 targets, as measured:\n" + "\n".join(lines) if lines else "")
+    lines = [
+        f"  {k}: {v['value']:.3f} (target {v['target']}): {'met' if v['met'] else 'NOT met'}"
+        for k, v in report["targets"].items()
+    ]
+    return (
+        head + "\n\n" + table(report, fmt) + ("\n\nissue-9 targets, as measured:\n" + "\n".join(lines) if lines else "")
+    )
 
 
 def main(argv=None) -> int:

@@ -44,8 +44,8 @@ from fxhalo.launch import run_ranks
 
 from . import comm
 from . import report as report_
-from .models import MODELS, Config, make, make_input
 from .minimum import minimum_bytes
+from .models import MODELS, Config, make, make_input
 
 ROOT = pathlib.Path(__file__).resolve().parent
 ROW_KINDS = ("eager", "inductor", "fxhalo", "fxhalo-eager", "credit")
@@ -99,6 +99,7 @@ def plan_rows(kinds, ranks: int) -> tuple[Row, ...]:
 
 # -- memory ------------------------------------------------------------------------
 
+
 def _proc_status(field: str) -> int | None:
     """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux), else ``None``."""
     try:
@@ -143,6 +144,7 @@ def _measure_memory(step) -> dict:
 
 # -- one row ---------------------------------------------------------------------------
 
+
 def _local_rows(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     n = x.shape[dim] // size
     return x.narrow(dim, rank * n, n).contiguous()
@@ -155,7 +157,7 @@ def _sum_grads(params, group) -> None:
     offset = 0
     for p in params:
         n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 
@@ -210,8 +212,10 @@ def _convert_credit(model, shard_dim: int, ndim: int, ranks: int):
     manager = dp.initialize_domain_parallel(ranks, ranks, shard_dim=shard_dim - ndim)
     dp.convert_to_domain_parallel(model, manager, shard_dim=shard_dim - ndim)
     if not any(type(m).__module__.startswith("credit.") for m in model.modules()):
-        raise _Skip("CREDIT converted no layer of this model (it has no Conv1d wrapper): its run would "
-                    "be the unsharded model on each slab, with no communication and wrong results")
+        raise _Skip(
+            "CREDIT converted no layer of this model (it has no Conv1d wrapper): its run would "
+            "be the unsharded model on each slab, with no communication and wrong results"
+        )
     return model
 
 
@@ -396,16 +400,20 @@ def _paired_p1(plan: Plan, x_full: torch.Tensor) -> dict:
     inductor, fx = make(plan.cfg), make(plan.cfg)
     steps = {
         "inductor": _make_step(torch.compile(inductor), inductor, x_full, x_full.numel(), None)[0],
-        "fxhalo": _make_step(torch.compile(fx, backend="domain_parallel",
-                                           options={"shard_dim": MODELS[plan.cfg.model].shard_dim}),
-                             fx, x_full, x_full.numel(), None)[0],
+        "fxhalo": _make_step(
+            torch.compile(fx, backend="domain_parallel", options={"shard_dim": MODELS[plan.cfg.model].shard_dim}),
+            fx,
+            x_full,
+            x_full.numel(),
+            None,
+        )[0],
     }
     for step in steps.values():
         for _ in range(max(plan.warmup, 1)):
             step()
     times: dict[str, list[float]] = {"inductor": [], "fxhalo": []}
     for i in range(2 * plan.repeats):  # twice the rows' repeats: one step varies by +-15 % here
-        for name in (("inductor", "fxhalo") if i % 2 == 0 else ("fxhalo", "inductor")):
+        for name in ("inductor", "fxhalo") if i % 2 == 0 else ("fxhalo", "inductor"):
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)
@@ -420,6 +428,7 @@ def _lifetime_peak_rss() -> int:
 
 # -- the parent: launch, combine, report -----------------------------------------------
 
+
 def measure(plan: Plan, *, timeout: float = 3600) -> dict[str, list[dict]]:
     """Every row's per-rank results: one-process rows in one spawned process, then the P-rank rows."""
     per_row: dict[str, list[dict]] = {}
@@ -433,8 +442,7 @@ def measure(plan: Plan, *, timeout: float = 3600) -> dict[str, list[dict]]:
     return per_row
 
 
-def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host: dict,
-             command: str = "") -> dict:
+def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host: dict, command: str = "") -> dict:
     """The report: configuration, machine, analytic minimum, every row's figures, the targets."""
     spec = MODELS[plan.cfg.model]
     x = make_input(plan.cfg)
@@ -444,16 +452,29 @@ def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host
         "command": command,
         "date": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "wall_s": time.time() - started,
-        "config": dataclasses.asdict(plan.cfg) | {"shard_dim": spec.shard_dim, "input_shape": list(x.shape),
-                                                  "ranks": plan.ranks, "repeats": plan.repeats,
-                                                  "warmup": plan.warmup, "compiler": plan.compiler},
+        "config": dataclasses.asdict(plan.cfg)
+        | {
+            "shard_dim": spec.shard_dim,
+            "input_shape": list(x.shape),
+            "ranks": plan.ranks,
+            "repeats": plan.repeats,
+            "warmup": plan.warmup,
+            "compiler": plan.compiler,
+        },
         "machine": host,
         "lifetime_peak_rss_bytes": per_row.get("_maxrss", []),
         "paired_p1": (per_row.get("_paired_p1") or [None])[0],
-        "minimum": {"exchange_bytes": minimum.exchange, "reduce_bytes": minimum.reduce,
-                    "total_bytes": minimum.total, "ops": minimum.ops},
-        "rows": [report_.combine(r.key, r.label(plan.compiler), r.kind, r.procs, r.threads, per_row[r.key])
-                 for r in plan.rows if r.key in per_row],
+        "minimum": {
+            "exchange_bytes": minimum.exchange,
+            "reduce_bytes": minimum.reduce,
+            "total_bytes": minimum.total,
+            "ops": minimum.ops,
+        },
+        "rows": [
+            report_.combine(r.key, r.label(plan.compiler), r.kind, r.procs, r.threads, per_row[r.key])
+            for r in plan.rows
+            if r.key in per_row
+        ],
     }
     report_.derive(report)
     return report
@@ -474,10 +495,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the smoke test's tiny configuration")
     parser.add_argument("--ranks", type=int, default=2, help="P, the ranks of the domain-parallel rows")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per row")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per row, the first (compiling) one included")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps per row, the first (compiling) one included"
+    )
     parser.add_argument("--rows", default=",".join(ROW_KINDS), help=f"comma-separated subset of {ROW_KINDS}")
-    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"],
-                        help="compiler of the compiled rows (aot_eager, eager: quick, for smoke tests)")
+    parser.add_argument(
+        "--compiler",
+        default="inductor",
+        choices=["inductor", "aot_eager", "eager"],
+        help="compiler of the compiled rows (aot_eager, eager: quick, for smoke tests)",
+    )
     parser.add_argument("--no-count", action="store_true", help="skip the (untimed) byte-counting step")
     parser.add_argument("--no-check", action="store_true", help="skip the one-device error check")
     parser.add_argument("--json", help="where to write the JSON (default benchmarks/results/<name>.json)")
@@ -491,12 +518,24 @@ def main(argv=None) -> int:
     unknown = set(kinds) - set(ROW_KINDS)
     if unknown:
         parser.error(f"unknown rows {sorted(unknown)}; choose from {ROW_KINDS}")
-    plan = Plan(cfg, args.ranks, args.repeats, args.warmup, args.compiler, plan_rows(kinds, args.ranks),
-                count=not args.no_count, check=not args.no_check)
+    plan = Plan(
+        cfg,
+        args.ranks,
+        args.repeats,
+        args.warmup,
+        args.compiler,
+        plan_rows(kinds, args.ranks),
+        count=not args.no_count,
+        check=not args.no_check,
+    )
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(plan, timeout=args.timeout, command=command)
     print(report_.summary(report))
-    path = pathlib.Path(args.json) if args.json else ROOT / "results" / f"{args.name or f'{cfg.model}-{cfg.size}-p{args.ranks}'}.json"
+    path = (
+        pathlib.Path(args.json)
+        if args.json
+        else ROOT / "results" / f"{args.name or f'{cfg.model}-{cfg.size}-p{args.ranks}'}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {path}")

@@ -7,23 +7,37 @@
     y_local = model(fxhalo.shard(x, shard_dim=2))
 """
 
-from .errors import FxHaloError
-from .domain import Domain, gather, shard
-from .halo import Edge, halo_exchange, plan_halo
-from .backend import backend, register as _register_backend
-from .validate import Problem, validate
-from . import nn  # fxhalo.nn; not in __all__, where a star import would shadow torch.nn
+from . import nn  # noqa: F401  (fxhalo.nn; not in __all__, where a star import would shadow torch.nn)
+from .backend import backend
+from .backend import register as _register_backend
 from .convert import convert_to_domain_parallel, validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
+from .domain import Domain, gather, shard
+from .errors import FxHaloError
 from .explain import Explanation, explain
+from .halo import Edge, halo_exchange, plan_halo
+from .validate import Problem, validate
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FxHaloError", "Domain", "Edge", "Explanation", "Problem", "backend", "explain", "gather", "halo_exchange",
-    "plan_halo", "shard", "validate", "__version__",
-    "convert_to_domain_parallel", "validate_sharding_constraints",
-    "DistributedDepthwiseConv1d", "DistributedDepthwiseConv2d",
+    "FxHaloError",
+    "Domain",
+    "Edge",
+    "Explanation",
+    "Problem",
+    "backend",
+    "explain",
+    "gather",
+    "halo_exchange",
+    "plan_halo",
+    "shard",
+    "validate",
+    "__version__",
+    "convert_to_domain_parallel",
+    "validate_sharding_constraints",
+    "DistributedDepthwiseConv1d",
+    "DistributedDepthwiseConv2d",
 ]
 
 _register_backend()

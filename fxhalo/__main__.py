@@ -38,7 +38,7 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1,4,128,128, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes such as 1,4,128,128, got {text!r}") from None
 
 
 def _kwarg(text: str) -> tuple[str, object]:
@@ -103,8 +103,10 @@ def _explain_command(args) -> int:
     if args.json:
         print(json.dumps(ex.to_dict(), indent=2))
     else:
-        print(f"{args.target}: global input {tuple(args.input_shape)}, local input {local} on rank "
-              f"{args.rank} of {args.world_size}\n")
+        print(
+            f"{args.target}: global input {tuple(args.input_shape)}, local input {local} on rank "
+            f"{args.rank} of {args.world_size}\n"
+        )
         print(ex)
         if args.graph and ex.graph is not None:
             print()
@@ -115,17 +117,32 @@ def _explain_command(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fxhalo", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("explain", help="print what the domain_parallel backend does to a model on one rank",
-                            description="Print the fxhalo.explain table and summary for one simulated rank.")
-    p.add_argument("target", metavar="MODULE:FACTORY",
-                   help="e.g. fxhalo.models:small_unet or tests/models.py:small_unet")
-    p.add_argument("--input-shape", type=_ints, required=True,
-                   help="GLOBAL input shape, e.g. 1,4,128,128; each rank gets 1/world-size of it along --shard-dim")
+    p = commands.add_parser(
+        "explain",
+        help="print what the domain_parallel backend does to a model on one rank",
+        description="Print the fxhalo.explain table and summary for one simulated rank.",
+    )
+    p.add_argument(
+        "target", metavar="MODULE:FACTORY", help="e.g. fxhalo.models:small_unet or tests/models.py:small_unet"
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_ints,
+        required=True,
+        help="GLOBAL input shape, e.g. 1,4,128,128; each rank gets 1/world-size of it along --shard-dim",
+    )
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--shard-dim", type=int, default=2)
-    p.add_argument("-k", "--kwarg", type=_kwarg, action="append", default=[], metavar="KEY=VALUE",
-                   help="keyword argument for the factory (Python literal), repeatable")
+    p.add_argument(
+        "-k",
+        "--kwarg",
+        type=_kwarg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the factory (Python literal), repeatable",
+    )
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
     p.add_argument("--fallback", choices=("gather",), help="the backend's fallback option")
     p.add_argument("--no-grad", action="store_true", help="explain inference (no backward collectives)")

@@ -23,7 +23,8 @@ the inner compiler untouched.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,8 +36,8 @@ from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.boundary import wrap_replicated_boundaries
 from .passes.fuse import fuse_norm_exchanges
-from .passes.sharding import local_input_lengths
 from .passes.meta import refresh_meta
+from .passes.sharding import local_input_lengths
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
 
@@ -93,9 +94,14 @@ class DomainParallelBackend:
             return _inner(self.compiler)(gm, example_inputs)
         ctx, local, error = None, None, None
         try:
-            ctx = PassContext(domain, dict(self.input_shard_dims), self.fallback,
-                              known_inputs=layouts.known(gm, example_inputs), grad_sync=self.grad_sync,
-                              fuse_exchanges=self.fuse_exchanges)
+            ctx = PassContext(
+                domain,
+                dict(self.input_shard_dims),
+                self.fallback,
+                known_inputs=layouts.known(gm, example_inputs),
+                grad_sync=self.grad_sync,
+                fuse_exchanges=self.fuse_exchanges,
+            )
             local = local_input_lengths(gm, ctx)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e

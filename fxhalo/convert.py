@@ -31,7 +31,7 @@ What convert cannot see: functional calls in a container's own ``forward``
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -66,10 +66,12 @@ _HANDLERS: dict[type, Callable] = {}
 
 def handles(*types: type):
     """Register ``fn(module, setting)`` for ``types``: returns a replacement, ``None`` (local) or raises Refuse."""
+
     def register(fn):
         for t in types:
             _HANDLERS[t] = fn
         return fn
+
     return register
 
 
@@ -90,6 +92,7 @@ def _handler_for(module: nn.Module):
 
 # -- which dim a layer acts on ------------------------------------------------------
 
+
 def _spatial_axis(shard_dim: int, nd: int):
     """The spatial axis (0 = first) of an ``nd``-D layer's batched input that ``shard_dim`` names.
 
@@ -107,9 +110,11 @@ def _spatial_axis(shard_dim: int, nd: int):
 def _mixes_channels(module, s: Setting, nd: int):
     axis = _spatial_axis(s.shard_dim, nd)
     if axis == "channel":
-        raise Refuse(f"would see shard_dim={s.shard_dim} as the channel dim of its (N, C, {nd} spatial) input, "
-                     "and it mixes or normalises channels",
-                     "pass the shard_dim of a spatial dim (negative dims count from the end)")
+        raise Refuse(
+            f"would see shard_dim={s.shard_dim} as the channel dim of its (N, C, {nd} spatial) input, "
+            "and it mixes or normalises channels",
+            "pass the shard_dim of a spatial dim (negative dims count from the end)",
+        )
     return axis
 
 
@@ -137,26 +142,61 @@ def _refuse_if_acts_on(module, s: Setting, dims, what: str):
         return _LOCAL
     name = type(module).__name__
     if hit:
-        raise Refuse(f"{what} (dims {tuple(dims)}), which includes the sharded dim {s.shard_dim}; fxhalo has no "
-                     "eager layer for it", f"keep {name} off the sharded dim, or compile the model with "
-                     "backend='domain_parallel'")
-    raise Refuse(f"{what} (dims {tuple(dims)}); whether that is the sharded dim {s.shard_dim} depends on the "
-                 "input's rank, which convert does not see",
-                 f"pass a shard_dim of the same sign as the layer's dims, or allow_unconverted=({name},) "
-                 "if it is not")
+        raise Refuse(
+            f"{what} (dims {tuple(dims)}), which includes the sharded dim {s.shard_dim}; fxhalo has no "
+            "eager layer for it",
+            f"keep {name} off the sharded dim, or compile the model with backend='domain_parallel'",
+        )
+    raise Refuse(
+        f"{what} (dims {tuple(dims)}); whether that is the sharded dim {s.shard_dim} depends on the "
+        "input's rank, which convert does not see",
+        f"pass a shard_dim of the same sign as the layer's dims, or allow_unconverted=({name},) if it is not",
+    )
 
 
 # -- handlers -----------------------------------------------------------------------
 
 _LOCAL_TYPES = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-    nn.Softshrink, nn.Hardshrink, nn.LogSigmoid, nn.Threshold,
-    nn.Sequential, nn.ModuleList, nn.ModuleDict,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.Softshrink,
+    nn.Hardshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
     # Pixel (un)shuffle moves rows in blocks of r that stay inside a shard whose length r divides
     # (torch raises otherwise); channel shuffle and LRN mix channels only.
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.LocalResponseNorm, nn.CrossMapLRN2d,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+    nn.LocalResponseNorm,
+    nn.CrossMapLRN2d,
 )
 
 
@@ -182,8 +222,11 @@ def _conv_transpose(module, s):
     nd = len(module.kernel_size)
     if _mixes_channels(module, s, nd) == "batch":
         return _LOCAL
-    cls = {1: dp.DomainParallelConvTranspose1d, 2: dp.DomainParallelConvTranspose2d,
-           3: dp.DomainParallelConvTranspose3d}[nd]
+    cls = {
+        1: dp.DomainParallelConvTranspose1d,
+        2: dp.DomainParallelConvTranspose2d,
+        3: dp.DomainParallelConvTranspose3d,
+    }[nd]
     return cls(module, s.shard_dim, s.group)
 
 
@@ -204,8 +247,10 @@ def _batch_norm(module, s):
 
 @handles(nn.SyncBatchNorm)
 def _sync_batch_norm(module, s):
-    raise Refuse("synchronises its statistics over its own (data-parallel) process group, not the domain group",
-                 "build the model with nn.BatchNorm*d, convert, then sync over the data-parallel group yourself")
+    raise Refuse(
+        "synchronises its statistics over its own (data-parallel) process group, not the domain group",
+        "build the model with nn.BatchNorm*d, convert, then sync over the data-parallel group yourself",
+    )
 
 
 @handles(nn.LayerNorm, nn.RMSNorm)
@@ -245,9 +290,17 @@ def _unflatten(module, s):
     return _refuse_if_acts_on(module, s, (module.dim,), "splits a dim")
 
 
-_PADS = {t: nd for nd in (1, 2, 3) for t in (
-    getattr(nn, f"ZeroPad{nd}d"), getattr(nn, f"ConstantPad{nd}d"), getattr(nn, f"ReflectionPad{nd}d"),
-    getattr(nn, f"ReplicationPad{nd}d"), getattr(nn, f"CircularPad{nd}d"))}
+_PADS = {
+    t: nd
+    for nd in (1, 2, 3)
+    for t in (
+        getattr(nn, f"ZeroPad{nd}d"),
+        getattr(nn, f"ConstantPad{nd}d"),
+        getattr(nn, f"ReflectionPad{nd}d"),
+        getattr(nn, f"ReplicationPad{nd}d"),
+        getattr(nn, f"CircularPad{nd}d"),
+    )
+}
 
 
 @handles(*_PADS)
@@ -258,10 +311,12 @@ def _pad(module, s):
         return _LOCAL  # pads spatial dims only
     i = nd - 1 - axis  # F.pad order: last dim first
     if module.padding[2 * i] or module.padding[2 * i + 1]:
-        raise Refuse(f"pads the sharded dim by {tuple(module.padding[2 * i:2 * i + 2])} rows on one rank's slab, "
-                     "where only the global edges should be padded",
-                     "move the pad into the following conv (padding=..., padding_mode=...), or replace the "
-                     "pad-and-conv module with a custom converter (e.g. DomainParallelPeriodicConv2d)")
+        raise Refuse(
+            f"pads the sharded dim by {tuple(module.padding[2 * i : 2 * i + 2])} rows on one rank's slab, "
+            "where only the global edges should be padded",
+            "move the pad into the following conv (padding=..., padding_mode=...), or replace the "
+            "pad-and-conv module with a custom converter (e.g. DomainParallelPeriodicConv2d)",
+        )
     return _LOCAL
 
 
@@ -273,9 +328,11 @@ def _pool(module, s):
         return _LOCAL  # pooling never mixes planes
     size = getattr(module, "output_size", None)
     if size is not None and (list(size) if isinstance(size, (tuple, list)) else [size] * nd)[axis] == 1:
-        raise Refuse("pools the sharded dim to one row: a reduction over all ranks whose output is replicated, "
-                     "which the eager layers' gradient convention does not cover",
-                     "compile the model with backend='domain_parallel', or gather before pooling")
+        raise Refuse(
+            "pools the sharded dim to one row: a reduction over all ranks whose output is replicated, "
+            "which the eager layers' gradient convention does not cover",
+            "compile the model with backend='domain_parallel', or gather before pooling",
+        )
     return dp.DomainParallelPool(module, s.shard_dim, s.group)
 
 
@@ -309,8 +366,9 @@ def _depthwise(module, s):
 _CONVERTED = (dp._Wrapper, dp.DomainParallelInterpolate)
 
 
-def convert_to_domain_parallel(model: nn.Module, group=None, shard_dim: int = -2, custom_converters=None,
-                               allow_unconverted=()) -> nn.Module:
+def convert_to_domain_parallel(
+    model: nn.Module, group=None, shard_dim: int = -2, custom_converters=None, allow_unconverted=()
+) -> nn.Module:
     """Replace, in place, every layer of ``model`` that reaches across the sharded dim; return ``model``.
 
     ``group``: a ProcessGroup, its name, a DeviceMesh or ``(mesh, axis)``; ``None``
@@ -375,16 +433,21 @@ def convert_to_domain_parallel(model: nn.Module, group=None, shard_dim: int = -2
                 record(parent, name, module, new)
                 return
         elif not isinstance(module, allowed):
-            own = [n for n, _ in module.named_parameters(recurse=False)] + \
-                  [n for n, _ in module.named_buffers(recurse=False)]
+            own = [n for n, _ in module.named_parameters(recurse=False)] + [
+                n for n, _ in module.named_buffers(recurse=False)
+            ]
             if own or not module._modules:
-                what = (f"has parameters/buffers of its own ({', '.join(own)}) that a forward convert cannot "
-                        "see uses" if own else "is a layer type convert does not know")
+                what = (
+                    f"has parameters/buffers of its own ({', '.join(own)}) that a forward convert cannot see uses"
+                    if own
+                    else "is a layer type convert does not know"
+                )
                 cls_name = type(module).__name__
                 problems.append(
                     f"{where} {what}, so it may touch the sharded dim. Remedy: pass "
                     f"custom_converters={{{cls_name}: ...}} to replace it, or allow_unconverted=({cls_name},) "
-                    f"if it never reaches across rows of dim {shard_dim}.")
+                    f"if it never reaches across rows of dim {shard_dim}."
+                )
                 return
         for child_name, child in list(module._modules.items()):  # named_children() skips repeats
             if child is None:
@@ -395,7 +458,8 @@ def convert_to_domain_parallel(model: nn.Module, group=None, shard_dim: int = -2
     if problems:
         raise FxHaloError(
             f"convert_to_domain_parallel: {len(problems)} module(s) touch the sharded dim {shard_dim} and "
-            "have no converter:\n  " + "\n  ".join(problems))
+            "have no converter:\n  " + "\n  ".join(problems)
+        )
     for parent, name, new in changes:
         if isinstance(new, _InPlace):
             new.apply()
@@ -407,6 +471,7 @@ def convert_to_domain_parallel(model: nn.Module, group=None, shard_dim: int = -2
 
 
 # -- validate_sharding_constraints ---------------------------------------------------
+
 
 def _nd_of(module) -> int | None:
     """Spatial dims of a strided layer (conv, transposed conv, max/avg pool), else None."""
@@ -458,8 +523,9 @@ def _window(module) -> int | None:
     return None
 
 
-def validate_sharding_constraints(model: nn.Module, local_h: int, window_sizes=None, *,
-                                  shard_dim: int = -2) -> list[str]:
+def validate_sharding_constraints(
+    model: nn.Module, local_h: int, window_sizes=None, *, shard_dim: int = -2
+) -> list[str]:
     """Check that a local length ``local_h`` along the sharded dim suits ``model`` at every level.
 
     Walks the modules in registration order, following the local length through
@@ -487,8 +553,10 @@ def validate_sharding_constraints(model: nn.Module, local_h: int, window_sizes=N
             kind, f = step
             if kind == "down":
                 if h % f:
-                    messages.append(f"{where} ({type(module).__name__}): stride {f} does not divide the local "
-                                    f"length {h} at level {depth}; ranks would disagree on the rows they own")
+                    messages.append(
+                        f"{where} ({type(module).__name__}): stride {f} does not divide the local "
+                        f"length {h} at level {depth}; ranks would disagree on the rows they own"
+                    )
                 h //= f
                 depth += 1
                 if depth == len(levels):
@@ -499,13 +567,16 @@ def validate_sharding_constraints(model: nn.Module, local_h: int, window_sizes=N
             continue
         ws = _window(module) if window_sizes is None else None
         if ws is not None and h % ws:
-            messages.append(f"{where} ({type(module).__name__}): window size {ws} does not divide the local "
-                            f"length {h} at level {depth}")
+            messages.append(
+                f"{where} ({type(module).__name__}): window size {ws} does not divide the local "
+                f"length {h} at level {depth}"
+            )
     if window_sizes is not None:
         for i, ws in enumerate(window_sizes):
             if i >= len(levels):
-                messages.append(f"window_sizes[{i}] = {ws}: the model has only {len(levels)} levels "
-                                f"(local lengths {levels})")
+                messages.append(
+                    f"window_sizes[{i}] = {ws}: the model has only {len(levels)} levels (local lengths {levels})"
+                )
             elif levels[i] % int(ws):
                 messages.append(f"level {i}: window size {ws} does not divide the local length {levels[i]}")
     if min(levels) < 1:

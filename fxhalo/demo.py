@@ -61,8 +61,9 @@ class Config:
 # -- the data: a numpy advection-diffusion solver ------------------------------------------------
 
 
-def advect_diffuse(u: np.ndarray, steps: int, *, cx: float = 1.0, cy: float = 0.5, nu: float = 0.2,
-                   dt: float = 0.25) -> np.ndarray:
+def advect_diffuse(
+    u: np.ndarray, steps: int, *, cx: float = 1.0, cy: float = 0.5, nu: float = 0.2, dt: float = 0.25
+) -> np.ndarray:
     """``steps`` explicit steps of ``u_t + c·∇u = ν∇²u`` on ``u`` of shape ``(B, H, W)``.
 
     Grid spacing 1.  x (W) is periodic; y (H) has zero-flux walls (ghost rows copy
@@ -91,7 +92,7 @@ def initial_fields(rng: np.random.Generator, count: int, size: int) -> np.ndarra
             y0, x0 = rng.uniform(0, size, 2)
             width = rng.uniform(0.05, 0.15) * size
             dx = (x - x0 + size / 2) % size - size / 2  # periodic distance in x
-            u[i] += rng.uniform(-1, 1) * np.exp(-((y - y0) ** 2 + dx ** 2) / (2 * width ** 2))
+            u[i] += rng.uniform(-1, 1) * np.exp(-((y - y0) ** 2 + dx**2) / (2 * width**2))
     return u
 
 
@@ -149,8 +150,7 @@ class Progress:
             return
         width = 24
         bar = "#" * (width * done // self.total) + "-" * (width - width * done // self.total)
-        line = (f"{self.label} [{bar}] {done}/{self.total}  loss {loss:.3e}  "
-                f"{time.perf_counter() - self.start:5.1f} s")
+        line = f"{self.label} [{bar}] {done}/{self.total}  loss {loss:.3e}  {time.perf_counter() - self.start:5.1f} s"
         self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
         if self.tty and done == self.total:
             self.stream.write("\n")
@@ -174,8 +174,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, progr
 def run(rank: int, world_size: int, cfg: Config) -> dict:
     """One rank's part: train sharded; rank 0 also trains the one-device reference."""
     x, y = make_data(cfg)
-    held_x, held_y = x[-cfg.batch:], y[-cfg.batch:]
-    x, y = x[:cfg.samples], y[:cfg.samples]
+    held_x, held_y = x[-cfg.batch :], y[-cfg.batch :]
+    x, y = x[: cfg.samples], y[: cfg.samples]
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = Surrogate()
@@ -185,8 +185,7 @@ def run(rank: int, world_size: int, cfg: Config) -> dict:
 
     x_local, y_local = shard(x, shard_dim=2), shard(y, shard_dim=2)
     if rank == 0:
-        print(f"compiling with {cfg.compiler} (the first step traces, rewrites and compiles the model) ...",
-              flush=True)
+        print(f"compiling with {cfg.compiler} (the first step traces, rewrites and compiles the model) ...", flush=True)
     t0 = time.perf_counter()
     progress = Progress(cfg.steps, f"rank 0 of {world_size}") if rank == 0 else None
     loss = train(model, x_local, y_local, cfg, progress)
@@ -196,8 +195,7 @@ def run(rank: int, world_size: int, cfg: Config) -> dict:
     held_loss, pred_local = model(shard(held_x, shard_dim=2), shard(held_y, shard_dim=2))
     pred = gather(pred_local.detach(), shard_dim=2)
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    out = {"rank": rank, "rows": pred_local.shape[2], "loss": loss, "held_loss": held_loss.item(),
-           "seconds": seconds}
+    out = {"rank": rank, "rows": pred_local.shape[2], "loss": loss, "held_loss": held_loss.item(), "seconds": seconds}
     if rank != 0:
         return out
 
@@ -226,15 +224,17 @@ def report(rows: list[dict], world_size: int, cfg: Config) -> str:
     r0 = rows[0]
     ok = r0["param_diff"] <= TOLERANCE
     shards = "+".join(str(r["rows"]) for r in rows)
-    return "\n".join([
-        f"trained {cfg.steps} Adam steps on {world_size} ranks in {r0['seconds']:.1f} s (the first step compiles), "
-        f"on one device in {r0['reference_seconds']:.1f} s",
-        f"held-out MSE: sharded {r0['held_loss']:.3e}, one device {r0['reference_held_loss']:.3e}, "
-        f"persistence baseline {r0['persistence_loss']:.3e}",
-        f"parity with one device ({shards} rows): max |prediction diff| {r0['pred_diff']:.2e}, "
-        f"max |parameter diff| {r0['param_diff']:.2e} -> "
-        + ("matches one device" if ok else f"DIFFERS from one device (tolerance {TOLERANCE:g})"),
-    ])
+    return "\n".join(
+        [
+            f"trained {cfg.steps} Adam steps on {world_size} ranks in {r0['seconds']:.1f} s (the first step compiles), "
+            f"on one device in {r0['reference_seconds']:.1f} s",
+            f"held-out MSE: sharded {r0['held_loss']:.3e}, one device {r0['reference_held_loss']:.3e}, "
+            f"persistence baseline {r0['persistence_loss']:.3e}",
+            f"parity with one device ({shards} rows): max |prediction diff| {r0['pred_diff']:.2e}, "
+            f"max |parameter diff| {r0['param_diff']:.2e} -> "
+            + ("matches one device" if ok else f"DIFFERS from one device (tolerance {TOLERANCE:g})"),
+        ]
+    )
 
 
 def draw(path: str, picture, boundaries, world_size: int, lead: int) -> str:
@@ -247,8 +247,12 @@ def draw(path: str, picture, boundaries, world_size: int, lead: int) -> str:
     import matplotlib.pyplot as plt
 
     u_t, target, pred = picture
-    panels = [("input $u_t$", u_t), (f"target $u_{{t+{lead}}}$", target),
-              (f"prediction, gathered from {world_size} ranks", pred), ("error (prediction - target)", pred - target)]
+    panels = [
+        ("input $u_t$", u_t),
+        (f"target $u_{{t+{lead}}}$", target),
+        (f"prediction, gathered from {world_size} ranks", pred),
+        ("error (prediction - target)", pred - target),
+    ]
     lim = max(abs(u_t).max(), abs(target).max())
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.4), constrained_layout=True)
     for i, (ax, (title, field)) in enumerate(zip(axes, panels)):
@@ -262,8 +266,10 @@ def draw(path: str, picture, boundaries, world_size: int, lead: int) -> str:
             for b in boundaries:
                 ax.axhline(b - 0.5, color="k", lw=1, ls="--")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"fxhalo demo: advection-diffusion {lead} solver steps ahead, SmallUNet sharded along H over "
-                 f"{world_size} ranks (dashed: shard edges)")
+    fig.suptitle(
+        f"fxhalo demo: advection-diffusion {lead} solver steps ahead, SmallUNet sharded along H over "
+        f"{world_size} ranks (dashed: shard edges)"
+    )
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return f"wrote {path}"
@@ -278,15 +284,25 @@ def _finish(rows: list[dict], world_size: int, cfg: Config, png: str | None) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fxhalo.demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m fxhalo.demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1].replace("``", ""),
-        epilog="Under torchrun: torchrun --nproc-per-node N -m fxhalo.demo [options] (--ranks is then ignored).")
+        epilog="Under torchrun: torchrun --nproc-per-node N -m fxhalo.demo [options] (--ranks is then ignored).",
+    )
     parser.add_argument("--ranks", type=int, default=2, help="processes to spawn (default 2; ignored under torchrun)")
-    parser.add_argument("--size", type=int, default=Config.size,
-                        help="global field size H = W (default 64); each rank needs an even number of rows")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=Config.size,
+        help="global field size H = W (default 64); each rank needs an even number of rows",
+    )
     parser.add_argument("--steps", type=int, default=Config.steps, help="training steps (default 150)")
-    parser.add_argument("--compiler", default=Config.compiler, choices=["aot_eager", "inductor", "eager"],
-                        help="inner compiler (default aot_eager; inductor compiles for minutes on a small CPU)")
+    parser.add_argument(
+        "--compiler",
+        default=Config.compiler,
+        choices=["aot_eager", "inductor", "eager"],
+        help="inner compiler (default aot_eager; inductor compiles for minutes on a small CPU)",
+    )
     parser.add_argument("--png", default="fxhalo_demo.png", help="picture path (default fxhalo_demo.png)")
     parser.add_argument("--no-png", action="store_true", help="do not draw the picture")
     args = parser.parse_args(argv)
@@ -299,13 +315,18 @@ def main(argv=None) -> int:
     # for the skip concatenation and the residual, so every rank needs an even number of rows.
     if cfg.size % (2 * world_size) or cfg.size < 4 * world_size:
         good = max(4, -(-cfg.size // (2 * world_size)) * 2) * world_size
-        parser.error(f"SmallUNet's down- and upsampling need an even number of rows, at least 4, on each of the "
-                     f"{world_size} ranks, which --size {cfg.size} does not give; try --size {good}")
+        parser.error(
+            f"SmallUNet's down- and upsampling need an even number of rows, at least 4, on each of the "
+            f"{world_size} ranks, which --size {cfg.size} does not give; try --size {good}"
+        )
     if cfg.steps < 1:
         parser.error("--steps must be at least 1")
     if not torchrun or os.environ["RANK"] == "0":
-        print(f"fxhalo demo: {cfg.size}x{cfg.size} advection-diffusion field sharded along H over {world_size} "
-              f"ranks, SmallUNet, compiler={cfg.compiler}", flush=True)
+        print(
+            f"fxhalo demo: {cfg.size}x{cfg.size} advection-diffusion field sharded along H over {world_size} "
+            f"ranks, SmallUNet, compiler={cfg.compiler}",
+            flush=True,
+        )
 
     if torchrun:
         dist.init_process_group("gloo")

@@ -42,8 +42,17 @@ def _default_device() -> torch.device:
 class _DepthwiseConv(nn.Module):
     nd = 1
 
-    def __init__(self, hidden_dim: int, kernel_size: tuple[int, ...], num_groups, bias: bool, dtype, device,
-                 domain_group, shard_dim: int):
+    def __init__(
+        self,
+        hidden_dim: int,
+        kernel_size: tuple[int, ...],
+        num_groups,
+        bias: bool,
+        dtype,
+        device,
+        domain_group,
+        shard_dim: int,
+    ):
         super().__init__()
         hidden_dim = int(hidden_dim)
         num_groups = hidden_dim if num_groups is None else int(num_groups)
@@ -52,8 +61,10 @@ class _DepthwiseConv(nn.Module):
         if any(k < 1 for k in kernel_size):
             raise ValueError(f"kernel_size must be positive, got {kernel_size}")
         if not 1 <= num_groups <= hidden_dim or hidden_dim % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide hidden_dim={hidden_dim} "
-                             "(each prototype filter serves hidden_dim // num_groups channels)")
+            raise ValueError(
+                f"num_groups={num_groups} must divide hidden_dim={hidden_dim} "
+                "(each prototype filter serves hidden_dim // num_groups channels)"
+            )
         factory = {"dtype": dtype or torch.float32, "device": device if device is not None else _default_device()}
         self.hidden_dim = hidden_dim
         self.num_groups = num_groups
@@ -82,8 +93,10 @@ class _DepthwiseConv(nn.Module):
         pg = resolve_group(cp_group)
         size, rank = dist.get_world_size(pg), dist.get_rank(pg)
         if self.hidden_dim % size:
-            raise FxHaloError(f"{type(self).__name__}: hidden_dim={self.hidden_dim} does not split over the "
-                              f"{size} ranks of the context-parallel group; choose a multiple of {size}")
+            raise FxHaloError(
+                f"{type(self).__name__}: hidden_dim={self.hidden_dim} does not split over the "
+                f"{size} ranks of the context-parallel group; choose a multiple of {size}"
+            )
         block = self.hidden_dim // size
         return rank * block, block
 
@@ -96,16 +109,19 @@ class _DepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, cp_group=None) -> torch.Tensor:
         if x.ndim != self.nd + 2:
-            raise AssertionError(f"{type(self).__name__} expects a {self.nd + 2}-D input [B, C, ...], "
-                                 f"got shape {tuple(x.shape)}")
+            raise AssertionError(
+                f"{type(self).__name__} expects a {self.nd + 2}-D input [B, C, ...], got shape {tuple(x.shape)}"
+            )
         start, count = self._channel_block(cp_group)
         if x.shape[1] != count:
-            raise FxHaloError(f"{type(self).__name__}: input has {x.shape[1]} channels, expected {count} "
-                              f"(hidden_dim={self.hidden_dim}"
-                              + (" split over the context-parallel group)" if cp_group is not None else ")"))
+            raise FxHaloError(
+                f"{type(self).__name__}: input has {x.shape[1]} channels, expected {count} "
+                f"(hidden_dim={self.hidden_dim}"
+                + (" split over the context-parallel group)" if cp_group is not None else ")")
+            )
         # Expand the G prototypes to C channels, then keep this rank's block.
-        weight = self.weight.repeat_interleave(self.group_dim, 0)[start:start + count].unsqueeze(1)
-        bias = None if self.bias is None else self.bias.repeat_interleave(self.group_dim, 0)[start:start + count]
+        weight = self.weight.repeat_interleave(self.group_dim, 0)[start : start + count].unsqueeze(1)
+        bias = None if self.bias is None else self.bias.repeat_interleave(self.group_dim, 0)[start : start + count]
         padding, zeros = self._padding()
         domain = self._domain()
         if domain is None:
@@ -114,9 +130,11 @@ class _DepthwiseConv(nn.Module):
             return (F.conv1d if self.nd == 1 else F.conv2d)(x, weight, bias, 1, padding, 1, count)
         dim = domain.dim_of(x.ndim)
         if dim < 2:
-            raise FxHaloError(f"{type(self).__name__}: shard_dim={self.shard_dim} names dim {dim} of "
-                              f"{tuple(x.shape)}; the domain group shards a spatial dim (slice channels "
-                              "with cp_group instead)")
+            raise FxHaloError(
+                f"{type(self).__name__}: shard_dim={self.shard_dim} names dim {dim} of "
+                f"{tuple(x.shape)}; the domain group shards a spatial dim (slice channels "
+                "with cp_group instead)"
+            )
         kwargs = {}
         if zeros is not None:
             axis = dim - 2
@@ -124,8 +142,9 @@ class _DepthwiseConv(nn.Module):
             if any(p for lo_hi in rest for p in lo_hi):
                 x = F.pad(x, [p for lo_hi in reversed(rest) for p in lo_hi])
             kwargs = dict(edge_mode="zeros", edge_extent=zeros[axis])  # the causal pad, at the global start only
-        return conv_ops.conv(x, weight, bias, 1, padding, 1, count, shard_dim=dim,
-                             group_name=domain.group_name, **kwargs)
+        return conv_ops.conv(
+            x, weight, bias, 1, padding, 1, count, shard_dim=dim, group_name=domain.group_name, **kwargs
+        )
 
 
 class DistributedDepthwiseConv1d(_DepthwiseConv):
@@ -148,9 +167,19 @@ class DistributedDepthwiseConv1d(_DepthwiseConv):
 
     nd = 1
 
-    def __init__(self, hidden_dim: int, kernel_size: int, causal: bool = False, num_groups: int | None = None,
-                 bias: bool = False, dtype: torch.dtype | None = None, device=None, *, domain_group=None,
-                 shard_dim: int = -1):
+    def __init__(
+        self,
+        hidden_dim: int,
+        kernel_size: int,
+        causal: bool = False,
+        num_groups: int | None = None,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device=None,
+        *,
+        domain_group=None,
+        shard_dim: int = -1,
+    ):
         super().__init__(hidden_dim, (int(kernel_size),), num_groups, bias, dtype, device, domain_group, shard_dim)
         self.causal = bool(causal)
         self.kernel_size = int(kernel_size)
@@ -161,8 +190,10 @@ class DistributedDepthwiseConv1d(_DepthwiseConv):
         return "same", None
 
     def extra_repr(self) -> str:
-        return (f"hidden_dim={self.hidden_dim}, kernel_size={self.kernel_size}, causal={self.causal}, "
-                f"num_groups={self.num_groups}, bias={self.bias is not None}")
+        return (
+            f"hidden_dim={self.hidden_dim}, kernel_size={self.kernel_size}, causal={self.causal}, "
+            f"num_groups={self.num_groups}, bias={self.bias is not None}"
+        )
 
 
 class DistributedDepthwiseConv2d(_DepthwiseConv):
@@ -179,8 +210,18 @@ class DistributedDepthwiseConv2d(_DepthwiseConv):
 
     nd = 2
 
-    def __init__(self, hidden_dim: int, kernel_size, num_groups: int | None = None, bias: bool = False,
-                 dtype: torch.dtype | None = None, device=None, *, domain_group=None, shard_dim: int = -2):
+    def __init__(
+        self,
+        hidden_dim: int,
+        kernel_size,
+        num_groups: int | None = None,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device=None,
+        *,
+        domain_group=None,
+        shard_dim: int = -2,
+    ):
         k = (int(kernel_size),) * 2 if isinstance(kernel_size, int) else tuple(int(v) for v in kernel_size)
         if len(k) != 2:
             raise ValueError(f"kernel_size must be an int or a pair, got {kernel_size}")
@@ -188,5 +229,7 @@ class DistributedDepthwiseConv2d(_DepthwiseConv):
         self.kernel_size = k
 
     def extra_repr(self) -> str:
-        return (f"hidden_dim={self.hidden_dim}, kernel_size={self.kernel_size}, num_groups={self.num_groups}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"hidden_dim={self.hidden_dim}, kernel_size={self.kernel_size}, num_groups={self.num_groups}, "
+            f"bias={self.bias is not None}"
+        )

@@ -70,7 +70,7 @@ class Domain:
     shard_dim: int = 2
 
     @classmethod
-    def from_group(cls, group=None, *, shard_dim: int = 2, mesh_axis=None) -> "Domain":
+    def from_group(cls, group=None, *, shard_dim: int = 2, mesh_axis=None) -> Domain:
         pg = resolve_group(group, mesh_axis)
         return cls(pg.group_name, dist.get_rank(pg), dist.get_world_size(pg), shard_dim)
 
@@ -83,9 +83,7 @@ class Domain:
         """The non-negative sharded dim of a tensor with ``ndim`` dims."""
         d = self.shard_dim + ndim if self.shard_dim < 0 else self.shard_dim
         if not 0 <= d < ndim:
-            raise FxHaloError(
-                f"shard_dim={self.shard_dim} does not exist on a {ndim}-D tensor"
-            )
+            raise FxHaloError(f"shard_dim={self.shard_dim} does not exist on a {ndim}-D tensor")
         return d
 
     # -- the partition rule -------------------------------------------------
@@ -157,14 +155,14 @@ class Domain:
         return (self.rank + 1) % self.size
 
 
-def _all_lengths(local: int, domain: "Domain") -> list[int]:
+def _all_lengths(local: int, domain: Domain) -> list[int]:
     """Every rank's local length (one small all_gather over the domain group)."""
     out = [torch.zeros(1, dtype=torch.int64) for _ in range(domain.size)]
     dist.all_gather(out, torch.tensor([local], dtype=torch.int64), group=domain.process_group)
     return [int(t) for t in out]
 
 
-def check_partition(lengths, domain: "Domain", what: str) -> None:
+def check_partition(lengths, domain: Domain, what: str) -> None:
     """Raise unless the ranks' local ``lengths`` are the partition rule's split of their sum."""
     n = sum(lengths)
     want = [b - a for a, b in domain.partition(n)]
@@ -176,7 +174,7 @@ def check_partition(lengths, domain: "Domain", what: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _balanced_partition(length: int, size: int) -> tuple[tuple[int, int], ...]:
     base, extra = divmod(length, size)
     out, start = [], 0

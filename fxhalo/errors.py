@@ -38,7 +38,7 @@ def user_source(node) -> str:
         line = line.strip()
         if not line.startswith('File "'):
             continue
-        path, _, rest = line[len('File "'):].partition('"')
+        path, _, rest = line[len('File "') :].partition('"')
         lineno = rest.split("line", 1)[-1].split(",", 1)[0].strip()
         code = lines[i + 1].strip() if i + 1 < len(lines) else ""
         frames.append((path, lineno, code))
@@ -66,9 +66,15 @@ def _public_name(target) -> str:
     name = getattr(target, "__name__", None)
     if name is None:
         return str(target)
-    for prefix, ns in (("torch", torch), ("torch.nn.functional", F), ("torch.fft", torch.fft),
-                       ("torch.special", torch.special), ("torch.linalg", torch.linalg),
-                       ("operator", operator), ("torch._C._nn", torch._C._nn)):
+    for prefix, ns in (
+        ("torch", torch),
+        ("torch.nn.functional", F),
+        ("torch.fft", torch.fft),
+        ("torch.special", torch.special),
+        ("torch.linalg", torch.linalg),
+        ("operator", operator),
+        ("torch._C._nn", torch._C._nn),
+    ):
         if getattr(ns, name, None) is target:
             if ns is torch._C._nn and hasattr(F, name):  # F.pad and friends call these builtins
                 return f"torch.nn.functional.{name}"

@@ -110,20 +110,27 @@ _HALO_CODES = (_halo.halo_exchange.__code__, _reduce_ops.global_moments_with_row
 _KERNEL_EDGES = {"max_pool": "-inf", "avg_pool": "zeros", "interpolate": "clamp", "conv_transpose": "zeros"}
 
 _COLLECTIVES = {  # functional collective -> the kind reported
-    "all_reduce": "all_reduce", "all_reduce_": "all_reduce", "all_reduce_coalesced": "all_reduce",
-    "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_coalesced": "all_gather",
-    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_tensor_coalesced": "reduce_scatter",
-    "all_to_all_single": "all_to_all", "broadcast": "broadcast",
+    "all_reduce": "all_reduce",
+    "all_reduce_": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+    "broadcast": "broadcast",
 }
 # Kernels that are the identity forward and all-reduce their inputs' gradients in the backward:
 # a replicated activation input, and (grad_sync) a bucket of parameters.
-_SYNC_IN_BACKWARD = tuple(f for f in (getattr(_grad_ops, name, None) for name in ("replicated_input", "synced_params"))
-                          if f is not None)
+_SYNC_IN_BACKWARD = tuple(
+    f for f in (getattr(_grad_ops, name, None) for name in ("replicated_input", "synced_params")) if f is not None
+)
 _ORDER = {kind: i for i, kind in enumerate(("all_to_all", "all_reduce", "all_gather", "reduce_scatter"))}
 _NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d_functional")
 
 
 # -- what one row says ---------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
@@ -135,7 +142,7 @@ class Collective:
     requires_grad: bool  # autograd will run its backward
     group_size: int = 1
 
-    def backward(self) -> "Collective | None":
+    def backward(self) -> Collective | None:
         """The collective autograd runs for this one in the backward (the module's convention)."""
         if not self.requires_grad:
             return None
@@ -177,11 +184,18 @@ class Row:
 
     def to_dict(self) -> dict:
         return {
-            "graph": self.graph, "node": self.node, "op": self.op, "kernel": self.kernel, "source": self.source,
-            "shard_dim": self.shard_dim, "halo": [list(h) for h in self.halo], "edge": self.edge,
+            "graph": self.graph,
+            "node": self.node,
+            "op": self.op,
+            "kernel": self.kernel,
+            "source": self.source,
+            "shard_dim": self.shard_dim,
+            "halo": [list(h) for h in self.halo],
+            "edge": self.edge,
             "collectives": [dataclasses.asdict(c) for c in self.collectives],
             "backward": [dataclasses.asdict(c) for c in self.backward],
-            "bytes_sent": self.bytes_sent, "error": self.error,
+            "bytes_sent": self.bytes_sent,
+            "error": self.error,
         }
 
 
@@ -244,18 +258,35 @@ class Explanation:
         several = len(self._parts) > 1
         errors = any(r.refused for r in self.rows)
         headers = (["graph"] if several else []) + [
-            "node", "op", "source", "dim", "halo lo/hi", "edge", "collective", "bytes sent"]
+            "node",
+            "op",
+            "source",
+            "dim",
+            "halo lo/hi",
+            "edge",
+            "collective",
+            "bytes sent",
+        ]
         headers += ["problem"] if errors else []
         body = []
         for r in self.rows:
-            cells = [r.node, r.op, r.source or "-", "-" if r.shard_dim is None else r.shard_dim,
-                     ", ".join(f"{lo}/{hi}" for lo, hi in r.halo) or "-", r.edge or "-",
-                     "REFUSED" if r.refused else _kinds(r),
-                     "" if r.refused else f"{r.bytes_sent:,}"] + ([r.error] if errors else [])
+            cells = [
+                r.node,
+                r.op,
+                r.source or "-",
+                "-" if r.shard_dim is None else r.shard_dim,
+                ", ".join(f"{lo}/{hi}" for lo, hi in r.halo) or "-",
+                r.edge or "-",
+                "REFUSED" if r.refused else _kinds(r),
+                "" if r.refused else f"{r.bytes_sent:,}",
+            ] + ([r.error] if errors else [])
             body.append(([r.graph] if several else []) + cells)
         widths = [None] * (len(headers) - 1) + [72 if errors else None]
-        text = tabulate.tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True,
-                                 maxcolwidths=widths) if body else "(no node needs a collective)"
+        text = (
+            tabulate.tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True, maxcolwidths=widths)
+            if body
+            else "(no node needs a collective)"
+        )
         return f"{text}\n{self._local_line()}"
 
     def _local_line(self) -> str:
@@ -270,16 +301,20 @@ class Explanation:
     def summary(self) -> str:
         """Collectives and bytes per forward (and per backward when anything requires grad)."""
         graphs = len(self._parts)
-        lines = [f"rank {self.rank} of {self.world_size}, shard_dim {self.shard_dim}, "
-                 f"{graphs} graph{'s' if graphs != 1 else ''}"]
+        lines = [
+            f"rank {self.rank} of {self.world_size}, shard_dim {self.shard_dim}, "
+            f"{graphs} graph{'s' if graphs != 1 else ''}"
+        ]
         lines.append("forward:  " + _totals(self.forward()))
         back = self.backward()
         if back:
             lines.append("backward: " + _totals(back))
         problems = self.problems
         if problems:
-            lines.append(f"REFUSED: {len(problems)} problem{'s' if len(problems) != 1 else ''}; the backend "
-                         "would raise the first of them (FxHaloError) instead of compiling")
+            lines.append(
+                f"REFUSED: {len(problems)} problem{'s' if len(problems) != 1 else ''}; the backend "
+                "would raise the first of them (FxHaloError) instead of compiling"
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -287,13 +322,17 @@ class Explanation:
         return f"{self.table}\n\n{self.summary}"
 
     def __repr__(self) -> str:
-        return (f"<Explanation rank {self.rank} of {self.world_size}: {len(self.rows)} rows, "
-                f"{len(self.forward())} forward collectives>")
+        return (
+            f"<Explanation rank {self.rank} of {self.world_size}: {len(self.rows)} rows, "
+            f"{len(self.forward())} forward collectives>"
+        )
 
     def to_dict(self) -> dict:
         """Everything in JSON-ready form (no tensors, no graph objects; the graphs as code)."""
         return {
-            "world_size": self.world_size, "rank": self.rank, "shard_dim": self.shard_dim,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "shard_dim": self.shard_dim,
             "rows": [r.to_dict() for r in self.rows],
             "local_nodes": dict(self.local_nodes),
             "forward": _totals_dict(self.forward()),
@@ -322,7 +361,9 @@ def _totals(calls: list[Collective]) -> str:
         entry[1] += c.bytes
     kinds = ", ".join(f"{n} x {kind} ({_human(b)})" for kind, (n, b) in by_kind.items())
     total = sum(c.bytes for c in calls)
-    return f"{len(calls)} collective{'s' if len(calls) != 1 else ''} per call: {kinds}; {_human(total)} sent by this rank"
+    return (
+        f"{len(calls)} collective{'s' if len(calls) != 1 else ''} per call: {kinds}; {_human(total)} sent by this rank"
+    )
 
 
 def _totals_dict(calls: list[Collective]) -> dict:
@@ -346,8 +387,8 @@ def _human(n: int) -> str:
 
 # -- the entry point -------------------------------------------------------------------
 
-def explain(model, *local_inputs, world_size: int | None = None, rank: int | None = None,
-            **options) -> Explanation:
+
+def explain(model, *local_inputs, world_size: int | None = None, rank: int | None = None, **options) -> Explanation:
     """Explain what ``torch.compile(model, backend="domain_parallel", options=options)`` does on one rank.
 
     ``local_inputs`` are one rank's forward arguments (its slabs).  ``options`` are
@@ -377,12 +418,15 @@ def _domain(settings, world_size: int | None, rank: int | None):
     if settings.group is not None or dist.is_initialized():
         pg = resolve_group(settings.group, settings.mesh_axis)
         real_size, real_rank = dist.get_world_size(pg), dist.get_rank(pg)
-        if (world_size, rank) != (None, None) and (world_size or real_size, real_rank if rank is None else rank) \
-                != (real_size, real_rank):
+        if (world_size, rank) != (None, None) and (world_size or real_size, real_rank if rank is None else rank) != (
+            real_size,
+            real_rank,
+        ):
             raise FxHaloError(
                 f"inside an initialised process group fxhalo.explain describes this process: rank {real_rank} of "
                 f"{real_size}, not world_size={world_size}, rank={rank}. To simulate other ranks or sizes, call it "
-                "in a process without a process group, or use `python -m fxhalo explain`.")
+                "in a process without a process group, or use `python -m fxhalo explain`."
+            )
         yield Domain(pg.group_name, real_rank, real_size, settings.shard_dim)
         return
     if world_size is None:
@@ -425,10 +469,24 @@ def _explain(model, local_inputs, domain: Domain, settings) -> Explanation:
         torch.compile(fn, backend=capture, dynamic=False)(*local_inputs)
     except Exception as e:  # torch could not run the model on the local shape
         message = str(e).splitlines()[0] if str(e) else ""
-        parts.append(_Part(len(parts), None, [_problem_row(
-            len(parts), type(model).__name__, "", "",
-            FxHaloError(f"torch could not trace the model on the local input: {type(e).__name__}: {message}"))],
-            collections.Counter()))
+        parts.append(
+            _Part(
+                len(parts),
+                None,
+                [
+                    _problem_row(
+                        len(parts),
+                        type(model).__name__,
+                        "",
+                        "",
+                        FxHaloError(
+                            f"torch could not trace the model on the local input: {type(e).__name__}: {message}"
+                        ),
+                    )
+                ],
+                collections.Counter(),
+            )
+        )
     if domain.size == 1:
         notes.append("world size 1: the backend hands each graph to the inner compiler unchanged")
     if not parts:
@@ -489,8 +547,9 @@ def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, gra
     propagate_sharding(graph, ctx, problems=problems)
     for node, _ in problems:
         node.meta.pop(RULE, None)
-    refused = [_problem_row(index, node.name, _spelled(node), _where(node), err, _sharding_dim(node))
-               for node, err in problems]
+    refused = [
+        _problem_row(index, node.name, _spelled(node), _where(node), err, _sharding_dim(node)) for node, err in problems
+    ]
     try:
         rewrite(graph, ctx)
         wrap_replicated_boundaries(graph, ctx)
@@ -518,9 +577,18 @@ def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
     evenly sharded, which is what one rank's input can tell.
     """
     fields = {f.name for f in dataclasses.fields(PassContext)}
-    extra = {name: getattr(settings, name) for name in ("grad_sync", "fuse_exchanges") if name in fields and hasattr(settings, name)}
-    return PassContext(domain, dict(settings.input_shard_dims), settings.fallback,
-                       known_inputs=layouts.known(gm, example_inputs), **extra)
+    extra = {
+        name: getattr(settings, name)
+        for name in ("grad_sync", "fuse_exchanges")
+        if name in fields and hasattr(settings, name)
+    }
+    return PassContext(
+        domain,
+        dict(settings.input_shard_dims),
+        settings.fallback,
+        known_inputs=layouts.known(gm, example_inputs),
+        **extra,
+    )
 
 
 def _problem_row(index: int, node: str, op: str, source: str, error: BaseException, dim=None) -> Row:
@@ -536,6 +604,7 @@ def _sharding_dim(node) -> int | None:
 
 
 # -- rows from a rewritten graph ------------------------------------------------------
+
 
 def _is_call(node) -> bool:
     return node.op in ("call_function", "call_method", "call_module")
@@ -637,13 +706,25 @@ def _rows(graph, index: int, grad: bool, size: int) -> list[Row]:
         calls = tuple(seen.calls.get(n.name, ()))
         halos = tuple((p.lo, p.hi) for p in seen.halos.get(n.name, ()))
         backward = [c.backward() for c in calls] + seen.backward_only.get(n.name, [])
-        rows.append(Row(index, name, op, _kernel_name(n.target), _where(n),
-                        n.kwargs.get("shard_dim", _sharding_dim(n)), halos, _edge(n, halos), calls,
-                        tuple(b for b in backward if b is not None)))
+        rows.append(
+            Row(
+                index,
+                name,
+                op,
+                _kernel_name(n.target),
+                _where(n),
+                n.kwargs.get("shard_dim", _sharding_dim(n)),
+                halos,
+                _edge(n, halos),
+                calls,
+                tuple(b for b in backward if b is not None),
+            )
+        )
     return rows
 
 
 # -- measuring the collectives ----------------------------------------------------------
+
 
 def _collective_kind(func) -> str | None:
     packet = getattr(func, "_overloadpacket", func)
@@ -719,7 +800,8 @@ class _Measure(torch.fx.Interpreter):
             if any(t.requires_grad for t in tensors):
                 nbytes = sum(_nbytes(t) for t in tensors)
                 self.watch.backward_only[n.name].append(
-                    Collective("all_reduce", nbytes, nbytes, False, self.watch.size))
+                    Collective("all_reduce", nbytes, nbytes, False, self.watch.size)
+                )
         return super().run_node(n)
 
 
@@ -763,6 +845,7 @@ def _with_grad(node, fake):
 
 # -- the backend's log ------------------------------------------------------------------
 
+
 def log_rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
     """Log a graph the backend just rewrote (``TORCH_LOGS="+fxhalo"``), on rank 0.
 
@@ -776,12 +859,19 @@ def log_rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         compile_id = torch._guards.CompileContext.current_compile_id()
         label = f"graph {compile_id}" if compile_id is not None else "graph"
         part = _Part(0, gm, _rows(gm, 0, torch.is_grad_enabled(), ctx.domain.size), _local(gm))
-        ex = Explanation(world_size=ctx.domain.size, rank=ctx.domain.rank, shard_dim=ctx.domain.shard_dim,
-                         parts=[part], notes=[])
+        ex = Explanation(
+            world_size=ctx.domain.size, rank=ctx.domain.rank, shard_dim=ctx.domain.shard_dim, parts=[part], notes=[]
+        )
         log.info("fxhalo rewrote %s: forward %s", label, _totals(ex.forward()))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("fxhalo rewrote %s for rank %d of %d:\n%s\n%s\n\n%s", label, ctx.domain.rank,
-                      ctx.domain.size, gm.print_readable(print_output=False), ex.table, ex.summary)
+            log.debug(
+                "fxhalo rewrote %s for rank %d of %d:\n%s\n%s\n\n%s",
+                label,
+                ctx.domain.rank,
+                ctx.domain.size,
+                gm.print_readable(print_output=False),
+                ex.table,
+                ex.summary,
+            )
     except Exception as e:  # pragma: no cover - a report must never break compilation
         log.info("fxhalo could not describe the rewritten graph: %s: %s", type(e).__name__, e)
-

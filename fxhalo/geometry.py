@@ -35,15 +35,20 @@ def split_rows(domain: Domain, n: int, m: int, what: str):
     layer that small gains nothing from being sharded.
     """
     if m < 1:
-        raise Unsplittable(what, f"gives no output rows from the global input length {n}",
-                           "check the op's arguments against the global (not the local) size")
+        raise Unsplittable(
+            what,
+            f"gives no output rows from the global input length {n}",
+            "check the op's arguments against the global (not the local) size",
+        )
     for length, which in ((n, "input"), (m, "output")):
         if length < domain.size:
             raise Unsplittable(
-                what, f"has a global {which} length of {length} rows along the sharded dim, fewer than the "
-                      f"{domain.size} ranks, so some ranks would hold no rows",
+                what,
+                f"has a global {which} length of {length} rows along the sharded dim, fewer than the "
+                f"{domain.size} ranks, so some ranks would hold no rows",
                 "use fewer ranks, or stop sharding before this layer (gather its input with fxhalo.gather, "
-                "or mark it replicated), as the deepest levels of a UNet often need")
+                "or mark it replicated), as the deepest levels of a UNet often need",
+            )
     return domain.partition(n), domain.partition(m)
 
 
@@ -91,5 +96,6 @@ def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what:
     in_part, out_part = split_rows(domain, n_global, m, what)
     needs = tuple(window.needed(c, e) for c, e in out_part)
     reach = max(max(a - s, e - b) for (a, b), (s, e) in zip(in_part, needs))
-    return WindowPlan(plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part,
-                      reach, min(b - a for a, b in in_part))
+    return WindowPlan(
+        plan_halo(in_part, needs, domain.rank, edge), m, needs == in_part, reach, min(b - a for a, b in in_part)
+    )

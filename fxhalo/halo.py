@@ -31,8 +31,17 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["EDGE_MODES", "Edge", "Piece", "HaloPlan", "plan_halo", "halo_exchange", "send_buffer", "assemble",
-           "needs_from_widths"]
+__all__ = [
+    "EDGE_MODES",
+    "Edge",
+    "Piece",
+    "HaloPlan",
+    "plan_halo",
+    "halo_exchange",
+    "send_buffer",
+    "assemble",
+    "needs_from_widths",
+]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
 
@@ -69,9 +78,7 @@ class Edge:
             return 0 if below else n - 1
         if mode == "reflect":
             if depth >= n:
-                raise FxHaloError(
-                    f"reflect padding of {depth} rows needs more than the {n} rows of the global tensor"
-                )
+                raise FxHaloError(f"reflect padding of {depth} rows needs more than the {n} rows of the global tensor")
             return depth if below else n - 1 - depth
         # circular
         if depth > n:
@@ -180,8 +187,13 @@ def _runs_for(start: int, stop: int, partition, edge: Edge) -> list[tuple]:
         s, e = max(lo, a), min(hi, b)
         if s < e:
             # Rows of one owner are contiguous and ascending: add them as one run.
-            if runs and runs[-1][0] == "row" and runs[-1][1] == owner and runs[-1][4] == 1 \
-                    and runs[-1][2] + runs[-1][3] == s - a:
+            if (
+                runs
+                and runs[-1][0] == "row"
+                and runs[-1][1] == owner
+                and runs[-1][4] == 1
+                and runs[-1][2] + runs[-1][3] == s - a
+            ):
                 runs[-1][3] += e - s
             else:
                 runs.append(["row", owner, s - a, e - s, 1])
@@ -191,8 +203,9 @@ def _runs_for(start: int, stop: int, partition, edge: Edge) -> list[tuple]:
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, int], ...],
-              rank: int, edge: Edge = Edge()) -> HaloPlan:
+def plan_halo(
+    partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, int], ...], rank: int, edge: Edge = Edge()
+) -> HaloPlan:
     """Plan the exchange that gives every rank ``r`` the global rows ``needs[r]``.
 
     ``partition[q]`` is rank ``q``'s ``[start, stop)`` of the input's global rows.
@@ -210,17 +223,18 @@ def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, in
     def sends_of(q: int) -> list[list[tuple[int, int]]]:
         per_dest = []
         for r in range(size):
-            per_dest.append([
-                (min(run[2], run[2] + (run[3] - 1) * run[4]), run[3])
-                for run in all_runs[r] if run[0] == "row" and run[1] == q and q != r
-            ])
+            per_dest.append(
+                [
+                    (min(run[2], run[2] + (run[3] - 1) * run[4]), run[3])
+                    for run in all_runs[r]
+                    if run[0] == "row" and run[1] == q and q != r
+                ]
+            )
         return per_dest
 
     my_sends = sends_of(rank)
     send_splits = tuple(sum(length for _, length in runs) for runs in my_sends)
-    collective = any(
-        run[0] == "row" and run[1] != r for r in range(size) for run in all_runs[r]
-    )
+    collective = any(run[0] == "row" and run[1] != r for r in range(size) for run in all_runs[r])
 
     recv_splits = [0] * size
     for run in all_runs[rank]:
@@ -245,10 +259,16 @@ def plan_halo(partition: tuple[tuple[int, int], ...], needs: tuple[tuple[int, in
     a, b = partition[rank]
     s, e = needs[rank]
     return HaloPlan(
-        rank=rank, size=size, lo=a - s, hi=e - b, local_length=b - a,
+        rank=rank,
+        size=size,
+        lo=a - s,
+        hi=e - b,
+        local_length=b - a,
         send=tuple(run for runs in my_sends for run in runs),
-        send_splits=send_splits, recv_splits=tuple(recv_splits),
-        pieces=tuple(pieces), collective=collective,
+        send_splits=send_splits,
+        recv_splits=tuple(recv_splits),
+        pieces=tuple(pieces),
+        collective=collective,
     )
 
 

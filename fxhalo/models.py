@@ -42,8 +42,15 @@ class SmallUNet(nn.Module):
     rows to ``2 * ceil(H / 2)`` and traces on any slab, uneven shards included.
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, width: int = 8,
-                 groups: int = 4, upsample: str = "bilinear", skip: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        width: int = 8,
+        groups: int = 4,
+        upsample: str = "bilinear",
+        skip: bool = True,
+    ):
         super().__init__()
         self.upsample = upsample
         self.skip = skip

@@ -46,11 +46,22 @@ from .ops import pool as pool_ops
 from .ops.rows import ints
 
 __all__ = [
-    "DomainParallelConv1d", "DomainParallelConv2d", "DomainParallelConv3d",
-    "DomainParallelConvTranspose1d", "DomainParallelConvTranspose2d", "DomainParallelConvTranspose3d",
-    "DomainParallelGroupNorm", "DomainParallelInstanceNorm", "DomainParallelBatchNorm",
-    "DomainParallelPeriodicConv2d", "DomainParallelInterpolate", "DomainParallelPool",
-    "WRAPPERS", "POOLS", "group_name_of", "reduce_gradients",
+    "DomainParallelConv1d",
+    "DomainParallelConv2d",
+    "DomainParallelConv3d",
+    "DomainParallelConvTranspose1d",
+    "DomainParallelConvTranspose2d",
+    "DomainParallelConvTranspose3d",
+    "DomainParallelGroupNorm",
+    "DomainParallelInstanceNorm",
+    "DomainParallelBatchNorm",
+    "DomainParallelPeriodicConv2d",
+    "DomainParallelInterpolate",
+    "DomainParallelPool",
+    "WRAPPERS",
+    "POOLS",
+    "group_name_of",
+    "reduce_gradients",
 ]
 
 
@@ -170,8 +181,17 @@ class _DomainParallelConvNd(_Wrapper):
 
     def __init__(self, conv, shard_dim: int, group=None):
         super().__init__(conv, shard_dim, group)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                     "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(self, attr, getattr(conv, attr))
 
     def _local(self, x):
@@ -200,8 +220,7 @@ class _DomainParallelConvNd(_Wrapper):
             if any(rest):
                 x = F.pad(x, rest, mode=self.padding_mode)
             padding = 0
-        return conv_ops.conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                             **kwargs)
+        return conv_ops.conv(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups, **kwargs)
 
 
 class DomainParallelConv1d(_DomainParallelConvNd):
@@ -241,8 +260,17 @@ class _DomainParallelConvTransposeNd(_Wrapper):
 
     def __init__(self, conv, shard_dim: int, group=None):
         super().__init__(conv, shard_dim, group)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "output_padding",
-                     "dilation", "groups", "padding_mode"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "output_padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
             setattr(self, attr, getattr(conv, attr))
 
     def _output_padding(self, spatial, output_size):
@@ -258,8 +286,10 @@ class _DomainParallelConvTransposeNd(_Wrapper):
         for n, m, k, s, p, d in zip(spatial, size, self.kernel_size, self.stride, self.padding, self.dilation):
             smallest = (n - 1) * s - 2 * p + d * (k - 1) + 1
             if not smallest <= m < smallest + s:
-                raise ValueError(f"requested an output size of {size}, but valid sizes for the global input "
-                                 f"{tuple(spatial)} start at {smallest} along one axis (+ at most {s - 1})")
+                raise ValueError(
+                    f"requested an output size of {size}, but valid sizes for the global input "
+                    f"{tuple(spatial)} start at {smallest} along one axis (+ at most {s - 1})"
+                )
             out.append(m - smallest)
         return tuple(out)
 
@@ -269,15 +299,32 @@ class _DomainParallelConvTransposeNd(_Wrapper):
             raise ValueError(f"Only `zeros` padding mode is supported for ConvTranspose{self.nd}d")
         domain = self.domain()
         dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), self.nd)
-        spatial = list(x.shape[x.ndim - self.nd:])
+        spatial = list(x.shape[x.ndim - self.nd :])
         if dim is None:
-            return _CONV_T[self.nd](x, self.weight, self.bias, self.stride, self.padding,
-                                    self._output_padding(spatial, output_size), self.groups, self.dilation)
+            return _CONV_T[self.nd](
+                x,
+                self.weight,
+                self.bias,
+                self.stride,
+                self.padding,
+                self._output_padding(spatial, output_size),
+                self.groups,
+                self.dilation,
+            )
         if output_size is not None:  # it names global sizes: compare with the global input length
             spatial[dim - (x.ndim - self.nd)] = domain.global_length(x.shape[dim])
         return conv_transpose_ops.conv_transpose(
-            x, self.weight, self.bias, self.stride, self.padding, self._output_padding(spatial, output_size),
-            self.groups, self.dilation, shard_dim=dim, group_name=domain.group_name)
+            x,
+            self.weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self._output_padding(spatial, output_size),
+            self.groups,
+            self.dilation,
+            shard_dim=dim,
+            group_name=domain.group_name,
+        )
 
 
 class DomainParallelConvTranspose1d(_DomainParallelConvTransposeNd):
@@ -320,15 +367,26 @@ class DomainParallelPeriodicConv2d(_Wrapper):
     State-dict keys stay ``conv.weight`` and ``conv.bias``.
     """
 
-    def __init__(self, periodic_conv: nn.Module, shard_dim: int = -2, group=None, *,
-                 h_mode: str = "reflect", w_mode: str = "circular"):
+    def __init__(
+        self,
+        periodic_conv: nn.Module,
+        shard_dim: int = -2,
+        group=None,
+        *,
+        h_mode: str = "reflect",
+        w_mode: str = "circular",
+    ):
         conv = getattr(periodic_conv, "conv", None)
         if not isinstance(conv, nn.Conv2d) or not hasattr(periodic_conv, "padding"):
-            raise FxHaloError("DomainParallelPeriodicConv2d wraps a module with a `conv` (nn.Conv2d) and a "
-                              f"`padding` attribute; {type(periodic_conv).__name__} has not both")
+            raise FxHaloError(
+                "DomainParallelPeriodicConv2d wraps a module with a `conv` (nn.Conv2d) and a "
+                f"`padding` attribute; {type(periodic_conv).__name__} has not both"
+            )
         if conv.padding_mode != "zeros" and any(ints(conv.padding, 2)):
-            raise FxHaloError("DomainParallelPeriodicConv2d: the inner conv pads with "
-                              f"padding_mode={conv.padding_mode!r} after the periodic pad; only zeros can follow it")
+            raise FxHaloError(
+                "DomainParallelPeriodicConv2d: the inner conv pads with "
+                f"padding_mode={conv.padding_mode!r} after the periodic pad; only zeros can follow it"
+            )
         super().__init__(periodic_conv, shard_dim, group)
         ph, pw = ints(periodic_conv.padding, 2)
         self.padding = (ph, pw)
@@ -358,9 +416,19 @@ class DomainParallelPeriodicConv2d(_Wrapper):
         axis = dim - (x.ndim - 2)
         x = self._pad(x, 1 - axis)
         c = self.conv
-        return conv_ops.conv(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups,
-                             shard_dim=dim, group_name=domain.group_name, edge_mode=self.modes[axis],
-                             edge_extent=(self.padding[axis], self.padding[axis]))
+        return conv_ops.conv(
+            x,
+            c.weight,
+            c.bias,
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+            shard_dim=dim,
+            group_name=domain.group_name,
+            edge_mode=self.modes[axis],
+            edge_extent=(self.padding[axis], self.padding[axis]),
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, padding={self.padding}, modes(H, W)={self.modes}"
@@ -388,8 +456,9 @@ class DomainParallelGroupNorm(_Wrapper):
         dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), max(x.ndim - 2, 0))
         if dim is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return norm_ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                   shard_dim=dim, group_name=domain.group_name)
+        return norm_ops.group_norm(
+            x, self.num_groups, self.weight, self.bias, self.eps, shard_dim=dim, group_name=domain.group_name
+        )
 
 
 class DomainParallelInstanceNorm(_Wrapper):
@@ -407,7 +476,8 @@ class DomainParallelInstanceNorm(_Wrapper):
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
             setattr(self, attr, getattr(norm, attr))
         self.nd = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[
-            next(t for t in self.wraps if isinstance(norm, t))]
+            next(t for t in self.wraps if isinstance(norm, t))
+        ]
 
     def forward(self, x):
         nd = self.nd
@@ -415,18 +485,28 @@ class DomainParallelInstanceNorm(_Wrapper):
             raise ValueError(f"expected {nd + 1}D or {nd + 2}D input (got {x.ndim}D input)")
         if x.size(x.ndim - nd - 1) != self.num_features:
             if self.affine:
-                raise ValueError(f"expected input's size at dim={x.ndim - nd - 1} to match num_features "
-                                 f"({self.num_features}), but got: {x.size(x.ndim - nd - 1)}.")
-            warnings.warn("input's size at the channel dim does not match num_features, which is not "
-                          "used because affine=False", stacklevel=2)
+                raise ValueError(
+                    f"expected input's size at dim={x.ndim - nd - 1} to match num_features "
+                    f"({self.num_features}), but got: {x.size(x.ndim - nd - 1)}."
+                )
+            warnings.warn(
+                "input's size at the channel dim does not match num_features, which is not used because affine=False",
+                stacklevel=2,
+            )
         domain = self.domain()
         # An unbatched input is normalised as a batch of one, as torch does.
         batched = x if x.ndim == nd + 2 else x.unsqueeze(0)
-        dim = None if domain is None else self._sharded_dim(
-            batched, domain.dim_of(x.ndim) + batched.ndim - x.ndim, nd)
-        args = (batched, self.running_mean, self.running_var, self.weight, self.bias,
-                self.training or not self.track_running_stats,
-                self.momentum if self.momentum is not None else 0.0, self.eps)
+        dim = None if domain is None else self._sharded_dim(batched, domain.dim_of(x.ndim) + batched.ndim - x.ndim, nd)
+        args = (
+            batched,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
         if dim is None:
             out = F.instance_norm(*args)
         else:
@@ -460,8 +540,16 @@ class DomainParallelBatchNorm(_Wrapper):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        args = (x, self.running_mean if track else None, self.running_var if track else None,
-                self.weight, self.bias, use_batch_stats, factor, self.eps)
+        args = (
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
         domain = self.domain()
         local = domain is None or not use_batch_stats  # eval mode: running statistics, nothing to share
         dim = None if local else self._sharded_dim(x, domain.dim_of(x.ndim), x.ndim - 2)
@@ -485,16 +573,27 @@ class DomainParallelInterpolate(nn.Module):
     ``trilinear``; no ``antialias``.
     """
 
-    def __init__(self, size=None, scale_factor=None, mode: str = "bilinear", align_corners=None,
-                 shard_dim: int = -2, group=None, *, recompute_scale_factor=None):
+    def __init__(
+        self,
+        size=None,
+        scale_factor=None,
+        mode: str = "bilinear",
+        align_corners=None,
+        shard_dim: int = -2,
+        group=None,
+        *,
+        recompute_scale_factor=None,
+    ):
         super().__init__()
         if (size is None) == (scale_factor is None):
             raise ValueError("DomainParallelInterpolate: give exactly one of size and scale_factor")
         if mode not in interpolate_ops.MODES:
             raise ValueError(f"DomainParallelInterpolate: mode {mode!r} is not one of {interpolate_ops.MODES}")
         if align_corners is not None and mode in ("nearest", "nearest-exact"):
-            raise ValueError("align_corners option can only be set with the interpolating modes: "
-                             "linear | bilinear | bicubic | trilinear")
+            raise ValueError(
+                "align_corners option can only be set with the interpolating modes: "
+                "linear | bilinear | bicubic | trilinear"
+            )
         self.size = tuple(size) if isinstance(size, (list, tuple)) else size
         self.scale_factor = tuple(scale_factor) if isinstance(scale_factor, (list, tuple)) else scale_factor
         self.mode = mode
@@ -504,10 +603,17 @@ class DomainParallelInterpolate(nn.Module):
         self.group_name = group_name_of(group)
 
     @classmethod
-    def from_upsample(cls, upsample: nn.Upsample, shard_dim: int = -2, group=None) -> "DomainParallelInterpolate":
+    def from_upsample(cls, upsample: nn.Upsample, shard_dim: int = -2, group=None) -> DomainParallelInterpolate:
         """The same resize as an ``nn.Upsample`` (or ``UpsamplingNearest2d``/``UpsamplingBilinear2d``)."""
-        return cls(upsample.size, upsample.scale_factor, upsample.mode, upsample.align_corners, shard_dim, group,
-                   recompute_scale_factor=upsample.recompute_scale_factor)
+        return cls(
+            upsample.size,
+            upsample.scale_factor,
+            upsample.mode,
+            upsample.align_corners,
+            shard_dim,
+            group,
+            recompute_scale_factor=upsample.recompute_scale_factor,
+        )
 
     def forward(self, x):
         domain = _domain(self.group_name, self.shard_dim)
@@ -520,17 +626,25 @@ class DomainParallelInterpolate(nn.Module):
     def extra_repr(self) -> str:
         how = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
         group = "WORLD" if self.group_name is None else repr(self.group_name)
-        return (f"{how}, mode={self.mode!r}, align_corners={self.align_corners}, "
-                f"shard_dim={self.shard_dim}, group={group}")
+        return (
+            f"{how}, mode={self.mode!r}, align_corners={self.align_corners}, shard_dim={self.shard_dim}, group={group}"
+        )
 
 
 #: pooling type -> (kind, spatial dims)
 POOLS = {
-    nn.MaxPool1d: ("max", 1), nn.MaxPool2d: ("max", 2), nn.MaxPool3d: ("max", 3),
-    nn.AvgPool1d: ("avg", 1), nn.AvgPool2d: ("avg", 2), nn.AvgPool3d: ("avg", 3),
-    nn.AdaptiveAvgPool1d: ("adaptive_avg", 1), nn.AdaptiveAvgPool2d: ("adaptive_avg", 2),
-    nn.AdaptiveAvgPool3d: ("adaptive_avg", 3), nn.AdaptiveMaxPool1d: ("adaptive_max", 1),
-    nn.AdaptiveMaxPool2d: ("adaptive_max", 2), nn.AdaptiveMaxPool3d: ("adaptive_max", 3),
+    nn.MaxPool1d: ("max", 1),
+    nn.MaxPool2d: ("max", 2),
+    nn.MaxPool3d: ("max", 3),
+    nn.AvgPool1d: ("avg", 1),
+    nn.AvgPool2d: ("avg", 2),
+    nn.AvgPool3d: ("avg", 3),
+    nn.AdaptiveAvgPool1d: ("adaptive_avg", 1),
+    nn.AdaptiveAvgPool2d: ("adaptive_avg", 2),
+    nn.AdaptiveAvgPool3d: ("adaptive_avg", 3),
+    nn.AdaptiveMaxPool1d: ("adaptive_max", 1),
+    nn.AdaptiveMaxPool2d: ("adaptive_max", 2),
+    nn.AdaptiveMaxPool3d: ("adaptive_max", 3),
 }
 
 
@@ -549,22 +663,34 @@ class DomainParallelPool(_Wrapper):
 
     def __init__(self, pool, shard_dim: int = -2, group=None):
         super().__init__(pool, shard_dim, group)
-        self.kind, self.nd = POOLS[type(pool)] if type(pool) in POOLS else next(
-            v for t, v in POOLS.items() if isinstance(pool, t))
-        for attr in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices",
-                     "count_include_pad", "divisor_override", "output_size"):
+        self.kind, self.nd = (
+            POOLS[type(pool)] if type(pool) in POOLS else next(v for t, v in POOLS.items() if isinstance(pool, t))
+        )
+        for attr in (
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "ceil_mode",
+            "return_indices",
+            "count_include_pad",
+            "divisor_override",
+            "output_size",
+        ):
             if hasattr(pool, attr):
                 setattr(self, attr, getattr(pool, attr))
 
     def _call(self, fns, x, **kw):
         nd = self.nd
         if self.kind == "max":
-            return fns[f"max_pool{nd}d"](x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                         self.ceil_mode, self.return_indices, **kw)
+            return fns[f"max_pool{nd}d"](
+                x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, self.return_indices, **kw
+            )
         if self.kind == "avg":
             extra = (self.divisor_override,) if nd > 1 else ()
-            return fns[f"avg_pool{nd}d"](x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                                         self.count_include_pad, *extra, **kw)
+            return fns[f"avg_pool{nd}d"](
+                x, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad, *extra, **kw
+            )
         if self.kind == "adaptive_max":
             return fns[f"adaptive_max_pool{nd}d"](x, self.output_size, self.return_indices, **kw)
         return fns[f"adaptive_avg_pool{nd}d"](x, self.output_size, **kw)
@@ -582,9 +708,13 @@ class DomainParallelPool(_Wrapper):
 
 #: torch.nn type -> the wrapper that replaces it (what convert_to_domain_parallel uses)
 WRAPPERS: dict[type, type] = {
-    nn.Conv1d: DomainParallelConv1d, nn.Conv2d: DomainParallelConv2d, nn.Conv3d: DomainParallelConv3d,
-    nn.ConvTranspose1d: DomainParallelConvTranspose1d, nn.ConvTranspose2d: DomainParallelConvTranspose2d,
-    nn.ConvTranspose3d: DomainParallelConvTranspose3d, nn.GroupNorm: DomainParallelGroupNorm,
+    nn.Conv1d: DomainParallelConv1d,
+    nn.Conv2d: DomainParallelConv2d,
+    nn.Conv3d: DomainParallelConv3d,
+    nn.ConvTranspose1d: DomainParallelConvTranspose1d,
+    nn.ConvTranspose2d: DomainParallelConvTranspose2d,
+    nn.ConvTranspose3d: DomainParallelConvTranspose3d,
+    nn.GroupNorm: DomainParallelGroupNorm,
     **{t: DomainParallelInstanceNorm for t in DomainParallelInstanceNorm.wraps},
     **{t: DomainParallelBatchNorm for t in DomainParallelBatchNorm.wraps},
     **{t: DomainParallelPool for t in POOLS},

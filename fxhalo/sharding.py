@@ -42,10 +42,10 @@ class Sharded:
         """``(local, global)`` size of the sharded factor itself, without ``outer``."""
         return self.local // self.outer, self.length // self.outer
 
-    def moved(self, dim: int) -> "Sharded":
+    def moved(self, dim: int) -> Sharded:
         return dataclasses.replace(self, dim=dim)
 
-    def same_layout(self, other: "Sharded") -> bool:
+    def same_layout(self, other: Sharded) -> bool:
         """Equal up to which dim the sharding sits on."""
         return (self.local, self.length, self.outer) == (other.local, other.length, other.outer)
 

@@ -43,8 +43,17 @@ class Problem:
         return f"[{self.kind}] {self.message}"
 
 
-def validate(model, example_local_input, *, world_size: int | None = None, rank: int | None = None,
-             group=None, shard_dim: int = 2, input_shard_dims=None, fallback=None) -> list[Problem]:
+def validate(
+    model,
+    example_local_input,
+    *,
+    world_size: int | None = None,
+    rank: int | None = None,
+    group=None,
+    shard_dim: int = 2,
+    input_shard_dims=None,
+    fallback=None,
+) -> list[Problem]:
     """Problems of ``model`` on ``world_size`` ranks given one rank's input (empty when all is well).
 
     ``example_local_input`` is a tensor or a tuple of forward arguments.  Inside an
@@ -70,11 +79,16 @@ def validate(model, example_local_input, *, world_size: int | None = None, rank:
             decision = node.meta.get(CONV_PLAN)
             window = getattr(decision, "window", None)
             if window is not None and not decision.local and window.reach > window.shard:
-                problems.append(Problem(
-                    "wide halo", describe_node(node), user_source(node),
-                    f"{describe_node(node)} needs a halo of {window.reach} rows, wider than the "
-                    f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
-                    "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it."))
+                problems.append(
+                    Problem(
+                        "wide halo",
+                        describe_node(node),
+                        user_source(node),
+                        f"{describe_node(node)} needs a halo of {window.reach} rows, wider than the "
+                        f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
+                        "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it.",
+                    )
+                )
         return original
 
     torch._dynamo.reset()  # trace afresh: a cached graph would skip the capture backend
@@ -82,6 +96,13 @@ def validate(model, example_local_input, *, world_size: int | None = None, rank:
         with torch.no_grad():
             torch.compile(model, backend=capture)(*args)
     except Exception as e:  # torch could not run the model on the local shape
-        problems.append(Problem("trace", type(model).__name__, "", f"torch could not trace the model on the "
-                                f"local input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        problems.append(
+            Problem(
+                "trace",
+                type(model).__name__,
+                "",
+                f"torch could not trace the model on the "
+                f"local input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            )
+        )
     return problems

@@ -26,8 +26,9 @@ def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float
     return torch.allclose(got.detach(), want.detach(), atol=atol, rtol=rtol), err
 
 
-def check_against_one_device(model, x: torch.Tensor, *, shard_dim: int = 2, options=None,
-                             replicated_output: bool = False, seed: int = 0) -> dict:
+def check_against_one_device(
+    model, x: torch.Tensor, *, shard_dim: int = 2, options=None, replicated_output: bool = False, seed: int = 0
+) -> dict:
     """Compile ``model`` with domain_parallel and compare with one device on the full ``x``.
 
     Every rank computes the reference itself.  Returns ``{check: (ok, max_err)}`` for

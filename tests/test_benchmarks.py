@@ -22,15 +22,19 @@ def _plans(world_size):
 
     # One thread per process: the one-process rows with P threads would run on every rank at once here.
     rows = tuple(r for r in run.plan_rows(run.ROW_KINDS, world_size) if r.threads == 1)
-    return {name: run.Plan(spec.tiny_config(), world_size, repeats=1, warmup=1, compiler="eager", rows=rows)
-            for name, spec in MODELS.items()}
+    return {
+        name: run.Plan(spec.tiny_config(), world_size, repeats=1, warmup=1, compiler="eager", rows=rows)
+        for name, spec in MODELS.items()
+    }
 
 
 def _every_model(rank, world_size):
     from benchmarks import run
 
-    return {name: run._worker(rank, world_size, plan, tuple(r.key for r in plan.rows))
-            for name, plan in _plans(world_size).items()}
+    return {
+        name: run._worker(rank, world_size, plan, tuple(r.key for r in plan.rows))
+        for name, plan in _plans(world_size).items()
+    }
 
 
 @pytest.mark.timeout(300)

@@ -15,8 +15,10 @@ import sys
 
 import pytest
 
-PARITY = re.compile(r"parity with one device \(([\d+]+) rows\): max \|prediction diff\| (\S+), "
-                    r"max \|parameter diff\| (\S+) -> matches one device")
+PARITY = re.compile(
+    r"parity with one device \(([\d+]+) rows\): max \|prediction diff\| (\S+), "
+    r"max \|parameter diff\| (\S+) -> matches one device"
+)
 
 
 def _run(cmd, cwd):
@@ -29,8 +31,22 @@ def _run(cmd, cwd):
 @pytest.mark.timeout(300)
 def test_demo_spawns_two_ranks_trains_and_matches_one_device(tmp_path):
     png = tmp_path / "demo.png"
-    out = _run([sys.executable, "-m", "fxhalo.demo", "--compiler", "aot_eager", "--size", "16", "--steps", "3",
-                "--png", str(png)], tmp_path)
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "fxhalo.demo",
+            "--compiler",
+            "aot_eager",
+            "--size",
+            "16",
+            "--steps",
+            "3",
+            "--png",
+            str(png),
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "over 2 ranks" in out.stdout
     assert "3/3" in out.stdout  # the progress bar reached the end
@@ -48,8 +64,23 @@ def test_demo_spawns_two_ranks_trains_and_matches_one_device(tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_demo_runs_under_torchrun(tmp_path):
-    out = _run(["torchrun", "--nproc-per-node", "3", "-m", "fxhalo.demo", "--compiler", "aot_eager",
-                "--size", "12", "--steps", "2", "--no-png"], tmp_path)
+    out = _run(
+        [
+            "torchrun",
+            "--nproc-per-node",
+            "3",
+            "-m",
+            "fxhalo.demo",
+            "--compiler",
+            "aot_eager",
+            "--size",
+            "12",
+            "--steps",
+            "2",
+            "--no-png",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.count("over 3 ranks") == 1  # rank 0 alone reports
     parity = PARITY.search(out.stdout)

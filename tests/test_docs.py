@@ -51,8 +51,10 @@ class Check:
 
 #: (page, n-th python block of the page, from 1) -> Check
 CHECKS = {
-    ("README.md", 1): Check("y = fxhalo.gather(y_local, shard_dim=2)",
-                            after="assert torch.allclose(y, model(x), atol=1e-5, rtol=1e-4), 'README != one device'\n"),
+    ("README.md", 1): Check(
+        "y = fxhalo.gather(y_local, shard_dim=2)",
+        after="assert torch.allclose(y, model(x), atol=1e-5, rtol=1e-4), 'README != one device'\n",
+    ),
     ("docs/eager.md", 1): Check("print(run_ranks(main, 2))", stdout="[True, True]"),
 }
 
@@ -93,7 +95,7 @@ def doc_blocks() -> list[Block]:
             assert end is not None, f"{page}:{start + 1}: a python block that is never closed"
             before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
             marker = SKIP.search(before)
-            code = textwrap.dedent("\n".join(lines[start + 1:end])) + "\n"
+            code = textwrap.dedent("\n".join(lines[start + 1 : end])) + "\n"
             check = CHECKS.get((page, nth))
             if check is not None:
                 assert check.anchor in code, f"{page} python block {nth} lacks {check.anchor!r}; update CHECKS"
@@ -175,12 +177,20 @@ def doc_results(tmp_path_factory):
             scripts.append((b.id, str(path)))
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"blocks": scripts, "out": str(tmp / "out.json")}))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     # The scripts run in a subprocess while this process spawns the ranks for the launched blocks.
-    proc = subprocess.Popen([sys.executable, "-c", f"from tests.test_docs import run_scripts; "
-                             f"run_scripts({str(spec)!r})"], cwd=tmp, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from tests.test_docs import run_scripts; run_scripts({str(spec)!r})"],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     results = {}
     try:
         launched = [(b.id, b.page, b.source) for b in todo if b.launched]

@@ -108,8 +108,10 @@ def test_two_ranks_rank0_matches_hand_arithmetic():
 
     halo_bytes = 256 + 2048 + 2048 + 2048 + 2048 + 2048 + 6144 + 2048
     d = ex.to_dict()
-    assert d["forward"]["by_kind"] == {"all_to_all": {"count": 8, "bytes": halo_bytes},
-                                       "all_reduce": {"count": 6, "bytes": 6 * _STATS * B * 4 * 8}}
+    assert d["forward"]["by_kind"] == {
+        "all_to_all": {"count": 8, "bytes": halo_bytes},
+        "all_reduce": {"count": 6, "bytes": 6 * _STATS * B * 4 * 8},
+    }
     assert ex.local_nodes["torch.conv2d"] == 1  # the 1x1 head
     json.dumps(d)  # JSON-ready
 
@@ -161,8 +163,10 @@ def test_fused_norms_send_their_statistics_with_the_halo():
     assert len(convs) == 4 and not any(r.collectives for r in convs)  # their rows came with the norm
     halo_bytes = 256 + 2048 + 2048 + 6144  # enc.conv1, mid.conv1, the upsample, dec.conv1
     d = ex.to_dict()
-    assert d["forward"]["by_kind"] == {"all_to_all": {"count": 8, "bytes": halo_bytes + 4 * (2048 + 48)},
-                                       "all_reduce": {"count": 2, "bytes": 2 * _STATS * B * 4 * 8}}
+    assert d["forward"]["by_kind"] == {
+        "all_to_all": {"count": 8, "bytes": halo_bytes + 4 * (2048 + 48)},
+        "all_reduce": {"count": 2, "bytes": 2 * _STATS * B * 4 * 8},
+    }
     # Backward: every exchange but the first conv's (its input needs no gradient) runs once more.
     assert d["backward"]["by_kind"]["all_to_all"]["count"] == 7
 
@@ -232,8 +236,10 @@ def test_backward_convention_matches_a_measured_backward():
                 loss.backward()
     finally:
         dist.destroy_process_group()
-    assert count.seen == {"all_to_all_single": (7, by_kind["all_to_all"]["bytes"]),
-                          "all_reduce": (6 + len(syncs), by_kind["all_reduce"]["bytes"])}
+    assert count.seen == {
+        "all_to_all_single": (7, by_kind["all_to_all"]["bytes"]),
+        "all_reduce": (6 + len(syncs), by_kind["all_reduce"]["bytes"]),
+    }
 
 
 @pytest.mark.timeout(120)
@@ -339,38 +345,67 @@ def test_one_rank_alone_can_explain_in_a_real_group():
 
 # -- the command line and the log ------------------------------------------------------
 
+
 def _run(args, env=None, timeout=240):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full_env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}  # only what the test asks for
     full_env.update(OMP_NUM_THREADS="1", PYTHONPATH=root, **(env or {}))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=root)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=root
+    )
 
 
 @pytest.mark.timeout(300)
 def test_cli_explains_a_factory_by_module_and_by_file(tmp_path):
-    out = _run(["-m", "fxhalo", "explain", "fxhalo.models:small_unet", "--input-shape", "1,4,64,64",
-                "--world-size", "4", "--rank", "1", "-k", "in_channels=4"])
+    out = _run(
+        [
+            "-m",
+            "fxhalo",
+            "explain",
+            "fxhalo.models:small_unet",
+            "--input-shape",
+            "1,4,64,64",
+            "--world-size",
+            "4",
+            "--rank",
+            "1",
+            "-k",
+            "in_channels=4",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # local input 1 x 4 x 16 x 64; enc.conv1 sends 1 row to each neighbour: 2 * 4 * 64 * 4 = 2,048 B
     assert "local input (1, 4, 16, 64) on rank 1 of 4" in out.stdout
     assert "rank 1 of 4, shard_dim 2" in out.stdout and "2,048" in out.stdout
 
-    out = _run(["-m", "fxhalo", "explain", "tests/models.py:small_unet", "--input-shape", "1,1,64,64",
-                "--world-size", "2", "--json"])
+    out = _run(
+        [
+            "-m",
+            "fxhalo",
+            "explain",
+            "tests/models.py:small_unet",
+            "--input-shape",
+            "1,1,64,64",
+            "--world-size",
+            "2",
+            "--json",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     d = json.loads(out.stdout)
     first_conv = next(r for r in d["rows"] if r["op"] == "torch.conv2d")
     assert d["world_size"] == 2 and first_conv["bytes_sent"] == 256 and first_conv["halo"] == [[1, 1]]
 
     model_file = tmp_path / "refused_model.py"
-    model_file.write_text(textwrap.dedent("""
+    model_file.write_text(
+        textwrap.dedent("""
         import torch
 
         class M(torch.nn.Module):
             def forward(self, x):
                 return torch.cumsum(x, dim=2)
-    """))
+    """)
+    )
     out = _run(["-m", "fxhalo", "explain", f"{model_file}:M", "--input-shape", "1,1,8,8", "--world-size", "2"])
     assert out.returncode == 1 and "REFUSED" in out.stdout and "refused_model.py:6" in out.stdout
 

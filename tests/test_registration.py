@@ -8,8 +8,7 @@ import torch
 
 
 def _python(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
-                          check=True).stdout
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, check=True).stdout
 
 
 @pytest.mark.timeout(300)
@@ -24,10 +23,14 @@ def test_entry_point_finds_the_backend_without_import():
 
 @pytest.mark.timeout(300)
 def test_import_then_lookup_and_lookup_then_import_both_work():
-    _python("import fxhalo, torch._dynamo as d; from torch._dynamo.backends.registry import lookup_backend; "
-            "lookup_backend('domain_parallel'); assert 'domain_parallel' in d.list_backends()")
-    _python("from torch._dynamo.backends.registry import lookup_backend, list_backends; list_backends(); "
-            "import fxhalo; lookup_backend('domain_parallel')")
+    _python(
+        "import fxhalo, torch._dynamo as d; from torch._dynamo.backends.registry import lookup_backend; "
+        "lookup_backend('domain_parallel'); assert 'domain_parallel' in d.list_backends()"
+    )
+    _python(
+        "from torch._dynamo.backends.registry import lookup_backend, list_backends; list_backends(); "
+        "import fxhalo; lookup_backend('domain_parallel')"
+    )
 
 
 @pytest.mark.timeout(120)

@@ -31,8 +31,7 @@ def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
     return tuple((p, p) for p in ints(padding, n))
 
 
-def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
-                edge: Edge) -> tuple[int, Window]:
+def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain, edge: Edge) -> tuple[int, Window]:
     """``(sharded spatial axis, window)`` of a conv of a local slab of shape ``x_shape``."""
     nd = len(weight_shape) - 2
     axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
@@ -40,12 +39,14 @@ def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain
     stride, dilation = ints(stride, nd), ints(dilation, nd)
     pads = explicit_padding(padding, kernel, dilation)
     extent = edge.extent or (0, 0)
-    return axis, Window(kernel[axis], stride[axis], dilation[axis],
-                        pads[axis][0] + extent[0], pads[axis][1] + extent[1])
+    return axis, Window(
+        kernel[axis], stride[axis], dilation[axis], pads[axis][0] + extent[0], pads[axis][1] + extent[1]
+    )
 
 
-def conv_plan(x_shape, weight_shape, stride, padding, dilation, domain: Domain,
-              edge: Edge, length: int | None = None) -> tuple[int, WindowPlan]:
+def conv_plan(
+    x_shape, weight_shape, stride, padding, dilation, domain: Domain, edge: Edge, length: int | None = None
+) -> tuple[int, WindowPlan]:
     """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``.
 
     ``length``: the global length of the sharded dim (see :meth:`Domain.global_length`).
@@ -72,9 +73,22 @@ def _local_conv(x, weight, bias, stride, padding, dilation, groups, axis):
     return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)
 
 
-def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-         shard_dim: int, group_name: str, edge_mode: str = "zeros", edge_value: float = 0.0,
-         edge_extent: tuple[int, int] = (0, 0), length: int | None = None):
+def conv(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    shard_dim: int,
+    group_name: str,
+    edge_mode: str = "zeros",
+    edge_value: float = 0.0,
+    edge_extent: tuple[int, int] = (0, 0),
+    length: int | None = None,
+):
     """``F.conv{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
     ``length`` is the input's global length along ``shard_dim`` (compiled graphs
@@ -86,15 +100,28 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     """
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
-                           dilation, domain, edge, length)
+    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
     x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)
 
 
-def conv_with_halo(input, received, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                   shard_dim: int, group_name: str, edge_mode: str = "zeros", edge_value: float = 0.0,
-                   edge_extent: tuple[int, int] = (0, 0), length: int | None = None):
+def conv_with_halo(
+    input,
+    received,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    *,
+    shard_dim: int,
+    group_name: str,
+    edge_mode: str = "zeros",
+    edge_value: float = 0.0,
+    edge_extent: tuple[int, int] = (0, 0),
+    length: int | None = None,
+):
     """:func:`conv` whose halo rows have already been exchanged: ``received`` holds them, in
     source-rank order, as the collective that fetched them delivered them.
 
@@ -104,7 +131,6 @@ def conv_with_halo(input, received, weight, bias=None, stride=1, padding=0, dila
     """
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding,
-                           dilation, domain, edge, length)
+    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
     x = assemble(input, received, domain.dim_of(input.ndim), plan.halo)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)

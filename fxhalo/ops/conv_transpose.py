@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..domain import Domain
-from ..halo import HaloPlan, halo_exchange
 from ..geometry import split_rows
+from ..halo import HaloPlan, halo_exchange
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
 
 __all__ = ["TransposedAxis", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
@@ -92,8 +92,8 @@ class TransposedPlan:
 def _is_local(axis: TransposedAxis, in_part, out_part, needs, n: int) -> bool:
     """The op on each rank's own rows gives its outputs: aligned, the right length, no remote row read."""
     return covers_only_own_rows(in_part, needs, n) and all(
-        axis.first_out(a) == c and axis.out_length(b - a) == e - c
-        for (a, b), (c, e) in zip(in_part, out_part))
+        axis.first_out(a) == c and axis.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part)
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -131,8 +131,20 @@ def _zeros_around(x: torch.Tensor, dim: int, before: int, after: int) -> torch.T
     return torch.cat(parts, dim)
 
 
-def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                   *, shard_dim: int, group_name: str, length: int | None = None):
+def conv_transpose(
+    input,
+    weight,
+    bias=None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups=1,
+    dilation=1,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.conv_transpose{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
     Gives this rank's rows of the one-device output (balanced partition of the global
@@ -148,9 +160,11 @@ def conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding
     k = tuple(weight.shape[2:])
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
     plan = plan_conv_transpose(
-        TransposedAxis(k[axis], s[axis], p[axis], op_[axis], d[axis]), domain,
+        TransposedAxis(k[axis], s[axis], p[axis], op_[axis], d[axis]),
+        domain,
         domain.global_length(input.shape[dim], length),
-        f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})")
+        f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})",
+    )
     if plan.local:
         return op(input, weight, bias, s, p, op_, groups, d)
     x = halo_exchange(input, dim, plan.halo, group_name)

@@ -16,8 +16,9 @@ from ..domain import Domain, all_gather_rows
 __all__ = ["make_gather_fallback"]
 
 
-def make_gather_fallback(target, is_method: bool, gathers: dict[int, tuple], out_dims, *,
-                         group_name: str, rank: int, size: int):
+def make_gather_fallback(
+    target, is_method: bool, gathers: dict[int, tuple], out_dims, *, group_name: str, rank: int, size: int
+):
     """A graph-callable that gathers the argument leaves ``gathers`` (leaf index -> ``(dim, lengths)``),
     runs ``target`` and re-shards output leaf ``i`` along ``out_dims[i]`` (``None``: left replicated)."""
     domain = Domain(group_name, rank, size)

@@ -76,13 +76,14 @@ class _SyncedParams(torch.autograd.Function):
         # A parameter this rank's graph did not reach still joins the bucket, as zeros:
         # every rank must send the same bucket.
         like = next(g for g in grads if g is not None)
-        flat = torch.cat([(g if g is not None else like.new_zeros(shape)).reshape(-1)
-                          for g, shape in zip(grads, ctx.shapes)])
+        flat = torch.cat(
+            [(g if g is not None else like.new_zeros(shape)).reshape(-1) for g, shape in zip(grads, ctx.shapes)]
+        )
         total = all_reduce_sum(flat, ctx.group_name)
         out, start = [], 0
         for shape in ctx.shapes:
             n = shape.numel()
-            out.append(total[start:start + n].view(shape))
+            out.append(total[start : start + n].view(shape))
             start += n
         return (None, *out)
 

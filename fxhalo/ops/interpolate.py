@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..domain import Domain
-from ..halo import HaloPlan, halo_exchange
 from ..geometry import Unsplittable, split_rows
+from ..halo import HaloPlan, halo_exchange
 from .rows import along, halo_plan, spatial_axis
 
 __all__ = ["MODES", "AxisResize", "InterpPlan", "axis_resize", "source_taps", "plan_interpolate", "interpolate"]
@@ -80,6 +80,7 @@ def axis_resize(n: int, size, scale_factor, recompute_scale_factor, axis: int, n
 
 
 # -- source rows and weights of every output row ----------------------------------
+
 
 def _nearest_rows(mode: str, nd: int, axis: int, r: AxisResize, double: bool, device: str) -> np.ndarray:
     """torch's own index table for this axis: the op on a ramp of the same rank.
@@ -158,8 +159,7 @@ def _cubic_taps(r: AxisResize, align_corners: bool, t):
 
 
 @functools.lru_cache(maxsize=256)
-def source_taps(mode: str, nd: int, axis: int, r: AxisResize, align_corners: bool, double: bool,
-                device: str = "cpu"):
+def source_taps(mode: str, nd: int, axis: int, r: AxisResize, align_corners: bool, double: bool, device: str = "cpu"):
     """``(rows, weights)``: for every output row of ``r``, the input rows it reads and their
     weights (``weights`` is None for nearest modes).  Arrays of shape ``(n_out, taps)``."""
     t = np.float64 if double else np.float32  # torch's opmath type
@@ -176,6 +176,7 @@ def source_taps(mode: str, nd: int, axis: int, r: AxisResize, align_corners: boo
 
 
 # -- the plan of one rank ------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class InterpPlan:
@@ -218,8 +219,17 @@ def _is_local(mode, nd, axis, r, align_corners, double, device, in_part, out_par
 
 
 @functools.lru_cache(maxsize=256)
-def plan_interpolate(mode: str, nd: int, axis: int, r: AxisResize, align_corners: bool, double: bool,
-                     device: str, domain: Domain, what: str) -> InterpPlan:
+def plan_interpolate(
+    mode: str,
+    nd: int,
+    axis: int,
+    r: AxisResize,
+    align_corners: bool,
+    double: bool,
+    device: str,
+    domain: Domain,
+    what: str,
+) -> InterpPlan:
     in_part, out_part = split_rows(domain, r.n_in, r.n_out, what)
     rows, weights = source_taps(mode, nd, axis, r, align_corners, double, device)
     c, e = out_part[domain.rank]
@@ -228,12 +238,12 @@ def plan_interpolate(mode: str, nd: int, axis: int, r: AxisResize, align_corners
     needs = tuple((int(rows[c0:e0].min()), int(rows[c0:e0].max()) + 1) for c0, e0 in out_part)
     start = needs[domain.rank][0]
     index = tuple(tuple(int(i) - start for i in rows[c:e, k]) for k in range(rows.shape[1]))
-    w = None if weights is None else tuple(tuple(float(v) for v in weights[c:e, k])
-                                           for k in range(weights.shape[1]))
+    w = None if weights is None else tuple(tuple(float(v) for v in weights[c:e, k]) for k in range(weights.shape[1]))
     return InterpPlan(r.n_in, r.n_out, (c, e), False, halo_plan(in_part, needs, domain.rank), index, w)
 
 
 # -- the kernel ----------------------------------------------------------------------------
+
 
 def _resample_rows(x: torch.Tensor, dim: int, plan: InterpPlan) -> torch.Tensor:
     """This rank's output rows along ``dim`` from the slab ``x``: gathered taps, weighted and summed."""
@@ -279,9 +289,19 @@ def _local_op(input, axis, nd, plan, size, scale_factor, mode, align_corners, re
     return F.interpolate(input, size=sizes, mode=mode, align_corners=align)
 
 
-def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                recompute_scale_factor=None, antialias=False, *, shard_dim: int, group_name: str,
-                length: int | None = None):
+def interpolate(
+    input,
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.interpolate`` of a slab sharded along ``shard_dim``: this rank's rows of the global result.
 
     ``size`` along the sharded dim is the *global* output length.  ``antialias`` and
@@ -295,13 +315,16 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         return F.interpolate(input, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
     what = f"interpolate (mode {mode!r}, size {size}, scale_factor {scale_factor})"
     if mode not in MODES or antialias:
-        raise Unsplittable(what, "uses antialias or a mode fxhalo does not split",
-                           f"use one of {MODES} without antialias")
+        raise Unsplittable(
+            what, "uses antialias or a mode fxhalo does not split", f"use one of {MODES} without antialias"
+        )
     align = bool(align_corners) if mode not in _NEAREST else False
-    resize = axis_resize(domain.global_length(input.shape[dim], length), size, scale_factor,
-                         recompute_scale_factor, axis, nd)
-    plan = plan_interpolate(mode, nd, axis, resize, align, input.dtype == torch.float64,
-                            input.device.type, domain, what)
+    resize = axis_resize(
+        domain.global_length(input.shape[dim], length), size, scale_factor, recompute_scale_factor, axis, nd
+    )
+    plan = plan_interpolate(
+        mode, nd, axis, resize, align, input.dtype == torch.float64, input.device.type, domain, what
+    )
     if plan.local:
         return _local_op(input, axis, nd, plan, size, scale_factor, mode, align, recompute_scale_factor)
     x = halo_exchange(input, dim, plan.halo, group_name)

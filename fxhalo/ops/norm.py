@@ -50,8 +50,9 @@ def _update_running(running, value, momentum: float) -> None:
         running.mul_(1 - momentum).add_(value.detach().reshape(running.shape).to(running.dtype), alpha=momentum)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def group_norm(
+    input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str, length: int | None = None
+):
     """``F.group_norm`` whose per-sample statistics span the sharded (spatial) dim."""
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
@@ -62,9 +63,21 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim
     return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
 
 
-def group_norm_exchange(input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int,
-                        group_name: str, length: int, window: tuple[int, ...], edge_mode: str = "zeros",
-                        edge_value: float = 0.0, edge_extent: tuple[int, int] = (0, 0)):
+def group_norm_exchange(
+    input,
+    num_groups,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int,
+    window: tuple[int, ...],
+    edge_mode: str = "zeros",
+    edge_value: float = 0.0,
+    edge_extent: tuple[int, int] = (0, 0),
+):
     """:func:`group_norm`, and the halo rows of its output that a windowed op needs, in **one**
     ``all_to_all_single`` (:func:`fxhalo.ops.reduce.global_moments_with_rows`).
 
@@ -79,8 +92,9 @@ def group_norm_exchange(input, num_groups, weight=None, bias=None, eps=1e-5, *, 
     """
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
-    plan = plan_window(Window(*window), domain, length, Edge(edge_mode, float(edge_value), tuple(edge_extent)),
-                       "group_norm_exchange").halo
+    plan = plan_window(
+        Window(*window), domain, length, Edge(edge_mode, float(edge_value), tuple(edge_extent)), "group_norm_exchange"
+    ).halo
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
@@ -96,9 +110,20 @@ def group_norm_exchange(input, num_groups, weight=None, bias=None, eps=1e-5, *, 
     return norm(input), norm(received)
 
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def instance_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.instance_norm`` with statistics per (sample, channel) over the global spatial extent.
 
     Without ``use_input_stats`` the running statistics normalise and nothing is
@@ -115,9 +140,20 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.batch_norm``: in training, per-channel statistics over the batch and every spatial dim.
 
     In eval mode (``training=False``) the running statistics normalise and the op
@@ -133,8 +169,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def layer_norm(
+    input,
+    normalized_shape,
+    weight=None,
+    bias=None,
+    eps=1e-5,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.layer_norm`` whose ``normalized_shape`` covers the sharded dim.
 
     ``weight`` and ``bias`` (shape ``normalized_shape``) must then be sharded like the

@@ -38,15 +38,31 @@ import torch
 import torch.nn.functional as F
 
 from ..domain import Domain
-from ..halo import Edge, HaloPlan, halo_exchange
 from ..geometry import Unsplittable, split_rows
+from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
 
 __all__ = [
-    "PoolAxis", "PoolPlan", "plan_pool", "default_stride", "global_indices", "AdaptivePlan", "plan_adaptive", "adaptive_bins",
-    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
-    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "PoolAxis",
+    "PoolPlan",
+    "plan_pool",
+    "default_stride",
+    "global_indices",
+    "AdaptivePlan",
+    "plan_adaptive",
+    "adaptive_bins",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
 ]
 
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -56,6 +72,7 @@ _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adapti
 
 
 # -- windowed pooling -------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class PoolAxis:
@@ -128,13 +145,13 @@ def _pool_is_local(axis: PoolAxis, in_part, out_part, needs, n: int) -> bool:
     """
     if not covers_only_own_rows(in_part, needs, n):
         return False
-    return all(a == c * axis.stride and axis.out_length(b - a) == e - c
-               for (a, b), (c, e) in zip(in_part, out_part))
+    return all(a == c * axis.stride and axis.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part))
 
 
 @functools.lru_cache(maxsize=1024)
-def plan_pool(axis: PoolAxis, domain: Domain, n: int, fill: float, count_include_pad: bool | None,
-              what: str) -> PoolPlan:
+def plan_pool(
+    axis: PoolAxis, domain: Domain, n: int, fill: float, count_include_pad: bool | None, what: str
+) -> PoolPlan:
     """Plan a max pool (``count_include_pad=None``) or an average pool over ``n`` global rows."""
     m = axis.out_length(n)
     in_part, out_part = split_rows(domain, n, m, what)
@@ -186,8 +203,9 @@ def global_indices(idx: torch.Tensor, inner: int, slab_rows: int, n: int, start:
     return _join_flat(outer, row + start, cell, inner, n)
 
 
-def _first_real_cells(x: torch.Tensor, dim: int, nd: int, values: torch.Tensor, idx: torch.Tensor,
-                      start: int, first_real: tuple[int, ...]):
+def _first_real_cells(
+    x: torch.Tensor, dim: int, nd: int, values: torch.Tensor, idx: torch.Tensor, start: int, first_real: tuple[int, ...]
+):
     """Point windows that picked a fill row back at their first real row, and re-read the values.
 
     The fill rows before the tensor are ``-inf``: a window whose real cells are all
@@ -207,22 +225,28 @@ def _first_real_cells(x: torch.Tensor, dim: int, nd: int, values: torch.Tensor, 
 def _inner(x: torch.Tensor, dim: int) -> int:
     """Cells per row of the flattened spatial index: the product of the dims after ``dim``."""
     inner = 1
-    for size in x.shape[dim + 1:]:
+    for size in x.shape[dim + 1 :]:
         inner = inner * size
     return inner
 
 
-def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-              shard_dim, group_name, length):
+def _max_pool(
+    nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
+):
     domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
     op = _MAX[nd]
     stride = default_stride(stride, kernel_size)
     if axis is None:  # batch or channel sharded: every plane is pooled on its own rank
         return op(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     k, s, p, d = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd), ints(dilation, nd)
-    plan = plan_pool(PoolAxis(k[axis], s[axis], p[axis], d[axis], bool(ceil_mode)), domain,
-                     domain.global_length(input.shape[dim], length), float("-inf"), None,
-                     f"max_pool{nd}d (kernel {k}, stride {s}, padding {p}, dilation {d})")
+    plan = plan_pool(
+        PoolAxis(k[axis], s[axis], p[axis], d[axis], bool(ceil_mode)),
+        domain,
+        domain.global_length(input.shape[dim], length),
+        float("-inf"),
+        None,
+        f"max_pool{nd}d (kernel {k}, stride {s}, padding {p}, dilation {d})",
+    )
     if plan.local:
         x, pads = input, p
     else:
@@ -241,8 +265,19 @@ def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, retu
     return values, global_indices(idx, _inner(x, dim), x.shape[dim], plan.n, plan.start)
 
 
-def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override,
-              shard_dim, group_name, length):
+def _avg_pool(
+    nd,
+    input,
+    kernel_size,
+    stride,
+    padding,
+    ceil_mode,
+    count_include_pad,
+    divisor_override,
+    shard_dim,
+    group_name,
+    length,
+):
     domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
     stride = default_stride(stride, kernel_size)
     extra = () if nd == 1 else (divisor_override,)  # avg_pool1d has no divisor_override
@@ -253,9 +288,14 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
     if axis is None:
         return op(input, padding)
     k, s, p = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd)
-    plan = plan_pool(PoolAxis(k[axis], s[axis], p[axis], 1, bool(ceil_mode)), domain,
-                     domain.global_length(input.shape[dim], length), 0.0, bool(count_include_pad),
-                     f"avg_pool{nd}d (kernel {k}, stride {s}, padding {p})")
+    plan = plan_pool(
+        PoolAxis(k[axis], s[axis], p[axis], 1, bool(ceil_mode)),
+        domain,
+        domain.global_length(input.shape[dim], length),
+        0.0,
+        bool(count_include_pad),
+        f"avg_pool{nd}d (kernel {k}, stride {s}, padding {p})",
+    )
     if plan.local:
         return op(input, p)
     x = halo_exchange(input, dim, plan.halo, group_name)
@@ -267,6 +307,7 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
 
 
 # -- adaptive pooling ---------------------------------------------------------------
+
 
 def adaptive_bins(n: int, m: int, o: int) -> tuple[int, int]:
     """torch's adaptive-pooling bin of output row ``o``: ``[floor(o*n/m), ceil((o+1)*n/m))``."""
@@ -286,16 +327,21 @@ class AdaptivePlan:
 
 def _reproduces(lo: int, hi: int, c: int, e: int, n: int, m: int) -> bool:
     """Does the adaptive op on global rows ``[lo, hi)`` with ``e - c`` outputs give bins ``c..e-1``?"""
-    return all((s0 + lo, e0 + lo) == adaptive_bins(n, m, c + j)
-               for j, (s0, e0) in enumerate(adaptive_bins(hi - lo, e - c, j) for j in range(e - c)))
+    return all(
+        (s0 + lo, e0 + lo) == adaptive_bins(n, m, c + j)
+        for j, (s0, e0) in enumerate(adaptive_bins(hi - lo, e - c, j) for j in range(e - c))
+    )
 
 
 @functools.lru_cache(maxsize=1024)
 def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
     """Plan an adaptive pool from ``n`` to ``m`` global rows."""
     if m == 1 and domain.size > 1:
-        raise Unsplittable(what, "pools the sharded dim to one row, which is a reduction over all ranks "
-                                 "rather than a window", "pool the values only (a reduction), or gather first")
+        raise Unsplittable(
+            what,
+            "pools the sharded dim to one row, which is a reduction over all ranks rather than a window",
+            "pool the values only (a reduction), or gather first",
+        )
     in_part, out_part = split_rows(domain, n, m, what)
     c, e = out_part[domain.rank]
     if all(_reproduces(a, b, c0, e0, n, m) for (a, b), (c0, e0) in zip(in_part, out_part)):
@@ -304,9 +350,11 @@ def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
     if all(_reproduces(s, t, c0, e0, n, m) for (s, t), (c0, e0) in zip(needs, out_part)):
         return AdaptivePlan(n, m, (c, e), needs[domain.rank][0], halo_plan(in_part, needs, domain.rank))
     raise Unsplittable(
-        what, f"pools {n} global rows into {m} bins, and the bins of some rank's "
-              "output rows are not those of an adaptive pool over any slab of its rows",
-        "choose an output size that divides the input size, or pool before sharding")
+        what,
+        f"pools {n} global rows into {m} bins, and the bins of some rank's "
+        "output rows are not those of an adaptive pool over any slab of its rows",
+        "choose an output size that divides the input size, or pool before sharding",
+    )
 
 
 def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name, length):
@@ -330,85 +378,171 @@ def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, grou
 
 # -- the public kernels, one per torch op ---------------------------------------------
 
-def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+
+def max_pool1d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode=False,
+    return_indices=False,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.max_pool1d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name, length)
+    return _max_pool(
+        1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
+    )
 
 
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def max_pool2d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode=False,
+    return_indices=False,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.max_pool2d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name, length)
+    return _max_pool(
+        2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
+    )
 
 
-def max_pool3d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def max_pool3d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode=False,
+    return_indices=False,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.max_pool3d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices,
-                     shard_dim, group_name, length)
+    return _max_pool(
+        3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
+    )
 
 
-def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def avg_pool1d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.avg_pool1d`` of a slab sharded along ``shard_dim``."""
-    return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None,
-                     shard_dim, group_name, length)
+    return _avg_pool(
+        1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, shard_dim, group_name, length
+    )
 
 
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def avg_pool2d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.avg_pool2d`` of a slab sharded along ``shard_dim``."""
-    return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override, shard_dim, group_name, length)
+    return _avg_pool(
+        2,
+        input,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+        shard_dim,
+        group_name,
+        length,
+    )
 
 
-def avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def avg_pool3d(
+    input,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode=False,
+    count_include_pad=True,
+    divisor_override=None,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.avg_pool3d`` of a slab sharded along ``shard_dim``."""
-    return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                     divisor_override, shard_dim, group_name, length)
+    return _avg_pool(
+        3,
+        input,
+        kernel_size,
+        stride,
+        padding,
+        ceil_mode,
+        count_include_pad,
+        divisor_override,
+        shard_dim,
+        group_name,
+        length,
+    )
 
 
-def adaptive_avg_pool1d(input, output_size, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_avg_pool1d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.adaptive_avg_pool1d``; ``output_size`` along the sharded dim is the global length."""
     return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool2d(input, output_size, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_avg_pool2d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.adaptive_avg_pool2d``; ``output_size`` along the sharded dim is the global length."""
     return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool3d(input, output_size, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_avg_pool3d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.adaptive_avg_pool3d``; ``output_size`` along the sharded dim is the global length."""
     return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_max_pool1d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_max_pool1d(
+    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
+):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
     return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool2d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_max_pool2d(
+    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
+):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
     return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool3d(input, output_size, return_indices=False, *, shard_dim: int, group_name: str,
-               length: int | None = None):
+def adaptive_max_pool3d(
+    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
+):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""
     return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name, length)

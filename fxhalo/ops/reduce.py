@@ -46,15 +46,41 @@ import torch.nn.functional as F
 from ..domain import Domain, resolve_group
 
 __all__ = [
-    "group_size", "EXCHANGE_SUM_MAX_BYTES", "sums_by_exchange", "all_reduce_sum", "all_gather_stacked", "reduced_dims", "global_moments", "global_moments_with_rows", "local_sums", "shifted_sums", "sums_from_shifted",
-    "moments_from_sums", "normalize", "global_count",
-    "sum", "mean", "var", "std", "amax", "amin", "adaptive_avg_pool", "adaptive_max_pool",
-    "softmax", "log_softmax",
-    "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "cross_entropy", "nll_loss",
+    "group_size",
+    "EXCHANGE_SUM_MAX_BYTES",
+    "sums_by_exchange",
+    "all_reduce_sum",
+    "all_gather_stacked",
+    "reduced_dims",
+    "global_moments",
+    "global_moments_with_rows",
+    "local_sums",
+    "shifted_sums",
+    "sums_from_shifted",
+    "moments_from_sums",
+    "normalize",
+    "global_count",
+    "sum",
+    "mean",
+    "var",
+    "std",
+    "amax",
+    "amin",
+    "adaptive_avg_pool",
+    "adaptive_max_pool",
+    "softmax",
+    "log_softmax",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "cross_entropy",
+    "nll_loss",
 ]
 
 
 # -- collectives ---------------------------------------------------------------
+
 
 def group_size(group_name: str) -> int:
     return dist.get_world_size(resolve_group(group_name))
@@ -108,6 +134,7 @@ def all_gather_stacked(t: torch.Tensor, group_name: str) -> torch.Tensor:
 
 # -- small helpers -------------------------------------------------------------
 
+
 def reduced_dims(dim, ndim: int) -> tuple[int, ...]:
     """The dims a reduction's ``dim`` argument names, non-negative and sorted.
 
@@ -133,6 +160,7 @@ def _count(x: torch.Tensor, dims: tuple[int, ...]) -> int:
 
 
 # -- mean and variance ---------------------------------------------------------
+
 
 def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, count: int | None = None):
     """``(mean, m2, count)`` over ``dims`` of the global tensor (``keepdim``; float64).
@@ -180,8 +208,9 @@ def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, coun
     return mean, m2, count
 
 
-def global_moments_with_rows(x: torch.Tensor, dims: tuple[int, ...], rows: torch.Tensor, dim: int,
-                             plan, counts: tuple[int, ...], group_name: str):
+def global_moments_with_rows(
+    x: torch.Tensor, dims: tuple[int, ...], rows: torch.Tensor, dim: int, plan, counts: tuple[int, ...], group_name: str
+):
     """:func:`global_moments` of ``x`` and the halo rows of ``rows`` that ``plan`` asks for, in **one**
     ``all_to_all_single``.
 
@@ -295,14 +324,14 @@ def normalize(x, mean, var, eps, weight=None, bias=None):
 
 # -- sum, mean, var, std -------------------------------------------------------
 
+
 def _sum_dtype(x: torch.Tensor, dtype) -> torch.dtype:
     if dtype is not None:
         return dtype
     return x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
 
 
-def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str,
-        length: int | None = None):
+def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.sum`` over ``dim`` (which includes ``shard_dim``): local sum, one all_reduce."""
     dims = reduced_dims(dim, input.ndim)
     out_dtype = _sum_dtype(input, dtype)
@@ -310,8 +339,7 @@ def sum(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_nam
     return all_reduce_sum(local, group_name).to(out_dtype)
 
 
-def mean(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str,
-         length: int | None = None):
+def mean(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.mean``: the global sum over the global count (one all_reduce; it carries the count too
     when ``length`` is not given)."""
     dims = reduced_dims(dim, input.ndim)
@@ -336,16 +364,14 @@ def _sum_with_count(local: torch.Tensor, count: int, group_name: str):
     return total[:-1].reshape(local.shape), total[-1]
 
 
-def var(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def var(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.var`` with ``correction`` (1 = unbiased), from :func:`global_moments`."""
     dims = reduced_dims(dim, input.ndim)
     _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
     return _squeeze(m2 / _degrees_of_freedom(count, correction), dims, keepdim).to(input.dtype)
 
 
-def std(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def std(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.std``: the square root of :func:`var`, taken in float64."""
     dims = reduced_dims(dim, input.ndim)
     _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
@@ -358,6 +384,7 @@ def _degrees_of_freedom(count, correction):
 
 
 # -- amax, amin and max pooling ------------------------------------------------
+
 
 class _Pick(torch.autograd.Function):
     """The extreme of per-rank candidates, with the gradient routed by ``weights``.
@@ -415,8 +442,7 @@ def _extreme(input, dim, keepdim, largest, group_name):
     return _squeeze(out, dims, keepdim)
 
 
-def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.amax`` over ``dim`` (which includes ``shard_dim``).
 
     The gradient is split evenly over every element equal to the maximum, on every
@@ -426,8 +452,7 @@ def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
     return _extreme(input, dim, keepdim, True, group_name)
 
 
-def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
     """``torch.amin``; see :func:`amax`."""
     return _extreme(input, dim, keepdim, False, group_name)
 
@@ -435,13 +460,12 @@ def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str,
 def _pool_axes(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]:
     """``(sharded spatial axis, output size per axis)`` of an adaptive pool."""
     sizes = output_size if isinstance(output_size, (list, tuple)) else (output_size,) * nd
-    spatial = input.shape[input.ndim - nd:]
+    spatial = input.shape[input.ndim - nd :]
     sizes = tuple(spatial[i] if s is None else int(s) for i, s in enumerate(sizes))
     return shard_dim - (input.ndim - nd), sizes
 
 
-def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str,
-        length: int | None = None):
+def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str, length: int | None = None):
     """``F.adaptive_avg_pool{nd}d`` whose output has size 1 along ``shard_dim``.
 
     The global window mean is the mean of the ranks' local window means, weighted
@@ -455,8 +479,7 @@ def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name
     return (total / count).to(input.dtype)
 
 
-def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str,
-        length: int | None = None):
+def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str, length: int | None = None):
     """``F.adaptive_max_pool{nd}d`` (no indices) whose output has size 1 along ``shard_dim``.
 
     Max pooling sends the whole gradient to the *first* maximum of its window in
@@ -465,7 +488,7 @@ def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name
     """
     axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
     local, index = _MAX_POOL[nd](input, sizes, return_indices=True)
-    position = _global_position(index, input.shape[input.ndim - nd:], axis, group_name, length)
+    position = _global_position(index, input.shape[input.ndim - nd :], axis, group_name, length)
     return _pick_across_ranks(local, position, True, False, group_name)
 
 
@@ -494,6 +517,7 @@ _MAX_POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_m
 
 # -- softmax along the sharded dim --------------------------------------------
 
+
 def _softmax_parts(input, dim, dtype, group_name):
     """``(x, global max, global sum of exp(x - max))``; one all_gather of (local max, local sum)."""
     x = input if dtype is None else input.to(dtype)
@@ -508,21 +532,20 @@ def _softmax_parts(input, dim, dtype, group_name):
     return x, xs, top, (sums * torch.exp(maxes - top)).sum(0)
 
 
-def softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.softmax`` along ``dim == shard_dim``: exp(x - max) / sum, with a global max and sum."""
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (torch.exp(xs - top) / total).to(x.dtype)
 
 
-def log_softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def log_softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str, length: int | None = None):
     """``F.log_softmax`` along ``dim == shard_dim``."""
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (xs - top - torch.log(total)).to(x.dtype)
 
 
 # -- losses over pixels --------------------------------------------------------
+
 
 def legacy_reduction(size_average, reduce, reduction: str) -> str:
     if size_average is not None or reduce is not None:
@@ -555,32 +578,68 @@ def _elementwise_loss(fn, input, target, reduction, weight, group_name, **option
     return _finish_loss(fn(input, target, reduction="none", **options), reduction, None, group_name)
 
 
-def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *,
-             shard_dim: int, group_name: str,
-        length: int | None = None):
+def mse_loss(
+    input,
+    target,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+    weight=None,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.mse_loss`` over the whole domain ('mean': global sum over global count, or over ``sum(weight)``)."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.mse_loss, input, target, reduction, weight, group_name)
 
 
-def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None, *,
-            shard_dim: int, group_name: str,
-        length: int | None = None):
+def l1_loss(
+    input,
+    target,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+    weight=None,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.l1_loss`` over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.l1_loss, input, target, reduction, weight, group_name)
 
 
-def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0, *,
-                   shard_dim: int, group_name: str,
-        length: int | None = None):
+def smooth_l1_loss(
+    input,
+    target,
+    size_average=None,
+    reduce=None,
+    reduction="mean",
+    beta=1.0,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.smooth_l1_loss`` over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.smooth_l1_loss, input, target, reduction, None, group_name, beta=beta)
 
 
-def huber_loss(input, target, reduction="mean", delta=1.0, weight=None, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def huber_loss(
+    input,
+    target,
+    reduction="mean",
+    delta=1.0,
+    weight=None,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.huber_loss`` over the whole domain."""
     return _elementwise_loss(F.huber_loss, input, target, reduction, weight, group_name, delta=delta)
 
@@ -593,9 +652,20 @@ def _class_denominator(target, weight, ignore_index: int):
     return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
 
 
-def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-                  reduction="mean", label_smoothing=0.0, *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    label_smoothing=0.0,
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.cross_entropy`` with class dim 1 and spatial targets, over the whole domain.
 
     ``'mean'`` is ``sum(per-pixel loss) / D`` with ``D`` the sum of the target
@@ -604,16 +674,27 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     and label smoothing.  ``D`` is summed over ranks in the same all_reduce.
     """
     reduction = legacy_reduction(size_average, reduce, reduction)
-    pointwise = F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction="none",
-                                label_smoothing=label_smoothing)
+    pointwise = F.cross_entropy(
+        input, target, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
     probabilities = target.dtype.is_floating_point
     denominator = None if reduction != "mean" or probabilities else _class_denominator(target, weight, ignore_index)
     return _finish_loss(pointwise, reduction, denominator, group_name)
 
 
-def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
-             reduction="mean", *, shard_dim: int, group_name: str,
-        length: int | None = None):
+def nll_loss(
+    input,
+    target,
+    weight=None,
+    size_average=None,
+    ignore_index=-100,
+    reduce=None,
+    reduction="mean",
+    *,
+    shard_dim: int,
+    group_name: str,
+    length: int | None = None,
+):
     """``F.nll_loss`` with class dim 1 and spatial targets, over the whole domain."""
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction="none")

@@ -19,6 +19,8 @@ import torch
 
 from ..halo import Edge, HaloPlan, plan_halo
 
+_ZERO_EDGE = Edge()  # frozen: safe to share as a default
+
 __all__ = ["ints", "spatial_axis", "halo_plan", "covers_only_own_rows", "along", "ceil_div"]
 
 
@@ -44,7 +46,7 @@ def spatial_axis(ndim: int, nd: int, dim: int) -> int | None:
     return axis if axis >= 0 else None
 
 
-def halo_plan(in_part, needs, rank: int, edge: Edge = Edge()) -> HaloPlan:
+def halo_plan(in_part, needs, rank: int, edge: Edge = _ZERO_EDGE) -> HaloPlan:
     """The exchange that gives every rank its needed rows (empty ranges allowed)."""
     needs = tuple((s, max(s, e)) for s, e in needs)
     return plan_halo(tuple(in_part), needs, rank, edge)

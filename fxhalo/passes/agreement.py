@@ -62,8 +62,7 @@ def _error_text(error: BaseException | None) -> str | None:
     return f"{type(error).__name__}: {error}" if error is not None else None
 
 
-def gather_input_lengths(domain: Domain, local: dict[str, int] | None,
-                         error: BaseException | None) -> dict[str, int]:
+def gather_input_lengths(domain: Domain, local: dict[str, int] | None, error: BaseException | None) -> dict[str, int]:
     """Global length of each sharded graph input, from every rank's ``local`` lengths (one all_gather_object).
 
     Raises the same :class:`FxHaloError` on every rank if a rank failed, the ranks
@@ -73,8 +72,10 @@ def gather_input_lengths(domain: Domain, local: dict[str, int] | None,
     _raise_first_error(everyone, error)
     names = [sorted(e["lengths"]) for e in everyone]
     if any(n != names[0] for n in names):
-        raise FxHaloError(f"ranks shard different graph inputs ({names}), which would hang the job; "
-                          "every rank must run the same model on the same kind of inputs")
+        raise FxHaloError(
+            f"ranks shard different graph inputs ({names}), which would hang the job; "
+            "every rank must run the same model on the same kind of inputs"
+        )
     out = {}
     for name in names[0]:
         lengths = [e["lengths"][name] for e in everyone]

@@ -64,8 +64,11 @@ def _buckets(params: list) -> list[list]:
 def sync_parameter_grads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     """Read every parameter that requires grad through :func:`~fxhalo.ops.grad.synced_params`; returns buckets."""
     graph = gm.graph
-    params = [n for n in graph.nodes if n.op == "placeholder" and n.meta.get(SHARDING) is None
-              and is_state(n) and _needs_grad(n) and n.users]
+    params = [
+        n
+        for n in graph.nodes
+        if n.op == "placeholder" and n.meta.get(SHARDING) is None and is_state(n) and _needs_grad(n) and n.users
+    ]
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1] if params else None
     buckets = _buckets(params)
     for bucket in buckets:
@@ -106,8 +109,9 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     for leaf in leaves:
         if isinstance(leaf, torch.fx.Node) and leaf.meta.get(SHARDING) is None and _needs_grad(leaf):
             with graph.inserting_before(output):
-                wrapped = graph.call_function(grad_ops.replicated_output, (leaf,),
-                                              {"group_name": group, "size": ctx.domain.size})
+                wrapped = graph.call_function(
+                    grad_ops.replicated_output, (leaf,), {"group_name": group, "size": ctx.domain.size}
+                )
             wrapped.meta.update({k: v for k, v in leaf.meta.items() if k in ("val", "example_value", SHARDING)})
             new_leaves.append(wrapped)
             changed += 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..domain import Domain
 from ..errors import FxHaloError, describe_node
@@ -32,6 +32,5 @@ class PassContext:
         val = example_value(node.all_input_nodes[0]) if node.all_input_nodes else None
         shape = f" Input local shape: {tuple(val.shape)}." if hasattr(val, "shape") else ""
         raise FxHaloError(
-            f"fxhalo cannot make {describe_node(node)} domain-parallel: it {problem}.{shape} "
-            f"Remedy: {remedy}."
+            f"fxhalo cannot make {describe_node(node)} domain-parallel: it {problem}.{shape} Remedy: {remedy}."
         )

@@ -106,13 +106,21 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         edge = Edge(kw["edge_mode"], kw["edge_value"], tuple(kw["edge_extent"]))
         local_shape = tuple(example_value(x).shape)
         domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
-        _, window = conv_ops.conv_window(local_shape, tuple(example_value(weight).shape), stride, padding,
-                                         dilation, domain, edge)
+        _, window = conv_ops.conv_window(
+            local_shape, tuple(example_value(weight).shape), stride, padding, dilation, domain, edge
+        )
         with graph.inserting_before(norm):
             both = graph.call_function(
-                norm_ops.group_norm_exchange, norm.args,
-                dict(norm.kwargs, window=dataclasses.astuple(window), edge_mode=edge.mode,
-                     edge_value=edge.value, edge_extent=tuple(edge.extent)))
+                norm_ops.group_norm_exchange,
+                norm.args,
+                dict(
+                    norm.kwargs,
+                    window=dataclasses.astuple(window),
+                    edge_mode=edge.mode,
+                    edge_value=edge.value,
+                    edge_extent=tuple(edge.extent),
+                ),
+            )
             y = graph.call_function(operator.getitem, (both, 0))
             rows = graph.call_function(operator.getitem, (both, 1))
         both.meta.update({k: v for k, v in norm.meta.items() if k in ("stack_trace", "nn_module_stack")})
@@ -124,13 +132,14 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         last = rows
         for node in chain:
             with graph.inserting_before(conv):
-                last = graph.node_copy(node, lambda a: copies.get(a, a))
+                last = graph.node_copy(node, lambda a, copies=copies: copies.get(a, a))
             last.meta = {HALO_ROWS: s.dim}
             copies[node] = last
         x = conv.args[0]  # the norm's replacement, when the conv read the norm directly
         with graph.inserting_before(conv):
-            new = graph.call_function(conv_ops.conv_with_halo, (x, last, weight, bias, stride, padding, dilation,
-                                                                groups), dict(kw))
+            new = graph.call_function(
+                conv_ops.conv_with_halo, (x, last, weight, bias, stride, padding, dilation, groups), dict(kw)
+            )
         new.meta.update(conv.meta)
         conv.replace_all_uses_with(new)
         graph.erase_node(conv)
@@ -139,4 +148,3 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         graph.lint()
         gm.recompile()
     return fused
-

@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["Rule", "PlannedRule", "KernelCall", "KERNEL_INPUT", "replace_with_kernel", "bind", "register",
-           "lookup", "all_rules"]
+__all__ = [
+    "Rule",
+    "PlannedRule",
+    "KernelCall",
+    "KERNEL_INPUT",
+    "replace_with_kernel",
+    "bind",
+    "register",
+    "lookup",
+    "all_rules",
+]
 
 #: node.meta key: the layout of the input of a node that becomes a kernel call (absent or None: left as is)
 KERNEL_INPUT = "fxhalo_kernel_input"
@@ -117,8 +126,7 @@ def all_rules() -> dict[tuple[str, object], Rule]:
 
 def _load() -> None:
     """Import the rule families (each registers itself)."""
-    from . import (conv, conv_transpose, interpolate, local, loss, norm, pool, reduce,  # noqa: F401
-                   resample, shape, shift)
+    from . import conv, conv_transpose, interpolate, local, loss, norm, pool, reduce, resample, shape, shift  # noqa: F401
 
 
 _load()

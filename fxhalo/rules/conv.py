@@ -79,8 +79,11 @@ class ConvRule(Rule):
         if s is None:
             return None
         if not s.contiguous:
-            ctx.refuse(node, f"convolves along a dim whose shards are interleaved with another dim ({s})",
-                       "apply the convolution before the reshape that merged the sharded dim under another dim")
+            ctx.refuse(
+                node,
+                f"convolves along a dim whose shards are interleaved with another dim ({s})",
+                "apply the convolution before the reshape that merged the sharded dim under another dim",
+            )
         shape = list(example_value(src).shape)
         shape[s.dim] = s.local
         w_shape = tuple(example_value(args["weight"]).shape)
@@ -89,18 +92,27 @@ class ConvRule(Rule):
         if axis < 0:
             if s.dim == 0 and len(shape) == nd + 2:  # sharded over the batch: each sample is local
                 return ConvDecision(True, s, {}, None)
-            ctx.refuse(node, f"mixes the channels of a tensor sharded along dim {s.dim}",
-                       "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim")
+            ctx.refuse(
+                node,
+                f"mixes the channels of a tensor sharded along dim {s.dim}",
+                "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim",
+            )
         domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
         edge = fold.edge if fold is not None else Edge()
         try:
-            _, plan = conv_ops.conv_plan(tuple(shape), w_shape, args["stride"], args["padding"],
-                                         args["dilation"], domain, edge, s.length)
+            _, plan = conv_ops.conv_plan(
+                tuple(shape), w_shape, args["stride"], args["padding"], args["dilation"], domain, edge, s.length
+            )
         except Unsplittable as e:  # the sizes do not split: say which node, and where
             ctx.refuse(node, e.problem, e.remedy)
-        kwargs = dict(shard_dim=s.dim, group_name=ctx.domain.group_name,
-                      edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent or (0, 0),
-                      length=s.length)
+        kwargs = dict(
+            shard_dim=s.dim,
+            group_name=ctx.domain.group_name,
+            edge_mode=edge.mode,
+            edge_value=edge.value,
+            edge_extent=edge.extent or (0, 0),
+            length=s.length,
+        )
         out = split(s.dim, plan.out_length, ctx.domain)
         return ConvDecision(plan.local and fold is None, out, kwargs, fold, plan)
 

@@ -20,8 +20,9 @@ from . import register
 from .resample import Decision, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
 
-def _conv_transpose_signature(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-                              dilation=1): ...
+def _conv_transpose_signature(
+    input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1
+): ...
 
 
 class ConvTransposeRule(ResampleRule):
@@ -30,24 +31,36 @@ class ConvTransposeRule(ResampleRule):
     replicated = ("weight", "bias")
 
     def decide(self, node, ctx, args, s):
-        static_or_refuse(node, ctx, stride=args["stride"], padding=args["padding"],
-                         output_padding=args["output_padding"], dilation=args["dilation"])
+        static_or_refuse(
+            node,
+            ctx,
+            stride=args["stride"],
+            padding=args["padding"],
+            output_padding=args["output_padding"],
+            dilation=args["dilation"],
+        )
         ndim = example_value(args["input"]).ndim
         w_shape = tuple(example_value(args["weight"]).shape)
         nd = len(w_shape) - 2
         axis = spatial_axis(ndim, nd, s.dim)
         if axis is None:
             if s.dim == ndim - nd - 1:
-                ctx.refuse(node, f"mixes the channels of a tensor sharded along dim {s.dim}",
-                           "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim")
+                ctx.refuse(
+                    node,
+                    f"mixes the channels of a tensor sharded along dim {s.dim}",
+                    "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim",
+                )
             return Decision(s)  # sharded over the batch: each sample is local
         require_contiguous(node, ctx, s)
         k = w_shape[2:]
         st, p = ints(args["stride"], nd), ints(args["padding"], nd)
         op, d = ints(args["output_padding"], nd), ints(args["dilation"], nd)
         plan = ct_ops.plan_conv_transpose(
-            ct_ops.TransposedAxis(k[axis], st[axis], p[axis], op[axis], d[axis]), domain_for(ctx, s),
-            s.length, f"conv_transpose{nd}d (kernel {k}, stride {st}, padding {p}, output_padding {op})")
+            ct_ops.TransposedAxis(k[axis], st[axis], p[axis], op[axis], d[axis]),
+            domain_for(ctx, s),
+            s.length,
+            f"conv_transpose{nd}d (kernel {k}, stride {st}, padding {p}, output_padding {op})",
+        )
         out = resized(s, plan.m, ctx)
         if plan.local:
             return Decision(out)

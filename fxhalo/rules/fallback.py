@@ -34,8 +34,11 @@ class GatherFallback(Rule):
             val = example_value(leaf) if hasattr(leaf, "meta") else leaf
             if isinstance(s, Sharded):
                 if not s.contiguous:
-                    ctx.refuse(node, f"would need its sharded argument '{leaf.name}' gathered, but its shards are "
-                               f"interleaved ({s})", "apply the op before the reshape that interleaved the shards")
+                    ctx.refuse(
+                        node,
+                        f"would need its sharded argument '{leaf.name}' gathered, but its shards are interleaved ({s})",
+                        "apply the op before the reshape that interleaved the shards",
+                    )
                 gathers[i] = (s.dim, tuple(b - a for a, b in ctx.domain.partition(s.length)))
                 shape = list(val.shape)
                 shape[s.dim] = s.length
@@ -46,8 +49,12 @@ class GatherFallback(Rule):
                 ctx.refuse(node, "takes a tuple of sharded values", "unpack the tuple first")
             fakes.append(val)
         with fake_mode:
-            fakes = [torch.empty(v[1], dtype=v[2].dtype, device=v[2].device) if isinstance(v, tuple) and v[:1] == ("global",)
-                     else v for v in fakes]
+            fakes = [
+                torch.empty(v[1], dtype=v[2].dtype, device=v[2].device)
+                if isinstance(v, tuple) and v[:1] == ("global",)
+                else v
+                for v in fakes
+            ]
             args, kwargs = pytree.tree_unflatten(fakes, spec)
             if node.op == "call_method":
                 out = getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -64,14 +71,23 @@ class GatherFallback(Rule):
         node.meta[PLAN] = (gathers, tuple(out_dims))
         warnings.warn(
             f"fxhalo: {describe_node(node)} has no domain-parallel rule and runs on the all-gathered "
-            f"tensor (fallback='gather'): each rank receives {received} bytes per call", stacklevel=2)
+            f"tensor (fallback='gather'): each rank receives {received} bytes per call",
+            stacklevel=2,
+        )
         result = pytree.tree_unflatten(shardings, out_spec)
         return result
 
     def rewrite(self, node, ctx) -> bool:
         gathers, out_dims = node.meta[PLAN]
-        fn = make_gather_fallback(node.target, node.op == "call_method", gathers, out_dims,
-                                  group_name=ctx.domain.group_name, rank=ctx.domain.rank, size=ctx.domain.size)
+        fn = make_gather_fallback(
+            node.target,
+            node.op == "call_method",
+            gathers,
+            out_dims,
+            group_name=ctx.domain.group_name,
+            rank=ctx.domain.rank,
+            size=ctx.domain.size,
+        )
         with node.graph.inserting_before(node):
             new = node.graph.call_function(fn, node.args, node.kwargs)
         new.meta.update(node.meta)

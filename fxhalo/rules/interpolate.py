@@ -30,8 +30,15 @@ from .resample import Decision, ResampleRule, domain_for, require_contiguous, re
 _AREA_KERNELS = {1: pool_ops.adaptive_avg_pool1d, 2: pool_ops.adaptive_avg_pool2d, 3: pool_ops.adaptive_avg_pool3d}
 
 
-def _interpolate_signature(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
-                           recompute_scale_factor=None, antialias=False): ...
+def _interpolate_signature(
+    input,
+    size=None,
+    scale_factor=None,
+    mode="nearest",
+    align_corners=None,
+    recompute_scale_factor=None,
+    antialias=False,
+): ...
 
 
 _FULL = inspect.signature(_interpolate_signature)
@@ -70,18 +77,31 @@ class InterpolateRule(ResampleRule):
             return self._area(ctx, a, s, nd, axis)
         mode = a["mode"]
         if mode not in interp_ops.MODES or a["antialias"]:
-            ctx.refuse(node, f"uses mode {mode!r}" + (" with antialias=True" if a["antialias"] else ""),
-                       f"use one of the modes {interp_ops.MODES} without antialias, or resize before sharding")
+            ctx.refuse(
+                node,
+                f"uses mode {mode!r}" + (" with antialias=True" if a["antialias"] else ""),
+                f"use one of the modes {interp_ops.MODES} without antialias, or resize before sharding",
+            )
         align = bool(a["align_corners"]) if mode not in ("nearest", "nearest-exact") else False
-        resize = interp_ops.axis_resize(s.length, a["size"], a["scale_factor"], a["recompute_scale_factor"],
-                                        axis, nd)
+        resize = interp_ops.axis_resize(s.length, a["size"], a["scale_factor"], a["recompute_scale_factor"], axis, nd)
         val = example_value(a["input"])
         plan = interp_ops.plan_interpolate(
-            mode, nd, axis, resize, align, val.dtype == torch.float64, val.device.type,
-            domain_for(ctx, s), f"interpolate (mode {mode!r}, size {a['size']}, scale_factor {a['scale_factor']})")
+            mode,
+            nd,
+            axis,
+            resize,
+            align,
+            val.dtype == torch.float64,
+            val.device.type,
+            domain_for(ctx, s),
+            f"interpolate (mode {mode!r}, size {a['size']}, scale_factor {a['scale_factor']})",
+        )
         out = resized(s, resize.n_out, ctx)
-        if plan.local and a["size"] is None and \
-                interp_ops.axis_resize(s.local, None, a["scale_factor"], None, axis, nd).n_out == out.local:
+        if (
+            plan.local
+            and a["size"] is None
+            and interp_ops.axis_resize(s.local, None, a["scale_factor"], None, axis, nd).n_out == out.local
+        ):
             return Decision(out)  # the node's own scale factor gives each rank its rows
         call = tuple(a[name] for name in _FULL.parameters)
         return Decision(out, interp_ops.interpolate, call)
@@ -90,10 +110,12 @@ class InterpolateRule(ResampleRule):
         """``mode='area'`` is adaptive average pooling to the (recomputed) output size."""
         spatial = list(example_value(a["input"]).shape[2:])
         spatial[axis] = s.length
-        sizes = tuple(interp_ops.axis_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out
-                      for i in range(nd))
-        pool_ops.plan_adaptive(domain_for(ctx, s), s.length, sizes[axis],
-                               f"adaptive_avg_pool{nd}d (output size {sizes})")
+        sizes = tuple(
+            interp_ops.axis_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out for i in range(nd)
+        )
+        pool_ops.plan_adaptive(
+            domain_for(ctx, s), s.length, sizes[axis], f"adaptive_avg_pool{nd}d (output size {sizes})"
+        )
         return Decision(resized(s, sizes[axis], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
 
 

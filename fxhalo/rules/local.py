@@ -42,7 +42,7 @@ _METHODS = (
     _ELEMENTWISE_NAMES
     + [n + "_" for n in _ELEMENTWISE_NAMES]
     + "relu_ sigmoid_ tanh_ float half bfloat16 double int long bool to type "
-      "contiguous clone detach requires_grad_ zero_ fill_".split()
+    "contiguous clone detach requires_grad_ zero_ fill_".split()
 )
 #: methods whose output follows only their first (tensor) argument
 _FIRST_ARG_ONLY = {"to", "type", "type_as"}
@@ -62,24 +62,32 @@ class Elementwise(Rule):
         if not sharded:
             return None
         if not isinstance(out, torch.Tensor):
-            ctx.refuse(node, "returns a non-tensor computed from a sharded tensor",
-                       "compute it from fxhalo.gather()ed values outside the compiled region")
+            ctx.refuse(
+                node,
+                "returns a non-tensor computed from a sharded tensor",
+                "compute it from fxhalo.gather()ed values outside the compiled region",
+            )
         # Broadcasting aligns dims from the right: compare positions counted from the end.
         positions = {s.dim - example_value(a).ndim for a, s in sharded}
         first = sharded[0][1]
         if len(positions) != 1 or not all(first.same_layout(s) for _, s in sharded):
-            ctx.refuse(node, "combines tensors sharded along different dims or with different sizes: "
-                       + ", ".join(f"{a.name} {s}" for a, s in sharded),
-                       "make the operands agree (same sharded dim and size) before combining them")
+            ctx.refuse(
+                node,
+                "combines tensors sharded along different dims or with different sizes: "
+                + ", ".join(f"{a.name} {s}" for a, s in sharded),
+                "make the operands agree (same sharded dim and size) before combining them",
+            )
         pos = positions.pop()
         for a in inputs:
             if sharding_of(a) is None:
                 shape = example_value(a).shape
                 if len(shape) >= -pos and shape[pos] != 1:
-                    ctx.refuse(node, f"broadcasts replicated tensor '{a.name}' of shape {tuple(shape)} "
-                               f"against the sharded dim (size {shape[pos]} there)",
-                               "shard that tensor too (pass it as a sharded input), or give it size 1 "
-                               "along the sharded dim")
+                    ctx.refuse(
+                        node,
+                        f"broadcasts replicated tensor '{a.name}' of shape {tuple(shape)} "
+                        f"against the sharded dim (size {shape[pos]} there)",
+                        "shard that tensor too (pass it as a sharded input), or give it size 1 along the sharded dim",
+                    )
         return first.moved(out.ndim + pos)
 
 
@@ -101,8 +109,11 @@ class ChannelOnly(Rule):
                 ctx.refuse(node, f"takes sharded tensor '{a.name}' as a parameter", "pass replicated parameters")
         mixed = self._dim_of(node)
         if mixed == s.dim:
-            ctx.refuse(node, f"mixes values along dim {mixed}, the sharded dim",
-                       "apply it along another dim, or gather the tensor first")
+            ctx.refuse(
+                node,
+                f"mixes values along dim {mixed}, the sharded dim",
+                "apply it along another dim, or gather the tensor first",
+            )
         out = example_value(node)
         return s.moved(s.dim + out.ndim - example_value(src).ndim)
 

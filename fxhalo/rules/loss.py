@@ -63,8 +63,9 @@ class Loss(PlannedRule):
         if sx is None and st is None and sw is None:
             return None
         if sx is None:
-            ctx.refuse(node, "compares a replicated input with a sharded target",
-                       "shard both (or neither) of input and target")
+            ctx.refuse(
+                node, "compares a replicated input with a sharded target", "shard both (or neither) of input and target"
+            )
         pointwise = self._check(node, a, sx, st, sw, ctx)
         reduction = ops.legacy_reduction(a.get("size_average"), a.get("reduce"), a["reduction"])
         if reduction == "none":
@@ -80,11 +81,15 @@ class Loss(PlannedRule):
         x, t = a["input"], a["target"]
         if not self._classes:
             if st != sx or example_value(t).shape != example_value(x).shape:
-                ctx.refuse(node, f"compares input {sx} with target {st or 'replicated'} of another layout or shape",
-                           "give input and target the same shape and sharding")
+                ctx.refuse(
+                    node,
+                    f"compares input {sx} with target {st or 'replicated'} of another layout or shape",
+                    "give input and target the same shape and sharding",
+                )
             if a.get("weight") is not None and sw != sx:
-                ctx.refuse(node, f"weights elements with a {sw or 'replicated'} weight",
-                           "shard the weight like the input")
+                ctx.refuse(
+                    node, f"weights elements with a {sw or 'replicated'} weight", "shard the weight like the input"
+                )
             return sx
         if sx.dim == _class_dim(x):
             ctx.refuse(node, "spreads the class dim over the ranks", "shard a spatial dim instead")
@@ -93,9 +98,12 @@ class Loss(PlannedRule):
         probabilities = example_value(t).dtype.is_floating_point
         want = sx if probabilities else _per_pixel(sx, x)
         if st != want:
-            ctx.refuse(node, f"takes a target sharded as {st or 'replicated'}, but its pixels are sharded as {want}",
-                       "shard the target along the same pixel dim: with class-index targets [N, H, W] and "
-                       "shard_dim=2, pass options={'shard_dim': -2} or {'input_shard_dims': {'target': 1}}")
+            ctx.refuse(
+                node,
+                f"takes a target sharded as {st or 'replicated'}, but its pixels are sharded as {want}",
+                "shard the target along the same pixel dim: with class-index targets [N, H, W] and "
+                "shard_dim=2, pass options={'shard_dim': -2} or {'input_shard_dims': {'target': 1}}",
+            )
         return _per_pixel(sx, x)
 
 

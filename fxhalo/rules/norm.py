@@ -72,8 +72,7 @@ class Norm(PlannedRule):
         params = {p: a[p] for p in _PARAMS if a.get(p) is not None}
         if s is None:
             if any(sharding_of(v) is not None for v in params.values()):
-                ctx.refuse(node, "normalises a replicated tensor with sharded parameters",
-                           "pass replicated parameters")
+                ctx.refuse(node, "normalises a replicated tensor with sharded parameters", "pass replicated parameters")
             return None
         if self._flag is not None and not isinstance(a[self._flag], bool):
             ctx.refuse(node, f"takes a non-constant '{self._flag}'", f"pass {self._flag} as a Python bool")
@@ -81,8 +80,11 @@ class Norm(PlannedRule):
         dims = self._stats_dims(a, ndim)
         crosses = s.dim in dims
         if crosses and self._kernel is ops.group_norm and s.dim == 1:
-            ctx.refuse(node, "normalises groups of a tensor sharded along its channel dim",
-                       "shard a spatial dim (e.g. shard_dim=2) instead")
+            ctx.refuse(
+                node,
+                "normalises groups of a tensor sharded along its channel dim",
+                "shard a spatial dim (e.g. shard_dim=2) instead",
+            )
         self._check_params(node, params, s, ndim, crosses, ctx)
         if crosses:
             node.meta[PLAN] = s
@@ -100,10 +102,13 @@ class Norm(PlannedRule):
                 want = dataclasses.replace(s, dim=s.dim - (ndim - example_value(p).ndim))
                 if sp != want:
                     layout = "replicated" if sp is None else f"differently sharded ({sp})"
-                    ctx.refuse(node, f"normalises over the sharded dim {s.dim} with a {layout} {name} of shape "
-                               f"{tuple(example_value(p).shape)}, whose rows would not line up with this rank's rows",
-                               "use elementwise_affine=False and apply the weight yourself from a tensor sharded "
-                               "like the input, or pass a sharded weight to F.layer_norm")
+                    ctx.refuse(
+                        node,
+                        f"normalises over the sharded dim {s.dim} with a {layout} {name} of shape "
+                        f"{tuple(example_value(p).shape)}, whose rows would not line up with this rank's rows",
+                        "use elementwise_affine=False and apply the weight yourself from a tensor sharded "
+                        "like the input, or pass a sharded weight to F.layer_norm",
+                    )
             elif sp is not None:
                 ctx.refuse(node, f"takes a sharded {name}", f"pass a replicated {name}")
 

@@ -29,16 +29,15 @@ from ..ops import pool as pool_ops
 from ..ops.rows import ints, spatial_axis
 from ..sharding import Sharded, example_value
 from . import register
-from .resample import (Decision, ResampleRule, domain_for, require_contiguous, resized,
-                       static_or_refuse)
+from .resample import Decision, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
 
-def _max_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                   return_indices=False): ...
+def _max_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False): ...
 
 
-def _avg_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                   divisor_override=None): ...
+def _avg_signature(
+    input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+): ...
 
 
 def _adaptive_signature(input, output_size, return_indices=False): ...
@@ -72,8 +71,14 @@ class MaxPoolRule(ResampleRule):
         nd = self.nd
         ret = bool(args["return_indices"]) if self.indices is None else self.indices
         items = 2 if ret else 0
-        static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"],
-                         padding=args["padding"], dilation=args["dilation"])
+        static_or_refuse(
+            node,
+            ctx,
+            kernel_size=args["kernel_size"],
+            stride=args["stride"],
+            padding=args["padding"],
+            dilation=args["dilation"],
+        )
         axis = _sharded_axis(node, ctx, args, nd, s)
         if axis is None:  # batch or channel sharded; indices count within each plane, so they hold
             return Decision(s, items=items)
@@ -82,13 +87,24 @@ class MaxPoolRule(ResampleRule):
         p, d = ints(args["padding"], nd), ints(args["dilation"], nd)
         plan = pool_ops.plan_pool(
             pool_ops.PoolAxis(k[axis], st[axis], p[axis], d[axis], bool(args["ceil_mode"])),
-            domain_for(ctx, s), s.length, float("-inf"), None,
-            f"max_pool{nd}d (kernel {k}, stride {st}, padding {p}, dilation {d})")
+            domain_for(ctx, s),
+            s.length,
+            float("-inf"),
+            None,
+            f"max_pool{nd}d (kernel {k}, stride {st}, padding {p}, dilation {d})",
+        )
         out = resized(s, plan.m, ctx)
         if plan.local and not ret:
             return Decision(out)
-        call = (args["input"], args["kernel_size"], args["stride"], args["padding"], args["dilation"],
-                args["ceil_mode"], ret)
+        call = (
+            args["input"],
+            args["kernel_size"],
+            args["stride"],
+            args["padding"],
+            args["dilation"],
+            args["ceil_mode"],
+            ret,
+        )
         return Decision(out, _MAX_KERNELS[nd], call, items)
 
 
@@ -101,8 +117,7 @@ class AvgPoolRule(ResampleRule):
 
     def decide(self, node, ctx, args, s):
         nd = self.nd
-        static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"],
-                         padding=args["padding"])
+        static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"], padding=args["padding"])
         axis = _sharded_axis(node, ctx, args, nd, s)
         if axis is None:
             return Decision(s)
@@ -110,13 +125,23 @@ class AvgPoolRule(ResampleRule):
         k, st, p = ints(args["kernel_size"], nd), ints(stride, nd), ints(args["padding"], nd)
         plan = pool_ops.plan_pool(
             pool_ops.PoolAxis(k[axis], st[axis], p[axis], 1, bool(args["ceil_mode"])),
-            domain_for(ctx, s), s.length, 0.0, bool(args["count_include_pad"]),
-            f"avg_pool{nd}d (kernel {k}, stride {st}, padding {p})")
+            domain_for(ctx, s),
+            s.length,
+            0.0,
+            bool(args["count_include_pad"]),
+            f"avg_pool{nd}d (kernel {k}, stride {st}, padding {p})",
+        )
         out = resized(s, plan.m, ctx)
         if plan.local:
             return Decision(out)
-        call = (args["input"], args["kernel_size"], args["stride"], args["padding"], args["ceil_mode"],
-                args["count_include_pad"]) + (() if nd == 1 else (args["divisor_override"],))
+        call = (
+            args["input"],
+            args["kernel_size"],
+            args["stride"],
+            args["padding"],
+            args["ceil_mode"],
+            args["count_include_pad"],
+        ) + (() if nd == 1 else (args["divisor_override"],))
         return Decision(out, _AVG_KERNELS[nd], call)
 
 
@@ -138,8 +163,9 @@ class AdaptivePoolRule(ResampleRule):
         size = args["output_size"]
         sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
         m = s.length if sizes[axis] is None else int(sizes[axis])
-        plan = pool_ops.plan_adaptive(domain_for(ctx, s), s.length, m,
-                                      f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
+        plan = pool_ops.plan_adaptive(
+            domain_for(ctx, s), s.length, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
+        )
         out = resized(s, m, ctx)
         if plan.halo is None and sizes[axis] is None and not ret:
             return Decision(out)  # keeps the (local) size along the sharded dim: local as it is
@@ -149,18 +175,33 @@ class AdaptivePoolRule(ResampleRule):
 
 for _nd in (1, 2, 3):
     register(MaxPoolRule(_nd, None), getattr(F, f"max_pool{_nd}d"), getattr(torch, f"max_pool{_nd}d", None))
-    register(MaxPoolRule(_nd, True), getattr(F, f"max_pool{_nd}d_with_indices"),
-             getattr(torch, f"max_pool{_nd}d_with_indices", None),
-             getattr(torch._C._nn, f"max_pool{_nd}d_with_indices", None))
-    register(AvgPoolRule(_nd), getattr(F, f"avg_pool{_nd}d"), getattr(torch, f"avg_pool{_nd}d", None),
-             getattr(torch._C._nn, f"avg_pool{_nd}d", None))
+    register(
+        MaxPoolRule(_nd, True),
+        getattr(F, f"max_pool{_nd}d_with_indices"),
+        getattr(torch, f"max_pool{_nd}d_with_indices", None),
+        getattr(torch._C._nn, f"max_pool{_nd}d_with_indices", None),
+    )
+    register(
+        AvgPoolRule(_nd),
+        getattr(F, f"avg_pool{_nd}d"),
+        getattr(torch, f"avg_pool{_nd}d", None),
+        getattr(torch._C._nn, f"avg_pool{_nd}d", None),
+    )
     # Pooling to one row along the sharded dim is a reduction over the ranks, not a window:
     # fxhalo.rules.reduce registers a rule in front of these for the value-only spellings,
     # which hands every other case back to AdaptivePoolRule.
-    register(AdaptivePoolRule(_nd, "avg", None), getattr(F, f"adaptive_avg_pool{_nd}d"),
-             getattr(torch, f"adaptive_avg_pool{_nd}d", None), getattr(torch._C._nn, f"adaptive_avg_pool{_nd}d", None))
+    register(
+        AdaptivePoolRule(_nd, "avg", None),
+        getattr(F, f"adaptive_avg_pool{_nd}d"),
+        getattr(torch, f"adaptive_avg_pool{_nd}d", None),
+        getattr(torch._C._nn, f"adaptive_avg_pool{_nd}d", None),
+    )
     register(AdaptivePoolRule(_nd, "max", None), getattr(F, f"adaptive_max_pool{_nd}d"))
-    register(AdaptivePoolRule(_nd, "max", True), getattr(F, f"adaptive_max_pool{_nd}d_with_indices"),
-             getattr(torch, f"adaptive_max_pool{_nd}d", None), getattr(torch._C._nn, f"adaptive_max_pool{_nd}d", None))
+    register(
+        AdaptivePoolRule(_nd, "max", True),
+        getattr(F, f"adaptive_max_pool{_nd}d_with_indices"),
+        getattr(torch, f"adaptive_max_pool{_nd}d", None),
+        getattr(torch._C._nn, f"adaptive_max_pool{_nd}d", None),
+    )
 
 # max_pool(..., return_indices=True) returns (values, indices), read with operator.getitem.

@@ -52,6 +52,7 @@ def after_reduction(s: Sharded, dims, keepdim: bool) -> Sharded:
 
 # -- sum, mean, amax, amin, var, std -------------------------------------------
 
+
 def _sum_signature(input, dim=None, keepdim=False, *, dtype=None, axis=None, out=None): ...
 def _amax_signature(input, dim=(), keepdim=False, *, axis=None, out=None): ...
 def _var_signature(input, dim=None, unbiased=None, keepdim=False, *, correction=None, axis=None, out=None): ...
@@ -83,8 +84,13 @@ def _sum_like(kernel):
     def canonical(node) -> Reduced:
         a = bind(_SUM_SIG, node)
         dims = _dims(a, example_value(a["input"]).ndim)
-        return Reduced(a["input"], dims, bool(a["keepdim"]),
-                       KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {"dtype": a["dtype"]}))
+        return Reduced(
+            a["input"],
+            dims,
+            bool(a["keepdim"]),
+            KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {"dtype": a["dtype"]}),
+        )
+
     return canonical
 
 
@@ -92,8 +98,10 @@ def _amax_like(kernel):
     def canonical(node) -> Reduced:
         a = bind(_AMAX_SIG, node)
         dims = _dims(a, example_value(a["input"]).ndim)
-        return Reduced(a["input"], dims, bool(a["keepdim"]),
-                       KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {}))
+        return Reduced(
+            a["input"], dims, bool(a["keepdim"]), KernelCall(kernel, (a["input"], dims, bool(a["keepdim"])), {})
+        )
+
     return canonical
 
 
@@ -106,8 +114,13 @@ def _var_like(kernel):
         a["dim"] = dim
         dims = _dims(a, example_value(a["input"]).ndim)
         correction = a["correction"] if a["correction"] is not None else (0 if unbiased is False else 1)
-        return Reduced(a["input"], dims, bool(a["keepdim"]),
-                       KernelCall(kernel, (a["input"], dims, correction, bool(a["keepdim"])), {}))
+        return Reduced(
+            a["input"],
+            dims,
+            bool(a["keepdim"]),
+            KernelCall(kernel, (a["input"], dims, correction, bool(a["keepdim"])), {}),
+        )
+
     return canonical
 
 
@@ -170,9 +183,12 @@ class MaxMin(Reduction):
             return None
         if s.dim in dims:
             which = "max" if self._largest else "min"
-            ctx.refuse(node, f"returns the arg{which} indices along the sharded dim {s.dim}",
-                       f"use amax/amin (values only, supported along the sharded dim), or "
-                       f"torch.arg{which} on fxhalo.gather()ed values")
+            ctx.refuse(
+                node,
+                f"returns the arg{which} indices along the sharded dim {s.dim}",
+                f"use amax/amin (values only, supported along the sharded dim), or "
+                f"torch.arg{which} on fxhalo.gather()ed values",
+            )
         out = after_reduction(s, dims, bool(a["keepdim"]))
         return (out, out)  # (values, indices), as getitem expects of a tuple-valued node
 
@@ -194,13 +210,22 @@ _STD = Reduction(_var_like(ops.std))
 _MAX = MaxMin(True)
 _MIN = MaxMin(False)
 
-for _rule, _name in ((_SUM, "sum"), (_MEAN, "mean"), (_AMAX, "amax"), (_AMIN, "amin"), (_VAR, "var"),
-                     (_STD, "std"), (_MAX, "max"), (_MIN, "min")):
+for _rule, _name in (
+    (_SUM, "sum"),
+    (_MEAN, "mean"),
+    (_AMAX, "amax"),
+    (_AMIN, "amin"),
+    (_VAR, "var"),
+    (_STD, "std"),
+    (_MAX, "max"),
+    (_MIN, "min"),
+):
     register(_rule, getattr(torch, _name))
     register(_rule, _name, op="call_method")
 
 
 # -- adaptive pooling to one row -------------------------------------------------
+
 
 def _pool_signature(input, output_size, return_indices=False): ...
 
@@ -231,8 +256,11 @@ class AdaptivePoolToOne(PlannedRule):
         if s is None or not self._to_one(a, s):
             return self._windowed.propagate(node, ctx)
         if self._kernel is ops.adaptive_max_pool and getattr(s, "outer", 1) != 1:
-            ctx.refuse(node, f"max-pools a dim whose shards are interleaved with another dim ({s})",
-                       "pool before the reshape that merged the sharded dim under another dim")
+            ctx.refuse(
+                node,
+                f"max-pools a dim whose shards are interleaved with another dim ({s})",
+                "pool before the reshape that merged the sharded dim under another dim",
+            )
         node.meta[PLAN] = s
         return None
 
@@ -260,8 +288,11 @@ def _register_adaptive_pools() -> None:
             if kind == "max":
                 targets = (getattr(F, f"adaptive_max_pool{nd}d"),)
             else:
-                targets = (getattr(F, f"adaptive_avg_pool{nd}d"), getattr(torch, f"adaptive_avg_pool{nd}d", None),
-                           getattr(torch._C._nn, f"adaptive_avg_pool{nd}d", None))
+                targets = (
+                    getattr(F, f"adaptive_avg_pool{nd}d"),
+                    getattr(torch, f"adaptive_avg_pool{nd}d", None),
+                    getattr(torch._C._nn, f"adaptive_avg_pool{nd}d", None),
+                )
             register(rule, *targets)
 
 
@@ -269,6 +300,7 @@ _register_adaptive_pools()
 
 
 # -- softmax ------------------------------------------------------------------
+
 
 def _softmax_signature(input, dim, dtype=None): ...
 

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from ..domain import Domain
 from ..geometry import Unsplittable
 from ..sharding import Sharded, sharding_of, split
 from . import KernelCall, Rule, bind, replace_with_kernel
 
-__all__ = ["Decision", "ResampleRule", "PLAN", "domain_for",
-           "require_contiguous", "resized", "static_or_refuse"]
+__all__ = ["Decision", "ResampleRule", "PLAN", "domain_for", "require_contiguous", "resized", "static_or_refuse"]
 
 PLAN = "fxhalo_resample"
 
@@ -91,8 +90,11 @@ def resized(s: Sharded, m: int, ctx) -> Sharded:
 def require_contiguous(node, ctx, s: Sharded) -> None:
     """Windowed ops need each rank's rows as one block (not interleaved by a reshape)."""
     if getattr(s, "outer", 1) != 1:
-        ctx.refuse(node, f"resamples along a dim whose shards are interleaved with another dim ({s})",
-                   "apply the op before the reshape that merged the sharded dim under another dim")
+        ctx.refuse(
+            node,
+            f"resamples along a dim whose shards are interleaved with another dim ({s})",
+            "apply the op before the reshape that merged the sharded dim under another dim",
+        )
 
 
 def static_or_refuse(node, ctx, **values):
@@ -100,5 +102,8 @@ def static_or_refuse(node, ctx, **values):
     for name, value in values.items():
         items = value if isinstance(value, (tuple, list)) else [value]
         if any(hasattr(v, "op") and hasattr(v, "meta") for v in items):
-            ctx.refuse(node, f"takes its {name} from a value computed at run time",
-                       f"pass {name} as Python numbers, so that the halo can be planned when compiling")
+            ctx.refuse(
+                node,
+                f"takes its {name} from a value computed at run time",
+                f"pass {name} as Python numbers, so that the halo can be planned when compiling",
+            )

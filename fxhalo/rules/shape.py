@@ -42,9 +42,12 @@ def _check_traced_size(node, ctx, src, s: Sharded) -> list[int]:
     """
     shape = list(example_value(src).shape)
     if shape[s.dim] != s.local:
-        ctx.refuse(node, f"reshapes a tensor whose local size along the sharded dim is {s.local}, while "
-                   f"the traced graph assumed {shape[s.dim]} (an earlier op changed the size)",
-                   "use padding that keeps sizes ('same') before reshapes, or compute the sizes from x.shape")
+        ctx.refuse(
+            node,
+            f"reshapes a tensor whose local size along the sharded dim is {s.local}, while "
+            f"the traced graph assumed {shape[s.dim]} (an earlier op changed the size)",
+            "use padding that keeps sizes ('same') before reshapes, or compute the sizes from x.shape",
+        )
     return shape
 
 
@@ -78,8 +81,9 @@ def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
                 factors[0] = ["R", rest, rest]
                 need = 1
             else:
-                return (f"the sizes do not allow it: output dim {k} (size {size}) would cut a dim of size "
-                        f"{local} unevenly")
+                return (
+                    f"the sizes do not allow it: output dim {k} (size {size}) would cut a dim of size {local} unevenly"
+                )
         if need != 1:
             return f"output dim {k} (size {size}) is not made of whole input dims"
         if any(f[0] == "S" for f in taken):
@@ -87,7 +91,7 @@ def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
             # dims before it interleave the blocks.
             i = next(j for j, f in enumerate(taken) if f[0] == "S")
             outer = math.prod(f[1] for f in taken[:i])
-            inner = math.prod(f[1] for f in taken[i + 1:])
+            inner = math.prod(f[1] for f in taken[i + 1 :])
             _, local, glob = taken[i]
             result = Sharded(k, outer * local * inner, outer * glob * inner, outer)
     if factors or result is None:
@@ -105,17 +109,23 @@ class Reshape(Rule):
         in_shape = _check_traced_size(node, ctx, src, s)
         out = reshape_sharding(in_shape, list(example_value(node).shape), s)
         if isinstance(out, str):
-            ctx.refuse(node, f"reshapes the sharded dim {s.dim} ({s}) from {tuple(in_shape)} to "
-                       f"{tuple(example_value(node).shape)}, but {out}",
-                       "reshape so that the sharded dim is split into (outer, inner) parts or merged with "
-                       "dims inside it, e.g. make the local size a multiple of the window")
+            ctx.refuse(
+                node,
+                f"reshapes the sharded dim {s.dim} ({s}) from {tuple(in_shape)} to "
+                f"{tuple(example_value(node).shape)}, but {out}",
+                "reshape so that the sharded dim is split into (outer, inner) parts or merged with "
+                "dims inside it, e.g. make the local size a multiple of the window",
+            )
         before, after = s.block[1], out.block[1]
         if before != after and not ctx.domain.rescales(before, after):
-            ctx.refuse(node, f"reshapes the sharded dim {s.dim} ({s}) so that its {before} global rows become "
-                       f"{after}, which moves rows between ranks: the shards "
-                       f"{ctx.domain.partition(before)} do not scale to the partition of {after}",
-                       "use even shards for this model (a global size divisible by the rank count), or "
-                       "reshape only dims other than the sharded one")
+            ctx.refuse(
+                node,
+                f"reshapes the sharded dim {s.dim} ({s}) so that its {before} global rows become "
+                f"{after}, which moves rows between ranks: the shards "
+                f"{ctx.domain.partition(before)} do not scale to the partition of {after}",
+                "use even shards for this model (a global size divisible by the rank count), or "
+                "reshape only dims other than the sharded one",
+            )
         return out
 
 
@@ -171,8 +181,11 @@ class Squeeze(Rule):
             squeezed = {d for d, n in enumerate(in_shape) if n == 1}
         squeezed = {d for d in squeezed if in_shape[d] == 1}
         if s.dim in squeezed:
-            ctx.refuse(node, f"squeezes the sharded dim {s.dim}, which holds 1 row here but {s.length} "
-                       "globally", "do not squeeze the sharded dim, or give each rank more than one row")
+            ctx.refuse(
+                node,
+                f"squeezes the sharded dim {s.dim}, which holds 1 row here but {s.length} globally",
+                "do not squeeze the sharded dim, or give each rank more than one row",
+            )
         out = s.moved(s.dim - sum(1 for d in squeezed if d < s.dim))
         assert len(out_shape) == ndim - len(squeezed)
         return out
@@ -188,8 +201,11 @@ class Expand(Rule):
         out = example_value(node)
         dim = s.dim + out.ndim - example_value(src).ndim
         if out.shape[dim] != s.local:
-            ctx.refuse(node, f"expands the sharded dim {s.dim} from {s.local} to {out.shape[dim]}",
-                       "expand only dims that are not sharded")
+            ctx.refuse(
+                node,
+                f"expands the sharded dim {s.dim} from {s.local} to {out.shape[dim]}",
+                "expand only dims that are not sharded",
+            )
         return s.moved(dim)
 
 
@@ -222,8 +238,11 @@ class Split(Rule):
         ndim = example_value(src).ndim
         dim = _norm_dim(bind(_DIM_SIG if self.removes_dim else _SPLIT_SIG, node)["dim"], ndim)
         if dim == s.dim:
-            ctx.refuse(node, f"splits along the sharded dim {s.dim}, which is not local",
-                       "split along another dim, or use options={'fallback': 'gather'}")
+            ctx.refuse(
+                node,
+                f"splits along the sharded dim {s.dim}, which is not local",
+                "split along another dim, or use options={'fallback': 'gather'}",
+            )
         piece = s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
         return tuple(piece for _ in example_value(node))
 
@@ -244,17 +263,22 @@ class Cat(Rule):
             return None
         first = next(x for x in shardings if x is not None)
         if any(x is None or x.dim != first.dim or not x.same_layout(first) for x in shardings):
-            ctx.refuse(node, "joins tensors that are not all sharded alike: "
-                       + ", ".join(f"{getattr(t, 'name', t)} {x or 'replicated'}" for t, x in zip(tensors, shardings)),
-                       "shard every operand the same way (a replicated operand would repeat the same rows on "
-                       "every rank)")
+            ctx.refuse(
+                node,
+                "joins tensors that are not all sharded alike: "
+                + ", ".join(f"{getattr(t, 'name', t)} {x or 'replicated'}" for t, x in zip(tensors, shardings)),
+                "shard every operand the same way (a replicated operand would repeat the same rows on every rank)",
+            )
         ndim = example_value(tensors[0]).ndim
         dim = _norm_dim(args["dim"], ndim + (1 if self.stacks else 0))
         if self.stacks:
             return first.moved(first.dim + 1 if dim <= first.dim else first.dim)
         if dim == first.dim:
-            ctx.refuse(node, f"concatenates along the sharded dim {first.dim}, which is not local",
-                       "concatenate along another dim (e.g. channels), or use options={'fallback': 'gather'}")
+            ctx.refuse(
+                node,
+                f"concatenates along the sharded dim {first.dim}, which is not local",
+                "concatenate along another dim (e.g. channels), or use options={'fallback': 'gather'}",
+            )
         return first
 
 
@@ -275,7 +299,7 @@ class GetItem(Rule):
         if any(i is Ellipsis for i in items):
             at = items.index(Ellipsis)
             fill = ndim - sum(1 for i in items if i is not None and i is not Ellipsis)
-            items = items[:at] + (slice(None),) * fill + items[at + 1:]
+            items = items[:at] + (slice(None),) * fill + items[at + 1 :]
         in_dim = out_dim = 0
         result = None
         for item in items:
@@ -284,15 +308,21 @@ class GetItem(Rule):
                 continue
             if in_dim == s.dim:
                 if item != slice(None, None, None):
-                    ctx.refuse(node, f"indexes the sharded dim {s.dim} with {item!r}; each rank holds "
-                               "different rows, so this is not local",
-                               "index other dims only, or use options={'fallback': 'gather'}")
+                    ctx.refuse(
+                        node,
+                        f"indexes the sharded dim {s.dim} with {item!r}; each rank holds "
+                        "different rows, so this is not local",
+                        "index other dims only, or use options={'fallback': 'gather'}",
+                    )
                 result = s.moved(out_dim)
             if isinstance(item, slice):
                 out_dim += 1
             elif not isinstance(item, int):
-                ctx.refuse(node, f"indexes a sharded tensor with {type(item).__name__} {item!r}",
-                           "use basic indexing (ints and slices) on dims that are not sharded")
+                ctx.refuse(
+                    node,
+                    f"indexes a sharded tensor with {type(item).__name__} {item!r}",
+                    "use basic indexing (ints and slices) on dims that are not sharded",
+                )
             in_dim += 1
         if result is None:  # the sharded dim lies past the explicit index items
             result = s.moved(out_dim + (s.dim - in_dim))
@@ -313,8 +343,11 @@ class Narrow(Rule):
             return None
         dim = _norm_dim(bind(_DIM_SIG, node)["dim"], example_value(src).ndim)
         if dim == s.dim:
-            ctx.refuse(node, f"takes rows of the sharded dim {s.dim}, which live on different ranks",
-                       "select along another dim, or use options={'fallback': 'gather'}")
+            ctx.refuse(
+                node,
+                f"takes rows of the sharded dim {s.dim}, which live on different ranks",
+                "select along another dim, or use options={'fallback': 'gather'}",
+            )
         return s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
 
 

@@ -28,6 +28,7 @@ from . import KERNEL_INPUT, KernelCall, PlannedRule, Rule, bind, lookup, registe
 from .conv import FOLD, ConvRule, PadFold
 from .resample import domain_for, require_contiguous, resized
 
+
 def _pad_signature(input, pad, mode="constant", value=None): ...
 
 
@@ -65,12 +66,19 @@ class PadRule(PlannedRule):
         require_contiguous(node, ctx, s)
         mode, value = args["mode"], args["value"]
         users = list(node.users)
-        if (len(users) == 1 and isinstance(lookup(users[0]), ConvRule)
-                and users[0].args and users[0].args[0] is node and lo >= 0 and hi >= 0):
+        if (
+            len(users) == 1
+            and isinstance(lookup(users[0]), ConvRule)
+            and users[0].args
+            and users[0].args[0] is node
+            and lo >= 0
+            and hi >= 0
+        ):
             node.meta[FOLD] = PadFold(args["input"], s.dim, lo, hi, mode, float(value or 0.0), tuple(rest))
             return s
-        _, m = _planned(node, ctx, lambda: shift_ops.pad_plan(
-            domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad"))
+        _, m = _planned(
+            node, ctx, lambda: shift_ops.pad_plan(domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad")
+        )
         node.meta[KERNEL_INPUT] = s
         return resized(s, m, ctx)
 
@@ -89,8 +97,11 @@ class RollRule(PlannedRule):
         if s is None:
             return None
         if args["dims"] is None or args["dims"] == () or args["dims"] == []:
-            ctx.refuse(node, "rolls the flattened tensor (no dims given), which mixes the sharded dim with all others",
-                       "pass dims=... to torch.roll")
+            ctx.refuse(
+                node,
+                "rolls the flattened tensor (no dims given), which mixes the sharded dim with all others",
+                "pass dims=... to torch.roll",
+            )
         ndim = example_value(args["input"]).ndim
         shift, _, _ = shift_ops.roll_shift(args["shifts"], args["dims"], s.dim, ndim)
         dims = args["dims"] if isinstance(args["dims"], (tuple, list)) else [args["dims"]]
@@ -151,8 +162,14 @@ class PixelShuffleRule(Rule):
         self.unshuffle = unshuffle
 
     def propagate(self, node, ctx):
-        x, factor = node.args[0], int(node.args[1] if len(node.args) > 1 else
-                                      node.kwargs.get("upscale_factor", node.kwargs.get("downscale_factor")))
+        x, factor = (
+            node.args[0],
+            int(
+                node.args[1]
+                if len(node.args) > 1
+                else node.kwargs.get("upscale_factor", node.kwargs.get("downscale_factor"))
+            ),
+        )
         s = sharding_of(x)
         if s is None:
             return None
@@ -166,14 +183,20 @@ class PixelShuffleRule(Rule):
         if self.unshuffle:
             num, den = den, num
         if s.length * num % den:
-            ctx.refuse(node, f"gets a global length {s.length} along the sharded dim that {den} does not divide",
-                       "choose sizes divisible by the factor")
+            ctx.refuse(
+                node,
+                f"gets a global length {s.length} along the sharded dim that {den} does not divide",
+                "choose sizes divisible by the factor",
+            )
         m = s.length * num // den
         domain = domain_for(ctx, s)
         if not domain.rescales(s.length, m):
-            ctx.refuse(node, f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
-                             f"(shards {domain.partition(s.length)})",
-                       f"choose a local size divisible by {den}")
+            ctx.refuse(
+                node,
+                f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
+                f"(shards {domain.partition(s.length)})",
+                f"choose a local size divisible by {den}",
+            )
         return resized(s, m, ctx)
 
 

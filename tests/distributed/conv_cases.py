@@ -30,8 +30,17 @@ class ConvCase:
     local: tuple  # local spatial shape
 
     def module(self) -> nn.Module:
-        return _CONV[self.nd](self.in_ch, self.out_ch, self.kernel, self.stride, self.padding,
-                              self.dilation, self.groups, self.bias, self.padding_mode)
+        return _CONV[self.nd](
+            self.in_ch,
+            self.out_ch,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias,
+            self.padding_mode,
+        )
 
     def global_shape(self, world_size: int) -> tuple:
         spatial = list(self.local)
@@ -96,8 +105,21 @@ def random_cases(n: int, world_size: int, seed: int = 0) -> list[ConvCase]:
         small = 4 if nd == 3 else 7
         local = [rng.randint(3, small) for _ in range(nd)]
         local[shard_dim - 2] = rng.choice([1, 2, 2, 3, 4, 6, 8]) * (stride[shard_dim - 2] if rng.random() < 0.7 else 1)
-        case = ConvCase(nd, shard_dim, in_ch, out_ch, kernel, stride, dilation, padding, mode, groups,
-                        rng.random() < 0.7, rng.choice([1, 2]), tuple(local))
+        case = ConvCase(
+            nd,
+            shard_dim,
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            dilation,
+            padding,
+            mode,
+            groups,
+            rng.random() < 0.7,
+            rng.choice([1, 2]),
+            tuple(local),
+        )
         if _valid(case, world_size):
             cases.append(case)
     return cases
@@ -109,6 +131,8 @@ def run_case(case: ConvCase, rank: int, world_size: int, compiler, seed: int) ->
     m = case.module()
     x = torch.randn(case.global_shape(world_size))
     checks = check_against_one_device(m, x, shard_dim=case.shard_dim, options={"compiler": compiler}, seed=seed)
-    return {"ok": all(ok for ok, _ in checks.values()),
-            "max_err": max(err for _, err in checks.values()),
-            "failed": [k for k, (ok, _) in checks.items() if not ok]}
+    return {
+        "ok": all(ok for ok, _ in checks.values()),
+        "max_err": max(err for _, err in checks.values()),
+        "failed": [k for k, (ok, _) in checks.items() if not ok],
+    }

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ _KERNEL_MODULES = ("fxhalo.ops.norm", "fxhalo.ops.reduce")
 
 
 # -- recording the graphs ----------------------------------------------------------
+
 
 def _collectives(gm) -> list[str]:
     """The functional collectives in an ATen graph, by name (``wait_tensor`` is not one)."""
@@ -58,21 +59,26 @@ def recording_compiler(log: dict):
         def compiler(gm, example_inputs):
             log.setdefault(kind, []).extend(_collectives(gm))
             return make_boxed_func(gm.forward)
+
         return compiler
 
     def compile_fn(gm, example_inputs):
         log.setdefault("kernels", []).extend(
-            f"{n.target.__module__.rsplit('.', 1)[-1]}.{n.target.__name__}" for n in gm.graph.nodes
-            if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(_KERNEL_MODULES))
+            f"{n.target.__module__.rsplit('.', 1)[-1]}.{n.target.__name__}"
+            for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(_KERNEL_MODULES)
+        )
         # grad_sync's parameter buckets: one all_reduce each in the backward
         log["buckets"] = log.get("buckets", 0) + sum(
-            getattr(n.target, "__name__", "") == "synced_params" for n in gm.graph.nodes)
+            getattr(n.target, "__name__", "") == "synced_params" for n in gm.graph.nodes
+        )
         return aot_eager(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
 
     return compile_fn
 
 
 # -- cases -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Op:
@@ -102,8 +108,10 @@ class Case:
 
 def _apply(ops: list[Op]):
     """The function to compile: each op on its own copies of its inputs."""
+
     def apply(inputs):
         return tuple(op.fn(*(inputs[f"{i}:{name}"] for name in op.inputs)) for i, op in enumerate(ops))
+
     return apply
 
 
@@ -135,7 +143,10 @@ def _step(case: Case, dp, ref_fn, ref_dtype, step: int, seed: int, group) -> lis
     """One forward and one backward of the compiled ops and of the reference; ``(label, checks)`` per op."""
     pool = _per_op(case, case.pool(step))
     shard = {key: case.shard.get(key.split(":")[1]) for key in pool}
-    cast = (lambda t: t.to(ref_dtype) if t.is_floating_point() else t)
+
+    def cast(t):
+        return t.to(ref_dtype) if t.is_floating_point() else t
+
     ref_in = {k: cast(t).clone().requires_grad_(_needs_grad(k, t)) for k, t in pool.items()}
     local = {k: (t.clone() if shard[k] is None else fxhalo.shard(t, shard[k], group)) for k, t in pool.items()}
     local = {k: t.requires_grad_(_needs_grad(k, t)) for k, t in local.items()}
@@ -147,18 +158,21 @@ def _step(case: Case, dp, ref_fn, ref_dtype, step: int, seed: int, group) -> lis
     ups = [_upstream(refs[i], seed * 1000 + i) for i in diff]
     keys = [k for k, t in local.items() if t.requires_grad]
     params = [p for m in case.modules() for p in m.parameters()]
-    got = torch.autograd.grad([outs[i] for i in diff], [local[k] for k in keys] + params,
-                              [local_of(g, outs[i].shape, group).to(outs[i].dtype) for i, g in zip(diff, ups)],
-                              allow_unused=True)
+    got = torch.autograd.grad(
+        [outs[i] for i in diff],
+        [local[k] for k in keys] + params,
+        [local_of(g, outs[i].shape, group).to(outs[i].dtype) for i, g in zip(diff, ups)],
+        allow_unused=True,
+    )
     ref_params = [p for m in ref_fn.modules for p in m.parameters()]
-    want = torch.autograd.grad([refs[i] for i in diff], [ref_in[k] for k in keys] + ref_params, ups,
-                               allow_unused=True)
+    want = torch.autograd.grad([refs[i] for i in diff], [ref_in[k] for k in keys] + ref_params, ups, allow_unused=True)
     for k, g, w in zip(keys, got, want):
         w = _zeros_if_none(w, ref_in[k])
         rows[int(k.split(":")[0])]["grad_" + k.split(":")[1]] = close(
-            _zeros_if_none(g, local[k]).to(w.dtype), local_of(w, local[k].shape, group))
+            _zeros_if_none(g, local[k]).to(w.dtype), local_of(w, local[k].shape, group)
+        )
     summed = {}
-    for j, (g, w, p, rp) in enumerate(zip(got[len(keys):], want[len(keys):], params, ref_params)):
+    for j, (g, w, p, rp) in enumerate(zip(got[len(keys) :], want[len(keys) :], params, ref_params)):
         g = _zeros_if_none(g, p)  # grad_sync: every rank holds the full gradient
         summed[f"param {j} {tuple(p.shape)} grad"] = close(g.to(rp.dtype), _zeros_if_none(w, rp))
     labelled = [(op.label, row) for op, row in zip(case.ops, rows)]
@@ -169,8 +183,10 @@ class _Reference:
     """The ops on one device, with their own copies of the modules (in the reference dtype)."""
 
     def __init__(self, case: Case, dtype: torch.dtype):
-        self.ops = [dataclasses.replace(op, fn=copy.deepcopy(op.fn).to(dtype)) if isinstance(op.fn, nn.Module)
-                    else op for op in case.ops]
+        self.ops = [
+            dataclasses.replace(op, fn=copy.deepcopy(op.fn).to(dtype)) if isinstance(op.fn, nn.Module) else op
+            for op in case.ops
+        ]
         self.modules = [op.fn for op in self.ops if isinstance(op.fn, nn.Module)]
         self._apply = _apply(self.ops)
 
@@ -187,12 +203,18 @@ def run_case(case: Case, seed: int, group=None) -> dict:
     start = time.perf_counter()
     log: dict = {}
     ref = _Reference(case, case.reference_dtype)
-    input_shard_dims = {f"inputs['{k}']": case.shard.get(k.split(":")[1])
-                        for k in _per_op(case, case.pool(0))}
+    input_shard_dims = {f"inputs['{k}']": case.shard.get(k.split(":")[1]) for k in _per_op(case, case.pool(0))}
     torch._dynamo.reset()  # a fresh graph per case: no recompile limits, no cached graphs
-    dp = torch.compile(_apply(case.ops), backend="domain_parallel",
-                       options={"compiler": recording_compiler(log), "shard_dim": case.shard_dim,
-                                "input_shard_dims": input_shard_dims, "group": group})
+    dp = torch.compile(
+        _apply(case.ops),
+        backend="domain_parallel",
+        options={
+            "compiler": recording_compiler(log),
+            "shard_dim": case.shard_dim,
+            "input_shard_dims": input_shard_dims,
+            "group": group,
+        },
+    )
     rows = []
     for step in range(case.steps + case.eval_step):
         if step == case.steps:
@@ -200,19 +222,30 @@ def run_case(case: Case, seed: int, group=None) -> dict:
                 m.eval()
             ref.train(False)
         rows += _step(case, dp, ref, case.reference_dtype, step, seed * 100 + step, group)
-    buffers = {f"buffer {name}": close(b.to(rb.dtype), rb)
-               for m, rm in zip(case.modules(), ref.modules)
-               for (name, b), (_, rb) in zip(m.named_buffers(), rm.named_buffers())}
+    buffers = {
+        f"buffer {name}": close(b.to(rb.dtype), rb)
+        for m, rm in zip(case.modules(), ref.modules)
+        for (name, b), (_, rb) in zip(m.named_buffers(), rm.named_buffers())
+    }
     if buffers:
         rows.append(("running statistics", buffers))
     failed = [f"{label}: {k} err {err:.1e}" for label, row in rows for k, (ok, err) in row.items() if not ok]
     errors: dict = {}
     for label, row in rows:  # the largest error of each op over the steps
         errors[label] = max([errors.get(label, 0.0)] + [err for _, err in row.values()])
-    return {"case": case.name, "ok": not failed, "failed": failed, "ops": len(case.ops), "errors": errors,
-            "max_err": max(errors.values(), default=0.0),
-            "kernels": log.get("kernels", []), "fw": log.get("fw", []), "bw": log.get("bw", []),
-            "buckets": log.get("buckets", 0), "seconds": time.perf_counter() - start}
+    return {
+        "case": case.name,
+        "ok": not failed,
+        "failed": failed,
+        "ops": len(case.ops),
+        "errors": errors,
+        "max_err": max(errors.values(), default=0.0),
+        "kernels": log.get("kernels", []),
+        "fw": log.get("fw", []),
+        "bw": log.get("bw", []),
+        "buckets": log.get("buckets", 0),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _randn(seed: int):
@@ -230,6 +263,7 @@ def _perturbed(module: nn.Module, seed: int) -> nn.Module:
 
 
 # -- norms -------------------------------------------------------------------------
+
 
 def _ln_hw(x):
     return F.layer_norm(x, x.shape[-2:])
@@ -249,10 +283,16 @@ def norms_case(P: int) -> Case:
     At mean 1e3, std 1 the fp32 one-device result is itself ~5e-5 away from the
     exact one (it computes ``x * a + b``); :func:`fp32_one_device_error` measures it.
     """
+
     def pool(step):
         r = _randn(1)
-        return {"x": 1.5 * r(2, 6, 4 * P, 5) + 0.5, "y": r(2, 3, 4 * P, 5),
-                "w": 1 + 0.3 * r(3, 4 * P, 5), "b": 0.3 * r(3, 4 * P, 5), "big": 1e3 + r(2, 4, 4 * P, 6)}
+        return {
+            "x": 1.5 * r(2, 6, 4 * P, 5) + 0.5,
+            "y": r(2, 3, 4 * P, 5),
+            "w": 1 + 0.3 * r(3, 4 * P, 5),
+            "b": 0.3 * r(3, 4 * P, 5),
+            "big": 1e3 + r(2, 4, 4 * P, 6),
+        }
 
     p = _perturbed
     ops = [
@@ -271,8 +311,13 @@ def norms_case(P: int) -> Case:
         Op("1e3: var over (H, W)", lambda t: t.var(dim=(2, 3)), ("big",)),
         Op("1e3: std", lambda t: t.std(), ("big",)),
     ]
-    return Case("norms, and mean 1e3 / std 1, against float64 one device", ops, pool,
-                {"x": 2, "y": 2, "w": 1, "b": 1, "big": 2}, reference_dtype=torch.float64)
+    return Case(
+        "norms, and mean 1e3 / std 1, against float64 one device",
+        ops,
+        pool,
+        {"x": 2, "y": 2, "w": 1, "b": 1, "big": 2},
+        reference_dtype=torch.float64,
+    )
 
 
 def fp32_one_device_error(P: int) -> float:
@@ -322,17 +367,26 @@ def norm_conv_case(P: int) -> Case:
     gn = lambda seed, c=6, g=2: p(nn.GroupNorm(g, c), seed)  # noqa: E731
     ops = [
         Op("GroupNorm -> GELU -> conv 3x3", nn.Sequential(gn(30), nn.GELU(), p(nn.Conv2d(6, 4, 3, padding=1), 31))),
-        Op("GroupNorm -> SiLU -> *0.5+0.1 -> conv k3 s2", nn.Sequential(
-            gn(32), nn.SiLU(), _Scaled(), p(nn.Conv2d(6, 4, 3, stride=2, padding=1), 33))),
-        Op("GroupNorm -> ReLU -> conv k5 dilation 2", nn.Sequential(
-            gn(34, g=3), nn.ReLU(), p(nn.Conv2d(6, 4, 5, padding=4, dilation=2), 35))),
+        Op(
+            "GroupNorm -> SiLU -> *0.5+0.1 -> conv k3 s2",
+            nn.Sequential(gn(32), nn.SiLU(), _Scaled(), p(nn.Conv2d(6, 4, 3, stride=2, padding=1), 33)),
+        ),
+        Op(
+            "GroupNorm -> ReLU -> conv k5 dilation 2",
+            nn.Sequential(gn(34, g=3), nn.ReLU(), p(nn.Conv2d(6, 4, 5, padding=4, dilation=2), 35)),
+        ),
         Op("GroupNorm -> conv (4, 3) 'same'", nn.Sequential(gn(36), p(nn.Conv2d(6, 4, (4, 3), padding="same"), 37))),
         Op("GroupNorm -> conv, output used twice", p(_TwoUses(), 38)),
         Op("GroupNorm -> GELU -> conv1d k3", nn.Sequential(gn(39), nn.GELU(), p(nn.Conv1d(6, 4, 3, padding=1), 40))),
-        Op("GroupNorm -> GELU -> conv3d k3", nn.Sequential(
-            gn(41, c=4), nn.GELU(), p(nn.Conv3d(4, 2, 3, padding=1), 42)), ("x3",)),
-        Op("GroupNorm -> Dropout(0) -> conv (not fused)", nn.Sequential(
-            gn(43), nn.Dropout(0.0), p(nn.Conv2d(6, 4, 3, padding=1), 44))),
+        Op(
+            "GroupNorm -> GELU -> conv3d k3",
+            nn.Sequential(gn(41, c=4), nn.GELU(), p(nn.Conv3d(4, 2, 3, padding=1), 42)),
+            ("x3",),
+        ),
+        Op(
+            "GroupNorm -> Dropout(0) -> conv (not fused)",
+            nn.Sequential(gn(43), nn.Dropout(0.0), p(nn.Conv2d(6, 4, 3, padding=1), 44)),
+        ),
     ]
     ops[5].inputs = ("x1",)
     return Case("GroupNorm then conv: one exchange", ops, pool, {"x": 2, "x1": 2, "x3": 3}, steps=2)
@@ -340,26 +394,45 @@ def norm_conv_case(P: int) -> Case:
 
 def running_stats_case(P: int) -> Case:
     """Instance and batch norm with running statistics: 3 training steps, then one in eval mode."""
+
     def pool(step):
         r = _randn(10 + step)
-        return {"a": r(2, 3, 4 * P), "c": r(1, 2, 2 * P, 3, 4) + 1, "ba": r(4, 3, 2 * P),
-                "bb": 2 * r(2, 4, 2 * P, 3) - 1, "bc": r(2, 2, 2 * P, 2, 2)}
+        return {
+            "a": r(2, 3, 4 * P),
+            "c": r(1, 2, 2 * P, 3, 4) + 1,
+            "ba": r(4, 3, 2 * P),
+            "bb": 2 * r(2, 4, 2 * P, 3) - 1,
+            "bc": r(2, 2, 2 * P, 2, 2),
+        }
 
     p = _perturbed
     ops = [
-        Op("InstanceNorm1d(3, affine, running stats)",
-           p(nn.InstanceNorm1d(3, affine=True, track_running_stats=True), 8), ("a",)),
-        Op("InstanceNorm3d(2, affine, running stats)",
-           p(nn.InstanceNorm3d(2, affine=True, track_running_stats=True), 9), ("c",)),
+        Op(
+            "InstanceNorm1d(3, affine, running stats)",
+            p(nn.InstanceNorm1d(3, affine=True, track_running_stats=True), 8),
+            ("a",),
+        ),
+        Op(
+            "InstanceNorm3d(2, affine, running stats)",
+            p(nn.InstanceNorm3d(2, affine=True, track_running_stats=True), 9),
+            ("c",),
+        ),
         Op("BatchNorm1d(3)", p(nn.BatchNorm1d(3), 10), ("ba",)),
         Op("BatchNorm2d(4)", p(nn.BatchNorm2d(4), 11), ("bb",)),
         Op("BatchNorm3d(2, affine=False, momentum=0.3)", nn.BatchNorm3d(2, affine=False, momentum=0.3), ("bc",)),
     ]
-    return Case("instance and batch norm: 3 training steps with running stats, then eval", ops, pool,
-                {k: 2 for k in ("a", "c", "ba", "bb", "bc")}, steps=3, eval_step=True)
+    return Case(
+        "instance and batch norm: 3 training steps with running stats, then eval",
+        ops,
+        pool,
+        {k: 2 for k in ("a", "c", "ba", "bb", "bc")},
+        steps=3,
+        eval_step=True,
+    )
 
 
 # -- reductions, pools, softmax, losses --------------------------------------------
+
 
 def _reduction_ops() -> list[Op]:
     return [
@@ -374,8 +447,10 @@ def _reduction_ops() -> list[Op]:
         Op("torch.max(x, 0.5 * x): elementwise", lambda x: torch.max(x, 0.5 * x)),
         Op("x.max(dim=3)[0]: local", lambda x: x.max(dim=3)[0]),
         Op("x.var(2)", lambda x: x.var(2)),
-        Op("torch.var(x, (2, 3), correction=0, keepdim=True)",
-           lambda x: torch.var(x, (2, 3), correction=0, keepdim=True)),
+        Op(
+            "torch.var(x, (2, 3), correction=0, keepdim=True)",
+            lambda x: torch.var(x, (2, 3), correction=0, keepdim=True),
+        ),
         Op("x.std()", lambda x: x.std()),
         Op("torch.std(x, 2, unbiased=False)", lambda x: torch.std(x, 2, unbiased=False)),
         Op("F.adaptive_avg_pool2d(x, 1)", lambda x: F.adaptive_avg_pool2d(x, 1)),
@@ -408,17 +483,30 @@ def _loss_ops() -> list[Op]:
         Op("smooth_l1_loss(beta=0.5) sum", lambda p, t: F.smooth_l1_loss(p, t, beta=0.5, reduction="sum"), pt),
         Op("huber_loss(delta=0.7)", lambda p, t: F.huber_loss(p, t, delta=0.7), pt),
         Op("mse_loss(weight=w)", lambda p, t, w: F.mse_loss(p, t, weight=w), pt + ("w",)),
-        Op("(lat * (pred - target)**2).mean(): per-row weight", lambda p, t, w: (w * (p - t) ** 2).mean(),
-           pt + ("lat",)),
+        Op(
+            "(lat * (pred - target)**2).mean(): per-row weight",
+            lambda p, t, w: (w * (p - t) ** 2).mean(),
+            pt + ("lat",),
+        ),
         Op("mse_loss none: local", lambda p, t: F.mse_loss(p, t, reduction="none"), pt),
         Op("cross_entropy, ignored pixels", lambda z, c: F.cross_entropy(z, c), ce),
-        Op("cross_entropy sum, weight, ignore_index=2, smoothing",
-           lambda z, c, w: F.cross_entropy(z, c.clamp(min=0), weight=w, ignore_index=2, label_smoothing=0.1,
-                                           reduction="sum"), ce + ("const_cw",)),
-        Op("cross_entropy, probabilities, smoothing", lambda z, p: F.cross_entropy(z, p, label_smoothing=0.2),
-           ("logits", "const_probs")),
-        Op("nll_loss(log_softmax, weight)", lambda z, c, w: F.nll_loss(F.log_softmax(z, 1), c, weight=w),
-           ce + ("const_cw",)),
+        Op(
+            "cross_entropy sum, weight, ignore_index=2, smoothing",
+            lambda z, c, w: F.cross_entropy(
+                z, c.clamp(min=0), weight=w, ignore_index=2, label_smoothing=0.1, reduction="sum"
+            ),
+            ce + ("const_cw",),
+        ),
+        Op(
+            "cross_entropy, probabilities, smoothing",
+            lambda z, p: F.cross_entropy(z, p, label_smoothing=0.2),
+            ("logits", "const_probs"),
+        ),
+        Op(
+            "nll_loss(log_softmax, weight)",
+            lambda z, c, w: F.nll_loss(F.log_softmax(z, 1), c, weight=w),
+            ce + ("const_cw",),
+        ),
     ]
 
 
@@ -430,23 +518,34 @@ def reductions_case(P: int) -> Case:
         classes = torch.randint(0, 4, (2, 4 * P, 5), generator=torch.Generator().manual_seed(52))
         classes[0, 1, :2] = -100  # ignored pixels
         return {
-            "x": r(2, 3, 4 * P, 5), "x1": r(2, 3, 4 * P), "x3": r(1, 2, 2 * P, 3, 2), "masked": masked,
+            "x": r(2, 3, 4 * P, 5),
+            "x1": r(2, 3, 4 * P),
+            "x3": r(1, 2, 2 * P, 3, 2),
+            "masked": masked,
             "ties": torch.randint(0, 3, (2, 3, 4 * P, 5), generator=torch.Generator().manual_seed(51)).float(),
-            "pred": r(2, 3, 4 * P, 5), "target": r(2, 3, 4 * P, 5), "w": r(2, 3, 4 * P, 5).abs() + 0.1,
+            "pred": r(2, 3, 4 * P, 5),
+            "target": r(2, 3, 4 * P, 5),
+            "w": r(2, 3, 4 * P, 5).abs() + 0.1,
             "lat": torch.cos(torch.linspace(-1.2, 1.2, 4 * P)).view(1, 1, 4 * P, 1),  # a per-row weight
-            "logits": r(2, 4, 4 * P, 5), "const_classes": classes,
-            "const_probs": torch.softmax(r(2, 4, 4 * P, 5), 1), "const_cw": r(4).abs() + 0.5,
+            "logits": r(2, 4, 4 * P, 5),
+            "const_classes": classes,
+            "const_probs": torch.softmax(r(2, 4, 4 * P, 5), 1),
+            "const_cw": r(4).abs() + 0.5,
         }
 
-    shard = {k: 2 for k in ("x", "x1", "x3", "masked", "ties", "pred", "target", "w", "lat", "logits",
-                            "const_probs")}
+    shard = {k: 2 for k in ("x", "x1", "x3", "masked", "ties", "pred", "target", "w", "lat", "logits", "const_probs")}
     shard["const_classes"] = 1  # class-index targets [N, H, W]: H is dim 1
-    return Case("reductions, adaptive pools, softmax and losses over H", _reduction_ops() + _softmax_ops()
-                + _loss_ops(), pool, shard)
+    return Case(
+        "reductions, adaptive pools, softmax and losses over H",
+        _reduction_ops() + _softmax_ops() + _loss_ops(),
+        pool,
+        shard,
+    )
 
 
 def along_w_case(P: int) -> Case:
     """Sharded along W (dim 3): max pooling's first-maximum rule then depends on positions, not rank order."""
+
     def pool(step):
         r = _randn(60)
         ties = torch.randint(0, 2, (2, 2, 3, 2 * P), generator=torch.Generator().manual_seed(61)).float()
@@ -487,19 +586,25 @@ def sum_collectives(P: int, group) -> list[dict]:
         x = ((rank + 1) * base).requires_grad_()
         seen = []
 
-        class Spy(TorchDispatchMode):
+        class Spy(TorchDispatchMode):  # used within this iteration only
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func.namespace == "_c10d_functional" and "wait" not in func.name():
-                    seen.append(func.name().split("::")[1].split(".")[0])
+                    seen.append(func.name().split("::")[1].split(".")[0])  # noqa: B023
                 return func(*args, **(kwargs or {}))
 
         with Spy():
             y = all_reduce_sum(x, name)
             y.backward(base * (rank + 1))
         total = P * (P + 1) // 2
-        out.append({"numel": numel, "collectives": seen, "sum": y.detach(),
-                    "sum_ok": torch.allclose(y, total * base, rtol=1e-5, atol=1e-6),
-                    "grad_ok": torch.allclose(x.grad, total * base, rtol=1e-5, atol=1e-6)})
+        out.append(
+            {
+                "numel": numel,
+                "collectives": seen,
+                "sum": y.detach(),
+                "sum_ok": torch.allclose(y, total * base, rtol=1e-5, atol=1e-6),
+                "grad_ok": torch.allclose(x.grad, total * base, rtol=1e-5, atol=1e-6),
+            }
+        )
     return out
 
 
@@ -507,9 +612,14 @@ def run_world(P: int, group) -> dict:
     start = time.perf_counter()
     norms = [run_case(norms_case(P), 1, group), run_case(running_stats_case(P), 2, group)]
     reductions = [run_case(reductions_case(P), 3, group), run_case(along_w_case(P), 4, group)]
-    return {"norms": norms, "reductions": reductions, "fp32_one_device_err": fp32_one_device_error(P),
-            "sums": sum_collectives(P, group), "fused": run_case(norm_conv_case(P), 5, group),
-            "seconds": time.perf_counter() - start}
+    return {
+        "norms": norms,
+        "reductions": reductions,
+        "fp32_one_device_err": fp32_one_device_error(P),
+        "sums": sum_collectives(P, group),
+        "fused": run_case(norm_conv_case(P), 5, group),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_all(rank: int, world_size: int) -> dict:
@@ -550,6 +660,7 @@ def failures(per_rank: list[dict], family: str) -> list:
 
 # -- the table in docs/coverage.md ---------------------------------------------------
 
+
 def _collectives_per_op(rank: int, world_size: int) -> list[tuple[str, str, str, str]]:
     """Compile every op of every case on its own; ``(op, kernel, forward, backward)`` collectives."""
     rows = []
@@ -558,13 +669,19 @@ def _collectives_per_op(rank: int, world_size: int) -> list[tuple[str, str, str,
         for i, op in enumerate(case.ops):
             single = dataclasses.replace(case, name=op.label, ops=[op], steps=1, eval_step=False)
             r = run_case(single, 90 + i)
-            rows.append((op.label, ", ".join(r["kernels"]) or "(local)", ", ".join(r["fw"]) or "-",
-                         ", ".join(r["bw"]) or "-"))
+            rows.append(
+                (op.label, ", ".join(r["kernels"]) or "(local)", ", ".join(r["fw"]) or "-", ", ".join(r["bw"]) or "-")
+            )
     return rows
 
 
 if __name__ == "__main__":  # python -m tests.distributed.reduce_cases
     from tabulate import tabulate
 
-    print(tabulate(run_ranks(_collectives_per_op, 2, timeout=900)[0],
-                   headers=["op", "fxhalo kernel", "forward collectives", "backward collectives"], tablefmt="github"))
+    print(
+        tabulate(
+            run_ranks(_collectives_per_op, 2, timeout=900)[0],
+            headers=["op", "fxhalo kernel", "forward collectives", "backward collectives"],
+            tablefmt="github",
+        )
+    )

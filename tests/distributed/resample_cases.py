@@ -39,11 +39,11 @@ class Op(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    family: str        # "conv_transpose", "max_pool", "avg_pool", "adaptive_avg", "adaptive_max", "interpolate"
+    family: str  # "conv_transpose", "max_pool", "avg_pool", "adaptive_avg", "adaptive_max", "interpolate"
     nd: int
     shard_dim: int
-    local: tuple       # local input shape, batch and channels included
-    params: tuple      # the op's keyword arguments, as sorted (name, value) pairs
+    local: tuple  # local input shape, batch and channels included
+    params: tuple  # the op's keyword arguments, as sorted (name, value) pairs
 
     @property
     def kwargs(self) -> dict:
@@ -92,8 +92,12 @@ def _torch_disagrees_with_itself(case: Case, world_size: int) -> bool:
     cannot be checked against one device.
     """
     kw = case.kwargs
-    if case.family != "interpolate" or kw["mode"] != "nearest" or "scale_factor" not in kw \
-            or kw.get("recompute_scale_factor"):
+    if (
+        case.family != "interpolate"
+        or kw["mode"] != "nearest"
+        or "scale_factor" not in kw
+        or kw.get("recompute_scale_factor")
+    ):
         return False
     sizes = case.global_shape(world_size)[2:]
     return any(int(n * s) in (n, 2 * n) and s not in (1.0, 2.0) for n, s in zip(sizes, kw["scale_factor"]))
@@ -135,25 +139,40 @@ def _conv_transpose(rng, nd, axis):
     op = [rng.randint(0, max(s[i], d[i]) - 1) for i in range(nd)]
     groups = rng.choice([1, 1, 2])
     out_ch = groups * rng.randint(1, 2)
-    return groups * rng.randint(1, 2), dict(out_channels=out_ch, kernel_size=tuple(k), stride=tuple(s),
-                                            padding=tuple(p), output_padding=tuple(op), groups=groups,
-                                            dilation=tuple(d), bias=rng.random() < 0.7)
+    return groups * rng.randint(1, 2), dict(
+        out_channels=out_ch,
+        kernel_size=tuple(k),
+        stride=tuple(s),
+        padding=tuple(p),
+        output_padding=tuple(op),
+        groups=groups,
+        dilation=tuple(d),
+        bias=rng.random() < 0.7,
+    )
 
 
 def _max_pool(rng, nd, axis):
     k = _reaching(rng, nd, axis, 1, 4)
-    kw = dict(kernel_size=tuple(k), stride=rng.choice([None, tuple(_spatial(rng, nd, 1, 3))]),
-              padding=tuple(rng.randint(0, ki // 2) for ki in k),
-              dilation=tuple(rng.choice([1, 1, 2]) for _ in range(nd)), ceil_mode=rng.random() < 0.4,
-              return_indices=rng.random() < 0.4)
+    kw = dict(
+        kernel_size=tuple(k),
+        stride=rng.choice([None, tuple(_spatial(rng, nd, 1, 3))]),
+        padding=tuple(rng.randint(0, ki // 2) for ki in k),
+        dilation=tuple(rng.choice([1, 1, 2]) for _ in range(nd)),
+        ceil_mode=rng.random() < 0.4,
+        return_indices=rng.random() < 0.4,
+    )
     return kw
 
 
 def _avg_pool(rng, nd, axis):
     k = _reaching(rng, nd, axis, 1, 4)
-    kw = dict(kernel_size=tuple(k), stride=rng.choice([None, tuple(_spatial(rng, nd, 1, 3))]),
-              padding=tuple(rng.randint(0, ki // 2) for ki in k), ceil_mode=rng.random() < 0.5,
-              count_include_pad=rng.random() < 0.5)
+    kw = dict(
+        kernel_size=tuple(k),
+        stride=rng.choice([None, tuple(_spatial(rng, nd, 1, 3))]),
+        padding=tuple(rng.randint(0, ki // 2) for ki in k),
+        ceil_mode=rng.random() < 0.5,
+        count_include_pad=rng.random() < 0.5,
+    )
     if nd > 1 and rng.random() < 0.2:
         kw["divisor_override"] = rng.randint(1, 5)
     return kw
@@ -206,8 +225,18 @@ def random_case(rng: random.Random, world_size: int, family: str) -> Case:
 
 #: the families in the order cases are drawn: every 10 cases, 2 transposed convs, 2 max pools
 #: (some with indices), 1 average pool, 2 adaptive pools and 3 interpolations
-FAMILIES = ("conv_transpose", "max_pool", "interpolate", "avg_pool", "adaptive_avg",
-            "conv_transpose", "interpolate", "max_pool", "adaptive_max", "interpolate")
+FAMILIES = (
+    "conv_transpose",
+    "max_pool",
+    "interpolate",
+    "avg_pool",
+    "adaptive_avg",
+    "conv_transpose",
+    "interpolate",
+    "max_pool",
+    "adaptive_max",
+    "interpolate",
+)
 
 
 def random_cases(n: int, world_size: int, seed: int = 0) -> list[Case]:
@@ -243,13 +272,17 @@ def run_case(case: Case, world_size: int, compiler, seed: int) -> dict:
     y, idx = _split(compiled(x_local))
     y.backward(fxhalo.shard(grad_out, d))
 
-    checks = {"out": close(y, fxhalo.shard(ref.detach(), d)),
-              "grad_in": close(x_local.grad, fxhalo.shard(ref_in.grad, d))}
+    checks = {
+        "out": close(y, fxhalo.shard(ref.detach(), d)),
+        "grad_in": close(x_local.grad, fxhalo.shard(ref_in.grad, d)),
+    }
     if ref_idx is not None:
         want = fxhalo.shard(ref_idx, d)
         checks["indices"] = (idx is not None and idx.shape == want.shape and bool((idx == want).all()), 0.0)
     for (name, p), want in zip(m.named_parameters(), ref_grads):
         checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
-    return {"ok": all(ok for ok, _ in checks.values()),
-            "max_err": max(err for _, err in checks.values()),
-            "failed": [k for k, (ok, _) in checks.items() if not ok]}
+    return {
+        "ok": all(ok for ok, _ in checks.values()),
+        "max_err": max(err for _, err in checks.values()),
+        "failed": [k for k, (ok, _) in checks.items() if not ok],
+    }

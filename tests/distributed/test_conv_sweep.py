@@ -19,9 +19,9 @@ N_CASES = 200
 
 
 def _sweep(rank, world_size, n_cases, compiler):
-    from tests.distributed.conv_cases import random_cases, run_case
-
     from torch._dynamo.backends.debugging import aot_eager
+
+    from tests.distributed.conv_cases import random_cases, run_case
 
     seen = {}
 
@@ -33,9 +33,12 @@ def _sweep(rank, world_size, n_cases, compiler):
     for i, case in enumerate(random_cases(n_cases, world_size)):
         seen.clear()
         r = run_case(case, rank, world_size, recording, seed=i)
-        r.update(category=case.category, rewritten=seen.get("rewritten", False),
-                 multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
-                 case=repr(case))
+        r.update(
+            category=case.category,
+            rewritten=seen.get("rewritten", False),
+            multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
+            case=repr(case),
+        )
         results.append(r)
     return results
 
@@ -71,8 +74,9 @@ def test_conv_sweep_matches_one_device(world_size):
     print(_table(world_size, per_rank))
     n_multi_hop = sum(c["multi_hop"] and c["rewritten"] for c in per_rank[0])
     n_halo = sum(c["rewritten"] for c in per_rank[0])
-    failures = [(r, c["case"], c["failed"], c["max_err"]) for r, results in enumerate(per_rank)
-                for c in results if not c["ok"]]
+    failures = [
+        (r, c["case"], c["failed"], c["max_err"]) for r, results in enumerate(per_rank) for c in results if not c["ok"]
+    ]
     assert not failures, failures[:10]
     assert len(per_rank[0]) >= N_CASES
     assert n_halo > N_CASES // 2 and n_multi_hop > 0

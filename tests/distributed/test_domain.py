@@ -16,7 +16,7 @@ def _roundtrip(rank, world_size):
     x = torch.randn(2, 3, 4 * world_size, 5)
     out = {}
     y = fxhalo.shard(x, shard_dim=2)
-    out["shard"] = torch.equal(y, x[:, :, 4 * rank:4 * (rank + 1)])
+    out["shard"] = torch.equal(y, x[:, :, 4 * rank : 4 * (rank + 1)])
     out["roundtrip"] = torch.equal(fxhalo.gather(y, shard_dim=2), x)
     out["negative_dim"] = torch.equal(fxhalo.gather(fxhalo.shard(x, shard_dim=-2), -2), x)
 

@@ -104,8 +104,7 @@ def _scenarios(rank, world_size):
     out = {}
     out["unknown_op"] = _outcome(lambda: _compile(UnknownOp())(torch.randn(1, 2, 4, 4)))
     # 2 local rows, stride 4: the global output has 1 row, too few for 2 ranks.
-    out["too_few_rows"] = _outcome(
-        lambda: _compile(nn.Conv2d(1, 1, 3, stride=4, padding=1))(torch.randn(1, 1, 2, 4)))
+    out["too_few_rows"] = _outcome(lambda: _compile(nn.Conv2d(1, 1, 3, stride=4, padding=1))(torch.randn(1, 1, 2, 4)))
     # Local shapes off the partition rule must be refused on all ranks, not hang.
     rows = 4 + 2 * rank
     out["uneven_local_shapes"] = _outcome(lambda: _compile(nn.Conv2d(1, 1, 3, padding=1))(torch.randn(1, 1, rows, 4)))

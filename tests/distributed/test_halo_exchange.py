@@ -53,16 +53,18 @@ def _cases(rank, world_size):
             widths = [widths[0]] * world_size
         needs = tuple((a - lo, b + hi) for (a, b), (lo, hi) in zip(part, widths))
         limit = n - 1 if mode == "reflect" else n
-        if any(e < s for s, e in needs) or (mode in ("reflect", "circular")
-                                           and any(s < -limit or e > n + limit for s, e in needs)):
+        if any(e < s for s, e in needs) or (
+            mode in ("reflect", "circular") and any(s < -limit or e > n + limit for s, e in needs)
+        ):
             continue
         dim = rng.choice([0, 1, 2])
         torch.manual_seed(len(results))
         shape = [2, 3, 2]
         shape[dim] = n
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        grads = [torch.randn([e - s if d == dim else shape[d] for d in range(3)], dtype=torch.float64)
-                 for s, e in needs]
+        grads = [
+            torch.randn([e - s if d == dim else shape[d] for d in range(3)], dtype=torch.float64) for s, e in needs
+        ]
 
         a, b = part[rank]
         local = x.detach().narrow(dim, a, b - a).clone().requires_grad_()
@@ -75,9 +77,16 @@ def _cases(rank, world_size):
         total.backward()
         ok_fwd = out.shape == want.shape and torch.allclose(out, want)
         ok_bwd = torch.allclose(local.grad, x.grad.narrow(dim, a, b - a))
-        results.append({"ok": ok_fwd and ok_bwd, "fwd": ok_fwd, "bwd": ok_bwd,
-                        "case": (n, mode, widths, dim), "sent": plan.rows_sent,
-                        "received": plan.rows_received})
+        results.append(
+            {
+                "ok": ok_fwd and ok_bwd,
+                "fwd": ok_fwd,
+                "bwd": ok_bwd,
+                "case": (n, mode, widths, dim),
+                "sent": plan.rows_sent,
+                "received": plan.rows_received,
+            }
+        )
     return results
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import pathlib
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -68,15 +68,19 @@ def _convert(module, group, shard_dim):
     from fxhalo.nn import DomainParallelPeriodicConv2d
 
     return fxhalo.convert_to_domain_parallel(
-        module, group=group, shard_dim=shard_dim,
-        custom_converters={PeriodicConv2d: lambda m: DomainParallelPeriodicConv2d(m, shard_dim, group)})
+        module,
+        group=group,
+        shard_dim=shard_dim,
+        custom_converters={PeriodicConv2d: lambda m: DomainParallelPeriodicConv2d(m, shard_dim, group)},
+    )
 
 
 def _interpolate_with_global_size(module, group, shard_dim):
     from fxhalo.nn import DomainParallelInterpolate
 
-    return DomainParallelInterpolate(size=module.size, mode=module.mode, align_corners=module.align_corners,
-                                     shard_dim=shard_dim, group=group)
+    return DomainParallelInterpolate(
+        size=module.size, mode=module.mode, align_corners=module.align_corners, shard_dim=shard_dim, group=group
+    )
 
 
 @dataclasses.dataclass
@@ -109,67 +113,159 @@ def cases() -> list[Case]:
         # kernel P+1 with no padding: the global output loses P rows, so it still splits evenly
         Case("credit: conv padding 0", lambda p: nn.Conv2d(3, 4, (p + 1, 3), padding=0), _bchw(), c2),
         Case("conv k2 s2 patchify", lambda p: nn.Conv2d(3, 4, 2, stride=2), _bchw(), c2),
-        Case("conv k5x3 reflect", lambda p: nn.Conv2d(3, 4, (5, 3), padding=(2, 1), padding_mode="reflect"),
-             _bchw(), c2),
+        Case(
+            "conv k5x3 reflect", lambda p: nn.Conv2d(3, 4, (5, 3), padding=(2, 1), padding_mode="reflect"), _bchw(), c2
+        ),
         Case("conv k3 circular", lambda p: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), _bchw(), c2),
-        Case("conv k3 replicate groups 3 no bias",
-             lambda p: nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False, padding_mode="replicate"), _bchw(), c2),
+        Case(
+            "conv k3 replicate groups 3 no bias",
+            lambda p: nn.Conv2d(3, 6, 3, padding=1, groups=3, bias=False, padding_mode="replicate"),
+            _bchw(),
+            c2,
+        ),
         Case("conv 1x1 stays local", lambda p: nn.Conv2d(3, 4, 1), _bchw(), "Conv2d"),
-        Case("conv1d k5 circular", lambda p: nn.Conv1d(3, 4, 5, padding=2, padding_mode="circular"),
-             lambda p: (2, 3, 8 * p), "DomainParallelConv1d", shard_dim=-1),
-        Case("conv3d k3 (H of B,C,T,H,W)", lambda p: nn.Conv3d(2, 3, 3, padding=1),
-             lambda p: (1, 2, 3, 4 * p, 4), "DomainParallelConv3d", shard_dim=3),
+        Case(
+            "conv1d k5 circular",
+            lambda p: nn.Conv1d(3, 4, 5, padding=2, padding_mode="circular"),
+            lambda p: (2, 3, 8 * p),
+            "DomainParallelConv1d",
+            shard_dim=-1,
+        ),
+        Case(
+            "conv3d k3 (H of B,C,T,H,W)",
+            lambda p: nn.Conv3d(2, 3, 3, padding=1),
+            lambda p: (1, 2, 3, 4 * p, 4),
+            "DomainParallelConv3d",
+            shard_dim=3,
+        ),
         Case("credit: conv transpose k3 s2 p1 op1", lambda p: nn.ConvTranspose2d(3, 4, 3, 2, 1, 1), _bchw(), t2),
         Case("conv transpose k4 s2 p1", lambda p: nn.ConvTranspose2d(3, 4, 4, 2, 1), _bchw(), t2),
         Case("conv transpose k2 s2", lambda p: nn.ConvTranspose2d(3, 4, 2, 2), _bchw(), t2),
-        Case("conv transpose to a global output_size", lambda p: TransposedToSize((16 * p, 12)), _bchw(),
-             "TransposedToSize"),
-        Case("conv transpose 1d k3 s2 p1 op1", lambda p: nn.ConvTranspose1d(3, 2, 3, 2, 1, 1),
-             lambda p: (2, 3, 4 * p), "DomainParallelConvTranspose1d", shard_dim=-1),
-        Case("conv transpose 3d k3 s2 p1 op1", lambda p: nn.ConvTranspose3d(2, 2, 3, 2, 1, 1),
-             lambda p: (1, 2, 2, 2 * p, 3), "DomainParallelConvTranspose3d", shard_dim=3),
+        Case(
+            "conv transpose to a global output_size",
+            lambda p: TransposedToSize((16 * p, 12)),
+            _bchw(),
+            "TransposedToSize",
+        ),
+        Case(
+            "conv transpose 1d k3 s2 p1 op1",
+            lambda p: nn.ConvTranspose1d(3, 2, 3, 2, 1, 1),
+            lambda p: (2, 3, 4 * p),
+            "DomainParallelConvTranspose1d",
+            shard_dim=-1,
+        ),
+        Case(
+            "conv transpose 3d k3 s2 p1 op1",
+            lambda p: nn.ConvTranspose3d(2, 2, 3, 2, 1, 1),
+            lambda p: (1, 2, 2, 2 * p, 3),
+            "DomainParallelConvTranspose3d",
+            shard_dim=3,
+        ),
         Case("group norm", lambda p: nn.GroupNorm(2, 4), _bchw(4), "DomainParallelGroupNorm"),
-        Case("credit: instance norm 2d affine, running stats",
-             lambda p: nn.InstanceNorm2d(3, affine=True, track_running_stats=True), _bchw(),
-             "DomainParallelInstanceNorm", steps=2, eval_step=True),
-        Case("instance norm 1d", lambda p: nn.InstanceNorm1d(3), lambda p: (2, 3, 8 * p),
-             "DomainParallelInstanceNorm", shard_dim=-1),
-        Case("batch norm 2d", lambda p: nn.BatchNorm2d(3), _bchw(), "DomainParallelBatchNorm",
-             steps=2, eval_step=True),
-        Case("batch norm 2d momentum None", lambda p: nn.BatchNorm2d(3, momentum=None), _bchw(),
-             "DomainParallelBatchNorm", steps=2),
-        Case("periodic conv k3 (H sharded)", lambda p: PeriodicConv2d(3, 4, 3), _bchw(),
-             "DomainParallelPeriodicConv2d"),
-        Case("periodic conv k5 (H sharded)", lambda p: PeriodicConv2d(3, 4, 5), _bchw(w=8),
-             "DomainParallelPeriodicConv2d"),
-        Case("periodic conv k3 (W sharded: wraps the ring)", lambda p: PeriodicConv2d(3, 4, 3),
-             lambda p: (2, 3, 5, 8 * p), "DomainParallelPeriodicConv2d", shard_dim=-1),
-        Case("credit: bilinear x2 (global edges clamp)",
-             lambda p: nn.Upsample(scale_factor=2, mode="bilinear"), _bchw(), "DomainParallelInterpolate"),
-        Case("bilinear x2 align_corners", lambda p: nn.UpsamplingBilinear2d(scale_factor=2), _bchw(),
-             "DomainParallelInterpolate"),
-        Case("bilinear global size (12P, 9)",
-             lambda p: nn.Upsample(size=(12 * p, 9), mode="bilinear", align_corners=False), _bchw(),
-             "DomainParallelInterpolate", wrap=_interpolate_with_global_size),
-        Case("bilinear x0.5", lambda p: nn.Upsample(scale_factor=0.5, mode="bilinear"), _bchw(),
-             "DomainParallelInterpolate"),
-        Case("bicubic x2", lambda p: nn.Upsample(scale_factor=2, mode="bicubic"), _bchw(),
-             "DomainParallelInterpolate"),
+        Case(
+            "credit: instance norm 2d affine, running stats",
+            lambda p: nn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+            _bchw(),
+            "DomainParallelInstanceNorm",
+            steps=2,
+            eval_step=True,
+        ),
+        Case(
+            "instance norm 1d",
+            lambda p: nn.InstanceNorm1d(3),
+            lambda p: (2, 3, 8 * p),
+            "DomainParallelInstanceNorm",
+            shard_dim=-1,
+        ),
+        Case("batch norm 2d", lambda p: nn.BatchNorm2d(3), _bchw(), "DomainParallelBatchNorm", steps=2, eval_step=True),
+        Case(
+            "batch norm 2d momentum None",
+            lambda p: nn.BatchNorm2d(3, momentum=None),
+            _bchw(),
+            "DomainParallelBatchNorm",
+            steps=2,
+        ),
+        Case(
+            "periodic conv k3 (H sharded)", lambda p: PeriodicConv2d(3, 4, 3), _bchw(), "DomainParallelPeriodicConv2d"
+        ),
+        Case(
+            "periodic conv k5 (H sharded)",
+            lambda p: PeriodicConv2d(3, 4, 5),
+            _bchw(w=8),
+            "DomainParallelPeriodicConv2d",
+        ),
+        Case(
+            "periodic conv k3 (W sharded: wraps the ring)",
+            lambda p: PeriodicConv2d(3, 4, 3),
+            lambda p: (2, 3, 5, 8 * p),
+            "DomainParallelPeriodicConv2d",
+            shard_dim=-1,
+        ),
+        Case(
+            "credit: bilinear x2 (global edges clamp)",
+            lambda p: nn.Upsample(scale_factor=2, mode="bilinear"),
+            _bchw(),
+            "DomainParallelInterpolate",
+        ),
+        Case(
+            "bilinear x2 align_corners",
+            lambda p: nn.UpsamplingBilinear2d(scale_factor=2),
+            _bchw(),
+            "DomainParallelInterpolate",
+        ),
+        Case(
+            "bilinear global size (12P, 9)",
+            lambda p: nn.Upsample(size=(12 * p, 9), mode="bilinear", align_corners=False),
+            _bchw(),
+            "DomainParallelInterpolate",
+            wrap=_interpolate_with_global_size,
+        ),
+        Case(
+            "bilinear x0.5",
+            lambda p: nn.Upsample(scale_factor=0.5, mode="bilinear"),
+            _bchw(),
+            "DomainParallelInterpolate",
+        ),
+        Case("bicubic x2", lambda p: nn.Upsample(scale_factor=2, mode="bicubic"), _bchw(), "DomainParallelInterpolate"),
         Case("nearest x2", lambda p: nn.Upsample(scale_factor=2), _bchw(), "DomainParallelInterpolate"),
         Case("max pool k3 s2 p1", lambda p: nn.MaxPool2d(3, 2, 1), _bchw(), "DomainParallelPool"),
-        Case("avg pool k3 s1 p1 no pad count", lambda p: nn.AvgPool2d(3, 1, 1, count_include_pad=False), _bchw(),
-             "DomainParallelPool"),
+        Case(
+            "avg pool k3 s1 p1 no pad count",
+            lambda p: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+            _bchw(),
+            "DomainParallelPool",
+        ),
         Case("adaptive avg pool (4P, 3)", lambda p: nn.AdaptiveAvgPool2d((4 * p, 3)), _bchw(), "DomainParallelPool"),
-        Case("depthwise 1d causal k4, length sharded",
-             lambda p: DistributedDepthwiseConv1d(6, 4, causal=True, num_groups=3, bias=True),
-             lambda p: (2, 6, 4 * p), "DistributedDepthwiseConv1d", shard_dim=-1),
-        Case("depthwise 2d k(3, 2), H sharded", lambda p: DistributedDepthwiseConv2d(4, (3, 2), num_groups=2),
-             _bchw(4), "DistributedDepthwiseConv2d"),
-        Case("small conv net", lambda p: nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.GELU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-            nn.InstanceNorm2d(8, affine=True), nn.SiLU(), nn.Upsample(scale_factor=2, mode="bilinear"),
-            nn.Conv2d(8, 8, 1), nn.ConvTranspose2d(8, 4, 3, 2, 1, 1), nn.MaxPool2d(2)),
-             _bchw(), c2),
+        Case(
+            "depthwise 1d causal k4, length sharded",
+            lambda p: DistributedDepthwiseConv1d(6, 4, causal=True, num_groups=3, bias=True),
+            lambda p: (2, 6, 4 * p),
+            "DistributedDepthwiseConv1d",
+            shard_dim=-1,
+        ),
+        Case(
+            "depthwise 2d k(3, 2), H sharded",
+            lambda p: DistributedDepthwiseConv2d(4, (3, 2), num_groups=2),
+            _bchw(4),
+            "DistributedDepthwiseConv2d",
+        ),
+        Case(
+            "small conv net",
+            lambda p: nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.GroupNorm(2, 8),
+                nn.GELU(),
+                nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                nn.InstanceNorm2d(8, affine=True),
+                nn.SiLU(),
+                nn.Upsample(scale_factor=2, mode="bilinear"),
+                nn.Conv2d(8, 8, 1),
+                nn.ConvTranspose2d(8, 4, 3, 2, 1, 1),
+                nn.MaxPool2d(2),
+            ),
+            _bchw(),
+            c2,
+        ),
     ]
 
 
@@ -222,9 +318,13 @@ def _cp_slicing(rank: int, cp_group) -> dict:
 
     out = {}
     for label, make, shape in (
-            ("1d causal", lambda: fxhalo.DistributedDepthwiseConv1d(8, 3, causal=True, num_groups=2, bias=True),
-             (2, 8, 10)),
-            ("2d", lambda: fxhalo.DistributedDepthwiseConv2d(8, 3, num_groups=4, bias=True), (2, 8, 5, 6))):
+        (
+            "1d causal",
+            lambda: fxhalo.DistributedDepthwiseConv1d(8, 3, causal=True, num_groups=2, bias=True),
+            (2, 8, 10),
+        ),
+        ("2d", lambda: fxhalo.DistributedDepthwiseConv2d(8, 3, num_groups=4, bias=True), (2, 8, 5, 6)),
+    ):
         torch.manual_seed(1)
         m = make()
         x = torch.randn(shape)
@@ -232,12 +332,12 @@ def _cp_slicing(rank: int, cp_group) -> dict:
         full.sum().backward()
         want_grad = m.weight.grad.clone()
         m.zero_grad()
-        block = x[:, 4 * rank:4 * (rank + 1)]
+        block = x[:, 4 * rank : 4 * (rank + 1)]
         y = m(block, cp_group=cp_group)
         y.sum().backward()
         got_grad = m.weight.grad.clone()
         dist.all_reduce(got_grad, group=cp_group)  # each rank's gradient covers its block's filters
-        out[label + " out"] = close(y, full[:, 4 * rank:4 * (rank + 1)].detach())[0]
+        out[label + " out"] = close(y, full[:, 4 * rank : 4 * (rank + 1)].detach())[0]
         out[label + " weight grad"] = close(got_grad, want_grad)[0]
         try:
             m(x, cp_group=cp_group)  # all 8 channels where 4 are expected
@@ -297,7 +397,7 @@ def _docs_example() -> str:
     return blocks[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def results() -> tuple:
     return tuple(run_ranks(_run, WORLD, timeout=240))
 

@@ -21,7 +21,7 @@ class PeriodicConv2d(nn.Module):
 
     def forward(self, x):
         x = F.pad(x, (self.p, self.p, 0, 0), mode="circular")  # longitude wraps
-        x = F.pad(x, (0, 0, self.p, self.p), mode="reflect")   # latitude reflects at the poles
+        x = F.pad(x, (0, 0, self.p, self.p), mode="reflect")  # latitude reflects at the poles
         return self.conv(x)
 
 

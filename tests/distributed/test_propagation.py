@@ -89,8 +89,9 @@ def _models(rank, world_size):
     out["window"] = _compare(WindowModel(), torch.randn(2, 2, 4 * world_size, 6))
     out["graph_break"] = _compare(GraphBreakModel(), torch.randn(2, 2, 3 * world_size, 5))
     out["fallback_cumsum"] = _compare(CumsumModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather")
-    out["fallback_replicated"] = _compare(LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4),
-                                          fallback="gather", replicated_output=True)
+    out["fallback_replicated"] = _compare(
+        LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather", replicated_output=True
+    )
     return out
 
 

@@ -51,6 +51,7 @@ def _sweep(world_size, n_cases):
 
 # -- explicit cases ---------------------------------------------------------------
 
+
 class Many(nn.Module):
     """Several resampling ops of one input, returned together (one compile checks them all)."""
 
@@ -80,10 +81,13 @@ def _compare(model, x, shard_dim, world_size):
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     x_local = fxhalo.shard(x, shard_dim).requires_grad_()
-    compiled = torch.compile(model, backend="domain_parallel", options={"compiler": "aot_eager", "shard_dim": shard_dim})
+    compiled = torch.compile(
+        model, backend="domain_parallel", options={"compiler": "aot_eager", "shard_dim": shard_dim}
+    )
     outs = _as_tuple(compiled(x_local))
-    torch.autograd.backward([o for o, g in zip(outs, grads) if g is not None],
-                            [fxhalo.shard(g, shard_dim) for g in grads if g is not None])
+    torch.autograd.backward(
+        [o for o, g in zip(outs, grads) if g is not None], [fxhalo.shard(g, shard_dim) for g in grads if g is not None]
+    )
     checks = {}
     for i, (o, r) in enumerate(zip(outs, refs)):
         want = fxhalo.shard(r.detach(), shard_dim)
@@ -120,19 +124,28 @@ def _explicit(world_size):
             calls.append((F.interpolate, dict(how, mode=mode)))
     out["interp_2d"] = _outcome(lambda: _compare(Many(*calls), torch.randn(2, 2, 8 * P, 5), 2, P))
     # 1-D linear and 3-D trilinear (D sharded), both align_corners, non-integer ratios.
-    lin = [(F.interpolate, dict(how, mode="linear", align_corners=a))
-           for a in (False, True) for how in ({"scale_factor": 2.5}, {"size": 5 * P}, {"scale_factor": 0.75})]
+    lin = [
+        (F.interpolate, dict(how, mode="linear", align_corners=a))
+        for a in (False, True)
+        for how in ({"scale_factor": 2.5}, {"size": 5 * P}, {"scale_factor": 0.75})
+    ]
     out["interp_1d"] = _outcome(lambda: _compare(Many(*lin), torch.randn(1, 3, 4 * P), 2, P))
-    tri = [(F.interpolate, dict(scale_factor=(1.5, 2.0, 0.5), mode="trilinear", align_corners=a)) for a in (False, True)]
+    tri = [
+        (F.interpolate, dict(scale_factor=(1.5, 2.0, 0.5), mode="trilinear", align_corners=a)) for a in (False, True)
+    ]
     out["interp_3d"] = _outcome(lambda: _compare(Many(*tri), torch.randn(1, 2, 4 * P, 3, 4), 2, P))
     # Max-pool indices must index the global input; the first two global rows are -inf, so the
     # top windows on rank 0 are all -inf and keep torch's index, their first real cell.
     x = torch.randn(2, 2, 8 * P, 7)
     x[:, :, :2] = float("-inf")
-    pools = [(F.max_pool2d, dict(kernel_size=3, stride=2, padding=1, return_indices=True)),
-             (F.max_pool2d, dict(kernel_size=(2, 3), stride=1, padding=(1, 1), dilation=(2, 1), ceil_mode=True,
-                                 return_indices=True)),
-             (F.max_pool2d, dict(kernel_size=2, return_indices=True))]
+    pools = [
+        (F.max_pool2d, dict(kernel_size=3, stride=2, padding=1, return_indices=True)),
+        (
+            F.max_pool2d,
+            dict(kernel_size=(2, 3), stride=1, padding=(1, 1), dilation=(2, 1), ceil_mode=True, return_indices=True),
+        ),
+        (F.max_pool2d, dict(kernel_size=2, return_indices=True)),
+    ]
     out["pool_indices_2d"] = _outcome(lambda: _compare(Many(*pools), x, 2, P))
     pool3 = [(F.max_pool3d, dict(kernel_size=3, stride=(1, 2, 1), padding=1, return_indices=True))]
     out["pool_indices_3d"] = _outcome(lambda: _compare(Many(*pool3), torch.randn(1, 2, 3, 4 * P, 5), 3, P))
@@ -180,8 +193,9 @@ def test_sweep_matches_one_device(ranks):
     sweeps = [r["sweep"] for r in per_rank]
     print()
     print(_table(world_size, sweeps))
-    failures = [(r, c["case"], c["failed"], c["max_err"]) for r, results in enumerate(sweeps)
-                for c in results if not c["ok"]]
+    failures = [
+        (r, c["case"], c["failed"], c["max_err"]) for r, results in enumerate(sweeps) for c in results if not c["ok"]
+    ]
     assert not failures, failures[:10]
     assert len(sweeps[0]) >= N_CASES[world_size]
     assert sum(c["kernel"] for c in sweeps[0]) > len(sweeps[0]) // 2

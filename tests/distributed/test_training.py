@@ -70,7 +70,7 @@ def _train(world_size, height, skip, seed):
     model.compile(backend="domain_parallel", options={"compiler": capture})
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for step in range(STEPS):
+    for _step in range(STEPS):
         x = torch.randn(2, 1, height, 8)
         y_ref = ref(x)
         grad_out = torch.randn_like(y_ref)
@@ -83,8 +83,7 @@ def _train(world_size, height, skip, seed):
         opt.step()
         opt.zero_grad()
 
-    synced = [n for gm in graphs for n in gm.graph.nodes
-              if getattr(n.target, "__name__", "") == "synced_params"]
+    synced = [n for gm in graphs for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "synced_params"]
     x = torch.randn(2, 1, height, 8)
     with torch.no_grad():
         gathered = fxhalo.gather(model(fxhalo.shard(x, 2)), 2)
@@ -114,8 +113,12 @@ def _autocast(world_size):
         want = model(x)
         got = compiled(fxhalo.shard(x, 2))
     want = fxhalo.shard(want, 2)
-    return {"dtype": str(got.dtype), "want_dtype": str(want.dtype),
-            "err": (got.float() - want.float()).abs().max().item(), "scale": want.float().abs().max().item()}
+    return {
+        "dtype": str(got.dtype),
+        "want_dtype": str(want.dtype),
+        "err": (got.float() - want.float()).abs().max().item(),
+        "scale": want.float().abs().max().item(),
+    }
 
 
 def _run(rank, world_size, uneven_height):
@@ -171,6 +174,7 @@ def test_bf16_autocast_forward_within_bf16_tolerance(ranks):
 
 # -- data x domain ------------------------------------------------------------------
 
+
 def _ddp(rank, world_size):
     """2 data x 2 domain ranks: DDP over the data axis, fxhalo over the domain axis."""
     import torch.distributed as dist
@@ -187,12 +191,13 @@ def _ddp(rank, world_size):
     model = SmallUNet(width=8, groups=4)
     ref = SmallUNet(width=8, groups=4)
     ref.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="domain_parallel",
-                             options={"group": (mesh, "domain"), "compiler": "aot_eager"})
+    compiled = torch.compile(
+        model, backend="domain_parallel", options={"group": (mesh, "domain"), "compiler": "aot_eager"}
+    )
     ddp = DDP(compiled, process_group=mesh.get_group("data"))
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(4, 1, 16, 8)  # the global batch: data rank d takes samples 2d, 2d+1
         # The loss is a mean over the global batch: each data replica's output gradient is
         # that of its half of the batch, and DDP averages the replicas' gradients.

@@ -55,8 +55,9 @@ def _run(rank, world_size, lengths):
             model = factory()
             x = torch.randn(2, 2, n, 5)
             try:
-                checks = check_against_one_device(model, x, options={"compiler": "aot_eager"},
-                                                  replicated_output=replicated, seed=i)
+                checks = check_against_one_device(
+                    model, x, options={"compiler": "aot_eager"}, replicated_output=replicated, seed=i
+                )
                 out[(n, name)] = [k for k, (ok, _) in checks.items() if not ok]
             except Exception as e:  # noqa: BLE001 - reported per case
                 out[(n, name)] = [f"{type(e).__name__}: {str(e).splitlines()[0]}"]

@@ -17,48 +17,52 @@ from fxhalo.ops import reduce as reduce_ops
 from fxhalo.sharding import SHARDING, Sharded
 from tests.passes.graphs import Lambda, passes_on
 
-
-
 X = torch.randn(2, 4, 8, 6)  # local slab of a (2, 4, 32, 6) tensor on 4 ranks
 S = Sharded(2, 8, 32)
 
 
 def kernels(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function"
-            and getattr(n.target, "__module__", "") in ("fxhalo.ops.norm", "fxhalo.ops.reduce")]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function" and getattr(n.target, "__module__", "") in ("fxhalo.ops.norm", "fxhalo.ops.reduce")
+    ]
 
 
 def outputs(gm):
     return [a.meta[SHARDING] for a in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
 
 
-@pytest.mark.parametrize("fn, kernel", [
-    (lambda x: x.sum(), reduce_ops.sum),
-    (lambda x: torch.sum(x, 2), reduce_ops.sum),
-    (lambda x: x.sum(dim=(2, 3), keepdim=True), reduce_ops.sum),
-    (lambda x: x.mean(dim=-2), reduce_ops.mean),
-    (lambda x: torch.mean(x, (1, 2)), reduce_ops.mean),
-    (lambda x: x.amax(2), reduce_ops.amax),
-    (lambda x: torch.amin(x, dim=(0, 2)), reduce_ops.amin),
-    (lambda x: x.max(), reduce_ops.amax),
-    (lambda x: torch.min(x), reduce_ops.amin),
-    (lambda x: x.var(2, unbiased=False), reduce_ops.var),
-    (lambda x: torch.var(x, correction=0), reduce_ops.var),
-    (lambda x: x.std(), reduce_ops.std),
-    (lambda x: torch.std(x, 2, keepdim=True), reduce_ops.std),
-    (lambda x: F.adaptive_avg_pool2d(x, 1), reduce_ops.adaptive_avg_pool),
-    (lambda x: F.adaptive_max_pool2d(x, (1, 3)), reduce_ops.adaptive_max_pool),
-    (lambda x: F.softmax(x, 2), reduce_ops.softmax),
-    (lambda x: torch.softmax(x, -2), reduce_ops.softmax),
-    (lambda x: x.softmax(2), reduce_ops.softmax),
-    (lambda x: x.log_softmax(dim=2), reduce_ops.log_softmax),
-    (lambda x: F.log_softmax(x, -2), reduce_ops.log_softmax),
-    (lambda x: F.group_norm(x, 2), norm_ops.group_norm),
-    (lambda x: F.layer_norm(x, x.shape[-2:]), norm_ops.layer_norm),
-    (lambda x: F.mse_loss(x, x.sin()), reduce_ops.mse_loss),
-    (lambda x: F.l1_loss(x, x.cos(), reduction="sum"), reduce_ops.l1_loss),
-    (lambda x: F.smooth_l1_loss(x, 2 * x), reduce_ops.smooth_l1_loss),
-])
+@pytest.mark.parametrize(
+    "fn, kernel",
+    [
+        (lambda x: x.sum(), reduce_ops.sum),
+        (lambda x: torch.sum(x, 2), reduce_ops.sum),
+        (lambda x: x.sum(dim=(2, 3), keepdim=True), reduce_ops.sum),
+        (lambda x: x.mean(dim=-2), reduce_ops.mean),
+        (lambda x: torch.mean(x, (1, 2)), reduce_ops.mean),
+        (lambda x: x.amax(2), reduce_ops.amax),
+        (lambda x: torch.amin(x, dim=(0, 2)), reduce_ops.amin),
+        (lambda x: x.max(), reduce_ops.amax),
+        (lambda x: torch.min(x), reduce_ops.amin),
+        (lambda x: x.var(2, unbiased=False), reduce_ops.var),
+        (lambda x: torch.var(x, correction=0), reduce_ops.var),
+        (lambda x: x.std(), reduce_ops.std),
+        (lambda x: torch.std(x, 2, keepdim=True), reduce_ops.std),
+        (lambda x: F.adaptive_avg_pool2d(x, 1), reduce_ops.adaptive_avg_pool),
+        (lambda x: F.adaptive_max_pool2d(x, (1, 3)), reduce_ops.adaptive_max_pool),
+        (lambda x: F.softmax(x, 2), reduce_ops.softmax),
+        (lambda x: torch.softmax(x, -2), reduce_ops.softmax),
+        (lambda x: x.softmax(2), reduce_ops.softmax),
+        (lambda x: x.log_softmax(dim=2), reduce_ops.log_softmax),
+        (lambda x: F.log_softmax(x, -2), reduce_ops.log_softmax),
+        (lambda x: F.group_norm(x, 2), norm_ops.group_norm),
+        (lambda x: F.layer_norm(x, x.shape[-2:]), norm_ops.layer_norm),
+        (lambda x: F.mse_loss(x, x.sin()), reduce_ops.mse_loss),
+        (lambda x: F.l1_loss(x, x.cos(), reduction="sum"), reduce_ops.l1_loss),
+        (lambda x: F.smooth_l1_loss(x, 2 * x), reduce_ops.smooth_l1_loss),
+    ],
+)
 def test_each_spelling_becomes_one_kernel_with_a_replicated_or_sharded_result(fn, kernel):
     gm, changed = passes_on(Lambda(fn), X)
     found = kernels(gm)
@@ -68,24 +72,34 @@ def test_each_spelling_becomes_one_kernel_with_a_replicated_or_sharded_result(fn
     assert outputs(gm) == [S if softmax_or_norm else None]
 
 
-@pytest.mark.parametrize("module", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True), nn.BatchNorm2d(4),
-                                    nn.InstanceNorm2d(4, track_running_stats=True)])
+@pytest.mark.parametrize(
+    "module",
+    [
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4, affine=True),
+        nn.BatchNorm2d(4),
+        nn.InstanceNorm2d(4, track_running_stats=True),
+    ],
+)
 def test_norm_modules_become_the_kernels(module):
     gm, changed = passes_on(module, X)
     assert changed == 1 and len(kernels(gm)) == 1 and outputs(gm) == [S]
 
 
-@pytest.mark.parametrize("fn, want", [
-    (lambda x: x.sum(3), S),
-    (lambda x: x.mean(1), Sharded(1, 8, 32)),
-    (lambda x: x.amax((0, 1)), Sharded(0, 8, 32)),
-    (lambda x: x.var(3, keepdim=True), S),
-    (lambda x: x.max(dim=3)[0], S),
-    (lambda x: torch.max(x, x.cos()), S),
-    (lambda x: F.softmax(x, 3), S),
-    (lambda x: F.layer_norm(x, x.shape[-1:]), S),
-    (lambda x: F.mse_loss(x, x.sin(), reduction="none"), S),
-])
+@pytest.mark.parametrize(
+    "fn, want",
+    [
+        (lambda x: x.sum(3), S),
+        (lambda x: x.mean(1), Sharded(1, 8, 32)),
+        (lambda x: x.amax((0, 1)), Sharded(0, 8, 32)),
+        (lambda x: x.var(3, keepdim=True), S),
+        (lambda x: x.max(dim=3)[0], S),
+        (lambda x: torch.max(x, x.cos()), S),
+        (lambda x: F.softmax(x, 3), S),
+        (lambda x: F.layer_norm(x, x.shape[-1:]), S),
+        (lambda x: F.mse_loss(x, x.sin(), reduction="none"), S),
+    ],
+)
 def test_reductions_that_leave_out_the_sharded_dim_stay_local(fn, want):
     gm, changed = passes_on(Lambda(fn), X)
     assert changed == 0 and not kernels(gm)
@@ -107,12 +121,15 @@ def test_class_losses_take_targets_sharded_along_the_same_pixels():
         passes_on(Lambda(lambda z, t: F.cross_entropy(z, t)), logits, classes)
 
 
-@pytest.mark.parametrize("fn, inputs, match", [
-    (lambda x: x.max(dim=2), (X,), "argmax indices along the sharded dim"),
-    (lambda x, w: F.layer_norm(x, x.shape[-2:], w), (X, torch.ones(8, 6)), "weight"),
-    (lambda x, t: F.mse_loss(x, t), (X, torch.randn(2, 4, 1, 6)), "another layout or shape"),
-    (lambda x: F.group_norm(x.transpose(1, 2), 2), (X,), "channel dim"),
-])
+@pytest.mark.parametrize(
+    "fn, inputs, match",
+    [
+        (lambda x: x.max(dim=2), (X,), "argmax indices along the sharded dim"),
+        (lambda x, w: F.layer_norm(x, x.shape[-2:], w), (X, torch.ones(8, 6)), "weight"),
+        (lambda x, t: F.mse_loss(x, t), (X, torch.randn(2, 4, 1, 6)), "another layout or shape"),
+        (lambda x: F.group_norm(x.transpose(1, 2), 2), (X,), "channel dim"),
+    ],
+)
 def test_what_cannot_be_exact_is_refused_by_name(fn, inputs, match):
     with pytest.raises(FxHaloError, match=match):
         passes_on(Lambda(fn), *inputs)

@@ -62,8 +62,14 @@ def test_adaptive_pool_asks_each_rank_for_its_share():
 
 @pytest.mark.timeout(120)
 def test_nearest_x2_is_local_and_bilinear_or_a_size_is_not():
-    gm = passes_on(lambda x: (F.interpolate(x, scale_factor=2), F.interpolate(x, scale_factor=2, mode="bilinear"),
-                              F.interpolate(x, size=(64, 6))), X)
+    gm = passes_on(
+        lambda x: (
+            F.interpolate(x, scale_factor=2),
+            F.interpolate(x, scale_factor=2, mode="bilinear"),
+            F.interpolate(x, size=(64, 6)),
+        ),
+        X,
+    )
     t = targets(gm)
     assert t.count(F.interpolate) == 1 and t.count(interp_ops.interpolate) == 2
     assert output_layouts(gm) == [Sharded(2, 16, 64)] * 3
@@ -81,8 +87,7 @@ def test_conv_transpose_kernel_equal_to_stride_is_local_and_3_2_1_gets_a_halo():
 
 @pytest.mark.timeout(120)
 def test_batch_or_channel_sharding_leaves_pooling_alone():
-    gm = passes_on(lambda x: (F.max_pool2d(x, 3), F.interpolate(x, scale_factor=1.5, mode="bicubic")), X,
-                   shard_dim=1)
+    gm = passes_on(lambda x: (F.max_pool2d(x, 3), F.interpolate(x, scale_factor=1.5, mode="bicubic")), X, shard_dim=1)
     assert F.max_pool2d in targets(gm) and F.interpolate in targets(gm)
 
 
@@ -115,9 +120,15 @@ def test_antialias_is_refused():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("after", [nn.MaxPool2d(3, stride=2, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"),
-                                   graphs.Lambda(lambda y: torch.flip(y, dims=(2,))),
-                                   graphs.Lambda(lambda y: torch.nn.functional.pad(y, (0, 0, 1, 2)) * 2)])
+@pytest.mark.parametrize(
+    "after",
+    [
+        nn.MaxPool2d(3, stride=2, padding=1),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        graphs.Lambda(lambda y: torch.flip(y, dims=(2,))),
+        graphs.Lambda(lambda y: torch.nn.functional.pad(y, (0, 0, 1, 2)) * 2),
+    ],
+)
 def test_an_op_right_after_a_rewritten_conv_reads_the_new_node(after):
     # Before: the resample and shift rules kept the conv node they saw while propagating;
     # the conv's rewrite replaced it, and the graph read an erased node ("used before defined").

@@ -19,34 +19,36 @@ def output_sharding(model, *inputs, **overrides):
     return [a.meta[SHARDING] for a in out]
 
 
-
 X = torch.randn(2, 3, 8, 6)  # local slab of a (2, 3, 32, 6) tensor on 4 ranks
 
 
-@pytest.mark.parametrize("fn, want", [
-    (lambda x: x.permute(0, 2, 3, 1), Sharded(1, 8, 32)),
-    (lambda x: x.transpose(2, 3), Sharded(3, 8, 32)),
-    (lambda x: torch.movedim(x, 2, 0), Sharded(0, 8, 32)),
-    (lambda x: x.unsqueeze(0), Sharded(3, 8, 32)),
-    (lambda x: x.unsqueeze(-1), Sharded(2, 8, 32)),
-    (lambda x: x.contiguous().flatten(0, 1), Sharded(1, 8, 32)),
-    (lambda x: x.flatten(2), Sharded(2, 48, 192)),                 # H merged with W (inside it)
-    (lambda x: x.view(2, 3, 4, 2, 6), Sharded(2, 4, 16)),          # H -> (h, 2): h is sharded
-    (lambda x: x.reshape(6, 8, 6), Sharded(1, 8, 32)),
-    (lambda x: x[None].expand(2, 2, 3, 8, 6), Sharded(3, 8, 32)),
-    (lambda x: x[:, 1:, :, ::2], Sharded(2, 8, 32)),
-    (lambda x: x[..., 0], Sharded(2, 8, 32)),
-    (lambda x: x[0], Sharded(1, 8, 32)),
-    (lambda x: x[:, None], Sharded(3, 8, 32)),
-    (lambda x: x.split(1, dim=1)[2], Sharded(2, 8, 32)),
-    (lambda x: torch.chunk(x, 3, 3)[1], Sharded(2, 8, 32)),
-    (lambda x: x.unbind(1)[0], Sharded(1, 8, 32)),
-    (lambda x: torch.cat([x, x * 2], dim=1), Sharded(2, 8, 32)),
-    (lambda x: torch.stack([x, x], dim=0), Sharded(3, 8, 32)),
-    (lambda x: torch.stack([x, x], dim=-1), Sharded(2, 8, 32)),
-    (lambda x: x.narrow(3, 1, 2), Sharded(2, 8, 32)),
-    (lambda x: x.select(0, 1), Sharded(1, 8, 32)),
-])
+@pytest.mark.parametrize(
+    "fn, want",
+    [
+        (lambda x: x.permute(0, 2, 3, 1), Sharded(1, 8, 32)),
+        (lambda x: x.transpose(2, 3), Sharded(3, 8, 32)),
+        (lambda x: torch.movedim(x, 2, 0), Sharded(0, 8, 32)),
+        (lambda x: x.unsqueeze(0), Sharded(3, 8, 32)),
+        (lambda x: x.unsqueeze(-1), Sharded(2, 8, 32)),
+        (lambda x: x.contiguous().flatten(0, 1), Sharded(1, 8, 32)),
+        (lambda x: x.flatten(2), Sharded(2, 48, 192)),  # H merged with W (inside it)
+        (lambda x: x.view(2, 3, 4, 2, 6), Sharded(2, 4, 16)),  # H -> (h, 2): h is sharded
+        (lambda x: x.reshape(6, 8, 6), Sharded(1, 8, 32)),
+        (lambda x: x[None].expand(2, 2, 3, 8, 6), Sharded(3, 8, 32)),
+        (lambda x: x[:, 1:, :, ::2], Sharded(2, 8, 32)),
+        (lambda x: x[..., 0], Sharded(2, 8, 32)),
+        (lambda x: x[0], Sharded(1, 8, 32)),
+        (lambda x: x[:, None], Sharded(3, 8, 32)),
+        (lambda x: x.split(1, dim=1)[2], Sharded(2, 8, 32)),
+        (lambda x: torch.chunk(x, 3, 3)[1], Sharded(2, 8, 32)),
+        (lambda x: x.unbind(1)[0], Sharded(1, 8, 32)),
+        (lambda x: torch.cat([x, x * 2], dim=1), Sharded(2, 8, 32)),
+        (lambda x: torch.stack([x, x], dim=0), Sharded(3, 8, 32)),
+        (lambda x: torch.stack([x, x], dim=-1), Sharded(2, 8, 32)),
+        (lambda x: x.narrow(3, 1, 2), Sharded(2, 8, 32)),
+        (lambda x: x.select(0, 1), Sharded(1, 8, 32)),
+    ],
+)
 def test_shape_ops_follow_the_sharded_dim(fn, want):
     assert output_sharding(Lambda(fn), X) == [want]
 
@@ -63,26 +65,29 @@ def test_window_partition_and_reverse():
         x = win.view(b, h // ws, w // ws, ws, ws, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, h, w)
 
-    windows, = output_sharding(Lambda(partition), X)
+    (windows,) = output_sharding(Lambda(partition), X)
     # (b, h/ws, w/ws) merged: the batch dim sits outside the sharded window rows.
     assert windows == Sharded(0, 2 * 4 * 3, 2 * 16 * 3, outer=2)
-    back, = output_sharding(Lambda(lambda x: reverse(partition(x) * 2, 2, 3, 8, 6)), X)
+    (back,) = output_sharding(Lambda(lambda x: reverse(partition(x) * 2, 2, 3, 8, 6)), X)
     assert back == Sharded(2, 8, 32)
 
 
-@pytest.mark.parametrize("fn, op, match", [
-    (lambda x: x[:, :, 1:], "operator.getitem", "indexes the sharded dim"),
-    (lambda x: x[:, :, 0], "operator.getitem", "indexes the sharded dim"),
-    (lambda x: x.narrow(2, 0, 4), "Tensor.narrow", "takes rows of the sharded dim"),
-    (lambda x: torch.select(x, 2, 1), "torch.select", "takes rows of the sharded dim"),
-    (lambda x: torch.cat([x, x], dim=2), "torch.cat", "concatenates along the sharded dim"),
-    (lambda x: x.split(4, dim=2)[0], "Tensor.split", "splits along the sharded dim"),
-    (lambda x: x.reshape(2, 3, 6, 8), "Tensor.reshape", "reshapes the sharded dim"),
-    (lambda x, y: torch.cat([x, y], dim=1), "torch.cat", "not all sharded alike"),
-    (lambda x: torch.roll(x, 1), "torch.roll", "rolls the flattened tensor"),
-    (lambda x: torch.cumsum(x, dim=2), "torch.cumsum", "no rule"),
-    (lambda x: torch.fft.rfft(x, dim=2), "fft", "no rule"),
-])
+@pytest.mark.parametrize(
+    "fn, op, match",
+    [
+        (lambda x: x[:, :, 1:], "operator.getitem", "indexes the sharded dim"),
+        (lambda x: x[:, :, 0], "operator.getitem", "indexes the sharded dim"),
+        (lambda x: x.narrow(2, 0, 4), "Tensor.narrow", "takes rows of the sharded dim"),
+        (lambda x: torch.select(x, 2, 1), "torch.select", "takes rows of the sharded dim"),
+        (lambda x: torch.cat([x, x], dim=2), "torch.cat", "concatenates along the sharded dim"),
+        (lambda x: x.split(4, dim=2)[0], "Tensor.split", "splits along the sharded dim"),
+        (lambda x: x.reshape(2, 3, 6, 8), "Tensor.reshape", "reshapes the sharded dim"),
+        (lambda x, y: torch.cat([x, y], dim=1), "torch.cat", "not all sharded alike"),
+        (lambda x: torch.roll(x, 1), "torch.roll", "rolls the flattened tensor"),
+        (lambda x: torch.cumsum(x, dim=2), "torch.cumsum", "no rule"),
+        (lambda x: torch.fft.rfft(x, dim=2), "fft", "no rule"),
+    ],
+)
 def test_refused_ops_name_the_op_line_and_remedy(fn, op, match):
     inputs = (X, X.clone()) if fn.__code__.co_argcount == 2 else (X,)
     overrides = {"xs[1]": None} if len(inputs) == 2 else {}  # the second forward argument is replicated
@@ -92,10 +97,13 @@ def test_refused_ops_name_the_op_line_and_remedy(fn, op, match):
     assert op in msg and "test_shape_rules.py" in msg and "Remedy:" in msg
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: x.view(2, 3, 48),
-    lambda x: x.view(2, 3, 8, 6).permute(0, 2, 1, 3).reshape(2, 8, 18).view(2, 8, 3, 6),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: x.view(2, 3, 48),
+        lambda x: x.view(2, 3, 8, 6).permute(0, 2, 1, 3).reshape(2, 8, 18).view(2, 8, 3, 6),
+    ],
+)
 def test_reshapes_that_keep_the_shard_are_allowed(fn):
     output_sharding(Lambda(fn), X)
 
@@ -108,8 +116,8 @@ def test_squeezing_a_one_row_shard_is_refused():
 
 def test_reshape_factor_arithmetic():
     s = Sharded(1, 6, 24)
-    assert reshape_sharding([2, 6, 4], [2, 3, 8], s) == Sharded(1, 3, 12)          # split, inner joins W
+    assert reshape_sharding([2, 6, 4], [2, 3, 8], s) == Sharded(1, 3, 12)  # split, inner joins W
     assert reshape_sharding([2, 6, 4], [12, 4], s) == Sharded(0, 12, 48, outer=2)  # merged under batch
-    assert reshape_sharding([2, 6, 4], [2, 24], s) == Sharded(1, 24, 96)           # merged with W
+    assert reshape_sharding([2, 6, 4], [2, 24], s) == Sharded(1, 24, 96)  # merged with W
     assert reshape_sharding([2, 24], [2, 8, 3], Sharded(1, 24, 96)) == Sharded(1, 8, 32)  # and split again
-    assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)             # would cut H unevenly
+    assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)  # would cut H unevenly

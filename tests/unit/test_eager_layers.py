@@ -49,27 +49,33 @@ class Block(nn.Module):
 
 def small_model() -> nn.Module:
     """Every wrapper kind that runs on a (B, 4, H, W) tensor, in one model."""
-    return nn.Sequential(collections.OrderedDict([
-        ("stem", nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")),
-        ("block", Block(8)),
-        ("inorm", nn.InstanceNorm2d(8, affine=True, track_running_stats=True)),
-        ("bnorm", nn.BatchNorm2d(8)),
-        ("periodic", PeriodicConv2d(8, 8, 3)),
-        ("down", nn.Conv2d(8, 8, 3, stride=2, padding=1)),
-        ("pool", nn.MaxPool2d(3, 1, 1)),
-        ("up", nn.ConvTranspose2d(8, 8, 3, 2, 1, 1)),
-        ("resize", nn.Upsample(scale_factor=2, mode="bilinear")),
-        ("depthwise", fxhalo.DistributedDepthwiseConv2d(8, 3, num_groups=4, bias=True, device="cpu")),
-        ("head", nn.Conv2d(8, 2, 1)),
-    ]))
+    return nn.Sequential(
+        collections.OrderedDict(
+            [
+                ("stem", nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect")),
+                ("block", Block(8)),
+                ("inorm", nn.InstanceNorm2d(8, affine=True, track_running_stats=True)),
+                ("bnorm", nn.BatchNorm2d(8)),
+                ("periodic", PeriodicConv2d(8, 8, 3)),
+                ("down", nn.Conv2d(8, 8, 3, stride=2, padding=1)),
+                ("pool", nn.MaxPool2d(3, 1, 1)),
+                ("up", nn.ConvTranspose2d(8, 8, 3, 2, 1, 1)),
+                ("resize", nn.Upsample(scale_factor=2, mode="bilinear")),
+                ("depthwise", fxhalo.DistributedDepthwiseConv2d(8, 3, num_groups=4, bias=True, device="cpu")),
+                ("head", nn.Conv2d(8, 2, 1)),
+            ]
+        )
+    )
 
 
 def convert(model, **kwargs):
     return fxhalo.convert_to_domain_parallel(
-        model, custom_converters={PeriodicConv2d: lambda m: dpnn.DomainParallelPeriodicConv2d(m)}, **kwargs)
+        model, custom_converters={PeriodicConv2d: lambda m: dpnn.DomainParallelPeriodicConv2d(m)}, **kwargs
+    )
 
 
 # -- state dicts and the world-size-1 guarantee ---------------------------------------------
+
 
 def test_state_dict_keys_and_values_equal_the_plain_model():
     torch.manual_seed(0)
@@ -158,14 +164,21 @@ def test_wrapping_the_wrong_type_or_a_lazy_layer_is_refused():
 
 # -- convert_to_domain_parallel ---------------------------------------------------------------
 
+
 def test_convert_replaces_what_communicates_and_leaves_local_layers():
     model = convert(small_model())
     kinds = {name: type(m).__name__ for name, m in model.named_children()}
     assert kinds == {
-        "stem": "DomainParallelConv2d", "block": "Block", "inorm": "DomainParallelInstanceNorm",
-        "bnorm": "DomainParallelBatchNorm", "periodic": "DomainParallelPeriodicConv2d",
-        "down": "DomainParallelConv2d", "pool": "DomainParallelPool", "up": "DomainParallelConvTranspose2d",
-        "resize": "DomainParallelInterpolate", "depthwise": "DistributedDepthwiseConv2d",
+        "stem": "DomainParallelConv2d",
+        "block": "Block",
+        "inorm": "DomainParallelInstanceNorm",
+        "bnorm": "DomainParallelBatchNorm",
+        "periodic": "DomainParallelPeriodicConv2d",
+        "down": "DomainParallelConv2d",
+        "pool": "DomainParallelPool",
+        "up": "DomainParallelConvTranspose2d",
+        "resize": "DomainParallelInterpolate",
+        "depthwise": "DistributedDepthwiseConv2d",
         "head": "Conv2d",  # 1x1: reads only its own row
     }
     assert type(model.block.conv).__name__ == "DomainParallelConv2d"
@@ -193,8 +206,16 @@ def test_a_module_shared_by_two_parents_is_converted_once():
 
 
 def test_local_layers_by_dim():
-    model = nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.Softmax(dim=-1), nn.Flatten(-1, -1),
-                          nn.Conv2d(3, 3, (1, 3), padding=(0, 1)), nn.Dropout2d(), nn.PixelShuffle(2), nn.Identity())
+    model = nn.Sequential(
+        nn.Linear(6, 6),
+        nn.LayerNorm(6),
+        nn.Softmax(dim=-1),
+        nn.Flatten(-1, -1),
+        nn.Conv2d(3, 3, (1, 3), padding=(0, 1)),
+        nn.Dropout2d(),
+        nn.PixelShuffle(2),
+        nn.Identity(),
+    )
     before = [type(m) for m in model]
     fxhalo.convert_to_domain_parallel(model, shard_dim=-2)
     assert [type(m) for m in model] == before
@@ -237,19 +258,22 @@ class MyConv(nn.Conv2d):
         return super().forward(x) * 2
 
 
-@pytest.mark.parametrize("module, path, words", [
-    (nn.Sequential(nn.Conv2d(2, 2, 3), nn.Sequential(nn.ReLU(), Odd())), "1.1 (Odd)", "does not know"),
-    (nn.Sequential(WithPosEmbedding()), "0 (WithPosEmbedding)", "parameters/buffers of its own (pos)"),
-    (nn.Sequential(nn.LayerNorm([8, 8])), "0 (LayerNorm)", "normalises over its last dims"),
-    (nn.Sequential(nn.ZeroPad2d((0, 0, 1, 1))), "0 (ZeroPad2d)", "pads the sharded dim"),
-    (nn.Sequential(nn.AdaptiveAvgPool2d(1)), "0 (AdaptiveAvgPool2d)", "to one row"),
-    (nn.Sequential(nn.Softmax(dim=1)), "0 (Softmax)", "depends on the input's rank"),
-    (nn.Sequential(nn.MultiheadAttention(4, 2)), "0 (MultiheadAttention)", "parameters/buffers of its own"),
-    (nn.Sequential(MyConv(2, 2, 3)), "0 (MyConv)", "parameters/buffers of its own (weight, bias)"),
-    (nn.Sequential(nn.LazyConv2d(2, 3)), "0 (LazyConv2d)", "lazy"),
-    (nn.Sequential(nn.SyncBatchNorm(2)), "0 (SyncBatchNorm)", "data-parallel"),
-    (nn.Sequential(nn.Conv1d(2, 2, 3)), "0 (Conv1d)", "channel dim"),
-])
+@pytest.mark.parametrize(
+    "module, path, words",
+    [
+        (nn.Sequential(nn.Conv2d(2, 2, 3), nn.Sequential(nn.ReLU(), Odd())), "1.1 (Odd)", "does not know"),
+        (nn.Sequential(WithPosEmbedding()), "0 (WithPosEmbedding)", "parameters/buffers of its own (pos)"),
+        (nn.Sequential(nn.LayerNorm([8, 8])), "0 (LayerNorm)", "normalises over its last dims"),
+        (nn.Sequential(nn.ZeroPad2d((0, 0, 1, 1))), "0 (ZeroPad2d)", "pads the sharded dim"),
+        (nn.Sequential(nn.AdaptiveAvgPool2d(1)), "0 (AdaptiveAvgPool2d)", "to one row"),
+        (nn.Sequential(nn.Softmax(dim=1)), "0 (Softmax)", "depends on the input's rank"),
+        (nn.Sequential(nn.MultiheadAttention(4, 2)), "0 (MultiheadAttention)", "parameters/buffers of its own"),
+        (nn.Sequential(MyConv(2, 2, 3)), "0 (MyConv)", "parameters/buffers of its own (weight, bias)"),
+        (nn.Sequential(nn.LazyConv2d(2, 3)), "0 (LazyConv2d)", "lazy"),
+        (nn.Sequential(nn.SyncBatchNorm(2)), "0 (SyncBatchNorm)", "data-parallel"),
+        (nn.Sequential(nn.Conv1d(2, 2, 3)), "0 (Conv1d)", "channel dim"),
+    ],
+)
 def test_refusals_name_the_path_and_leave_the_model_unchanged(module, path, words):
     before = [type(m) for m in module.modules()]
     with pytest.raises(fxhalo.FxHaloError) as info:
@@ -284,6 +308,7 @@ def test_allow_unconverted_accepts_types_and_still_converts_inside():
 
 # -- validate_sharding_constraints --------------------------------------------------------------
 
+
 class Windowed(nn.Module):
     def __init__(self, window_size):
         super().__init__()
@@ -292,8 +317,14 @@ class Windowed(nn.Module):
 
 
 def encoder(windows=(4, 4, 2)):
-    return nn.Sequential(Windowed(windows[0]), nn.Conv2d(4, 4, 3, stride=2, padding=1), Windowed(windows[1]),
-                         nn.MaxPool2d(2), Windowed(windows[2]), nn.ConvTranspose2d(4, 4, 2, 2))
+    return nn.Sequential(
+        Windowed(windows[0]),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        Windowed(windows[1]),
+        nn.MaxPool2d(2),
+        Windowed(windows[2]),
+        nn.ConvTranspose2d(4, 4, 2, 2),
+    )
 
 
 def test_validate_sharding_constraints_passes_when_everything_divides():
@@ -314,6 +345,7 @@ def test_validate_sharding_constraints_names_strides_and_windows():
 
 
 # -- DistributedDepthwiseConv1d / 2d ----------------------------------------------------------------
+
 
 def test_depthwise_shapes_and_parameters():
     m = fxhalo.DistributedDepthwiseConv1d(8, 5, num_groups=2, bias=True)
@@ -339,8 +371,10 @@ def test_depthwise_errors():
 
 def test_depthwise_init_bounds():
     torch.manual_seed(0)
-    for m, bound in ((fxhalo.DistributedDepthwiseConv1d(512, 9, bias=True), 1 / 3),
-                     (fxhalo.DistributedDepthwiseConv2d(512, (2, 8), bias=True), 1 / 4)):
+    for m, bound in (
+        (fxhalo.DistributedDepthwiseConv1d(512, 9, bias=True), 1 / 3),
+        (fxhalo.DistributedDepthwiseConv2d(512, (2, 8), bias=True), 1 / 4),
+    ):
         for p in (m.weight, m.bias):
             assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound
         assert math.isclose(bound, math.sqrt(1 / math.prod(m.weight.shape[1:])))

@@ -40,7 +40,7 @@ def simulate(partition, needs, edge):
         recv = []
         for q in range(size):
             off = sum(plans[q].send_splits[:r])
-            recv += send_bufs[q][off:off + plans[q].send_splits[r]]
+            recv += send_bufs[q][off : off + plans[q].send_splits[r]]
         assert len(recv) == p.rows_received == sum(p.recv_splits)
         slab = []
         for piece in p.pieces:
@@ -48,7 +48,7 @@ def simulate(partition, needs, edge):
                 part = [("fill", piece.value)] * piece.length
             else:
                 src = rows[r] if piece.kind == "local" else recv
-                part = src[piece.start:piece.start + piece.length]
+                part = src[piece.start : piece.start + piece.length]
             slab += part[::-1] if piece.reverse else part
         slabs.append(slab)
     return plans, slabs

@@ -21,16 +21,19 @@ RNG = random.Random(0)
 def _pool_axes(n_cases):
     for _ in range(n_cases):
         k = RNG.randint(1, 5)
-        yield PoolAxis(k, RNG.randint(1, 4), RNG.randint(0, k // 2), RNG.randint(1, 3), RNG.random() < 0.5), \
-            RNG.randint(1, 20)
+        yield (
+            PoolAxis(k, RNG.randint(1, 4), RNG.randint(0, k // 2), RNG.randint(1, 3), RNG.random() < 0.5),
+            RNG.randint(1, 20),
+        )
 
 
 @pytest.mark.timeout(60)
 def test_pool_output_length_matches_torch_with_ceil_mode():
     for axis, n in _pool_axes(400):
         try:
-            want = F.max_pool1d(torch.zeros(1, 1, n), axis.kernel, axis.stride, axis.padding, axis.dilation,
-                                axis.ceil_mode).shape[-1]
+            want = F.max_pool1d(
+                torch.zeros(1, 1, n), axis.kernel, axis.stride, axis.padding, axis.dilation, axis.ceil_mode
+            ).shape[-1]
         except RuntimeError:
             continue
         assert axis.out_length(n) == want, (axis, n)
@@ -59,8 +62,9 @@ def test_transposed_conv_length_and_contributing_rows():
         axis = TransposedAxis(k, s, RNG.randint(0, d * (k - 1) + 1), RNG.randint(0, max(s, d) - 1), d)
         n = RNG.randint(1, 12)
         try:
-            want = F.conv_transpose1d(torch.zeros(1, 1, n), torch.zeros(1, 1, k), None, s, axis.padding,
-                                      axis.output_padding, 1, d).shape[-1]
+            want = F.conv_transpose1d(
+                torch.zeros(1, 1, n), torch.zeros(1, 1, k), None, s, axis.padding, axis.output_padding, 1, d
+            ).shape[-1]
         except RuntimeError:
             continue
         m = axis.out_length(n)
@@ -82,8 +86,10 @@ def _resize_cases(n_cases):
         if RNG.random() < 0.5:
             how = dict(size=RNG.randint(1, 50))
         else:
-            how = dict(scale_factor=RNG.choice([0.5, 0.75, 1.5, 2.0, 2.5, 1 / 3, 4 / 3, 1.1, 3.0]),
-                       recompute_scale_factor=RNG.choice([None, True]))
+            how = dict(
+                scale_factor=RNG.choice([0.5, 0.75, 1.5, 2.0, 2.5, 1 / 3, 4 / 3, 1.1, 3.0]),
+                recompute_scale_factor=RNG.choice([None, True]),
+            )
             if int(n * how["scale_factor"]) < 1:
                 continue
         n_cases -= 1
