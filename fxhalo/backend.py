@@ -35,7 +35,7 @@ from .explain import log_rewrite
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.boundary import wrap_replicated_boundaries
-from .passes.fuse import fuse_norm_exchanges
+from .passes.fuse import fuse
 from .passes.meta import refresh_meta
 from .passes.sharding import local_input_lengths
 
@@ -128,8 +128,7 @@ def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> tor
     """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
     propagate_sharding(gm, ctx)
     rewrite(gm, ctx)
-    if ctx.fuse_exchanges:
-        fuse_norm_exchanges(gm, ctx)
+    fuse(gm, ctx)
     wrap_replicated_boundaries(gm, ctx)
     refresh_meta(gm, example_inputs)
     return gm

@@ -87,8 +87,9 @@ from .ops import grad as _grad_ops
 from .ops import reduce as _reduce_ops
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.boundary import wrap_replicated_boundaries
+from .passes.fuse import fuse
 from .passes.meta import refresh_meta
-from .passes.sharding import RULE
+from .rules import DECISION
 from .sharding import SHARDING, Sharded
 
 __all__ = ["Collective", "Row", "Explanation", "explain", "log_rewrite"]
@@ -546,12 +547,13 @@ def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, gra
     problems: list = []
     propagate_sharding(graph, ctx, problems=problems)
     for node, _ in problems:
-        node.meta.pop(RULE, None)
+        node.meta.pop(DECISION, None)
     refused = [
         _problem_row(index, node.name, _spelled(node), _where(node), err, _sharding_dim(node)) for node, err in problems
     ]
     try:
         rewrite(graph, ctx)
+        fuse(graph, ctx)
         wrap_replicated_boundaries(graph, ctx)
         refresh_meta(graph, example_inputs)
         rows = _rows(graph, index, grad, domain.size)

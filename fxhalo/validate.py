@@ -25,7 +25,8 @@ import torch.distributed as dist
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
 from .passes import PassContext, propagate_sharding
-from .rules.conv import PLAN as CONV_PLAN
+from .rules import decision_of
+from .rules.conv import ConvRule
 
 __all__ = ["Problem", "validate"]
 
@@ -76,9 +77,11 @@ def validate(
         for node, err in refused:
             problems.append(Problem("refused", describe_node(node), user_source(node), str(err)))
         for node in gm.graph.nodes:
-            decision = node.meta.get(CONV_PLAN)
-            window = getattr(decision, "window", None)
-            if window is not None and not decision.local and window.reach > window.shard:
+            decision = decision_of(node)
+            if decision is None or not isinstance(decision.rule, ConvRule) or not decision.rewrites:
+                continue
+            window = decision.plan
+            if window.reach > window.shard:
                 problems.append(
                     Problem(
                         "wide halo",

@@ -1,4 +1,30 @@
-"""Merge a norm's statistics with the next conv's halo exchange: one collective instead of two.
+"""Fusions: patterns of rewritten nodes that can share one exchange.
+
+Two patterns, both applied after the rewrite, when every kernel call is in place:
+
+* :func:`fold_pads`: ``F.pad`` along the sharded dim feeding exactly one conv
+  (how ``nn.Conv*d(padding_mode=...)`` reaches the graph).  The pad's rows become
+  the conv's halo edge, so one exchange fetches both.  Always on.
+* :func:`fuse_norm_exchanges`: a norm's statistics travel with the next conv's halo
+  rows.  On with ``fuse_exchanges`` (the default).
+
+Folding a pad
+-------------
+The pass looks for::
+
+    p = fxhalo.ops.shift.pad(x, spec, mode, value, length=N)        # one exchange
+    z = fxhalo.ops.conv.conv(p, w, ..., edge_mode='zeros', length=N + lo + hi)   # another
+
+and writes::
+
+    q = F.pad(x, spec without the sharded dim, mode, value)          # local, only if it pads other dims
+    z = fxhalo.ops.conv.conv(q, w, ..., edge_mode=mode, edge_extent=(lo, hi), length=N)
+
+The conv's output rows are the same either way (it owns its output rows by the
+partition rule); the pad's rows at the global edges come from the edge mode.
+
+Merging a norm's statistics with the next conv's halo exchange
+--------------------------------------------------------------
 
 A UNet block is ``conv -> GroupNorm -> activation -> conv``.  After the rewrite the
 GroupNorm sums its statistics over the ranks (one collective) and the second conv
@@ -40,13 +66,13 @@ from ..domain import Domain
 from ..halo import Edge
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
-from ..rules.conv import PLAN
+from ..ops import shift as shift_ops
+from ..rules import decision_of
 from ..rules.local import Elementwise
-from ..sharding import example_value, sharding_of
+from ..sharding import SHARDING, example_value, sharding_of
 from .context import PassContext
-from .sharding import RULE
 
-__all__ = ["HALO_ROWS", "fuse_norm_exchanges"]
+__all__ = ["HALO_ROWS", "fold_pads", "fuse", "fuse_norm_exchanges"]
 
 #: node.meta key on the received-rows nodes the pass adds: the dim along which they are rows
 #: (their length differs between ranks; the agreement check writes that dim as "halo")
@@ -70,7 +96,7 @@ def _norm_source(conv):
     while hasattr(node, "meta"):
         if node.op == "call_function" and node.target is norm_ops.group_norm:
             return node, chain[::-1]
-        if not isinstance(node.meta.get(RULE), Elementwise) or _is_random(node):
+        if not isinstance(getattr(decision_of(node), "rule", None), Elementwise) or _is_random(node):
             return None, None
         sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
         if len(sharded) != 1:
@@ -81,13 +107,60 @@ def _norm_source(conv):
 
 
 def _fusible(conv, norm) -> bool:
-    decision = conv.meta.get(PLAN)
-    if decision is None or decision.local or decision.fold is not None or decision.window is None:
+    decision = decision_of(conv)
+    if decision is None or decision.plan is None or _folded(conv):
         return False
-    if not decision.window.halo.collective or norm.kwargs.get("length") is None:
+    if not decision.plan.halo.collective or norm.kwargs.get("length") is None:
         return False
     val = example_value(norm)
     return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
+
+
+def _folded(conv) -> bool:
+    """Whether a pad was folded into ``conv``'s edge (such convs keep their own exchange)."""
+    return conv.kwargs.get("edge_mode", "zeros") != "zeros" or tuple(conv.kwargs.get("edge_extent", (0, 0))) != (0, 0)
+
+
+def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Every fusion of this module, in order; returns how many patterns were fused."""
+    fused = fold_pads(gm, ctx)
+    if ctx.fuse_exchanges:
+        fused += fuse_norm_exchanges(gm, ctx)
+    return fused
+
+
+def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Fold every sharded ``pad -> conv`` of ``gm`` into the conv's halo; returns how many."""
+    graph = gm.graph
+    folded = 0
+    for conv in list(graph.nodes):
+        if conv.op != "call_function" or conv.target is not conv_ops.conv or _folded(conv):
+            continue
+        pad = conv.args[0]
+        if getattr(pad, "target", None) is not shift_ops.pad or len(pad.users) != 1:
+            continue
+        x, spec, mode, value = (list(pad.args) + ["constant", None])[:4]
+        s = sharding_of(x)
+        (lo, hi), rest = shift_ops.pad_entries(spec, example_value(x).ndim, s.dim)
+        if lo < 0 or hi < 0:
+            continue  # a crop: the pad kernel's own business
+        if any(rest):
+            # Pad the other dims first, locally, so that halo rows arrive already padded.
+            with graph.inserting_before(conv):
+                fill = float(value or 0.0) if mode == "constant" else None
+                x_padded = graph.call_function(torch._C._nn.pad, (x, tuple(rest), mode, fill))
+            x_padded.meta.update({k: v for k, v in pad.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            x_padded.meta[SHARDING] = s
+            x = x_padded
+        edge = dict(edge_mode=mode, edge_value=float(value or 0.0), edge_extent=(lo, hi), length=pad.kwargs["length"])
+        conv.args = (x, *conv.args[1:])
+        conv.kwargs = dict(conv.kwargs, **edge)
+        graph.erase_node(pad)
+        folded += 1
+    if folded:
+        graph.lint()
+        gm.recompile()
+    return folded
 
 
 def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:

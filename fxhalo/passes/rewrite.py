@@ -1,4 +1,4 @@
-"""The rewrite: each rule replaces its nodes with calls to the shared kernels in :mod:`fxhalo.ops`.
+"""The rewrite: every node whose decision carries a kernel call is replaced by that call.
 
 Before::
 
@@ -8,6 +8,9 @@ After::
 
     conv2d = fxhalo.ops.conv.conv(x, w, b, (1, 1), (1, 1), (1, 1), 1,
                                   shard_dim=2, group_name='0', edge_mode='zeros', ...)
+
+The call is built from the node's arguments at this point (``Decision.call``), so an
+op right after a rewritten node reads the new node.
 """
 
 from __future__ import annotations
@@ -15,25 +18,24 @@ from __future__ import annotations
 import torch
 
 from ..errors import FxHaloError, describe_node
+from ..rules import decision_of, replace_node
 from .context import PassContext
-from .sharding import RULE
 
 
 def rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Apply every rule's rewrite; returns the number of nodes replaced."""
+    """Replace every node whose decision rewrites it; returns the number of nodes replaced."""
     changed = 0
     for node in list(gm.graph.nodes):
-        if getattr(node, "_erased", False):
-            continue
-        rule = node.meta.get(RULE)  # the rule propagation used: the op's own, or the fallback
-        if rule is None:
+        decision = decision_of(node)
+        if decision is None or not decision.rewrites:
             continue
         try:
-            changed += bool(rule.rewrite(node, ctx))
+            replace_node(node, decision.call(node), ctx, decision.layout)
         except FxHaloError:
             raise
         except Exception as e:  # a bug in a rule: say which node it was working on
             raise FxHaloError(f"fxhalo failed while rewriting {describe_node(node)}: {e}") from e
+        changed += 1
     if changed:
         gm.graph.lint()
         gm.recompile()

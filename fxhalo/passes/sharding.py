@@ -9,18 +9,17 @@ refused: fxhalo never guesses that an unknown op is local.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
 from .. import rules
 from ..errors import FxHaloError
+from ..rules import DECISION, Decision
 from ..rules.fallback import GATHER_FALLBACK
 from ..sharding import SHARDING, Sharded, example_value, sharding_of
 from .context import PassContext
-
-#: the rule that decided each node; the rewrite applies the same one
-RULE = "fxhalo_rule"
 
 _STATE_MARKERS = ("._parameters[", "._buffers[")
 # Dynamo's name for a value the graph-breaking call left on the stack: its eager result.
@@ -94,26 +93,34 @@ def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str,
 
 
 def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:
-    """Annotate ``node.meta[SHARDING]`` on every node; returns how many values are sharded.
+    """Decide every node: ``node.meta[DECISION]`` (its rule's :class:`~fxhalo.rules.Decision`) and
+    ``node.meta[SHARDING]`` (its layout); returns how many values are sharded.
 
     With a ``problems`` list, a refused node's FxHaloError is appended to it instead
-    of raised, and propagation goes on with a best guess for that node's layout, so
-    that one pass reports every problem (``fxhalo.validate``).
+    of raised, and propagation goes on with a best guess for that node's layout (and
+    no decision, so the rewrite leaves it alone), so that one pass reports every
+    problem (``fxhalo.validate``).
     """
     count = 0
     for node in gm.graph.nodes:
+        node.meta.pop(DECISION, None)
         if node.op == "placeholder":
             s = input_sharding(node, ctx)
         elif node.op in ("get_attr", "output"):
             s = None
-        elif problems is None:
-            s = _propagate_call(node, ctx)
         else:
             try:
-                s = _propagate_call(node, ctx)
+                decision = _decide(node, ctx)
             except FxHaloError as e:
+                if problems is None:
+                    raise
                 problems.append((node, e))
+                decision = None
+            if decision is None:
                 s = _best_guess(node)
+            else:
+                node.meta[DECISION] = decision
+                s = decision.out
         node.meta[SHARDING] = s
         count += s is not None
     return count
@@ -129,7 +136,7 @@ def _best_guess(node):
     return None
 
 
-def _propagate_call(node, ctx: PassContext):
+def _decide(node, ctx: PassContext) -> Decision:
     rule = rules.lookup(node)
     sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
     try:
@@ -143,11 +150,9 @@ def _propagate_call(node, ctx: PassContext):
                     "the compiled region on fxhalo.gather()ed tensors, or mark the input replicated with "
                     "options={'input_shard_dims': {name: None}} if it really is",
                 )
-            return None
-        node.meta[RULE] = rule
-        return rule.propagate(node, ctx)
+            return Decision()
+        return dataclasses.replace(rule(node, ctx), rule=rule)
     except FxHaloError:
         if ctx.fallback != "gather" or not sharded or node.op not in ("call_function", "call_method"):
             raise
-    node.meta[RULE] = GATHER_FALLBACK
-    return GATHER_FALLBACK.propagate(node, ctx)
+    return dataclasses.replace(GATHER_FALLBACK(node, ctx), rule=GATHER_FALLBACK)

@@ -1,38 +1,60 @@
-"""The registry: graph target -> rule.
+"""The rule contract and the registry: graph target -> rule.
 
-A rule answers two questions about a node whose inputs' shardings are known:
+A **rule** is a callable ``rule(node, ctx) -> Decision`` for a node whose inputs'
+layouts are known (``node.meta[SHARDING]`` of each input).  It looks at the node and
+returns one :class:`Decision`:
 
-* ``propagate(node, ctx)``: how is the output laid out (a :class:`~fxhalo.sharding.Sharded`
-  or ``None``)?  It raises :class:`~fxhalo.errors.FxHaloError` when the op cannot be
-  made domain-parallel.  It must not change the graph.
-* ``rewrite(node, ctx)``: replace the node with its domain-parallel form; return
-  whether anything changed.  Rules for ops that are local return ``False``.
+* ``out``: how the node's value is laid out (a :class:`~fxhalo.sharding.Sharded`,
+  ``None`` for replicated, or a tuple of these for a tuple-valued node);
+* ``call``: when the node must change, a function that builds its replacement, a
+  :class:`KernelCall`, from the node's *current* arguments.  The rewrite pass calls
+  it, after earlier rewrites may have replaced the node's input nodes, so a rule
+  never holds on to node references from propagation time.  ``None``: the node is
+  proven local and stays as it is;
+* ``layout``: the layout of the sharded input the kernel works on; the rewrite
+  passes it to the kernel as ``shard_dim=``, ``group_name=`` and ``length=``;
+* ``plan``: what the rule planned (a conv's window plan), for fusions and reports.
+
+A rule refuses a node by raising :class:`~fxhalo.errors.FxHaloError` (through
+``ctx.refuse``).  It never changes the graph.  The propagation pass stores the
+decision under ``node.meta[DECISION]``; :func:`replace_node` is the one function
+that swaps a node for a kernel call.
 
 Targets without a rule are refused whenever they read a sharded value (see
-:mod:`fxhalo.passes.sharding`).  Adding an op means adding a rule module here and
-its test; nothing else changes.
+:mod:`fxhalo.passes.sharding`).  Each module of this package is an op family that
+registers its rules when imported; :func:`all_rules` imports every module here, so a
+new family is a new file and nothing else.  A target registered twice is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
+
 __all__ = [
-    "Rule",
-    "PlannedRule",
+    "DECISION",
+    "Decision",
     "KernelCall",
-    "KERNEL_INPUT",
-    "replace_with_kernel",
-    "bind",
-    "register",
-    "lookup",
+    "LayoutRule",
+    "Rule",
     "all_rules",
+    "bind",
+    "decision_of",
+    "lookup",
+    "register",
+    "register_op",
+    "replace_node",
+    "spellings",
 ]
 
-#: node.meta key: the layout of the input of a node that becomes a kernel call (absent or None: left as is)
-KERNEL_INPUT = "fxhalo_kernel_input"
+#: node.meta key: the :class:`Decision` the propagation pass took for the node
+DECISION = "fxhalo_decision"
 
 
 def bind(sig: inspect.Signature, node) -> dict:
@@ -47,72 +69,127 @@ def bind(sig: inspect.Signature, node) -> dict:
     return dict(bound.arguments)
 
 
-class Rule:
-    """Base class; subclasses override :meth:`propagate` and, when needed, :meth:`rewrite`."""
-
-    #: a short name for reports ("local", "conv", ...)
-    name = "rule"
-
-    def propagate(self, node, ctx):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def rewrite(self, node, ctx) -> bool:
-        return False
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelCall:
-    """The call that replaces a node: ``kernel(*args, **kwargs, shard_dim=, group_name=, length=)``."""
+    """The call that replaces a node: ``kernel(*args, **kwargs)``, plus the domain keywords of its layout."""
 
     kernel: Callable
     args: tuple
     kwargs: dict = dataclasses.field(default_factory=dict)
 
 
-def replace_with_kernel(node, call: KernelCall, ctx, s) -> None:
-    """Replace ``node`` by ``call``, told where its input ``s`` is sharded and its global length."""
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What a rule decided for one node (see the module docstring)."""
+
+    out: object = None
+    call: Callable[[torch.fx.Node], KernelCall] | None = None
+    layout: object = None
+    plan: object = None
+    #: the rule that decided (filled in by the propagation pass)
+    rule: object = None
+
+    @property
+    def rewrites(self) -> bool:
+        return self.call is not None
+
+
+def decision_of(node) -> Decision | None:
+    """The decision recorded for ``node`` (``None`` for inputs, outputs and refused nodes)."""
+    meta = getattr(node, "meta", None)
+    return meta.get(DECISION) if meta is not None else None
+
+
+class Rule:
+    """Base class of the rule objects: subclasses implement :meth:`decide`; calling a rule decides."""
+
+    #: a short name for reports ("local", "conv", ...)
+    name = "rule"
+
+    def decide(self, node, ctx) -> Decision:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, node, ctx) -> Decision:
+        return self.decide(node, ctx)
+
+
+class LayoutRule(Rule):
+    """A rule for ops that never change the graph: subclasses give the output layout only."""
+
+    def layout(self, node, ctx):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decide(self, node, ctx) -> Decision:
+        return Decision(self.layout(node, ctx))
+
+
+def replace_node(node, call: KernelCall, ctx, layout=None):
+    """Replace ``node`` by ``call``; with a ``layout``, tell the kernel where its input is sharded.
+
+    The new node takes over the old one's meta (its layout, decision, source line)
+    and every use; the old node is erased.  Returns the new node.
+    """
     graph = node.graph
-    kwargs = dict(call.kwargs, shard_dim=s.dim, group_name=ctx.domain.group_name, length=s.length)
+    kwargs = dict(call.kwargs)
+    if layout is not None:
+        kwargs.update(shard_dim=layout.dim, group_name=ctx.domain.group_name, length=layout.length)
     with graph.inserting_before(node):
-        new = graph.call_function(call.kernel, call.args, kwargs)
+        new = graph.call_function(call.kernel, tuple(call.args), kwargs)
     new.meta.update(node.meta)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
-
-
-class PlannedRule(Rule):
-    """A rule that decides in ``propagate``: ``node.meta[KERNEL_INPUT]`` is the input's layout when
-    the node becomes a kernel call, else ``None``.
-
-    The call itself is built from the node's arguments when the rewrite runs
-    (:meth:`kernel_call`): an earlier rewrite may have replaced an input node, and
-    only the node's own arguments are updated when that happens.
-    """
-
-    def kernel_call(self, node) -> KernelCall:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def rewrite(self, node, ctx) -> bool:
-        s = node.meta.get(KERNEL_INPUT)
-        if s is None:
-            return False
-        replace_with_kernel(node, self.kernel_call(node), ctx, s)
-        return True
+    return new
 
 
 _RULES: dict[tuple[str, object], Rule] = {}
 
 
-def register(rule: Rule, *targets, op: str = "call_function") -> Rule:
-    """Register ``rule`` for each of ``targets`` (functions, or method names with ``op='call_method'``)."""
+def register(rule, *targets, op: str = "call_function"):
+    """Register ``rule`` for each of ``targets`` (functions, or method names with ``op='call_method'``).
+
+    ``None`` targets (a spelling absent from this torch build) are skipped.  Registering
+    a target that already has a rule raises: one rule per target, whatever the import order.
+    """
     for target in targets:
         if target is None:
-            continue  # an optional spelling absent from this torch build
-        _RULES[(op, target)] = rule
+            continue
+        key = (op, target)
+        if key in _RULES and _RULES[key] is not rule:
+            raise RuntimeError(f"fxhalo: two rules for {op} {getattr(target, '__name__', target)!r}")
+        _RULES[key] = rule
     return rule
 
 
-def lookup(node) -> Rule | None:
+#: where Dynamo finds the functions of an op called by name
+_NAMESPACES = (torch, F, torch._C._nn, torch.special)
+
+
+def spellings(name: str, *, inplace: bool = False) -> list[tuple[str, object]]:
+    """Every ``(op, target)`` a Dynamo graph may hold for the op ``name``.
+
+    ``torch.X``, ``F.X``, ``torch._C._nn.X`` and ``torch.special.X`` when they exist, and
+    the method ``Tensor.X``; with ``inplace``, the same for ``X_``.
+    """
+    found: list[tuple[str, object]] = []
+    for spelled in (name, name + "_") if inplace else (name,):
+        for ns in _NAMESPACES:
+            fn = getattr(ns, spelled, None)
+            if callable(fn) and ("call_function", fn) not in found:
+                found.append(("call_function", fn))
+        if hasattr(torch.Tensor, spelled):
+            found.append(("call_method", spelled))
+    return found
+
+
+def register_op(rule, *names: str, inplace: bool = False):
+    """Register ``rule`` under every spelling (:func:`spellings`) of each op in ``names``."""
+    for name in names:
+        for op, target in spellings(name, inplace=inplace):
+            register(rule, target, op=op)
+    return rule
+
+
+def lookup(node):
     try:
         return _RULES.get((node.op, node.target))
     except TypeError:  # unhashable target
@@ -125,8 +202,9 @@ def all_rules() -> dict[tuple[str, object], Rule]:
 
 
 def _load() -> None:
-    """Import the rule families (each registers itself)."""
-    from . import conv, conv_transpose, interpolate, local, loss, norm, pool, reduce, resample, shape, shift  # noqa: F401
+    """Import every op family in this package; each registers its own rules."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
 
 
 _load()

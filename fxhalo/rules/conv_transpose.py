@@ -17,7 +17,7 @@ from ..ops import conv_transpose as ct_ops
 from ..ops.rows import ints, spatial_axis
 from ..sharding import example_value
 from . import register
-from .resample import Decision, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
+from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
 
 def _conv_transpose_signature(
@@ -30,7 +30,7 @@ class ConvTransposeRule(ResampleRule):
     signature = inspect.signature(_conv_transpose_signature)
     replicated = ("weight", "bias")
 
-    def decide(self, node, ctx, args, s):
+    def plan(self, node, ctx, args, s):
         static_or_refuse(
             node,
             ctx,
@@ -50,7 +50,7 @@ class ConvTransposeRule(ResampleRule):
                     f"mixes the channels of a tensor sharded along dim {s.dim}",
                     "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim",
                 )
-            return Decision(s)  # sharded over the batch: each sample is local
+            return Resampled(s)  # sharded over the batch: each sample is local
         require_contiguous(node, ctx, s)
         k = w_shape[2:]
         st, p = ints(args["stride"], nd), ints(args["padding"], nd)
@@ -63,9 +63,9 @@ class ConvTransposeRule(ResampleRule):
         )
         out = resized(s, plan.m, ctx)
         if plan.local:
-            return Decision(out)
+            return Resampled(out)
         call = tuple(args[name] for name in self.signature.parameters)
-        return Decision(out, ct_ops.conv_transpose, call)
+        return Resampled(out, ct_ops.conv_transpose, call)
 
 
 register(ConvTransposeRule(), torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d)

@@ -17,15 +17,13 @@ from torch.utils import _pytree as pytree
 from ..errors import describe_node
 from ..ops.fallback import make_gather_fallback
 from ..sharding import Sharded, example_value, sharding_of
-from . import Rule
-
-PLAN = "fxhalo_fallback"
+from . import Decision, KernelCall, Rule
 
 
 class GatherFallback(Rule):
     name = "gather fallback"
 
-    def propagate(self, node, ctx):
+    def decide(self, node, ctx) -> Decision:
         leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
         gathers, fakes, received = {}, [], 0
         fake_mode = None
@@ -68,32 +66,21 @@ class GatherFallback(Rule):
             keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.length
             out_dims.append(first.dim if keep else None)
             shardings.append(first if keep else None)
-        node.meta[PLAN] = (gathers, tuple(out_dims))
         warnings.warn(
             f"fxhalo: {describe_node(node)} has no domain-parallel rule and runs on the all-gathered "
             f"tensor (fallback='gather'): each rank receives {received} bytes per call",
             stacklevel=2,
         )
-        result = pytree.tree_unflatten(shardings, out_spec)
-        return result
-
-    def rewrite(self, node, ctx) -> bool:
-        gathers, out_dims = node.meta[PLAN]
         fn = make_gather_fallback(
             node.target,
             node.op == "call_method",
             gathers,
-            out_dims,
+            tuple(out_dims),
             group_name=ctx.domain.group_name,
             rank=ctx.domain.rank,
             size=ctx.domain.size,
         )
-        with node.graph.inserting_before(node):
-            new = node.graph.call_function(fn, node.args, node.kwargs)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        node.graph.erase_node(node)
-        return True
+        return Decision(pytree.tree_unflatten(shardings, out_spec), lambda n: KernelCall(fn, n.args, n.kwargs))
 
 
 GATHER_FALLBACK = GatherFallback()

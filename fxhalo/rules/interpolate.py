@@ -25,7 +25,7 @@ from ..ops import pool as pool_ops
 from ..ops.rows import spatial_axis
 from ..sharding import example_value
 from . import register
-from .resample import Decision, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
+from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
 _AREA_KERNELS = {1: pool_ops.adaptive_avg_pool1d, 2: pool_ops.adaptive_avg_pool2d, 3: pool_ops.adaptive_avg_pool3d}
 
@@ -64,14 +64,14 @@ class InterpolateRule(ResampleRule):
         full.update(self._fixed)
         return full
 
-    def decide(self, node, ctx, args, s):
+    def plan(self, node, ctx, args, s):
         a = self._canonical(args)
         static_or_refuse(node, ctx, size=a["size"], scale_factor=a["scale_factor"])
         ndim = example_value(a["input"]).ndim
         nd = ndim - 2
         axis = spatial_axis(ndim, nd, s.dim)
         if axis is None:  # batch or channel sharded: every plane is resized on its own rank
-            return Decision(s)
+            return Resampled(s)
         require_contiguous(node, ctx, s)
         if a["mode"] == "area":
             return self._area(ctx, a, s, nd, axis)
@@ -102,9 +102,9 @@ class InterpolateRule(ResampleRule):
             and a["size"] is None
             and interp_ops.axis_resize(s.local, None, a["scale_factor"], None, axis, nd).n_out == out.local
         ):
-            return Decision(out)  # the node's own scale factor gives each rank its rows
+            return Resampled(out)  # the node's own scale factor gives each rank its rows
         call = tuple(a[name] for name in _FULL.parameters)
-        return Decision(out, interp_ops.interpolate, call)
+        return Resampled(out, interp_ops.interpolate, call)
 
     def _area(self, ctx, a, s, nd, axis):
         """``mode='area'`` is adaptive average pooling to the (recomputed) output size."""
@@ -116,7 +116,7 @@ class InterpolateRule(ResampleRule):
         pool_ops.plan_adaptive(
             domain_for(ctx, s), s.length, sizes[axis], f"adaptive_avg_pool{nd}d (output size {sizes})"
         )
-        return Decision(resized(s, sizes[axis], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
+        return Resampled(resized(s, sizes[axis], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
 
 
 register(InterpolateRule(_interpolate_signature), F.interpolate)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 
 from ..sharding import example_value, is_tensor_node, sharding_of
-from . import Rule, register
+from . import Decision, LayoutRule, Rule, register, register_op
 
 _ELEMENTWISE_NAMES = (
     "add sub mul div true_divide floor_divide remainder pow neg abs exp expm1 log log1p log2 "
@@ -48,12 +47,12 @@ _METHODS = (
 _FIRST_ARG_ONLY = {"to", "type", "type_as"}
 
 
-class Elementwise(Rule):
+class Elementwise(LayoutRule):
     """Output sharded like the (broadcast) inputs."""
 
     name = "local"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         out = example_value(node)
         inputs = [a for a in node.all_input_nodes if is_tensor_node(a)]
         if node.op == "call_method" and node.target in _FIRST_ARG_ONLY:
@@ -99,11 +98,11 @@ class ChannelOnly(Rule):
     def __init__(self, dim_of):
         self._dim_of = dim_of  # (node) -> the dim the op mixes, non-negative
 
-    def propagate(self, node, ctx):
+    def decide(self, node, ctx) -> Decision:
         src = node.all_input_nodes[0]
         s = sharding_of(src)
         if s is None:
-            return None
+            return Decision()
         for a in node.all_input_nodes[1:]:
             if sharding_of(a) is not None:
                 ctx.refuse(node, f"takes sharded tensor '{a.name}' as a parameter", "pass replicated parameters")
@@ -115,7 +114,7 @@ class ChannelOnly(Rule):
                 "apply it along another dim, or gather the tensor first",
             )
         out = example_value(node)
-        return s.moved(s.dim + out.ndim - example_value(src).ndim)
+        return Decision(s.moved(s.dim + out.ndim - example_value(src).ndim))
 
 
 def _last_dim(node) -> int:
@@ -125,20 +124,8 @@ def _last_dim(node) -> int:
 ELEMENTWISE = Elementwise()
 
 
-def _spellings(name):
-    """Every callable a graph may hold for an elementwise op or activation called ``name``."""
-    found = []
-    for ns in (torch, F, torch._C._nn, torch.special):
-        fn = getattr(ns, name, None)
-        if callable(fn) and fn not in found:
-            found.append(fn)
-    return found
-
-
-for _name in _ELEMENTWISE_NAMES + _ACTIVATIONS:
-    register(ELEMENTWISE, *_spellings(_name))
-    register(ELEMENTWISE, *_spellings(_name + "_"))
+register_op(ELEMENTWISE, *_ELEMENTWISE_NAMES, *_ACTIVATIONS, inplace=True)
 register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
 register(ELEMENTWISE, *_METHODS, "type_as", op="call_method")
 
-register(ChannelOnly(_last_dim), F.linear, torch._C._nn.linear)
+register_op(ChannelOnly(_last_dim), "linear")

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 
 from ..ops import reduce as ops
 from ..sharding import Sharded, example_value, sharding_of
-from . import bind, register
-from .reduce import PLAN, KernelCall, PlannedRule
+from . import Decision, KernelCall, Rule, bind, register
 
 
 def _class_dim(x) -> int:
@@ -47,7 +46,7 @@ def _per_pixel(s: Sharded, x) -> Sharded:
     return dataclasses.replace(s, dim=s.dim - 1 if s.dim > _class_dim(x) else s.dim)
 
 
-class Loss(PlannedRule):
+class Loss(Rule):
     name = "loss"
 
     def __init__(self, fn, kernel, classes: bool):
@@ -55,13 +54,12 @@ class Loss(PlannedRule):
         self._kernel = kernel
         self._classes = classes
 
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
+    def decide(self, node, ctx) -> Decision:
         a = bind(self._sig, node)
         x, t, w = a["input"], a["target"], a.get("weight")
         sx, st, sw = sharding_of(x), sharding_of(t), sharding_of(w)
         if sx is None and st is None and sw is None:
-            return None
+            return Decision()
         if sx is None:
             ctx.refuse(
                 node, "compares a replicated input with a sharded target", "shard both (or neither) of input and target"
@@ -69,9 +67,8 @@ class Loss(PlannedRule):
         pointwise = self._check(node, a, sx, st, sw, ctx)
         reduction = ops.legacy_reduction(a.get("size_average"), a.get("reduce"), a["reduction"])
         if reduction == "none":
-            return pointwise
-        node.meta[PLAN] = sx
-        return None
+            return Decision(pointwise)
+        return Decision(None, self.kernel_call, sx)  # one sum over the ranks; the loss is replicated
 
     def kernel_call(self, node) -> KernelCall:
         return KernelCall(self._kernel, tuple(bind(self._sig, node).values()), {})

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 
 from ..ops import norm as ops
 from ..sharding import Sharded, example_value, sharding_of
-from . import bind, register
-from .reduce import PLAN, KernelCall, PlannedRule
+from . import Decision, KernelCall, Rule, bind, register
 
 _PARAMS = ("weight", "bias", "running_mean", "running_var")
 
@@ -56,7 +55,7 @@ def _layer_norm_dims(a, ndim):
     return tuple(range(ndim - len(a["normalized_shape"]), ndim))
 
 
-class Norm(PlannedRule):
+class Norm(Rule):
     name = "norm"
 
     def __init__(self, fn, kernel, stats_dims, flag: str | None = None):
@@ -65,15 +64,14 @@ class Norm(PlannedRule):
         self._stats_dims = stats_dims  # (bound args, ndim) -> the dims the statistics span
         self._flag = flag  # the argument that switches input statistics on, if any
 
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
+    def decide(self, node, ctx) -> Decision:
         a = bind(self._sig, node)
         s = sharding_of(a["input"])
         params = {p: a[p] for p in _PARAMS if a.get(p) is not None}
         if s is None:
             if any(sharding_of(v) is not None for v in params.values()):
                 ctx.refuse(node, "normalises a replicated tensor with sharded parameters", "pass replicated parameters")
-            return None
+            return Decision()
         if self._flag is not None and not isinstance(a[self._flag], bool):
             ctx.refuse(node, f"takes a non-constant '{self._flag}'", f"pass {self._flag} as a Python bool")
         ndim = example_value(a["input"]).ndim
@@ -86,9 +84,7 @@ class Norm(PlannedRule):
                 "shard a spatial dim (e.g. shard_dim=2) instead",
             )
         self._check_params(node, params, s, ndim, crosses, ctx)
-        if crosses:
-            node.meta[PLAN] = s
-        return s
+        return Decision(s, self.kernel_call if crosses else None, s)
 
     def kernel_call(self, node) -> KernelCall:
         return KernelCall(self._kernel, tuple(bind(self._sig, node).values()), {})

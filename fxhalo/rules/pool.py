@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import pool as pool_ops
+from ..ops import reduce as reduce_ops
 from ..ops.rows import ints, spatial_axis
-from ..sharding import Sharded, example_value
-from . import register
-from .resample import Decision, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
+from ..sharding import Sharded, example_value, sharding_of
+from . import Decision, KernelCall, bind, register
+from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
 
 def _max_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False): ...
@@ -67,7 +68,7 @@ class MaxPoolRule(ResampleRule):
         self.nd = nd
         self.indices = indices  # None: as the node's return_indices says
 
-    def decide(self, node, ctx, args, s):
+    def plan(self, node, ctx, args, s):
         nd = self.nd
         ret = bool(args["return_indices"]) if self.indices is None else self.indices
         items = 2 if ret else 0
@@ -81,7 +82,7 @@ class MaxPoolRule(ResampleRule):
         )
         axis = _sharded_axis(node, ctx, args, nd, s)
         if axis is None:  # batch or channel sharded; indices count within each plane, so they hold
-            return Decision(s, items=items)
+            return Resampled(s, items=items)
         stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
         k, st = ints(args["kernel_size"], nd), ints(stride, nd)
         p, d = ints(args["padding"], nd), ints(args["dilation"], nd)
@@ -95,7 +96,7 @@ class MaxPoolRule(ResampleRule):
         )
         out = resized(s, plan.m, ctx)
         if plan.local and not ret:
-            return Decision(out)
+            return Resampled(out)
         call = (
             args["input"],
             args["kernel_size"],
@@ -105,7 +106,7 @@ class MaxPoolRule(ResampleRule):
             args["ceil_mode"],
             ret,
         )
-        return Decision(out, _MAX_KERNELS[nd], call, items)
+        return Resampled(out, _MAX_KERNELS[nd], call, items)
 
 
 class AvgPoolRule(ResampleRule):
@@ -115,12 +116,12 @@ class AvgPoolRule(ResampleRule):
     def __init__(self, nd: int):
         self.nd = nd
 
-    def decide(self, node, ctx, args, s):
+    def plan(self, node, ctx, args, s):
         nd = self.nd
         static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"], padding=args["padding"])
         axis = _sharded_axis(node, ctx, args, nd, s)
         if axis is None:
-            return Decision(s)
+            return Resampled(s)
         stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
         k, st, p = ints(args["kernel_size"], nd), ints(stride, nd), ints(args["padding"], nd)
         plan = pool_ops.plan_pool(
@@ -133,7 +134,7 @@ class AvgPoolRule(ResampleRule):
         )
         out = resized(s, plan.m, ctx)
         if plan.local:
-            return Decision(out)
+            return Resampled(out)
         call = (
             args["input"],
             args["kernel_size"],
@@ -142,24 +143,55 @@ class AvgPoolRule(ResampleRule):
             args["ceil_mode"],
             args["count_include_pad"],
         ) + (() if nd == 1 else (args["divisor_override"],))
-        return Decision(out, _AVG_KERNELS[nd], call)
+        return Resampled(out, _AVG_KERNELS[nd], call)
 
 
 class AdaptivePoolRule(ResampleRule):
+    """Adaptive pooling: a window along the sharded dim, or, to output size 1 there, a reduction.
+
+    Pooling to one row along the sharded dim (value-only spellings) is a reduction over
+    the ranks: one collective (:func:`fxhalo.ops.reduce.adaptive_avg_pool` /
+    ``adaptive_max_pool``), replicated output.  Every other case is windowed.
+    """
+
     name = "pool"
     signature = inspect.signature(_adaptive_signature)
 
     def __init__(self, nd: int, kind: str, indices: bool | None):
         self.nd, self.kind, self.indices = nd, kind, indices
 
-    def decide(self, node, ctx, args, s):
+    def decide(self, node, ctx) -> Decision:
+        a = bind(self.signature, node)
+        s = sharding_of(a["input"])
+        if s is None or self.indices or not self._to_one(a, s):
+            return super().decide(node, ctx)
+        if self.kind == "max" and not s.contiguous:
+            ctx.refuse(
+                node,
+                f"max-pools a dim whose shards are interleaved with another dim ({s})",
+                "pool before the reshape that merged the sharded dim under another dim",
+            )
+        return Decision(None, self._to_one_call, s)
+
+    def _to_one(self, a, s: Sharded) -> bool:
+        axis = s.dim - (example_value(a["input"]).ndim - self.nd)
+        sizes = a["output_size"]
+        sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,) * self.nd
+        return axis >= 0 and isinstance(sizes[axis], int) and sizes[axis] == 1 and not a["return_indices"]
+
+    def _to_one_call(self, node) -> KernelCall:
+        a = bind(self.signature, node)
+        kernel = reduce_ops.adaptive_max_pool if self.kind == "max" else reduce_ops.adaptive_avg_pool
+        return KernelCall(kernel, (a["input"], a["output_size"]), {"nd": self.nd})
+
+    def plan(self, node, ctx, args, s):
         nd, kind = self.nd, self.kind
         ret = kind == "max" and (bool(args["return_indices"]) if self.indices is None else self.indices)
         items = 2 if ret else 0
         static_or_refuse(node, ctx, output_size=args["output_size"])
         axis = _sharded_axis(node, ctx, args, nd, s)
         if axis is None:
-            return Decision(s, items=items)
+            return Resampled(s, items=items)
         size = args["output_size"]
         sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
         m = s.length if sizes[axis] is None else int(sizes[axis])
@@ -168,9 +200,9 @@ class AdaptivePoolRule(ResampleRule):
         )
         out = resized(s, m, ctx)
         if plan.halo is None and sizes[axis] is None and not ret:
-            return Decision(out)  # keeps the (local) size along the sharded dim: local as it is
+            return Resampled(out)  # keeps the (local) size along the sharded dim: local as it is
         call = (args["input"], size) + ((ret,) if kind == "max" else ())
-        return Decision(out, _ADAPTIVE_KERNELS[kind][nd], call, items)
+        return Resampled(out, _ADAPTIVE_KERNELS[kind][nd], call, items)
 
 
 for _nd in (1, 2, 3):
@@ -187,9 +219,6 @@ for _nd in (1, 2, 3):
         getattr(torch, f"avg_pool{_nd}d", None),
         getattr(torch._C._nn, f"avg_pool{_nd}d", None),
     )
-    # Pooling to one row along the sharded dim is a reduction over the ranks, not a window:
-    # fxhalo.rules.reduce registers a rule in front of these for the value-only spellings,
-    # which hands every other case back to AdaptivePoolRule.
     register(
         AdaptivePoolRule(_nd, "avg", None),
         getattr(F, f"adaptive_avg_pool{_nd}d"),

@@ -1,10 +1,10 @@
-"""Reductions, adaptive pooling to one row, and softmax: local, or one collective over the sharded dim.
+"""Reductions and softmax: local, or one collective over the sharded dim.
 
 A reduction whose dims leave out the sharded dim is local.  Its output is sharded
 too, along the same dim moved left by the reduced dims before it (unless
 ``keepdim``).  A reduction over the sharded dim (or over everything) becomes a call
 to a kernel in :mod:`fxhalo.ops.reduce` with one collective, and its result is
-replicated (``propagate`` returns ``None``).
+replicated (its decision's layout is ``None``).
 
 Before::
 
@@ -17,13 +17,9 @@ After::
 Spellings, as Dynamo records them: ``x.sum(...)`` is ``call_method 'sum'`` and
 ``torch.sum(x, ...)`` is ``call_function torch.sum``; the same holds for ``mean``,
 ``amax``, ``amin``, ``var``, ``std``, ``max``, ``min``, ``softmax`` and
-``log_softmax``.  ``F.softmax``, ``F.log_softmax``, ``F.adaptive_avg_pool2d/3d``
-and ``F.adaptive_max_pool1d/2d/3d`` arrive as the Python functions themselves;
-``F.adaptive_avg_pool1d`` is the builtin ``torch.adaptive_avg_pool1d``.
-
-Adaptive pooling to output size 1 along the sharded dim is a reduction over the
-ranks; its rule sits in front of the windowed pooling rule of
-:mod:`fxhalo.rules.pool` and hands it every other case.
+``log_softmax``.  ``F.softmax`` and ``F.log_softmax`` arrive as the Python functions
+themselves.  (Adaptive pooling to one row along the sharded dim is a reduction too;
+its rule is the adaptive pooling rule of :mod:`fxhalo.rules.pool`.)
 """
 
 from __future__ import annotations
@@ -36,11 +32,8 @@ import torch.nn.functional as F
 
 from ..ops import reduce as ops
 from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
-from . import KERNEL_INPUT, KernelCall, PlannedRule, Rule, bind, register
+from . import Decision, KernelCall, Rule, bind, register, register_op
 from .local import ELEMENTWISE
-from .pool import AdaptivePoolRule  # imported first, so that the registrations below come after its own
-
-PLAN = KERNEL_INPUT  # for the norm and loss rules, which import it from here
 
 
 def after_reduction(s: Sharded, dims, keepdim: bool) -> Sharded:
@@ -129,29 +122,26 @@ def _refuse_out(node, ctx) -> None:
         ctx.refuse(node, "writes into an out= tensor", "assign the result instead of passing out=")
 
 
-class Reduction(PlannedRule):
+class Reduction(Rule):
     name = "reduce"
 
     def __init__(self, canonical):
         self._canonical = canonical  # node -> Reduced
 
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
+    def decide(self, node, ctx) -> Decision:
         _refuse_out(node, ctx)
-        return self.decide(node, self._canonical(node), ctx)
+        return self._reduced(self._canonical(node))
 
     def kernel_call(self, node) -> KernelCall:
         return self._canonical(node).call
 
-    @staticmethod
-    def decide(node, r: Reduced, ctx):
+    def _reduced(self, r: Reduced) -> Decision:
         s = sharding_of(r.input)
         if s is None:
-            return None  # replicated: every rank computes the same value
+            return Decision()  # replicated: every rank computes the same value
         if s.dim not in r.dims:
-            return after_reduction(s, r.dims, r.keepdim)
-        node.meta[PLAN] = s
-        return None
+            return Decision(after_reduction(s, r.dims, r.keepdim))
+        return Decision(None, self.kernel_call, s)  # the result is replicated
 
 
 class MaxMin(Reduction):
@@ -167,20 +157,19 @@ class MaxMin(Reduction):
         self._largest = largest
         self._kernel = ops.amax if largest else ops.amin
 
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
+    def decide(self, node, ctx) -> Decision:
         _refuse_out(node, ctx)
         a = bind(_MAX_SIG, node)
         other = a["other"] if a["other"] is not None else a["dim"] if is_tensor_node(a["dim"]) else None
         if other is not None:
-            return ELEMENTWISE.propagate(node, ctx)
+            return ELEMENTWISE.decide(node, ctx)
         ndim = example_value(a["input"]).ndim
         if a["dim"] is None:
-            return self.decide(node, self._everything(node), ctx)
+            return self._reduced(self._everything(node))
         s = sharding_of(a["input"])
         dims = ops.reduced_dims(a["dim"], ndim)
         if s is None:
-            return None
+            return Decision()
         if s.dim in dims:
             which = "max" if self._largest else "min"
             ctx.refuse(
@@ -190,7 +179,7 @@ class MaxMin(Reduction):
                 f"torch.arg{which} on fxhalo.gather()ed values",
             )
         out = after_reduction(s, dims, bool(a["keepdim"]))
-        return (out, out)  # (values, indices), as getitem expects of a tuple-valued node
+        return Decision((out, out))  # (values, indices), as getitem expects of a tuple-valued node
 
     def _everything(self, node) -> Reduced:
         x = bind(_MAX_SIG, node)["input"]
@@ -220,83 +209,7 @@ for _rule, _name in (
     (_MAX, "max"),
     (_MIN, "min"),
 ):
-    register(_rule, getattr(torch, _name))
-    register(_rule, _name, op="call_method")
-
-
-# -- adaptive pooling to one row -------------------------------------------------
-
-
-def _pool_signature(input, output_size, return_indices=False): ...
-
-
-_POOL_SIG = inspect.signature(_pool_signature)
-
-
-class AdaptivePoolToOne(PlannedRule):
-    """``F.adaptive_{avg,max}_pool{1,2,3}d`` with output size 1 along the sharded dim: a reduction over it.
-
-    Every other case (other output sizes, pooling that leaves the sharded dim
-    alone, ``return_indices=True``) belongs to the windowed pooling rule of
-    :mod:`fxhalo.rules.pool`, to which this rule hands the node: one registered
-    rule per target, two families behind it.
-    """
-
-    name = "reduce"
-
-    def __init__(self, nd: int, kernel, windowed: Rule):
-        self._nd = nd
-        self._kernel = kernel
-        self._windowed = windowed
-
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
-        a = bind(_POOL_SIG, node)
-        s = sharding_of(a["input"])
-        if s is None or not self._to_one(a, s):
-            return self._windowed.propagate(node, ctx)
-        if self._kernel is ops.adaptive_max_pool and getattr(s, "outer", 1) != 1:
-            ctx.refuse(
-                node,
-                f"max-pools a dim whose shards are interleaved with another dim ({s})",
-                "pool before the reshape that merged the sharded dim under another dim",
-            )
-        node.meta[PLAN] = s
-        return None
-
-    def kernel_call(self, node) -> KernelCall:
-        a = bind(_POOL_SIG, node)
-        return KernelCall(self._kernel, (a["input"], a["output_size"]), {"nd": self._nd})
-
-    def rewrite(self, node, ctx) -> bool:
-        if node.meta.get(PLAN) is None:
-            return self._windowed.rewrite(node, ctx)
-        return super().rewrite(node, ctx)
-
-    def _to_one(self, a, s: Sharded) -> bool:
-        axis = s.dim - (example_value(a["input"]).ndim - self._nd)
-        sizes = a["output_size"]
-        sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,) * self._nd
-        return axis >= 0 and isinstance(sizes[axis], int) and sizes[axis] == 1 and not a["return_indices"]
-
-
-def _register_adaptive_pools() -> None:
-    """Put :class:`AdaptivePoolToOne` in front of the pooling rule for the value-only adaptive pools."""
-    for nd in (1, 2, 3):
-        for kind, kernel in (("avg", ops.adaptive_avg_pool), ("max", ops.adaptive_max_pool)):
-            rule = AdaptivePoolToOne(nd, kernel, AdaptivePoolRule(nd, kind, None))
-            if kind == "max":
-                targets = (getattr(F, f"adaptive_max_pool{nd}d"),)
-            else:
-                targets = (
-                    getattr(F, f"adaptive_avg_pool{nd}d"),
-                    getattr(torch, f"adaptive_avg_pool{nd}d", None),
-                    getattr(torch._C._nn, f"adaptive_avg_pool{nd}d", None),
-                )
-            register(rule, *targets)
-
-
-_register_adaptive_pools()
+    register_op(_rule, _name)
 
 
 # -- softmax ------------------------------------------------------------------
@@ -309,7 +222,7 @@ _SOFTMAX_SIG = inspect.signature(_softmax_signature)
 _F_SOFTMAX_SIG = inspect.signature(F.softmax)  # (input, dim=None, _stacklevel=3, dtype=None)
 
 
-class Softmax(PlannedRule):
+class Softmax(Rule):
     """Softmax and log-softmax: local along another dim; along the sharded dim, a global max and sum.
 
     The kernel sends each rank's (max, sum of exp) per row in one all_gather
@@ -322,15 +235,14 @@ class Softmax(PlannedRule):
         self._sig = sig
         self._kernel = kernel
 
-    def propagate(self, node, ctx):
-        node.meta[PLAN] = None
+    def decide(self, node, ctx) -> Decision:
         a = bind(self._sig, node)
         s = sharding_of(a["input"])
         if s is None:
-            return None
+            return Decision()
         if self._dim(a) == s.dim:
-            node.meta[PLAN] = s
-        return s
+            return Decision(s, self.kernel_call, s)
+        return Decision(s)
 
     @staticmethod
     def _dim(a) -> int:

@@ -2,7 +2,7 @@
 
 Each resampling rule binds its node to one signature, checks that only the input is
 sharded, and asks its kernel module's planner (the same planner the kernel runs) for
-a :class:`Decision`: the output's layout, and the kernel call that replaces the node,
+a :class:`Resampled`: the output's layout, and the kernel call that replaces the node,
 or none when the geometry proves the op local and the node can stay as it is.  A
 planner's :class:`~fxhalo.ops.rows.Unsplittable` becomes a refusal naming the node.
 
@@ -21,16 +21,15 @@ from collections.abc import Callable
 from ..domain import Domain
 from ..geometry import Unsplittable
 from ..sharding import Sharded, sharding_of, split
-from . import KernelCall, Rule, bind, replace_with_kernel
+from . import Decision, KernelCall, Rule, bind
 
-__all__ = ["Decision", "ResampleRule", "PLAN", "domain_for", "require_contiguous", "resized", "static_or_refuse"]
-
-PLAN = "fxhalo_resample"
+__all__ = ["Resampled", "ResampleRule", "domain_for", "require_contiguous", "resized", "static_or_refuse"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Decision:
-    """``out``: the output layout.  ``kernel``: the replacement call (``None``: the node is local as it is)."""
+class Resampled:
+    """A resampling rule's plan: ``out``, the output layout; ``kernel`` and ``args``, the replacement
+    call (``kernel=None``: the node is local as it is)."""
 
     out: Sharded | None
     kernel: Callable | None = None
@@ -39,42 +38,41 @@ class Decision:
 
 
 class ResampleRule(Rule):
-    """Skeleton of the resampling rules; subclasses give ``signature`` and :meth:`decide`."""
+    """Skeleton of the resampling rules; subclasses give ``signature`` and :meth:`plan`."""
 
     signature: inspect.Signature
     #: parameters that must be replicated
     replicated: tuple[str, ...] = ()
 
-    def decide(self, node, ctx, args: dict, s: Sharded) -> Decision:  # pragma: no cover - interface
+    def plan(self, node, ctx, args: dict, s: Sharded) -> Resampled:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def propagate(self, node, ctx):
+    def decide(self, node, ctx) -> Decision:
         args = bind(self.signature, node)
-        node.meta.pop(PLAN, None)
         s = sharding_of(args["input"])
         for name in self.replicated:
             if sharding_of(args.get(name)) is not None:
                 ctx.refuse(node, f"takes a sharded tensor as its {name}", f"pass a replicated {name}")
         if s is None:
-            return None
+            return Decision()
+        planned = self._plan(node, ctx, args, s)
+        out = (planned.out,) * planned.items if planned.items else planned.out
+        if planned.kernel is None:
+            return Decision(out)
+        return Decision(out, lambda n: self._call(n, ctx), s)
+
+    def _plan(self, node, ctx, args, s) -> Resampled:
         try:
-            decision = self.decide(node, ctx, args, s)
+            return self.plan(node, ctx, args, s)
         except Unsplittable as e:
             ctx.refuse(node, e.problem, e.remedy)
-        node.meta[PLAN] = decision
-        return (decision.out,) * decision.items if decision.items else decision.out
 
-    def rewrite(self, node, ctx) -> bool:
-        decision = node.meta.get(PLAN)
-        if decision is None or decision.kernel is None:
-            return False
-        # Decide again from the node's current arguments: an earlier rewrite may have
-        # replaced the input node that the propagation-time decision refers to.
+    def _call(self, node, ctx) -> KernelCall:
+        # Plan again from the node's current arguments: an earlier rewrite may have
+        # replaced the input node that the propagation-time plan refers to.
         args = bind(self.signature, node)
-        s = sharding_of(args["input"])
-        decision = self.decide(node, ctx, args, s)
-        replace_with_kernel(node, KernelCall(decision.kernel, decision.args), ctx, s)
-        return True
+        planned = self._plan(node, ctx, args, sharding_of(args["input"]))
+        return KernelCall(planned.kernel, planned.args)
 
 
 def domain_for(ctx, s: Sharded) -> Domain:

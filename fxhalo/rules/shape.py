@@ -25,7 +25,7 @@ import operator
 import torch
 
 from ..sharding import Sharded, example_value, sharding_of
-from . import Rule, bind, register
+from . import LayoutRule, bind, register, register_op
 
 
 def _input(node):
@@ -99,10 +99,10 @@ def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
     return result
 
 
-class Reshape(Rule):
+class Reshape(LayoutRule):
     name = "reshape"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -142,18 +142,18 @@ def _dim_map(node) -> list[int]:
     return [list(out.shape).index(p) for p in primes]
 
 
-class Permute(Rule):
+class Permute(LayoutRule):
     name = "permute"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         _, s = _input(node)
         return None if s is None else s.moved(_dim_map(node)[s.dim])
 
 
-class Unsqueeze(Rule):
+class Unsqueeze(LayoutRule):
     name = "unsqueeze"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -163,10 +163,10 @@ class Unsqueeze(Rule):
         return s.moved(s.dim + 1 if dim <= s.dim else s.dim)
 
 
-class Squeeze(Rule):
+class Squeeze(LayoutRule):
     name = "squeeze"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -191,10 +191,10 @@ class Squeeze(Rule):
         return out
 
 
-class Expand(Rule):
+class Expand(LayoutRule):
     name = "expand"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -223,7 +223,7 @@ def _norm_dim(dim, ndim):
     return dim + ndim if dim < 0 else dim
 
 
-class Split(Rule):
+class Split(LayoutRule):
     """``split``/``chunk``/``unbind``: a tuple of pieces, each sharded like the input."""
 
     name = "split"
@@ -231,7 +231,7 @@ class Split(Rule):
     def __init__(self, removes_dim: bool = False):
         self.removes_dim = removes_dim
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -247,7 +247,7 @@ class Split(Rule):
         return tuple(piece for _ in example_value(node))
 
 
-class Cat(Rule):
+class Cat(LayoutRule):
     """``cat``/``stack`` of identically sharded tensors along another dim."""
 
     name = "cat"
@@ -255,7 +255,7 @@ class Cat(Rule):
     def __init__(self, stacks: bool = False):
         self.stacks = stacks
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         args = bind(_CAT_SIG, node)
         tensors = list(args["tensors"])
         shardings = [sharding_of(t) for t in tensors]
@@ -282,12 +282,12 @@ class Cat(Rule):
         return first
 
 
-class GetItem(Rule):
+class GetItem(LayoutRule):
     """``x[idx]`` on a sharded tensor, or picking an element of a tuple of sharded values."""
 
     name = "getitem"
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, idx = node.args
         s = sharding_of(src)
         if isinstance(s, tuple):  # an element of split/chunk/... output
@@ -329,7 +329,7 @@ class GetItem(Rule):
         return result
 
 
-class Narrow(Rule):
+class Narrow(LayoutRule):
     """``narrow``/``select`` along other dims are local; along the sharded dim they are not."""
 
     name = "narrow"
@@ -337,7 +337,7 @@ class Narrow(Rule):
     def __init__(self, removes_dim: bool):
         self.removes_dim = removes_dim
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         src, s = _input(node)
         if s is None:
             return None
@@ -351,25 +351,15 @@ class Narrow(Rule):
         return s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
 
 
-_RESHAPE = Reshape()
-register(_RESHAPE, torch.reshape, torch.flatten, torch.unflatten)
-register(_RESHAPE, "view", "reshape", "flatten", "unflatten", op="call_method")
-_PERMUTE = Permute()
-register(_PERMUTE, torch.permute, torch.transpose, torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims)
-register(_PERMUTE, "permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", op="call_method")
-register(Unsqueeze(), torch.unsqueeze)
-register(Unsqueeze(), "unsqueeze", op="call_method")
-register(Squeeze(), torch.squeeze)
-register(Squeeze(), "squeeze", op="call_method")
-register(Expand(), "expand", "expand_as", op="call_method")
-register(Split(), torch.split, torch.chunk, torch.tensor_split)
-register(Split(), "split", "chunk", "tensor_split", op="call_method")
-register(Split(removes_dim=True), torch.unbind)
-register(Split(removes_dim=True), "unbind", op="call_method")
-register(Cat(), torch.cat, torch.concat, torch.concatenate)
-register(Cat(stacks=True), torch.stack)
+register_op(Reshape(), "reshape", "flatten", "unflatten", "view")
+register_op(Permute(), "permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims")
+register_op(Unsqueeze(), "unsqueeze")
+register_op(Squeeze(), "squeeze")
+register_op(Expand(), "expand", "expand_as")
+register_op(Split(), "split", "chunk", "tensor_split")
+register_op(Split(removes_dim=True), "unbind")
+register_op(Cat(), "cat", "concat", "concatenate")
+register_op(Cat(stacks=True), "stack")
 register(GetItem(), operator.getitem)
-register(Narrow(removes_dim=False), torch.narrow)
-register(Narrow(removes_dim=False), "narrow", op="call_method")
-register(Narrow(removes_dim=True), torch.select)
-register(Narrow(removes_dim=True), "select", op="call_method")
+register_op(Narrow(removes_dim=False), "narrow")
+register_op(Narrow(removes_dim=True), "select")

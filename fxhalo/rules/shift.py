@@ -1,9 +1,8 @@
 """Padding, rolls, flips and pixel shuffles along the sharded dim.
 
-* ``F.pad`` that touches the sharded dim and feeds exactly one conv is folded
-  into that conv's halo (see :mod:`fxhalo.rules.conv`); any other pad along the
-  sharded dim (standalone, negative, feeding something else) becomes
-  :func:`fxhalo.ops.shift.pad`.  A pad of other dims only is local.
+* ``F.pad`` along the sharded dim becomes :func:`fxhalo.ops.shift.pad`; a pad of
+  other dims only is local.  When the pad feeds exactly one conv, the fusion pass
+  folds it into that conv's halo (:mod:`fxhalo.passes.fuse`).
 * ``torch.roll`` along the sharded dim becomes :func:`fxhalo.ops.shift.roll`
   (a ring shift of exactly the rolled rows); ``torch.flip`` (and ``fliplr`` /
   ``flipud``) over it becomes :func:`fxhalo.ops.shift.flip`.  Along other dims
@@ -18,14 +17,11 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
 from ..errors import FxHaloError
 from ..geometry import Unsplittable
 from ..ops import shift as shift_ops
 from ..sharding import example_value, sharding_of
-from . import KERNEL_INPUT, KernelCall, PlannedRule, Rule, bind, lookup, register
-from .conv import FOLD, ConvRule, PadFold
+from . import Decision, KernelCall, LayoutRule, Rule, bind, register_op
 from .resample import domain_for, require_contiguous, resized
 
 
@@ -49,53 +45,38 @@ def _planned(node, ctx, plan):
         ctx.refuse(node, f"cannot be planned ({e})", "check the op's arguments against the global size")
 
 
-class PadRule(PlannedRule):
+class PadRule(Rule):
     name = "pad"
 
-    def propagate(self, node, ctx):
-        node.meta[KERNEL_INPUT] = None
-        node.meta.pop(FOLD, None)
+    def decide(self, node, ctx) -> Decision:
         args = bind(_PAD_SIG, node)
         s = sharding_of(args["input"])
         if s is None:
-            return None
+            return Decision()
         ndim = example_value(args["input"]).ndim
-        (lo, hi), rest = shift_ops.pad_entries(args["pad"], ndim, s.dim)
+        (lo, hi), _ = shift_ops.pad_entries(args["pad"], ndim, s.dim)
         if lo == 0 and hi == 0:
-            return s  # pads other dims only: local
+            return Decision(s)  # pads other dims only: local
         require_contiguous(node, ctx, s)
         mode, value = args["mode"], args["value"]
-        users = list(node.users)
-        if (
-            len(users) == 1
-            and isinstance(lookup(users[0]), ConvRule)
-            and users[0].args
-            and users[0].args[0] is node
-            and lo >= 0
-            and hi >= 0
-        ):
-            node.meta[FOLD] = PadFold(args["input"], s.dim, lo, hi, mode, float(value or 0.0), tuple(rest))
-            return s
         _, m = _planned(
             node, ctx, lambda: shift_ops.pad_plan(domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad")
         )
-        node.meta[KERNEL_INPUT] = s
-        return resized(s, m, ctx)
+        return Decision(resized(s, m, ctx), self.kernel_call, s)
 
     def kernel_call(self, node) -> KernelCall:
         a = bind(_PAD_SIG, node)
         return KernelCall(shift_ops.pad, (a["input"], tuple(a["pad"]), a["mode"], a["value"]))
 
 
-class RollRule(PlannedRule):
+class RollRule(Rule):
     name = "roll"
 
-    def propagate(self, node, ctx):
-        node.meta[KERNEL_INPUT] = None
+    def decide(self, node, ctx) -> Decision:
         args = bind(_ROLL_SIG, node)
         s = sharding_of(args["input"])
         if s is None:
-            return None
+            return Decision()
         if args["dims"] is None or args["dims"] == () or args["dims"] == []:
             ctx.refuse(
                 node,
@@ -106,18 +87,17 @@ class RollRule(PlannedRule):
         shift, _, _ = shift_ops.roll_shift(args["shifts"], args["dims"], s.dim, ndim)
         dims = args["dims"] if isinstance(args["dims"], (tuple, list)) else [args["dims"]]
         if not any(int(d) % ndim == s.dim for d in dims):
-            return s
+            return Decision(s)
         require_contiguous(node, ctx, s)
         _planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.length, shift, "torch.roll"))
-        node.meta[KERNEL_INPUT] = s
-        return s
+        return Decision(s, self.kernel_call, s)
 
     def kernel_call(self, node) -> KernelCall:
         a = bind(_ROLL_SIG, node)
         return KernelCall(shift_ops.roll, (a["input"], a["shifts"], a["dims"]))
 
 
-class FlipRule(PlannedRule):
+class FlipRule(Rule):
     """``torch.flip(x, dims)``, ``x.flip(*dims)``, ``torch.fliplr`` (dim 1) and ``torch.flipud`` (dim 0)."""
 
     name = "flip"
@@ -133,27 +113,25 @@ class FlipRule(PlannedRule):
             rest = list(rest[0])
         return tuple(int(d) for d in rest)
 
-    def propagate(self, node, ctx):
-        node.meta[KERNEL_INPUT] = None
+    def decide(self, node, ctx) -> Decision:
         x = node.args[0] if node.args else node.kwargs.get("input")
         s = sharding_of(x)
         if s is None:
-            return None
+            return Decision()
         ndim = example_value(x).ndim
         dims = self._dims(node)
         if not any(d % ndim == s.dim for d in dims):
-            return s
+            return Decision(s)
         require_contiguous(node, ctx, s)
         _planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.length, "torch.flip"))
-        node.meta[KERNEL_INPUT] = s
-        return s
+        return Decision(s, self.kernel_call, s)
 
     def kernel_call(self, node) -> KernelCall:
         x = node.args[0] if node.args else node.kwargs["input"]
         return KernelCall(shift_ops.flip, (x, self._dims(node)))
 
 
-class PixelShuffleRule(Rule):
+class PixelShuffleRule(LayoutRule):
     """``pixel_shuffle`` (``unshuffle=False``) or ``pixel_unshuffle`` on ``[..., C, H, W]``: local or refused."""
 
     name = "pixel_shuffle"
@@ -161,7 +139,7 @@ class PixelShuffleRule(Rule):
     def __init__(self, unshuffle: bool):
         self.unshuffle = unshuffle
 
-    def propagate(self, node, ctx):
+    def layout(self, node, ctx):
         x, factor = (
             node.args[0],
             int(
@@ -200,14 +178,10 @@ class PixelShuffleRule(Rule):
         return resized(s, m, ctx)
 
 
-register(PadRule(), torch._C._nn.pad, torch.nn.functional.pad)
-register(RollRule(), torch.roll)
-register(RollRule(), "roll", op="call_method")
-register(FlipRule(), torch.flip)
-register(FlipRule(), "flip", op="call_method")
-register(FlipRule((1,)), torch.fliplr)
-register(FlipRule((0,)), torch.flipud)
-register(PixelShuffleRule(False), torch.pixel_shuffle)
-register(PixelShuffleRule(True), torch.pixel_unshuffle)
-register(PixelShuffleRule(False), "pixel_shuffle", op="call_method")
-register(PixelShuffleRule(True), "pixel_unshuffle", op="call_method")
+register_op(PadRule(), "pad")
+register_op(RollRule(), "roll")
+register_op(FlipRule(), "flip")
+register_op(FlipRule((1,)), "fliplr")
+register_op(FlipRule((0,)), "flipud")
+register_op(PixelShuffleRule(False), "pixel_shuffle")
+register_op(PixelShuffleRule(True), "pixel_unshuffle")

@@ -5,10 +5,14 @@ import torch.nn as nn
 
 from fxhalo import Domain, FxHaloError
 from fxhalo.passes import PassContext, propagate_sharding, rewrite
+from fxhalo.passes.fuse import fold_pads
 
 
 def passes_on(model, *inputs, size=4, shard_dim=2, **overrides):
-    """Run propagation and rewrite on Dynamo's graph of ``model``; ``(gm, nodes changed)``.
+    """Run propagation, rewrite and the pad fold on Dynamo's graph of ``model``; ``(gm, nodes changed)``.
+
+    A folded ``pad -> conv`` counts as one changed node (the pad's rows become the
+    conv's halo), as the user's graph has one op that communicates there.
 
     The passes run inside the backend, as in fxhalo's own backend: Dynamo drops the
     placeholders' source information from ``node.meta`` once the backend returns.
@@ -22,7 +26,7 @@ def passes_on(model, *inputs, size=4, shard_dim=2, **overrides):
         ctx = PassContext(Domain("sim", 1, size, shard_dim), overrides)
         try:
             propagate_sharding(gm, ctx)
-            out["changed"] = rewrite(gm, ctx)
+            out["changed"] = rewrite(gm, ctx) - fold_pads(gm, ctx)
             gm.graph.lint()
         except FxHaloError as e:
             out["error"] = e
