@@ -6,9 +6,12 @@ by :func:`handles`).  A handler answers one of three ways:
 
 * **local**: the module never reaches across rows of the sharded dim
   (activations, dropout, 1x1 convs, a ``Linear`` over the last dim when the last
-  dim is not the sharded one, ...); it is left as it is;
+  dim is not the sharded one, ...); it is left as it is.  Which module types are
+  local comes from the compiled path's table, :mod:`fxhalo.rules.local`
+  (``LOCAL_MODULES``, ``CHANNEL_ONLY_MODULES``);
 * **a replacement**: a wrapper from :mod:`fxhalo.nn` (convs, transposed convs,
-  group/instance/batch norm, pooling, ``nn.Upsample``);
+  group/instance/batch norm, pooling, global pooling and softmax along the sharded
+  dim, ``nn.Upsample``);
 * **a refusal**: the module touches the sharded dim and fxhalo has no eager layer
   for it (``LayerNorm`` over the spatial dims, padding modules along the sharded
   dim, recurrent and attention layers, ...), or convert cannot tell.

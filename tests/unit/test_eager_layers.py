@@ -221,6 +221,23 @@ def test_local_layers_by_dim():
     assert [type(m) for m in model] == before
 
 
+def test_one_conv_family_class_reads_the_dimensionality_from_the_module():
+    defaults = {1: -1, 2: -2, 3: 3}  # DomainParallelConv{1,2,3}d's, kept by the family class
+    for nd, conv, conv_t in (
+        (1, nn.Conv1d(2, 2, 3), nn.ConvTranspose1d(2, 2, 3)),
+        (2, nn.Conv2d(2, 2, 3), nn.ConvTranspose2d(2, 2, 3)),
+        (3, nn.Conv3d(2, 2, 3), nn.ConvTranspose3d(2, 2, 3)),
+    ):
+        for family, module in ((dpnn.DomainParallelConv, conv), (dpnn.DomainParallelConvTranspose, conv_t)):
+            w = family(module)
+            assert (w.nd, w.shard_dim) == (nd, defaults[nd])
+            x = torch.randn(1, 2, *[5] * nd)
+            assert torch.equal(w(x), module(x))  # no process group: the plain op
+    assert isinstance(dpnn.DomainParallelConv2d(nn.Conv2d(1, 1, 1)), dpnn.DomainParallelConv)
+    with pytest.raises(fxhalo.FxHaloError, match="wraps Conv1d, Conv2d, Conv3d, not ConvTranspose2d"):
+        dpnn.DomainParallelConv(nn.ConvTranspose2d(1, 1, 3))
+
+
 def test_global_pool_and_softmax_along_the_shard():
     """The compiled rules reduce over the shard here; convert wraps them instead of refusing."""
     model = nn.Sequential(
