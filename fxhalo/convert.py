@@ -6,9 +6,12 @@ by :func:`handles`).  A handler answers one of three ways:
 
 * **local**: the module never reaches across rows of the sharded dim
   (activations, dropout, 1x1 convs, a ``Linear`` over the last dim when the last
-  dim is not the sharded one, ...); it is left as it is;
+  dim is not the sharded one, ...); it is left as it is.  Which module types are
+  local comes from the compiled path's table, :mod:`fxhalo.rules.local`
+  (``LOCAL_MODULES``, ``CHANNEL_ONLY_MODULES``);
 * **a replacement**: a wrapper from :mod:`fxhalo.nn` (convs, transposed convs,
-  group/instance/batch norm, pooling, ``nn.Upsample``);
+  group/instance/batch norm, pooling, global pooling and softmax along the sharded
+  dim, ``nn.Upsample``);
 * **a refusal**: the module touches the sharded dim and fxhalo has no eager layer
   for it (``LayerNorm`` over the spatial dims, padding modules along the sharded
   dim, recurrent and attention layers, ...), or convert cannot tell.
@@ -36,10 +39,13 @@ from collections.abc import Callable
 import torch.nn as nn
 
 from . import nn as dp
+from .constraints import validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
 from .errors import FxHaloError
-from .ops.conv import explicit_padding
-from .ops.rows import ints
+from .nn.base import batched_spatial_axis as _spatial_axis
+from .nn.resample import pools_to_one
+from .ops.conv import padding_edge
+from .rules import local as local_rules
 
 __all__ = ["convert_to_domain_parallel", "validate_sharding_constraints", "handles", "Refuse"]
 
@@ -93,20 +99,6 @@ def _handler_for(module: nn.Module):
 # -- which dim a layer acts on ------------------------------------------------------
 
 
-def _spatial_axis(shard_dim: int, nd: int):
-    """The spatial axis (0 = first) of an ``nd``-D layer's batched input that ``shard_dim`` names.
-
-    ``"batch"`` for dim 0, ``"channel"`` for the channel dim (a non-negative
-    ``shard_dim`` counts on the batched input ``(N, C, *spatial)``).
-    """
-    d = shard_dim + nd + 2 if shard_dim < 0 else shard_dim
-    if d == 0:
-        return "batch"
-    if d == 1 or not 0 <= d < nd + 2:
-        return "channel"
-    return d - 2
-
-
 def _mixes_channels(module, s: Setting, nd: int):
     axis = _spatial_axis(s.shard_dim, nd)
     if axis == "channel":
@@ -156,51 +148,8 @@ def _refuse_if_acts_on(module, s: Setting, dims, what: str):
 
 # -- handlers -----------------------------------------------------------------------
 
-_LOCAL_TYPES = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Softshrink,
-    nn.Hardshrink,
-    nn.LogSigmoid,
-    nn.Threshold,
-    nn.Sequential,
-    nn.ModuleList,
-    nn.ModuleDict,
-    # Pixel (un)shuffle moves rows in blocks of r that stay inside a shard whose length r divides
-    # (torch raises otherwise); channel shuffle and LRN mix channels only.
-    nn.PixelShuffle,
-    nn.PixelUnshuffle,
-    nn.ChannelShuffle,
-    nn.LocalResponseNorm,
-    nn.CrossMapLRN2d,
-)
 
-
-@handles(*_LOCAL_TYPES)
+@handles(*local_rules.LOCAL_MODULES)
 def _local(module, s):
     return _LOCAL
 
@@ -211,10 +160,11 @@ def _conv(module, s):
     axis = _mixes_channels(module, s, nd)
     if axis == "batch":
         return _LOCAL
-    pad = explicit_padding(module.padding, module.kernel_size, module.dilation)[axis]
-    if module.kernel_size[axis] == 1 and module.stride[axis] == 1 and pad == (0, 0):
+    # The rows it reads past the edges of the sharded dim: its padding, whatever the mode.
+    edge, _ = padding_edge(module.padding_mode, module._reversed_padding_repeated_twice, axis + 2, nd + 2)
+    if module.kernel_size[axis] == 1 and module.stride[axis] == 1 and edge.extent == (0, 0):
         return _LOCAL  # reads only its own row along the sharded dim: no halo, nothing to wrap
-    return dp.WRAPPERS[nn.Conv1d if nd == 1 else nn.Conv2d if nd == 2 else nn.Conv3d](module, s.shard_dim, s.group)
+    return dp.CONVS[nd](module, s.shard_dim, s.group)
 
 
 @handles(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -222,12 +172,7 @@ def _conv_transpose(module, s):
     nd = len(module.kernel_size)
     if _mixes_channels(module, s, nd) == "batch":
         return _LOCAL
-    cls = {
-        1: dp.DomainParallelConvTranspose1d,
-        2: dp.DomainParallelConvTranspose2d,
-        3: dp.DomainParallelConvTranspose3d,
-    }[nd]
-    return cls(module, s.shard_dim, s.group)
+    return dp.CONV_TRANSPOSES[nd](module, s.shard_dim, s.group)
 
 
 @handles(nn.GroupNorm)
@@ -259,12 +204,20 @@ def _layer_norm(module, s):
     return _refuse_if_acts_on(module, s, tuple(range(-n, 0)), "normalises over its last dims")
 
 
-@handles(nn.Linear, nn.Bilinear, nn.LazyLinear)
-def _linear(module, s):
-    return _refuse_if_acts_on(module, s, (-1,), "mixes its input's last dim")
+@handles(*local_rules.CHANNEL_ONLY_MODULES)
+def _channel_only(module, s):
+    dim = local_rules.CHANNEL_ONLY_MODULES[next(t for t in local_rules.CHANNEL_ONLY_MODULES if isinstance(module, t))]
+    return _refuse_if_acts_on(module, s, (dim,), f"mixes its input's dim {dim}")
 
 
-@handles(nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GLU)
+@handles(nn.Softmax, nn.LogSoftmax)
+def _softmax(module, s):
+    if module.dim is not None and _may_act_on((module.dim,), s.shard_dim):
+        return dp.DomainParallelSoftmax(module, s.shard_dim, s.group)  # a global max and sum along it
+    return _refuse_if_acts_on(module, s, (module.dim,), "acts along a dim")
+
+
+@handles(nn.Softmin, nn.GLU)
 def _along_dim(module, s):
     return _refuse_if_acts_on(module, s, (module.dim,), "acts along a dim")
 
@@ -327,13 +280,13 @@ def _pool(module, s):
     if not isinstance(axis, int):
         return _LOCAL  # pooling never mixes planes
     size = getattr(module, "output_size", None)
-    if size is not None and (list(size) if isinstance(size, (tuple, list)) else [size] * nd)[axis] == 1:
+    sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
+    if size is not None and sizes[axis] == 1 and not pools_to_one(module, axis):
         raise Refuse(
-            "pools the sharded dim to one row: a reduction over all ranks whose output is replicated, "
-            "which the eager layers' gradient convention does not cover",
-            "compile the model with backend='domain_parallel', or gather before pooling",
+            "pools the sharded dim to one row with return_indices=True: indices of a reduction over all ranks",
+            "pool the values only, compile the model with backend='domain_parallel', or gather before pooling",
         )
-    return dp.DomainParallelPool(module, s.shard_dim, s.group)
+    return dp.DomainParallelPool(module, s.shard_dim, s.group)  # pooling to one row: a global reduction
 
 
 @handles(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
@@ -468,117 +421,3 @@ def convert_to_domain_parallel(
         else:
             parent._modules[name] = new
     return model
-
-
-# -- validate_sharding_constraints ---------------------------------------------------
-
-
-def _nd_of(module) -> int | None:
-    """Spatial dims of a strided layer (conv, transposed conv, max/avg pool), else None."""
-    if isinstance(module, (nn.modules.conv._ConvNd, dp._DomainParallelConvNd, dp._DomainParallelConvTransposeNd)):
-        return len(module.kernel_size)
-    if isinstance(module, dp.DomainParallelPool):
-        return module.nd if module.kind in ("max", "avg") else None
-    for t, (kind, nd) in dp.POOLS.items():
-        if isinstance(module, t):
-            return nd if kind in ("max", "avg") else None
-    return None
-
-
-def _resampling(module, shard_dim: int) -> tuple[str, int] | None:
-    """``("down" | "up", factor)`` of a layer that resamples the sharded dim by an integer factor."""
-    if isinstance(module, nn.PixelUnshuffle):
-        return "down", module.downscale_factor
-    if isinstance(module, nn.PixelShuffle):
-        return "up", module.upscale_factor
-    if isinstance(module, (nn.Upsample, dp.DomainParallelInterpolate)):
-        sf = module.scale_factor
-        if isinstance(sf, tuple):
-            axis = _spatial_axis(shard_dim, len(sf))
-            sf = sf[axis] if isinstance(axis, int) else None
-        if sf is None or sf <= 0:
-            return None
-        if sf > 1 and float(sf).is_integer():
-            return "up", int(sf)
-        if sf < 1 and float(1 / sf).is_integer():
-            return "down", int(1 / sf)
-        return None
-    nd = _nd_of(module)
-    axis = None if nd is None else _spatial_axis(shard_dim, nd)
-    if not isinstance(axis, int):
-        return None
-    stride = ints(module.stride, nd)[axis]
-    if stride == 1:
-        return None
-    transposed = isinstance(module, (nn.modules.conv._ConvTransposeNd, dp._DomainParallelConvTransposeNd))
-    return ("up" if transposed else "down"), stride
-
-
-def _window(module) -> int | None:
-    ws = getattr(module, "window_size", None)
-    if isinstance(ws, int):
-        return ws
-    if isinstance(ws, (tuple, list)) and ws and all(isinstance(v, int) for v in ws):
-        return ws[-2] if len(ws) >= 2 else ws[0]  # (..., H, W): the H entry
-    return None
-
-
-def validate_sharding_constraints(
-    model: nn.Module, local_h: int, window_sizes=None, *, shard_dim: int = -2
-) -> list[str]:
-    """Check that a local length ``local_h`` along the sharded dim suits ``model`` at every level.
-
-    Walks the modules in registration order, following the local length through
-    every layer that resamples the sharded dim by an integer factor (strided convs
-    and pools, transposed convs, pixel (un)shuffle, ``nn.Upsample``).  A level is
-    the length between two such layers.  Reports, as messages:
-
-    * a stride that does not divide the local length it meets;
-    * a window size (``window_sizes[i]`` for the ``i``-th downsampling level, or,
-      when ``window_sizes`` is None, the ``window_size`` attribute of any module)
-      that does not divide the local length of its level.
-
-    Returns the messages, empty when every check passes.  This is the arithmetic
-    of the layers alone; :func:`fxhalo.validate` traces the model and finds every
-    problem of a given input (including ops in ``forward`` code).
-    """
-    messages: list[str] = []
-    h = int(local_h)
-    levels = [h]  # local length at each downsampling depth, in order of first visit
-    depth = 0
-    for path, module in model.named_modules():
-        where = path or "<model>"
-        step = _resampling(module, shard_dim)
-        if step is not None:
-            kind, f = step
-            if kind == "down":
-                if h % f:
-                    messages.append(
-                        f"{where} ({type(module).__name__}): stride {f} does not divide the local "
-                        f"length {h} at level {depth}; ranks would disagree on the rows they own"
-                    )
-                h //= f
-                depth += 1
-                if depth == len(levels):
-                    levels.append(h)
-            else:
-                h *= f
-                depth = max(depth - 1, 0)
-            continue
-        ws = _window(module) if window_sizes is None else None
-        if ws is not None and h % ws:
-            messages.append(
-                f"{where} ({type(module).__name__}): window size {ws} does not divide the local "
-                f"length {h} at level {depth}"
-            )
-    if window_sizes is not None:
-        for i, ws in enumerate(window_sizes):
-            if i >= len(levels):
-                messages.append(
-                    f"window_sizes[{i}] = {ws}: the model has only {len(levels)} levels (local lengths {levels})"
-                )
-            elif levels[i] % int(ws):
-                messages.append(f"level {i}: window size {ws} does not divide the local length {levels[i]}")
-    if min(levels) < 1:
-        messages.append(f"the local length {local_h} falls below one row at depth (lengths {levels})")
-    return messages

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
-from .nn import _domain, group_name_of
+from .nn.base import _domain, group_name_of
 from .ops import conv as conv_ops
 
 __all__ = ["DistributedDepthwiseConv1d", "DistributedDepthwiseConv2d"]

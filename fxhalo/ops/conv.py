@@ -8,8 +8,9 @@ from ..domain import Domain
 from ..geometry import Window, WindowPlan, plan_window
 from ..halo import Edge, assemble, halo_exchange
 from .rows import ints
+from .shift import pad_entries
 
-__all__ = ["conv", "conv_with_halo", "conv_plan", "conv_window", "explicit_padding"]
+__all__ = ["conv", "conv_with_halo", "conv_plan", "conv_window", "explicit_padding", "padding_edge"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -29,6 +30,25 @@ def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
             out.append((total // 2, total - total // 2))
         return tuple(out)
     return tuple((p, p) for p in ints(padding, n))
+
+
+def padding_edge(mode: str, pad, dim: int, ndim: int, value: float = 0.0) -> tuple[Edge, list[int]]:
+    """Fold a pad in front of a conv into the conv's halo along the sharded ``dim``: ``(edge, rest)``.
+
+    The one padding fold of the eager layers and the compiled rules.  ``pad`` is an
+    ``F.pad`` spec (last dim first) of the conv's ``ndim``-D input: the
+    ``F.pad(x, pad, mode, value)`` node before a conv, or a conv module's
+    ``_reversed_padding_repeated_twice`` with its ``padding_mode`` (``'zeros'`` is
+    ``constant`` 0).  ``edge`` covers the pad's rows along ``dim`` with ``mode`` at the
+    *global* edges only: pass ``edge_mode=edge.mode, edge_value=edge.value,
+    edge_extent=edge.extent`` to :func:`conv`, whose own padding lies beyond it.
+    ``rest`` is ``pad`` with ``dim``'s entries zeroed: pad the other dims locally with
+    it (``F.pad(x, rest, mode, value)``) before the exchange, so halo rows arrive padded.
+    """
+    (lo, hi), rest = pad_entries(pad, ndim, dim)
+    if mode == "zeros":
+        mode, value = "constant", 0.0
+    return Edge(mode, float(value or 0.0), (int(lo), int(hi))), rest
 
 
 def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain, edge: Edge) -> tuple[int, Window]:

@@ -129,3 +129,35 @@ register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
 register(ELEMENTWISE, *_METHODS, "type_as", op="call_method")
 
 register_op(ChannelOnly(_last_dim), "linear")
+
+
+# -- the same table for torch.nn modules ----------------------------------------------
+# fxhalo.convert_to_domain_parallel judges modules, not graph ops: it reads locality here.
+
+_MODULE_OPS = (
+    "ReLU:relu ReLU6:relu6 LeakyReLU:leaky_relu RReLU:rrelu ELU:elu SELU:selu CELU:celu GELU:gelu SiLU:silu "
+    "Mish:mish Sigmoid:sigmoid Tanh:tanh Hardtanh:hardtanh Hardswish:hardswish Hardsigmoid:hardsigmoid "
+    "Softplus:softplus Softsign:softsign Tanhshrink:tanhshrink LogSigmoid:logsigmoid Threshold:threshold "
+    "Dropout:dropout Dropout1d:dropout1d Dropout2d:dropout2d Dropout3d:dropout3d AlphaDropout:alpha_dropout "
+    "FeatureAlphaDropout:feature_alpha_dropout"
+).split()
+#: torch.nn module type -> the elementwise op or activation of the lists above that its forward applies
+MODULE_OPS: dict[type, str] = {
+    getattr(torch.nn, c): op for c, op in (p.split(":") for p in _MODULE_OPS) if op in _ELEMENTWISE_NAMES + _ACTIVATIONS
+}
+#: torch.nn module types local for another reason: the identity and the containers; elementwise
+#: modules whose functional form has no compiled rule yet (shrinks, PReLU's per-channel weight);
+#: pixel (un)shuffle (blocks of r rows stay in a shard whose length r divides: torch raises
+#: otherwise; the compiled rule is in rules/shift.py); channel-only mixing (channel shuffle, LRN).
+OTHER_LOCAL_MODULES: tuple[type, ...] = tuple(
+    getattr(torch.nn, c)
+    for c in (
+        "Identity Sequential ModuleList ModuleDict Softshrink Hardshrink PReLU PixelShuffle PixelUnshuffle "
+        "ChannelShuffle LocalResponseNorm CrossMapLRN2d"
+    ).split()
+)
+#: torch.nn module types local under any sharding (what convert leaves in place)
+LOCAL_MODULES: tuple[type, ...] = (*MODULE_OPS, *OTHER_LOCAL_MODULES)
+#: torch.nn module type -> the dim it mixes, counted from the end: local when that dim is not the
+#: sharded one (the :class:`ChannelOnly` rule of ``F.linear``)
+CHANNEL_ONLY_MODULES: dict[type, int] = {torch.nn.Linear: -1, torch.nn.LazyLinear: -1, torch.nn.Bilinear: -1}

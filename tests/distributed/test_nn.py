@@ -236,6 +236,14 @@ def cases() -> list[Case]:
             "DomainParallelPool",
         ),
         Case("adaptive avg pool (4P, 3)", lambda p: nn.AdaptiveAvgPool2d((4 * p, 3)), _bchw(), "DomainParallelPool"),
+        Case("softmax along the shard", lambda p: nn.Softmax(dim=-2), _bchw(), "DomainParallelSoftmax"),
+        Case(
+            "log softmax along the shard (3-D input, dim 1)",
+            lambda p: nn.LogSoftmax(dim=1),
+            lambda p: (2, 4 * p + 1, 3),  # uneven shards
+            "DomainParallelSoftmax",
+            shard_dim=1,
+        ),
         Case(
             "depthwise 1d causal k4, length sharded",
             lambda p: DistributedDepthwiseConv1d(6, 4, causal=True, num_groups=3, bias=True),
@@ -310,6 +318,33 @@ def run_case(case: Case, p: int, group, seed: int) -> dict:
     return checks
 
 
+def _global_pools(p: int, group) -> dict:
+    """Adaptive pools to one row along the shard: the output is replicated, and so is the gradient given to it."""
+    import fxhalo
+
+    out = {}
+    for label, build, shape in (
+        ("avg 2d (1, 3)", lambda: nn.AdaptiveAvgPool2d((1, 3)), (2, 3, 4 * p + 1, 6)),
+        ("max 2d 1", lambda: nn.AdaptiveMaxPool2d(1), (2, 3, 4 * p, 5)),
+        ("avg 1d 1 (length sharded)", lambda: nn.AdaptiveAvgPool1d(1), (2, 3, 3 * p)),
+    ):
+        torch.manual_seed(p)
+        shard_dim = -1 if "1d" in label else -2
+        model = fxhalo.convert_to_domain_parallel(nn.Sequential(build()), group=group, shard_dim=shard_dim)
+        x = torch.randn(shape)
+        ref_in = x.clone().requires_grad_()
+        ref = build()(ref_in)  # no parameters: a fresh module is the reference
+        grad_out = torch.randn_like(ref)
+        ref.backward(grad_out)
+        x_local = fxhalo.shard(x, shard_dim, group).requires_grad_()
+        y = model(x_local)
+        y.backward(grad_out)  # the full gradient on every rank, as for a replicated value
+        out[label + " type"] = (type(model[0]).__name__ == "DomainParallelPool", 0.0)
+        out[label + " out"] = close(y, ref.detach())
+        out[label + " grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, shard_dim, group))
+    return out
+
+
 def _cp_slicing(rank: int, cp_group) -> dict:
     """Each rank of a 2-rank context-parallel group convolves its block of channels."""
     import torch.distributed as dist
@@ -365,6 +400,7 @@ def _run(rank: int, world_size: int) -> dict:
         if rank >= p:
             continue
         results[p] = {case.label: run_case(case, p, group, seed=i) for i, case in enumerate(cases())}
+        results[f"global pools {p}"] = _global_pools(p, group)
 
     # A group of one rank runs the plain op: bit-for-bit the wrapped module's result.
     if rank == 0:
@@ -418,6 +454,14 @@ def test_every_wrapper_matches_one_device(p):
     per_rank = results()
     assert len(per_rank[0][p]) == len(cases())
     assert not _failures(p), _failures(p)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("p", [2, WORLD])
+def test_global_pools_match_one_device(p):
+    for rank, per_rank in enumerate(results()[:p]):
+        checks = per_rank[f"global pools {p}"]
+        assert len(checks) == 9 and all(ok for ok, _ in checks.values()), (rank, checks)
 
 
 @pytest.mark.timeout(300)

@@ -221,6 +221,40 @@ def test_local_layers_by_dim():
     assert [type(m) for m in model] == before
 
 
+def test_one_conv_family_class_reads_the_dimensionality_from_the_module():
+    defaults = {1: -1, 2: -2, 3: 3}  # DomainParallelConv{1,2,3}d's, kept by the family class
+    for nd, conv, conv_t in (
+        (1, nn.Conv1d(2, 2, 3), nn.ConvTranspose1d(2, 2, 3)),
+        (2, nn.Conv2d(2, 2, 3), nn.ConvTranspose2d(2, 2, 3)),
+        (3, nn.Conv3d(2, 2, 3), nn.ConvTranspose3d(2, 2, 3)),
+    ):
+        for family, module in ((dpnn.DomainParallelConv, conv), (dpnn.DomainParallelConvTranspose, conv_t)):
+            w = family(module)
+            assert (w.nd, w.shard_dim) == (nd, defaults[nd])
+            x = torch.randn(1, 2, *[5] * nd)
+            assert torch.equal(w(x), module(x))  # no process group: the plain op
+    assert isinstance(dpnn.DomainParallelConv2d(nn.Conv2d(1, 1, 1)), dpnn.DomainParallelConv)
+    with pytest.raises(fxhalo.FxHaloError, match="wraps Conv1d, Conv2d, Conv3d, not ConvTranspose2d"):
+        dpnn.DomainParallelConv(nn.ConvTranspose2d(1, 1, 3))
+
+
+def test_global_pool_and_softmax_along_the_shard():
+    """The compiled rules reduce over the shard here; convert wraps them instead of refusing."""
+    model = nn.Sequential(
+        nn.Softmax(dim=-2), nn.LogSoftmax(dim=-1), nn.AdaptiveAvgPool2d((1, 3)), nn.AdaptiveMaxPool2d(1)
+    )
+    fxhalo.convert_to_domain_parallel(model, shard_dim=-2)
+    assert [type(m).__name__ for m in model] == [
+        "DomainParallelSoftmax",
+        "LogSoftmax",  # along another dim: local
+        "DomainParallelPool",
+        "DomainParallelPool",
+    ]
+    x = torch.randn(2, 3, 8, 5)  # without a process group the wrappers are the plain ops
+    assert torch.equal(model[0](x), torch.softmax(x, -2))
+    assert torch.equal(model[2](x), F.adaptive_avg_pool2d(x, (1, 3)))
+
+
 def test_custom_converters_come_first_and_their_children_are_skipped():
     seen = []
 
@@ -265,7 +299,8 @@ class MyConv(nn.Conv2d):
         (nn.Sequential(WithPosEmbedding()), "0 (WithPosEmbedding)", "parameters/buffers of its own (pos)"),
         (nn.Sequential(nn.LayerNorm([8, 8])), "0 (LayerNorm)", "normalises over its last dims"),
         (nn.Sequential(nn.ZeroPad2d((0, 0, 1, 1))), "0 (ZeroPad2d)", "pads the sharded dim"),
-        (nn.Sequential(nn.AdaptiveAvgPool2d(1)), "0 (AdaptiveAvgPool2d)", "to one row"),
+        # (values only, pooling to one row is a global pool: see test_global_pool_and_softmax_along_the_shard)
+        (nn.Sequential(nn.AdaptiveMaxPool2d(1, return_indices=True)), "0 (AdaptiveMaxPool2d)", "to one row"),
         (nn.Sequential(nn.Softmax(dim=1)), "0 (Softmax)", "depends on the input's rank"),
         (nn.Sequential(nn.MultiheadAttention(4, 2)), "0 (MultiheadAttention)", "parameters/buffers of its own"),
         (nn.Sequential(MyConv(2, 2, 3)), "0 (MyConv)", "parameters/buffers of its own (weight, bias)"),

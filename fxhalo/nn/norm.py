@@ -1,0 +1,132 @@
+"""Group, instance and batch norm whose statistics span the sharded dim: one all_reduce of the statistics."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import norm as norm_ops
+from .base import _Wrapper
+
+
+class DomainParallelGroupNorm(_Wrapper):
+    """``nn.GroupNorm`` whose statistics span the sharded dim: one all_reduce of the statistics.
+
+    The backward carries the cross-rank terms (autograd through the functional
+    all_reduce), which CREDIT's GroupNorm misses.
+    """
+
+    wraps = (nn.GroupNorm,)
+
+    def __init__(self, norm: nn.GroupNorm, shard_dim: int = -2, group=None):
+        super().__init__(norm, shard_dim, group)
+        for attr in ("num_groups", "num_channels", "eps", "affine"):
+            setattr(self, attr, getattr(norm, attr))
+
+    def forward(self, x):
+        domain = self.domain()
+        dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), max(x.ndim - 2, 0))
+        if dim is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return norm_ops.group_norm(
+            x, self.num_groups, self.weight, self.bias, self.eps, shard_dim=dim, group_name=domain.group_name
+        )
+
+
+class DomainParallelInstanceNorm(_Wrapper):
+    """``nn.InstanceNorm1d/2d/3d``: per-(sample, channel) statistics over the global spatial extent.
+
+    CREDIT leaves InstanceNorm unconverted, which normalises each slab by its own
+    statistics.  Running statistics (``track_running_stats=True``) are updated as
+    on one device, the same on every rank.
+    """
+
+    wraps = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+    def __init__(self, norm, shard_dim: int = -2, group=None):
+        super().__init__(norm, shard_dim, group)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(self, attr, getattr(norm, attr))
+        self.nd = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}[
+            next(t for t in self.wraps if isinstance(norm, t))
+        ]
+
+    def forward(self, x):
+        nd = self.nd
+        if x.ndim not in (nd + 1, nd + 2):
+            raise ValueError(f"expected {nd + 1}D or {nd + 2}D input (got {x.ndim}D input)")
+        if x.size(x.ndim - nd - 1) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={x.ndim - nd - 1} to match num_features "
+                    f"({self.num_features}), but got: {x.size(x.ndim - nd - 1)}."
+                )
+            warnings.warn(
+                "input's size at the channel dim does not match num_features, which is not used because affine=False",
+                stacklevel=2,
+            )
+        domain = self.domain()
+        # An unbatched input is normalised as a batch of one, as torch does.
+        batched = x if x.ndim == nd + 2 else x.unsqueeze(0)
+        dim = None if domain is None else self._sharded_dim(batched, domain.dim_of(x.ndim) + batched.ndim - x.ndim, nd)
+        args = (
+            batched,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        if dim is None:
+            out = F.instance_norm(*args)
+        else:
+            out = norm_ops.instance_norm(*args, shard_dim=dim, group_name=domain.group_name)
+        return out if x.ndim == nd + 2 else out.squeeze(0)
+
+
+class DomainParallelBatchNorm(_Wrapper):
+    """``nn.BatchNorm1d/2d/3d``: in training, per-channel statistics over the batch and the global spatial extent.
+
+    In eval mode the running statistics normalise and nothing is communicated.
+    ``num_batches_tracked`` and the running statistics advance as on one device.
+    """
+
+    wraps = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    _NDIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+    def __init__(self, norm, shard_dim: int = -2, group=None):
+        super().__init__(norm, shard_dim, group)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(self, attr, getattr(norm, attr))
+        self.ndims = self._NDIMS[next(t for t in self.wraps if isinstance(norm, t))]
+
+    def forward(self, x):
+        if x.ndim not in self.ndims:
+            raise ValueError(f"expected {' or '.join(f'{n}D' for n in self.ndims)} input (got {x.ndim}D input)")
+        # torch's nn.BatchNorm forward, step for step, with the kernel in place of F.batch_norm.
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        args = (
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+        domain = self.domain()
+        local = domain is None or not use_batch_stats  # eval mode: running statistics, nothing to share
+        dim = None if local else self._sharded_dim(x, domain.dim_of(x.ndim), x.ndim - 2)
+        if dim is None:
+            return F.batch_norm(*args)
+        return norm_ops.batch_norm(*args, shard_dim=dim, group_name=domain.group_name)
