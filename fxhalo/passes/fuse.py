@@ -141,18 +141,18 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
             continue
         x, spec, mode, value = (list(pad.args) + ["constant", None])[:4]
         s = sharding_of(x)
-        (lo, hi), rest = shift_ops.pad_entries(spec, example_value(x).ndim, s.dim)
-        if lo < 0 or hi < 0:
+        edge, rest = conv_ops.padding_edge(mode, spec, s.dim, example_value(x).ndim, value)
+        if min(edge.extent) < 0:
             continue  # a crop: the pad kernel's own business
         if any(rest):
             # Pad the other dims first, locally, so that halo rows arrive already padded.
             with graph.inserting_before(conv):
-                fill = float(value or 0.0) if mode == "constant" else None
+                fill = edge.value if mode == "constant" else None
                 x_padded = graph.call_function(torch._C._nn.pad, (x, tuple(rest), mode, fill))
             x_padded.meta.update({k: v for k, v in pad.meta.items() if k in ("stack_trace", "nn_module_stack")})
             x_padded.meta[SHARDING] = s
             x = x_padded
-        edge = dict(edge_mode=mode, edge_value=float(value or 0.0), edge_extent=(lo, hi), length=pad.kwargs["length"])
+        edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, length=pad.kwargs["length"])
         conv.args = (x, *conv.args[1:])
         conv.kwargs = dict(conv.kwargs, **edge)
         graph.erase_node(pad)
