@@ -1,7 +1,7 @@
 """Import CREDIT's domain-parallel layers (``pip install --no-deps miles-credit``) without its stack.
 
 ``credit.domain_parallel`` itself needs only torch, except for one import:
-``credit/domain_parallel/convert.py`` does
+``credit.domain_parallel.convert`` does
 ``from credit.models.wxformer.crossformer import CrossEmbedConvBranch``, only to
 test ``isinstance(module, CrossEmbedConvBranch)``.  The real module pulls in
 ``credit.models`` (einops, CREDIT's post-blocks, boundary padding, attention

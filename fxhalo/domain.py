@@ -215,8 +215,7 @@ class _GatherAlongDim(torch.autograd.Function):
     """All-gather along ``dim``; the gradient of the (replicated) result is sliced back.
 
     The gathered tensor is the same on every rank, so its gradient is taken to be
-    the same on every rank too (DTensor's convention for Replicate): each rank
-    keeps its own rows of it.  This makes ``loss(gather(y)).backward()`` on every
+    the same on every rank too: each rank keeps its own rows of it.  This makes ``loss(gather(y)).backward()`` on every
     rank give each rank exactly the single-device gradient of its slab.
     """
 

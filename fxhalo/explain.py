@@ -84,7 +84,7 @@ from . import halo as _halo
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, _public_name, user_source
 from .ops import grad as _grad_ops
-from .ops import reduce as _reduce_ops
+from .ops import moments as _reduce_ops
 from .passes import PassContext, layouts, propagate_sharding, rewrite
 from .passes.boundary import wrap_replicated_boundaries
 from .passes.fuse import fuse

@@ -43,13 +43,13 @@ import torch.nn as nn
 import fxhalo
 from fxhalo.explain import _with_grad
 from fxhalo.models import small_unet
-from fxhalo.ops.reduce import local_sums
+from fxhalo.ops.moments import local_sums
 
 B, W = 1, 64  # batch and width of the global input
 F32 = 4
 # Float64 statistics per group in a compiled norm's all_reduce: sum x and sum x^2.  (The
 # compiled graph passes the global length, so the element count need not travel with them;
-# see fxhalo.ops.reduce.global_moments.)
+# see fxhalo.ops.moments.global_moments.)
 _STATS = local_sums(torch.zeros(1, 1, 2, 2), (2, 3), with_count=False).shape[0]
 
 

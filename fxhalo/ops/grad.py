@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .reduce import all_reduce_sum
+from .collectives import all_reduce_sum
 
 __all__ = ["replicated_output", "replicated_input", "synced_params"]
 

@@ -7,7 +7,7 @@ travels with its statistics), and is called only when the op's statistics
 include the sharded dim (the rule leaves the other cases, such as eval-mode batch
 norm, as the local torch op).  The statistics of one op (every group, instance
 or channel) travel in one float64 tensor through one ``all_reduce``: see
-:func:`fxhalo.ops.reduce.global_moments` for the scheme and its measured accuracy.
+:func:`fxhalo.ops.moments.global_moments` for the scheme and its measured accuracy.
 The backward comes from autograd through that all_reduce, whose backward
 all-reduces the statistics' gradients: the cross-rank terms of the norm's
 gradient (one more all_reduce in the backward).
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..domain import Domain
 from ..geometry import Window, plan_window
 from ..halo import Edge
-from .reduce import global_count, global_moments, global_moments_with_rows, normalize
+from .moments import global_count, global_moments, global_moments_with_rows, normalize
 
 __all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm"]
 
@@ -79,7 +79,7 @@ def group_norm_exchange(
     edge_extent: tuple[int, int] = (0, 0),
 ):
     """:func:`group_norm`, and the halo rows of its output that a windowed op needs, in **one**
-    ``all_to_all_single`` (:func:`fxhalo.ops.reduce.global_moments_with_rows`).
+    ``all_to_all_single`` (:func:`fxhalo.ops.moments.global_moments_with_rows`).
 
     ``window`` is the consumer's :class:`~fxhalo.geometry.Window` along the sharded dim,
     as a tuple (``kernel, stride, dilation, pad_lo, pad_hi``), and ``edge_*`` its

@@ -39,7 +39,7 @@ def _needs_grad(node) -> bool:
     return isinstance(val, torch.Tensor) and val.requires_grad
 
 
-#: the most gradient bytes one grad_sync all_reduce carries (DDP's default bucket is 25 MiB)
+#: the most gradient bytes one grad_sync all_reduce carries
 BUCKET_BYTES = 25 * 2**20
 
 

@@ -22,7 +22,7 @@ class PassContext:
     #: global length of each sharded placeholder along its sharded dim (gathered from the ranks at
     #: compile time); a placeholder missing here is taken to be evenly sharded (one-process tools)
     input_lengths: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    #: wrap the parameters so that their gradients are summed over the domain group (issue 6)
+    #: wrap the parameters so that their gradients are summed over the domain group
     grad_sync: bool = True
     #: send a norm's statistics with the next conv's halo rows (fxhalo.passes.fuse)
     fuse_exchanges: bool = True

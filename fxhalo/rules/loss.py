@@ -2,7 +2,7 @@
 
 ``reduction='none'`` is local (the per-pixel loss is sharded like the pixels).
 ``'sum'`` and ``'mean'`` become calls to the kernels of the same name in
-:mod:`fxhalo.ops.reduce`: each rank sums its per-pixel losses, one all_reduce adds
+:mod:`fxhalo.ops.loss`: each rank sums its per-pixel losses, one all_reduce adds
 the sums (and, where ``'mean'`` divides by something data-dependent such as
 ``sum(weight)`` or the non-ignored pixels, that too), and every rank gets the
 global value.
@@ -21,7 +21,7 @@ Before::
 
 After::
 
-    mse_loss = fxhalo.ops.reduce.mse_loss(l_pred_, l_target_, None, None, 'mean', None,
+    mse_loss = fxhalo.ops.loss.mse_loss(l_pred_, l_target_, None, None, 'mean', None,
                                           shard_dim=2, group_name='0')
 """
 
@@ -32,7 +32,7 @@ import inspect
 
 import torch.nn.functional as F
 
-from ..ops import reduce as ops
+from ..ops import loss as ops
 from ..sharding import Sharded, example_value, sharding_of
 from . import Decision, KernelCall, Rule, bind, register
 

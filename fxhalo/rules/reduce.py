@@ -190,7 +190,7 @@ class MaxMin(Reduction):
         return self._everything(node).call
 
 
-_SUM = Reduction(_sum_like(ops.sum))
+_SUM = Reduction(_sum_like(ops.sum_))
 _MEAN = Reduction(_sum_like(ops.mean))
 _AMAX = Reduction(_amax_like(ops.amax))
 _AMIN = Reduction(_amax_like(ops.amin))

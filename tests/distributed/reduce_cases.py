@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import fxhalo
 from tests.harness import close, run_ranks
 
-_KERNEL_MODULES = ("fxhalo.ops.norm", "fxhalo.ops.reduce")
+_KERNEL_MODULES = ("fxhalo.ops.norm", "fxhalo.ops.reduce", "fxhalo.ops.loss")
 
 
 # -- recording the graphs ----------------------------------------------------------
@@ -567,7 +567,7 @@ WORLD_SIZES = (2, 3, 4)
 
 
 def sum_collectives(P: int, group) -> list[dict]:
-    """``fxhalo.ops.reduce.all_reduce_sum`` called directly, eagerly, on a small and a large tensor.
+    """``fxhalo.ops.collectives.all_reduce_sum`` called directly, eagerly, on a small and a large tensor.
 
     Each rank sums ``rank + 1`` times a common tensor and backpropagates ``rank + 1``
     times a common gradient, so the exact sum and the full gradient are known.  The
@@ -576,7 +576,7 @@ def sum_collectives(P: int, group) -> list[dict]:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fxhalo.domain import resolve_group
-    from fxhalo.ops.reduce import EXCHANGE_SUM_MAX_BYTES, all_reduce_sum
+    from fxhalo.ops.collectives import EXCHANGE_SUM_MAX_BYTES, all_reduce_sum
 
     rank = dist.get_rank(group) if group is not None else dist.get_rank()
     name = resolve_group(group).group_name

@@ -9,7 +9,7 @@ def _inductor_cases(rank, world_size):
     from tests.distributed.conv_cases import ConvCase, run_case
 
     cases = [
-        # the CREDIT-breaking downsample: kernel 3, stride 2, padding 1, reflect edges
+        # the downsample a fixed (k - s) // 2 halo gets wrong: kernel 3, stride 2, padding 1, reflect edges
         ConvCase(2, 2, 2, 3, (3, 3), (2, 2), (1, 1), 1, "reflect", 1, True, 2, (4, 6)),
         # dilated, even kernel, circular ring, 1-D
         ConvCase(1, 2, 2, 2, (4,), (1,), (2,), 3, "circular", 2, True, 1, (6,)),

@@ -15,7 +15,8 @@ the module and runs it on this rank's slab.  A row's checks point at:
 - ``type``: that convert put the expected layer in (a case must not pass by
   staying local).
 
-CREDIT's seven failing configurations are here by name (``credit:`` prefix).
+The seven ``credit:`` cases are the layer configurations that docs/eager.md names in
+"What differs from CREDIT, and why".
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 class PeriodicConv2d(nn.Module):
-    """CREDIT's PeriodicConv2d: circular pad along W, reflect along H, then an unpadded conv."""
+    """A conv on a global lat-lon grid: circular pad along W, reflect along H, then an unpadded conv."""
 
     def __init__(self, cin, cout, k):
         super().__init__()

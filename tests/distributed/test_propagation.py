@@ -1,4 +1,4 @@
-"""Issue-3 models on real ranks against one device: window partitions, graph breaks, the gather fallback.
+"""Propagation models on real ranks against one device: window partitions, graph breaks, the gather fallback.
 
 Each check compares the forward slab ("out"), the input-gradient slab
 ("grad_in": a layout mistake in a reshape shows up here as rows from the wrong

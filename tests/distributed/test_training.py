@@ -1,9 +1,9 @@
 """Training end to end: sharded training gives the model that one device gives.
 
-The protocol of PyTorch's own distributed convolution tests: 10 SGD steps (lr
-1e-3), each on fresh random inputs with fresh random output gradients, once
-sharded and once on one device; then the mean squared difference of every
-parameter must be <= 1e-6, absolute and relative to the parameter's mean square.
+The protocol (docs/training.md): 10 SGD steps (lr 1e-3), each on fresh random
+inputs with fresh random output gradients, once sharded and once on one device;
+then the mean squared difference of every parameter must be <= 1e-6, absolute and
+relative to the parameter's mean square.
 
 One spawned group per world size runs, on ``fxhalo.models.SmallUNet`` (convs,
 GroupNorm, a kernel-3 / stride-2 downsample, a ×2 upsample, a 1×1 head):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
+from fxhalo.ops import loss as loss_ops
 from fxhalo.ops import norm as norm_ops
 from fxhalo.ops import reduce as reduce_ops
 from fxhalo.sharding import SHARDING, Sharded
@@ -21,11 +22,12 @@ X = torch.randn(2, 4, 8, 6)  # local slab of a (2, 4, 32, 6) tensor on 4 ranks
 S = Sharded(2, 8, 32)
 
 
+KERNEL_MODULES = ("fxhalo.ops.norm", "fxhalo.ops.reduce", "fxhalo.ops.loss")
+
+
 def kernels(gm):
     return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "call_function" and getattr(n.target, "__module__", "") in ("fxhalo.ops.norm", "fxhalo.ops.reduce")
+        n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__module__", "") in KERNEL_MODULES
     ]
 
 
@@ -36,9 +38,9 @@ def outputs(gm):
 @pytest.mark.parametrize(
     "fn, kernel",
     [
-        (lambda x: x.sum(), reduce_ops.sum),
-        (lambda x: torch.sum(x, 2), reduce_ops.sum),
-        (lambda x: x.sum(dim=(2, 3), keepdim=True), reduce_ops.sum),
+        (lambda x: x.sum(), reduce_ops.sum_),
+        (lambda x: torch.sum(x, 2), reduce_ops.sum_),
+        (lambda x: x.sum(dim=(2, 3), keepdim=True), reduce_ops.sum_),
         (lambda x: x.mean(dim=-2), reduce_ops.mean),
         (lambda x: torch.mean(x, (1, 2)), reduce_ops.mean),
         (lambda x: x.amax(2), reduce_ops.amax),
@@ -58,9 +60,9 @@ def outputs(gm):
         (lambda x: F.log_softmax(x, -2), reduce_ops.log_softmax),
         (lambda x: F.group_norm(x, 2), norm_ops.group_norm),
         (lambda x: F.layer_norm(x, x.shape[-2:]), norm_ops.layer_norm),
-        (lambda x: F.mse_loss(x, x.sin()), reduce_ops.mse_loss),
-        (lambda x: F.l1_loss(x, x.cos(), reduction="sum"), reduce_ops.l1_loss),
-        (lambda x: F.smooth_l1_loss(x, 2 * x), reduce_ops.smooth_l1_loss),
+        (lambda x: F.mse_loss(x, x.sin()), loss_ops.mse_loss),
+        (lambda x: F.l1_loss(x, x.cos(), reduction="sum"), loss_ops.l1_loss),
+        (lambda x: F.smooth_l1_loss(x, 2 * x), loss_ops.smooth_l1_loss),
     ],
 )
 def test_each_spelling_becomes_one_kernel_with_a_replicated_or_sharded_result(fn, kernel):
@@ -116,7 +118,7 @@ def test_eval_mode_and_batch_sharded_norms_stay_local():
 def test_class_losses_take_targets_sharded_along_the_same_pixels():
     logits, classes = torch.randn(2, 5, 8, 6), torch.randint(0, 5, (2, 8, 6))
     gm, _ = passes_on(Lambda(lambda z, t: F.cross_entropy(z, t)), logits, classes, **{"xs[1]": 1})
-    assert [n.target for n in kernels(gm)] == [reduce_ops.cross_entropy]
+    assert [n.target for n in kernels(gm)] == [loss_ops.cross_entropy]
     with pytest.raises(FxHaloError, match="target sharded as"):  # shard_dim=2 is W for [N, H, W] targets
         passes_on(Lambda(lambda z, t: F.cross_entropy(z, t)), logits, classes)
 

@@ -1,4 +1,4 @@
-"""The statistics merge of fxhalo.ops.reduce, on simulated ranks (chunks of one tensor, summed as all_reduce would).
+"""The statistics merge of fxhalo.ops.moments, on simulated ranks (chunks of one tensor, summed as all_reduce would).
 
 This is the evidence behind the scheme in ``global_moments``: plain fp32 sums of
 ``x`` and ``x^2`` cancel catastrophically at mean 1e3, std 1; shifted sums merged
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxhalo.ops.reduce import local_sums, moments_from_sums, normalize
+from fxhalo.ops.moments import local_sums, moments_from_sums, normalize
 
 DIMS = (2, 3, 4)  # of the grouped view [N, G, C/G, H, W]
 
