@@ -1,6 +1,6 @@
 """``fxhalo.validate``: find every problem before launching a job.
 
-The counterpart of CREDIT's ``validate_sharding_constraints``.  It traces the
+It traces the
 model with Dynamo on one rank's example input, runs sharding propagation for a
 simulated domain (any ``world_size`` and ``rank``, no process group or collective
 needed) and collects, instead of raising:

@@ -22,7 +22,7 @@ negative dims count from the end (``-2`` is H of ``(B, C, H, W)`` and of
 which never sees a tensor, reads a non-negative ``shard_dim`` on the batched input
 ``(N, C, *spatial)``.)  Defaults: H, i.e. ``-2``, for every 2-D layer and every
 family class; the 1-D convs default to the length (``-1``), the 3-D convs to ``3``
-(H of ``(B, C, T, H, W)``, as CREDIT's 3-D layers), which is ``-2`` for a batched
+(H of ``(B, C, T, H, W)``, the latitude of a weather model's 3-D input), which is ``-2`` for a batched
 input.
 
 Three guarantees every wrapper keeps:

@@ -37,8 +37,8 @@ def reduce_gradients(module: nn.Module, group=None) -> None:
 
     Each rank's backward gives a partial gradient (the contribution of its slab);
     the sum is one device's gradient.  Call it after ``backward()`` and before the
-    optimizer step.  (DDP over the domain group would *average* instead, which is
-    off by the group size.)
+    optimizer step.  The gradients are *summed*, not averaged: each rank's part
+    of the loss is a part of one device's loss, not a sample of it.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -22,7 +22,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 #: spatial dims -> the default ``shard_dim``: the length of ``(B, C, L)``, H of ``(B, C, H, W)``
-#: and H of ``(B, C, T, H, W)`` (3, as CREDIT's 3-D layers; the same dim as -2 for a batched input)
+#: and H of ``(B, C, T, H, W)`` (3: the latitude of a weather model's input; the same dim as -2 for a batched input)
 DEFAULT_SHARD_DIM = {1: -1, 2: -2, 3: 3}
 
 
@@ -200,8 +200,8 @@ class DomainParallelPeriodicConv2d(_Wrapper):
     """A weather model's periodic conv: circular pad along W (longitude), reflect along H (poles), unpadded conv.
 
     Wraps a module with a ``conv`` (``nn.Conv2d``) and a ``padding`` (an int, or
-    ``(ph, pw)``) whose forward is ``conv(pad_H(pad_W(x, circular), reflect))``, as
-    CREDIT's ``PeriodicConv2d``.  ``h_mode``/``w_mode`` name other ``F.pad`` modes
+    ``(ph, pw)``) whose forward is ``conv(pad_H(pad_W(x, circular), reflect))``: periodic
+    in longitude, reflected at the poles.  ``h_mode``/``w_mode`` name other ``F.pad`` modes
     if a model uses them.  The pad along the sharded dim is folded into the conv's
     halo, so it applies at the *global* edges only (the poles, or the date line
     when W is sharded); the pad along the other dim is local.  Exact: one device

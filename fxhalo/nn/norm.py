@@ -15,7 +15,7 @@ class DomainParallelGroupNorm(_Wrapper):
     """``nn.GroupNorm`` whose statistics span the sharded dim: one all_reduce of the statistics.
 
     The backward carries the cross-rank terms (autograd through the functional
-    all_reduce), which CREDIT's GroupNorm misses.
+    all_reduce): a norm's gradient depends on every rank's rows through its statistics.
     """
 
     wraps = (nn.GroupNorm,)
@@ -38,8 +38,8 @@ class DomainParallelGroupNorm(_Wrapper):
 class DomainParallelInstanceNorm(_Wrapper):
     """``nn.InstanceNorm1d/2d/3d``: per-(sample, channel) statistics over the global spatial extent.
 
-    CREDIT leaves InstanceNorm unconverted, which normalises each slab by its own
-    statistics.  Running statistics (``track_running_stats=True``) are updated as
+    Left as the plain module, it would normalise each slab by its own statistics:
+    wrong near every shard edge.  Running statistics (``track_running_stats=True``) are updated as
     on one device, the same on every rank.
     """
 

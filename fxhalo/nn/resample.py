@@ -19,7 +19,7 @@ class DomainParallelInterpolate(nn.Module):
     ask for it), not this rank's share: the layer then means the same thing on
     one device and on ``P`` ranks.  A ``scale_factor`` scales the global length
     too.  Source coordinates are computed in global coordinates and clamp at the
-    *global* edges (CREDIT's version clamps at every shard edge).  Modes:
+    *global* edges, never at a shard edge.  Modes:
     ``nearest``, ``nearest-exact``, ``linear``, ``bilinear``, ``bicubic``,
     ``trilinear``; no ``antialias``.
     """
