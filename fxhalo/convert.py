@@ -201,7 +201,10 @@ def _sync_batch_norm(module, s):
 @handles(nn.LayerNorm, nn.RMSNorm)
 def _layer_norm(module, s):
     n = len(module.normalized_shape)
-    return _refuse_if_acts_on(module, s, tuple(range(-n, 0)), "normalises over its last dims")
+    if _may_act_on(tuple(range(-n, 0)), s.shard_dim) is False:
+        return _LOCAL
+    # Over the sharded dim (or maybe, depending on the input's rank: the wrapper decides per call).
+    return dp.DomainParallelLayerNorm(module, s.shard_dim, s.group)
 
 
 @handles(*local_rules.CHANNEL_ONLY_MODULES)

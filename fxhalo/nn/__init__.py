@@ -7,7 +7,7 @@ implementation of each op).  ``fxhalo.convert_to_domain_parallel`` puts them int
 a model.  One wrapper class per op family, its dimensionality read from the
 wrapped module: :class:`DomainParallelConv`, :class:`DomainParallelConvTranspose`,
 :class:`DomainParallelGroupNorm`, :class:`DomainParallelInstanceNorm`,
-:class:`DomainParallelBatchNorm`, :class:`DomainParallelPool`,
+:class:`DomainParallelBatchNorm`, :class:`DomainParallelLayerNorm`, :class:`DomainParallelPool`,
 :class:`DomainParallelSoftmax`, :class:`DomainParallelInterpolate` (and
 :class:`DomainParallelPeriodicConv2d` for a pad-and-conv module).
 ``DomainParallelConv1d/2d/3d`` and ``DomainParallelConvTranspose1d/2d/3d`` are the
@@ -66,7 +66,12 @@ from .conv import (
     DomainParallelConvTranspose3d,
     DomainParallelPeriodicConv2d,
 )
-from .norm import DomainParallelBatchNorm, DomainParallelGroupNorm, DomainParallelInstanceNorm
+from .norm import (
+    DomainParallelBatchNorm,
+    DomainParallelGroupNorm,
+    DomainParallelInstanceNorm,
+    DomainParallelLayerNorm,
+)
 from .reduce import DomainParallelSoftmax
 from .resample import POOLS, DomainParallelInterpolate, DomainParallelPool
 
@@ -82,6 +87,7 @@ __all__ = [
     "DomainParallelGroupNorm",
     "DomainParallelInstanceNorm",
     "DomainParallelBatchNorm",
+    "DomainParallelLayerNorm",
     "DomainParallelPeriodicConv2d",
     "DomainParallelInterpolate",
     "DomainParallelPool",
@@ -104,6 +110,7 @@ WRAPPERS: dict[type, type] = {
     nn.GroupNorm: DomainParallelGroupNorm,
     **{t: DomainParallelInstanceNorm for t in DomainParallelInstanceNorm.wraps},
     **{t: DomainParallelBatchNorm for t in DomainParallelBatchNorm.wraps},
+    **{t: DomainParallelLayerNorm for t in DomainParallelLayerNorm.wraps},
     **{t: DomainParallelPool for t in POOLS},
     **{t: DomainParallelSoftmax for t in DomainParallelSoftmax.wraps},
 }

@@ -1,4 +1,4 @@
-"""Group, instance and batch norm whose statistics span the sharded dim: one all_reduce of the statistics."""
+"""Group, instance, batch, layer and RMS norm whose statistics span the sharded dim: one all_reduce each."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import warnings
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import FxHaloError
 from ..ops import norm as norm_ops
 from .base import _Wrapper
 
@@ -130,3 +131,50 @@ class DomainParallelBatchNorm(_Wrapper):
         if dim is None:
             return F.batch_norm(*args)
         return norm_ops.batch_norm(*args, shard_dim=dim, group_name=domain.group_name)
+
+
+class DomainParallelLayerNorm(_Wrapper):
+    """``nn.LayerNorm`` or ``nn.RMSNorm`` whose ``normalized_shape`` covers the sharded dim.
+
+    The module is built with the *global* ``normalized_shape`` (its weight and bias
+    have the global shape); each rank normalises its slab with the global
+    statistics (one all_reduce) and applies its own rows of the weight and bias.
+    Over dims that leave the sharded dim out, it is the plain module.
+    """
+
+    wraps = (nn.LayerNorm, nn.RMSNorm)
+
+    def __init__(self, norm, shard_dim: int = -2, group=None):
+        super().__init__(norm, shard_dim, group)
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = norm.eps
+        self.rms = isinstance(norm, nn.RMSNorm)
+
+    def _plain(self, x, shape, weight, bias):
+        if self.rms:
+            return F.rms_norm(x, shape, weight, self.eps)
+        return F.layer_norm(x, shape, weight, bias, self.eps)
+
+    def forward(self, x):
+        domain = self.domain()
+        n = len(self.normalized_shape)
+        d = None if domain is None else domain.dim_of(x.ndim)
+        if d is None or d < x.ndim - n:
+            return self._plain(x, self.normalized_shape, self.weight, getattr(self, "bias", None))
+        axis = d - (x.ndim - n)  # the sharded dim's place in normalized_shape
+        length = self.normalized_shape[axis]
+        a, b = domain.bounds(length)
+        if x.shape[d] != b - a:
+            raise FxHaloError(
+                f"{type(self).__name__}: normalized_shape {self.normalized_shape} is the global shape, so this "
+                f"rank's slab should hold rows [{a}, {b}) of its dim {d}, but it has {x.shape[d]}. Remedy: shard "
+                "the input with fxhalo.shard (the balanced partition)"
+            )
+        shape = tuple(x.shape[x.ndim - n :])
+        weight, bias = (
+            None if t is None else t.narrow(axis, a, b - a) for t in (self.weight, getattr(self, "bias", None))
+        )
+        kw = dict(shard_dim=d, group_name=domain.group_name, length=length)
+        if self.rms:
+            return norm_ops.rms_norm(x, shape, weight, self.eps, **kw)
+        return norm_ops.layer_norm(x, shape, weight, bias, self.eps, **kw)

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from ..domain import Domain
 from ..geometry import Window, plan_window
 from ..halo import Edge
+from .collectives import all_reduce_sum
 from .moments import global_count, global_moments, global_moments_with_rows, normalize
 
-__all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm"]
+__all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm", "rms_norm"]
 
 
 def _per_channel(t, ndim: int):
@@ -190,3 +191,28 @@ def layer_norm(
     count = global_count(input, dims, shard_dim % input.ndim, length)
     mean, m2, count = global_moments(input, dims, group_name, count)
     return normalize(input, mean, m2 / count, eps, weight, bias)
+
+
+def rms_norm(
+    input, normalized_shape, weight=None, eps=None, *, shard_dim: int, group_name: str, length: int | None = None
+):
+    """``F.rms_norm`` whose ``normalized_shape`` covers the sharded dim: one all_reduce.
+
+    The mean square over the normalised dims is each rank's sum of squares, summed
+    over the ranks in float64 (with the element count in the same tensor when
+    ``length`` is not given), over the global count.  ``weight`` (shape
+    ``normalized_shape``) must be sharded like the input, as for :func:`layer_norm`.
+    """
+    dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    squares = input.double().square().sum(dims, keepdim=True)
+    count = global_count(input, dims, shard_dim % input.ndim, length)
+    if count is None:  # the count travels with the sums: shards may differ in length
+        local = math.prod(input.shape[d] for d in dims)
+        packed = torch.cat([squares.reshape(-1), squares.new_full((1,), local)])
+        total = all_reduce_sum(packed, group_name)
+        squares, count = total[:-1].reshape(squares.shape), total[-1]
+    else:
+        squares = all_reduce_sum(squares, group_name)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps
+    out = input * torch.rsqrt(squares / count + eps).to(input.dtype)
+    return out if weight is None else out * weight

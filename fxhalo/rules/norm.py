@@ -8,7 +8,7 @@ op                                     statistics over
 ``F.group_norm``                       channels of a group and every spatial dim
 ``F.instance_norm`` (input stats)      every spatial dim
 ``F.batch_norm`` (``training=True``)   the batch and every spatial dim
-``F.layer_norm``                       the last ``len(normalized_shape)`` dims
+``F.layer_norm``, ``F.rms_norm``       the last ``len(normalized_shape)`` dims
 eval-mode batch / instance norm        nothing: running statistics, local
 =====================================  ==============================================
 
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..ops import norm as ops
 from ..sharding import Sharded, example_value, sharding_of
-from . import Decision, KernelCall, Rule, bind, register
+from . import Decision, KernelCall, Rule, bind, register, register_op
 
 _PARAMS = ("weight", "bias", "running_mean", "running_var")
 
@@ -92,7 +92,7 @@ class Norm(Rule):
     def _check_params(self, node, params, s: Sharded, ndim: int, crosses: bool, ctx):
         for name, p in params.items():
             sp = sharding_of(p)
-            if self._kernel is ops.layer_norm and name in ("weight", "bias") and crosses:
+            if self._kernel in (ops.layer_norm, ops.rms_norm) and name in ("weight", "bias") and crosses:
                 # The affine parameters have the normalised shape, which includes the sharded dim:
                 # each rank must apply its own rows of them.
                 want = dataclasses.replace(s, dim=s.dim - (ndim - example_value(p).ndim))
@@ -113,3 +113,4 @@ register(Norm(F.group_norm, ops.group_norm, _group_norm_dims), F.group_norm)
 register(Norm(F.instance_norm, ops.instance_norm, _instance_norm_dims, "use_input_stats"), F.instance_norm)
 register(Norm(F.batch_norm, ops.batch_norm, _batch_norm_dims, "training"), F.batch_norm)
 register(Norm(F.layer_norm, ops.layer_norm, _layer_norm_dims), F.layer_norm)
+register_op(Norm(F.rms_norm, ops.rms_norm, _layer_norm_dims), "rms_norm")

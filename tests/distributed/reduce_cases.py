@@ -277,6 +277,14 @@ def _ln_chw_plain(x):
     return F.layer_norm(x, x.shape[-3:])
 
 
+def _rms_hw(x):
+    return F.rms_norm(x, x.shape[-2:], eps=1e-6)
+
+
+def _rms_chw(x, w):
+    return F.rms_norm(x, x.shape[-3:], w)
+
+
 def norms_case(P: int) -> Case:
     """Stateless norms, and the mean-1e3 ones, against the *float64* one-device result.
 
@@ -304,6 +312,9 @@ def norms_case(P: int) -> Case:
         Op("layer_norm over (H, W)", _ln_hw),
         Op("layer_norm over (C, H, W), sharded weight and bias", _ln_chw, ("y", "w", "b")),
         Op("LayerNorm(W): local", p(nn.LayerNorm(5), 4)),
+        Op("rms_norm over (H, W)", _rms_hw),
+        Op("rms_norm over (C, H, W), sharded weight, default eps", _rms_chw, ("y", "w")),
+        Op("RMSNorm(W): local", p(nn.RMSNorm(5), 8)),
         Op("1e3: GroupNorm(2, 4)", p(nn.GroupNorm(2, 4), 5), ("big",)),
         Op("1e3: InstanceNorm2d(4, affine)", p(nn.InstanceNorm2d(4, affine=True), 6), ("big",)),
         Op("1e3: BatchNorm2d(4) training", p(nn.BatchNorm2d(4), 7), ("big",)),
@@ -608,6 +619,29 @@ def sum_collectives(P: int, group) -> list[dict]:
     return out
 
 
+def eager_rms_norm(P: int, group) -> dict:
+    """``fxhalo.nn.DomainParallelLayerNorm`` around ``nn.RMSNorm([C, H, W])`` (global shape), eagerly:
+    forward, input gradient and the weight gradient summed over the ranks, against one device."""
+    torch.manual_seed(P)
+    plain = _perturbed(nn.RMSNorm([3, 4 * P + 1, 5]), 9)  # uneven rows
+    wrapped = fxhalo.nn.DomainParallelLayerNorm(copy.deepcopy(plain), shard_dim=2, group=group)
+    x = _randn(11)(2, 3, 4 * P + 1, 5).requires_grad_()
+    gy = _randn(12)(2, 3, 4 * P + 1, 5)
+    ref = plain(x)
+    ref.backward(gy)
+    x_local = fxhalo.shard(x.detach(), 2, group).requires_grad_()
+    y_local = wrapped(x_local)
+    y_local.backward(fxhalo.shard(gy, 2, group))
+    fxhalo.nn.reduce_gradients(wrapped, group)
+    checks = {
+        "out": torch.allclose(y_local, fxhalo.shard(ref.detach(), 2, group), atol=1e-5, rtol=1e-4),
+        "grad_in": torch.allclose(x_local.grad, fxhalo.shard(x.grad, 2, group), atol=1e-5, rtol=1e-4),
+        "grad weight": (wrapped.weight.grad - plain.weight.grad).abs().max().item()
+        <= 1e-5 + 1e-4 * plain.weight.grad.abs().max().item(),
+    }
+    return {"ok": all(checks.values()), "failed": [k for k, v in checks.items() if not v]}
+
+
 def run_world(P: int, group) -> dict:
     start = time.perf_counter()
     norms = [run_case(norms_case(P), 1, group), run_case(running_stats_case(P), 2, group)]
@@ -618,6 +652,7 @@ def run_world(P: int, group) -> dict:
         "fp32_one_device_err": fp32_one_device_error(P),
         "sums": sum_collectives(P, group),
         "fused": run_case(norm_conv_case(P), 5, group),
+        "eager_rms_norm": eager_rms_norm(P, group),
         "seconds": time.perf_counter() - start,
     }
 

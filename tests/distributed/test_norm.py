@@ -59,3 +59,10 @@ def test_a_norm_and_the_next_convs_halo_share_one_exchange(world_size):
     # 7 fused exchanges, and the unfused norm's sum plus its conv's exchange
     assert len(case["fw"]) == 7 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
     assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case["bw"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_eager_rms_norm_over_the_sharded_dim_matches_one_device(world_size):
+    per_rank = results(world_size)
+    assert all(r["eager_rms_norm"]["ok"] for r in per_rank), [r["eager_rms_norm"] for r in per_rank]

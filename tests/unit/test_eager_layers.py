@@ -297,7 +297,6 @@ class MyConv(nn.Conv2d):
     [
         (nn.Sequential(nn.Conv2d(2, 2, 3), nn.Sequential(nn.ReLU(), Odd())), "1.1 (Odd)", "does not know"),
         (nn.Sequential(WithPosEmbedding()), "0 (WithPosEmbedding)", "parameters/buffers of its own (pos)"),
-        (nn.Sequential(nn.LayerNorm([8, 8])), "0 (LayerNorm)", "normalises over its last dims"),
         (nn.Sequential(nn.ZeroPad2d((0, 0, 1, 1))), "0 (ZeroPad2d)", "pads the sharded dim"),
         # (values only, pooling to one row is a global pool: see test_global_pool_and_softmax_along_the_shard)
         (nn.Sequential(nn.AdaptiveMaxPool2d(1, return_indices=True)), "0 (AdaptiveMaxPool2d)", "to one row"),
@@ -318,6 +317,13 @@ def test_refusals_name_the_path_and_leave_the_model_unchanged(module, path, word
     assert [type(m) for m in module.modules()] == before
 
 
+def test_layer_and_rms_norm_over_the_sharded_dim_are_wrapped_and_left_alone_elsewhere():
+    model = nn.Sequential(nn.LayerNorm([8, 8]), nn.RMSNorm([6, 8]), nn.LayerNorm(8), nn.RMSNorm(8))
+    fxhalo.convert_to_domain_parallel(model, shard_dim=-2)
+    assert [type(m).__name__ for m in model] == ["DomainParallelLayerNorm"] * 2 + ["LayerNorm", "RMSNorm"]
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "1.weight", "2.weight", "2.bias", "3.weight"}
+
+
 def test_linear_refused_only_on_the_last_dim():
     fxhalo.convert_to_domain_parallel(nn.Sequential(nn.Linear(4, 4)), shard_dim=-2)
     with pytest.raises(fxhalo.FxHaloError, match="includes the sharded dim -1"):
@@ -327,10 +333,10 @@ def test_linear_refused_only_on_the_last_dim():
 
 
 def test_every_refusal_is_listed_at_once():
-    model = nn.Sequential(Odd(), nn.Conv2d(2, 2, 3), nn.LayerNorm([8, 8]))
+    model = nn.Sequential(Odd(), nn.Conv2d(2, 2, 3), nn.ZeroPad2d((0, 0, 1, 1)))
     with pytest.raises(fxhalo.FxHaloError, match="2 module") as info:
         fxhalo.convert_to_domain_parallel(model)
-    assert "0 (Odd)" in str(info.value) and "2 (LayerNorm)" in str(info.value)
+    assert "0 (Odd)" in str(info.value) and "2 (ZeroPad2d)" in str(info.value)
     assert type(model[1]) is nn.Conv2d  # nothing converted while anything is refused
 
 
