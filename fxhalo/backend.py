@@ -31,12 +31,10 @@ import torch.distributed as dist
 
 from .domain import Domain
 from .errors import FxHaloError
-from .explain import log_rewrite
-from .passes import PassContext, layouts, propagate_sharding, rewrite
+from .log import log_rewrite
+from .passes import PassContext, layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
-from .passes.boundary import wrap_replicated_boundaries
-from .passes.fuse import fuse_norm_exchanges
-from .passes.meta import refresh_meta
+from .passes.pipeline import run_pipeline
 from .passes.sharding import local_input_lengths
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
@@ -125,14 +123,10 @@ class DomainParallelBackend:
 
 
 def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> torch.fx.GraphModule:
-    """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
-    propagate_sharding(gm, ctx)
-    rewrite(gm, ctx)
-    if ctx.fuse_exchanges:
-        fuse_norm_exchanges(gm, ctx)
-    wrap_replicated_boundaries(gm, ctx)
-    refresh_meta(gm, example_inputs)
-    return gm
+    """Run fxhalo's passes (:data:`fxhalo.passes.pipeline.PASSES`) on ``gm`` in place (no collectives).
+
+    Returns ``gm``."""
+    return run_pipeline(gm, example_inputs, ctx)
 
 
 def _refused(error: FxHaloError) -> Callable:
