@@ -9,7 +9,8 @@ captured graph to :class:`DomainParallelBackend`, which
 3. rewrites every node that reaches across a shard edge into a call to a shared
    kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`), and reads the
    parameters through ``grad_sync``'s buckets (:mod:`fxhalo.passes.boundary`),
-4. refreshes the fake-tensor metadata of the rewritten graph,
+4. refreshes the fake-tensor metadata of the rewritten graph (steps 2 to 4 are the
+   passes of :mod:`fxhalo.passes.pipeline`, which explain and validate run too),
 5. hands the graph to the inner compiler; AOTAutograd traces the kernels'
    functional collectives and derives their backward,
 6. checks with the other ranks (one more small all-gather) that every rank

@@ -105,7 +105,7 @@ def run_pipeline(
             return gm
         if debug:
             log.debug(
-                "fxhalo pass %s: %.1f ms, %d nodes -> %d, changed %s",
+                "fxhalo pass %s: %.1f ms, %d -> %d nodes, returned %s",
                 name,
                 1e3 * (time.perf_counter() - start),
                 before,
