@@ -28,8 +28,9 @@ import sys
 
 import torch
 
+import fxhalo
+
 from .errors import FxHaloError
-from .explain import explain
 
 __all__ = ["main"]
 
@@ -99,7 +100,7 @@ def _explain_command(args) -> int:
     if args.fallback:
         options["fallback"] = args.fallback
     with torch.set_grad_enabled(not args.no_grad):
-        ex = explain(model, x, world_size=args.world_size, rank=args.rank, **options)
+        ex = fxhalo.explain(model, x, world_size=args.world_size, rank=args.rank, **options)
     if args.json:
         print(json.dumps(ex.to_dict(), indent=2))
     else:

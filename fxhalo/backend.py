@@ -9,7 +9,8 @@ captured graph to :class:`DomainParallelBackend`, which
 3. rewrites every node that reaches across a shard edge into a call to a shared
    kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`), and reads the
    parameters through ``grad_sync``'s buckets (:mod:`fxhalo.passes.boundary`),
-4. refreshes the fake-tensor metadata of the rewritten graph,
+4. refreshes the fake-tensor metadata of the rewritten graph (steps 2 to 4 are the
+   passes of :mod:`fxhalo.passes.pipeline`, which explain and validate run too),
 5. hands the graph to the inner compiler; AOTAutograd traces the kernels'
    functional collectives and derives their backward,
 6. checks with the other ranks (one more small all-gather) that every rank
@@ -31,12 +32,10 @@ import torch.distributed as dist
 
 from .domain import Domain
 from .errors import FxHaloError
-from .explain import log_rewrite
-from .passes import PassContext, layouts, propagate_sharding, rewrite
+from .log import log_rewrite
+from .passes import PassContext, layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
-from .passes.boundary import wrap_replicated_boundaries
-from .passes.fuse import fuse
-from .passes.meta import refresh_meta
+from .passes.pipeline import run_pipeline
 from .passes.sharding import local_input_lengths
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
@@ -125,13 +124,10 @@ class DomainParallelBackend:
 
 
 def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> torch.fx.GraphModule:
-    """Run fxhalo's passes on ``gm`` in place (no collectives); returns ``gm``."""
-    propagate_sharding(gm, ctx)
-    rewrite(gm, ctx)
-    fuse(gm, ctx)
-    wrap_replicated_boundaries(gm, ctx)
-    refresh_meta(gm, example_inputs)
-    return gm
+    """Run fxhalo's passes (:data:`fxhalo.passes.pipeline.PASSES`) on ``gm`` in place (no collectives).
+
+    Returns ``gm``."""
+    return run_pipeline(gm, example_inputs, ctx)
 
 
 def _refused(error: FxHaloError) -> Callable:

@@ -23,8 +23,10 @@ at all (``HaloPlan.collective``) without talking.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.distributed._functional_collectives  # noqa: F401  (registers autograd for _c10d_functional ops)
@@ -41,6 +43,7 @@ __all__ = [
     "send_buffer",
     "assemble",
     "needs_from_widths",
+    "observe_halos",
 ]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -272,9 +275,44 @@ def plan_halo(
     )
 
 
-def send_buffer(x: torch.Tensor, dim: int, plan: HaloPlan) -> torch.Tensor:
+# -- observers: who wants to hear of each exchange (fxhalo.explain's halo column) ----------------
+
+_OBSERVERS: list[Callable] = []
+
+
+@contextlib.contextmanager
+def observe_halos(callback: Callable[[HaloPlan, object], None]):
+    """Call ``callback(plan, edge)`` for each halo exchange carried out inside the block.
+
+    Both exchange paths build their send rows with :func:`send_buffer`, which tells the
+    observers: :func:`halo_exchange` when its plan needs a collective, and the fused
+    norm exchange (:func:`fxhalo.ops.reduce.global_moments_with_rows`) always.  ``edge``
+    is what the kernel says fills the rows past the global edges: the :class:`Edge`
+    of its plan, a word for a fill no ``Edge`` names (``"clamp"``, ``"-inf"``), or
+    ``None`` when the kernel does not say.  Without an observer this costs one test
+    of an empty list per exchange.
+    """
+    _OBSERVERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _OBSERVERS.remove(callback)
+
+
+def _notify(plan: HaloPlan, edge) -> None:
+    for callback in tuple(_OBSERVERS):
+        callback(plan, edge)
+
+
+def send_buffer(x: torch.Tensor, dim: int, plan: HaloPlan, edge=None) -> torch.Tensor:
     """The rows this rank sends, rows first (``movedim(dim, 0)``), grouped by destination in rank
-    order: ``plan.send_splits[q]`` rows for rank ``q``."""
+    order: ``plan.send_splits[q]`` rows for rank ``q``.
+
+    The one builder of send rows, so the one place that tells the halo observers
+    (:func:`observe_halos`) of an exchange, with its ``edge``.
+    """
+    if _OBSERVERS:
+        _notify(plan, edge)
     runs = [x.narrow(dim, s, n).movedim(dim, 0) for s, n in plan.send] or [x.narrow(dim, 0, 0).movedim(dim, 0)]
     return torch.cat(runs, 0) if len(runs) > 1 else runs[0].contiguous()
 
@@ -306,18 +344,20 @@ def assemble(x: torch.Tensor, recv: torch.Tensor | None, dim: int, plan: HaloPla
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str) -> torch.Tensor:
+def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *, edge=None) -> torch.Tensor:
     """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
 
     One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
-    communicated when no rank needs a remote row.  Differentiable.
+    communicated when no rank needs a remote row.  Differentiable.  ``edge`` only
+    describes the fill past the global edges to the halo observers (:func:`observe_halos`);
+    the plan already holds the rows.
     """
     if plan.is_identity:
         return x
     recv = None
     if plan.collective:
         recv = torch.ops._c10d_functional.all_to_all_single(
-            send_buffer(x, dim, plan), list(plan.recv_splits), list(plan.send_splits), group_name
+            send_buffer(x, dim, plan, edge), list(plan.recv_splits), list(plan.send_splits), group_name
         )
         recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
     return assemble(x, recv, dim, plan)

@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
-from .passes import PassContext, propagate_sharding
+from .passes import PassContext
+from .passes.pipeline import run_pipeline
 from .rules import decision_of
 from .rules.conv import ConvRule
+from .tracing import trace_once
 
 __all__ = ["Problem", "validate"]
 
@@ -59,6 +61,13 @@ def validate(
 
     ``example_local_input`` is a tensor or a tuple of forward arguments.  Inside an
     initialised process group ``world_size`` and ``rank`` default to the real ones.
+
+    It runs the backend's pipeline (:func:`fxhalo.passes.pipeline.run_pipeline`) as
+    :func:`fxhalo.explain` does, collecting every refusal, up to the sharding
+    propagation: everything it reports is decided there, and the later passes would
+    need a process group of the simulated size.  Like explain, it traces a fresh copy
+    of the model's code and never resets Dynamo (a rank that recompiles alone hangs
+    the backend's agreement check).
     """
     if world_size is None:
         if group is None and not dist.is_initialized():
@@ -73,39 +82,36 @@ def validate(
         original = torch.fx.GraphModule(gm, gm.graph)  # keeps running the unrewritten code
         ctx = PassContext(domain, dict(input_shard_dims or {}), fallback)
         refused: list = []
-        propagate_sharding(gm, ctx, problems=refused)
+        run_pipeline(gm, example_inputs, ctx, problems=refused, stop_after="propagate_sharding")
         for node, err in refused:
             problems.append(Problem("refused", describe_node(node), user_source(node), str(err)))
-        for node in gm.graph.nodes:
-            decision = decision_of(node)
-            if decision is None or not isinstance(decision.rule, ConvRule) or not decision.rewrites:
-                continue
-            window = decision.plan
-            if window.reach > window.shard:
-                problems.append(
-                    Problem(
-                        "wide halo",
-                        describe_node(node),
-                        user_source(node),
-                        f"{describe_node(node)} needs a halo of {window.reach} rows, wider than the "
-                        f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
-                        "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it.",
-                    )
-                )
+        problems.extend(_wide_halos(gm))
         return original
 
-    torch._dynamo.reset()  # trace afresh: a cached graph would skip the capture backend
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=capture)(*args)
-    except Exception as e:  # torch could not run the model on the local shape
-        problems.append(
-            Problem(
-                "trace",
-                type(model).__name__,
-                "",
-                f"torch could not trace the model on the "
-                f"local input: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            )
-        )
+    with torch.no_grad():
+        failure = trace_once(model, args, capture)
+    if failure is not None:
+        problems.append(Problem("trace", type(model).__name__, "", failure))
     return problems
+
+
+def _wide_halos(gm: torch.fx.GraphModule) -> list[Problem]:
+    """Halos wider than a shard, from the conv rule's decisions."""
+    found = []
+    for node in gm.graph.nodes:
+        decision = decision_of(node)
+        if decision is None or not isinstance(decision.rule, ConvRule) or not decision.rewrites:
+            continue
+        window = decision.plan
+        if window.reach > window.shard:
+            found.append(
+                Problem(
+                    "wide halo",
+                    describe_node(node),
+                    user_source(node),
+                    f"{describe_node(node)} needs a halo of {window.reach} rows, wider than the "
+                    f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
+                    "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it.",
+                )
+            )
+    return found

@@ -121,7 +121,7 @@ def conv(
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
-    x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name)
+    x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name, edge=edge)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)
 
 

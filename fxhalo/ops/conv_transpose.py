@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from ..domain import Domain
 from ..geometry import split_rows
-from ..halo import HaloPlan, halo_exchange
+from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
 
 __all__ = ["TransposedAxis", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
 
+_ZEROS = Edge()  # what lies past the edges of the zero-dilated input, for the halo observers
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
@@ -167,7 +168,7 @@ def conv_transpose(
     )
     if plan.local:
         return op(input, weight, bias, s, p, op_, groups, d)
-    x = halo_exchange(input, dim, plan.halo, group_name)
+    x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)  # the input dilated by zeros
     x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
     pads = tuple(0 if i == axis else v for i, v in enumerate(p))
     out_pads = tuple(0 if i == axis else v for i, v in enumerate(op_))

@@ -327,7 +327,7 @@ def interpolate(
     )
     if plan.local:
         return _local_op(input, axis, nd, plan, size, scale_factor, mode, align, recompute_scale_factor)
-    x = halo_exchange(input, dim, plan.halo, group_name)
+    x = halo_exchange(input, dim, plan.halo, group_name, edge="clamp")  # source rows clamp at the edges
 
     def others(t):
         return _other_axes(t, dim, axis, nd, size, scale_factor, recompute_scale_factor, mode, align)

@@ -89,7 +89,15 @@ def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, coun
 
 
 def global_moments_with_rows(
-    x: torch.Tensor, dims: tuple[int, ...], rows: torch.Tensor, dim: int, plan, counts: tuple[int, ...], group_name: str
+    x: torch.Tensor,
+    dims: tuple[int, ...],
+    rows: torch.Tensor,
+    dim: int,
+    plan,
+    counts: tuple[int, ...],
+    group_name: str,
+    *,
+    edge=None,
 ):
     """:func:`global_moments` of ``x`` and the halo rows of ``rows`` that ``plan`` asks for, in **one**
     ``all_to_all_single``.
@@ -105,7 +113,8 @@ def global_moments_with_rows(
     gradient goes back to its sender.  Returns ``(mean, m2, count, received)``.
 
     The statistics and the rows share one buffer, so ``x`` must be float32 or
-    float64 (its own accumulation dtype).
+    float64 (its own accumulation dtype).  ``edge`` describes the rows' fill past the
+    global edges to the halo observers (:func:`fxhalo.halo.observe_halos`).
     """
     from ..halo import send_buffer
 
@@ -115,7 +124,9 @@ def global_moments_with_rows(
     stats = torch.cat([t.reshape(-1) for t in shifted_sums(x, dims)])
     k = stats.numel()
     row_numel = math.prod(d for i, d in enumerate(rows.shape) if i != dim)
-    sends = [torch.cat([stats, r.reshape(-1)]) for r in send_buffer(rows, dim, plan).split(list(plan.send_splits))]
+    sends = [
+        torch.cat([stats, r.reshape(-1)]) for r in send_buffer(rows, dim, plan, edge).split(list(plan.send_splits))
+    ]
     send_sizes = [k + n * row_numel for n in plan.send_splits]
     recv_sizes = [k + n * row_numel for n in plan.recv_splits]
     got = torch.ops._c10d_functional.all_to_all_single(torch.cat(sends), recv_sizes, send_sizes, group_name)

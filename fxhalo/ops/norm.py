@@ -93,15 +93,14 @@ def group_norm_exchange(
     """
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
-    plan = plan_window(
-        Window(*window), domain, length, Edge(edge_mode, float(edge_value), tuple(edge_extent)), "group_norm_exchange"
-    ).halo
+    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
+    plan = plan_window(Window(*window), domain, length, edge, "group_norm_exchange").halo
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
     per_row = math.prod(grouped.shape[d] for d in dims if d != dim + 1)  # grouping adds a dim before it
     counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
-    mean, m2, count, received = global_moments_with_rows(grouped, dims, input, dim, plan, counts, group_name)
+    mean, m2, count, received = global_moments_with_rows(grouped, dims, input, dim, plan, counts, group_name, edge=edge)
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
 
     def norm(t):

@@ -65,6 +65,7 @@ __all__ = [
     "adaptive_max_pool3d",
 ]
 
+_ZEROS = Edge()  # an average pool's fill past the edges, as the halo observers hear of it
 _MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -250,7 +251,7 @@ def _max_pool(
     if plan.local:
         x, pads = input, p
     else:
-        x = halo_exchange(input, dim, plan.halo, group_name)
+        x = halo_exchange(input, dim, plan.halo, group_name, edge="-inf")
         pads = tuple(0 if i == axis else v for i, v in enumerate(p))
     if plan.first_real is None:
         out = op(x, k, s, pads, d, ceil_mode, return_indices)
@@ -298,7 +299,7 @@ def _avg_pool(
     )
     if plan.local:
         return op(input, p)
-    x = halo_exchange(input, dim, plan.halo, group_name)
+    x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)
     out = op(x, tuple(0 if i == axis else v for i, v in enumerate(p)))
     if plan.rescale is not None and divisor_override is None:
         # The local windows lie inside the slab and were divided by the full kernel.

@@ -72,7 +72,7 @@ from ..rules.local import Elementwise
 from ..sharding import SHARDING, example_value, sharding_of
 from .context import PassContext
 
-__all__ = ["HALO_ROWS", "fold_pads", "fuse", "fuse_norm_exchanges"]
+__all__ = ["HALO_ROWS", "fold_pads", "fuse_norm_exchanges"]
 
 #: node.meta key on the received-rows nodes the pass adds: the dim along which they are rows
 #: (their length differs between ranks; the agreement check writes that dim as "halo")
@@ -119,14 +119,6 @@ def _fusible(conv, norm) -> bool:
 def _folded(conv) -> bool:
     """Whether a pad was folded into ``conv``'s edge (such convs keep their own exchange)."""
     return conv.kwargs.get("edge_mode", "zeros") != "zeros" or tuple(conv.kwargs.get("edge_extent", (0, 0))) != (0, 0)
-
-
-def fuse(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Every fusion of this module, in order; returns how many patterns were fused."""
-    fused = fold_pads(gm, ctx)
-    if ctx.fuse_exchanges:
-        fused += fuse_norm_exchanges(gm, ctx)
-    return fused
 
 
 def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
