@@ -5,7 +5,7 @@ captured graph to :class:`DomainParallelBackend`, which
 
 1. learns the global length of every sharded input from the other ranks (one
    small all-gather; shards may be uneven) (:mod:`fxhalo.passes.agreement`),
-2. propagates sharding from the inputs (:mod:`fxhalo.passes.sharding`),
+2. propagates sharding from the inputs (:mod:`fxhalo.passes.propagate`),
 3. rewrites every node that reaches across a shard edge into a call to a shared
    kernel in :mod:`fxhalo.ops` (:mod:`fxhalo.passes.rewrite`), and reads the
    parameters through ``grad_sync``'s buckets (:mod:`fxhalo.passes.boundary`),
@@ -33,10 +33,10 @@ import torch.distributed as dist
 from .domain import Domain
 from .errors import FxHaloError
 from .log import log_rewrite
-from .passes import PassContext, layouts
+from .passes import PassContext, known_layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.pipeline import run_pipeline
-from .passes.sharding import local_input_lengths
+from .passes.propagate import local_input_lengths
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
 
@@ -97,7 +97,7 @@ class DomainParallelBackend:
                 domain,
                 dict(self.input_shard_dims),
                 self.fallback,
-                known_inputs=layouts.known(gm, example_inputs),
+                known_inputs=known_layouts.known(gm, example_inputs),
                 grad_sync=self.grad_sync,
                 fuse_exchanges=self.fuse_exchanges,
             )
@@ -113,7 +113,7 @@ class DomainParallelBackend:
             transform(gm, example_inputs, ctx)
             log_rewrite(gm, ctx)  # TORCH_LOGS="+fxhalo"; one level check when off
             summary = fingerprint(gm)
-            compiled = layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)
+            compiled = known_layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
         try:

@@ -75,7 +75,7 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
-from .passes import PassContext, layouts
+from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
 from .tracing import trace_once
@@ -160,7 +160,7 @@ def _explain(model, local_inputs, domain: Domain, settings) -> Explanation:
         parts.append(part)
         # Run the unrewritten code (the model on the local slab, as Dynamo traced it); later
         # graphs learn the layouts of this graph's outputs, as in the backend.
-        return layouts.recording(gm.forward, part.graph) if part.graph is not None else gm.forward
+        return known_layouts.recording(gm.forward, part.graph) if part.graph is not None else gm.forward
 
     failure = trace_once(model, local_inputs, capture)
     if failure is not None:
@@ -237,6 +237,6 @@ def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
         domain,
         dict(settings.input_shard_dims),
         settings.fallback,
-        known_inputs=layouts.known(gm, example_inputs),
+        known_inputs=known_layouts.known(gm, example_inputs),
         **extra,
     )

@@ -24,9 +24,9 @@ from torch.utils import _pytree as pytree
 from .domain import resolve_group
 from .errors import _public_name, user_source
 from .halo import Edge, observe_halos
+from .layout import SHARDING, Sharded
 from .ops import grad as _grad_ops
 from .report import Collective, Row
-from .sharding import SHARDING, Sharded
 
 __all__ = ["ORIGIN", "measure_rows", "local_nodes", "problem_row", "sharding_dim", "spelled", "is_call", "where"]
 

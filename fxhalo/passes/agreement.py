@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..domain import Domain, check_partition
 from ..errors import FxHaloError
-from ..sharding import Sharded, example_value, sharding_of
+from ..layout import Sharded, example_value, sharding_of
 from .fuse import HALO_ROWS
 
 

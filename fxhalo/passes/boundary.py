@@ -28,10 +28,10 @@ import operator
 import torch
 from torch.utils import _pytree as pytree
 
+from ..layout import SHARDING, example_value
 from ..ops import grad as grad_ops
-from ..sharding import SHARDING, example_value
 from .context import PassContext
-from .sharding import is_state
+from .propagate import is_state
 
 
 def _needs_grad(node) -> bool:

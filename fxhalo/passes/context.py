@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from ..domain import Domain
 from ..errors import FxHaloError, describe_node
-from ..sharding import example_value
+from ..layout import example_value
 
 
 @dataclasses.dataclass

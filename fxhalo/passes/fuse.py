@@ -64,12 +64,12 @@ import torch
 
 from ..domain import Domain
 from ..halo import Edge
+from ..layout import SHARDING, example_value, sharding_of
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
 from ..ops import shift as shift_ops
 from ..rules import decision_of
 from ..rules.local import Elementwise
-from ..sharding import SHARDING, example_value, sharding_of
 from .context import PassContext
 
 __all__ = ["HALO_ROWS", "fold_pads", "fuse_norm_exchanges"]

@@ -22,8 +22,8 @@ from .boundary import wrap_replicated_boundaries
 from .context import PassContext
 from .fuse import fold_pads, fuse_norm_exchanges
 from .meta import refresh_meta
+from .propagate import propagate_sharding
 from .rewrite import rewrite
-from .sharding import propagate_sharding
 
 __all__ = ["PASSES", "run_pipeline"]
 
@@ -57,7 +57,7 @@ def _refresh(gm, example_inputs, ctx: PassContext, problems):
 
 #: the passes, in the order they run
 PASSES = (
-    ("propagate_sharding", _propagate),  # annotate every node's layout (fxhalo.passes.sharding)
+    ("propagate_sharding", _propagate),  # annotate every node's layout (fxhalo.passes.propagate)
     ("rewrite", _rewrite),  # nodes that reach across a shard edge -> fxhalo.ops kernels
     ("fold_pads", _fold_pads),  # a sharded pad feeding one conv becomes that conv's halo edge (fxhalo.passes.fuse)
     ("fuse_norm_exchanges", _fuse_norms),  # a GroupNorm's statistics ride with the next conv's halo

@@ -4,7 +4,7 @@ A **rule** is a callable ``rule(node, ctx) -> Decision`` for a node whose inputs
 layouts are known (``node.meta[SHARDING]`` of each input).  It looks at the node and
 returns one :class:`Decision`:
 
-* ``out``: how the node's value is laid out (a :class:`~fxhalo.sharding.Sharded`,
+* ``out``: how the node's value is laid out (a :class:`~fxhalo.layout.Sharded`,
   ``None`` for replicated, or a tuple of these for a tuple-valued node);
 * ``call``: when the node must change, a function that builds its replacement, a
   :class:`KernelCall`, from the node's *current* arguments.  The rewrite pass calls
@@ -21,7 +21,7 @@ decision under ``node.meta[DECISION]``; :func:`replace_node` is the one function
 that swaps a node for a kernel call.
 
 Targets without a rule are refused whenever they read a sharded value (see
-:mod:`fxhalo.passes.sharding`).  Each module of this package is an op family that
+:mod:`fxhalo.passes.propagate`).  Each module of this package is an op family that
 registers its rules when imported; :func:`all_rules` imports every module here, so a
 new family is a new file and nothing else.  A target registered twice is an error.
 """

@@ -18,8 +18,8 @@ import inspect
 from ..domain import Domain
 from ..geometry import Unsplittable
 from ..halo import Edge
+from ..layout import example_value, sharding_of, split
 from ..ops import conv as conv_ops
-from ..sharding import example_value, sharding_of, split
 from . import Decision, KernelCall, Rule, bind, register_op
 
 

@@ -13,9 +13,9 @@ import inspect
 
 import torch
 
+from ..layout import example_value
 from ..ops import conv_transpose as ct_ops
 from ..ops.rows import ints, spatial_axis
-from ..sharding import example_value
 from . import register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 

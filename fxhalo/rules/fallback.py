@@ -15,8 +15,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import describe_node
+from ..layout import Sharded, example_value, sharding_of
 from ..ops.fallback import make_gather_fallback
-from ..sharding import Sharded, example_value, sharding_of
 from . import Decision, KernelCall, Rule
 
 

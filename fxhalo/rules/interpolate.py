@@ -20,10 +20,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..layout import example_value
 from ..ops import interpolate as interp_ops
 from ..ops import pool as pool_ops
 from ..ops.rows import spatial_axis
-from ..sharding import example_value
 from . import register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 

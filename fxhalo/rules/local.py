@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from ..sharding import example_value, is_tensor_node, sharding_of
+from ..layout import example_value, is_tensor_node, sharding_of
 from . import Decision, LayoutRule, Rule, register, register_op
 
 _ELEMENTWISE_NAMES = (

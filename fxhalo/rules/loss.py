@@ -32,8 +32,8 @@ import inspect
 
 import torch.nn.functional as F
 
+from ..layout import Sharded, example_value, sharding_of
 from ..ops import loss as ops
-from ..sharding import Sharded, example_value, sharding_of
 from . import Decision, KernelCall, Rule, bind, register
 
 

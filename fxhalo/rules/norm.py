@@ -32,8 +32,8 @@ import inspect
 
 import torch.nn.functional as F
 
+from ..layout import Sharded, example_value, sharding_of
 from ..ops import norm as ops
-from ..sharding import Sharded, example_value, sharding_of
 from . import Decision, KernelCall, Rule, bind, register, register_op
 
 _PARAMS = ("weight", "bias", "running_mean", "running_var")

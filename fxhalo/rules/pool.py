@@ -25,10 +25,10 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..layout import Sharded, example_value, sharding_of
 from ..ops import pool as pool_ops
 from ..ops import reduce as reduce_ops
 from ..ops.rows import ints, spatial_axis
-from ..sharding import Sharded, example_value, sharding_of
 from . import Decision, KernelCall, bind, register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 

@@ -30,8 +30,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from ..layout import Sharded, example_value, is_tensor_node, sharding_of
 from ..ops import reduce as ops
-from ..sharding import Sharded, example_value, is_tensor_node, sharding_of
 from . import Decision, KernelCall, Rule, bind, register, register_op
 from .local import ELEMENTWISE
 

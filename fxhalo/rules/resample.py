@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ..domain import Domain
 from ..geometry import Unsplittable
-from ..sharding import Sharded, sharding_of, split
+from ..layout import Sharded, sharding_of, split
 from . import Decision, KernelCall, Rule, bind
 
 __all__ = ["Resampled", "ResampleRule", "domain_for", "require_contiguous", "resized", "static_or_refuse"]

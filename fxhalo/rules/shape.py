@@ -24,7 +24,7 @@ import operator
 
 import torch
 
-from ..sharding import Sharded, example_value, sharding_of
+from ..layout import Sharded, example_value, sharding_of
 from . import LayoutRule, bind, register, register_op
 
 

@@ -19,8 +19,8 @@ import inspect
 
 from ..errors import FxHaloError
 from ..geometry import Unsplittable
+from ..layout import example_value, sharding_of
 from ..ops import shift as shift_ops
-from ..sharding import example_value, sharding_of
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register_op
 from .resample import domain_for, require_contiguous, resized
 

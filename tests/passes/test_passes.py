@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
+from fxhalo.layout import SHARDING, Sharded
 from fxhalo.ops import conv as conv_ops
-from fxhalo.sharding import SHARDING, Sharded
 from tests.passes.graphs import passes_on, targets
 
 

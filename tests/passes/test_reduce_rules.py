@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
+from fxhalo.layout import SHARDING, Sharded
 from fxhalo.ops import loss as loss_ops
 from fxhalo.ops import norm as norm_ops
 from fxhalo.ops import reduce as reduce_ops
-from fxhalo.sharding import SHARDING, Sharded
 from tests.passes.graphs import Lambda, passes_on
 
 X = torch.randn(2, 4, 8, 6)  # local slab of a (2, 4, 32, 6) tensor on 4 ranks

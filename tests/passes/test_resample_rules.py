@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
+from fxhalo.layout import SHARDING, Sharded
 from fxhalo.ops import conv_transpose as ct_ops
 from fxhalo.ops import interpolate as interp_ops
 from fxhalo.ops import pool as pool_ops
-from fxhalo.sharding import SHARDING, Sharded
 from tests.passes import graphs
 from tests.passes.graphs import targets
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fxhalo import FxHaloError
+from fxhalo.layout import SHARDING, Sharded
 from fxhalo.rules.shape import reshape_sharding
-from fxhalo.sharding import SHARDING, Sharded
 from tests.passes.graphs import Lambda, passes_on
 
 

@@ -16,9 +16,9 @@ import torch
 
 from .. import rules
 from ..errors import FxHaloError
+from ..layout import SHARDING, Sharded, example_value, sharding_of
 from ..rules import DECISION, Decision
 from ..rules.fallback import GATHER_FALLBACK
-from ..sharding import SHARDING, Sharded, example_value, sharding_of
 from .context import PassContext
 
 _STATE_MARKERS = ("._parameters[", "._buffers[")

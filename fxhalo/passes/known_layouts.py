@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch.utils import _pytree as pytree
 
-from ..sharding import SHARDING
+from ..layout import SHARDING
 
 # id(tensor) -> (weak reference, layout).  Not a WeakKeyDictionary: that compares live
 # keys with ==, which for tensors is elementwise.
