@@ -1,7 +1,18 @@
-"""How a value in the graph is laid out over the domain: sharded along one dim, or replicated.
+"""How a value in the graph is laid out over the domain: a :class:`Layout`, one entry per mesh axis.
 
-The propagation pass stores a :class:`Sharded` (or ``None`` for replicated) under
-``node.meta[SHARDING]`` for every node; rules and later passes read it from there.
+The domain is a mesh of one or more axes (one today).  Along each mesh axis a
+value is either sharded, splitting one tensor dim over that axis's ranks
+(:class:`Sharded`), or replicated (``None``).  The propagation pass stores a
+:class:`Layout` under ``node.meta[LAYOUT]`` for every node (a tuple-valued node,
+such as ``max_pool(..., return_indices=True)``, gets an :class:`Items` of one
+layout per item); rules and later passes read it from there.
+
+Words: an *axis* is a mesh axis, a *dim* a tensor dim.
+
+The rules of today handle values sharded over one mesh axis; they read a layout
+through :func:`sharding_of`, the one-axis view: the :class:`Sharded` entry (or
+``None`` when the value is replicated), and return their output in the same view,
+which the propagation pass turns back into a :class:`Layout` (:func:`as_layout`).
 """
 
 from __future__ import annotations
@@ -10,14 +21,27 @@ import dataclasses
 
 import torch
 
-__all__ = ["Sharded", "SHARDING", "split", "sharding_of", "example_value"]
+__all__ = [
+    "LAYOUT",
+    "Items",
+    "Layout",
+    "Sharded",
+    "as_layout",
+    "example_value",
+    "is_tensor_node",
+    "layout_of",
+    "sharding_of",
+    "split",
+]
 
-SHARDING = "fxhalo_sharding"
+#: node.meta key: the node's :class:`Layout` (or :class:`Items`)
+LAYOUT = "fxhalo_layout"
 
 
 @dataclasses.dataclass(frozen=True)
 class Sharded:
-    """Sharded along tensor dim ``dim``: this rank holds ``local`` of the dim's ``length`` global entries.
+    """One mesh axis's entry: sharded along tensor dim ``dim``; this rank holds ``local`` of the dim's
+    ``length`` global entries (``length`` is the *global* length).
 
     Usually the rank holds one contiguous block of rows.  A reshape can merge
     the sharded dim with other dims.  Dims merged *inside* it keep each rank's
@@ -54,15 +78,67 @@ class Sharded:
         return f"S(dim={self.dim}, {self.local}/{self.length}{extra})"
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A value's layout: for each mesh axis of the domain, :class:`Sharded` or ``None`` (replicated)."""
+
+    axes: tuple[Sharded | None, ...]
+
+    @classmethod
+    def replicated(cls, n_axes: int = 1) -> Layout:
+        return cls((None,) * n_axes)
+
+    @property
+    def is_sharded(self) -> bool:
+        return any(a is not None for a in self.axes)
+
+    def one_axis(self) -> Sharded | None:
+        """The entry of the one sharded mesh axis (``None``: replicated on every axis)."""
+        sharded = [a for a in self.axes if a is not None]
+        if len(sharded) > 1:
+            raise NotImplementedError(f"a value sharded over several mesh axes ({self}) needs a multi-axis rule")
+        return sharded[0] if sharded else None
+
+    def __str__(self) -> str:
+        return ", ".join("R" if a is None else str(a) for a in self.axes)
+
+
+class Items(tuple):
+    """The layouts of a tuple-valued node's items, one :class:`Layout` (or ``None``) per item."""
+
+
+def as_layout(view, n_axes: int = 1):
+    """A rule's one-axis answer as a layout: ``Sharded`` -> sharded on the (one) axis, ``None`` ->
+    replicated, a tuple -> :class:`Items`."""
+    if isinstance(view, (Layout, Items)):
+        return view
+    if isinstance(view, tuple):
+        return Items(as_layout(v, n_axes) for v in view)
+    if view is None:
+        return Layout.replicated(n_axes)
+    if n_axes != 1:
+        raise NotImplementedError("one-axis layouts only: name the mesh axis of a multi-axis value")
+    return Layout((view,))
+
+
 def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:
-    """The layout of a global ``length`` split along ``dim`` by the partition rule, on this rank."""
+    """The entry of a global ``length`` split along ``dim`` by the partition rule, on this rank."""
     return Sharded(dim, domain.local_length(length), length, outer)
 
 
-def sharding_of(arg) -> Sharded | None:
-    """The sharding recorded for an FX node (``None`` for replicated values and non-nodes)."""
+def layout_of(arg) -> Layout | Items | None:
+    """The layout recorded for an FX node (``None`` for non-nodes and nodes not yet propagated)."""
     meta = getattr(arg, "meta", None)
-    return meta.get(SHARDING) if meta is not None else None
+    return meta.get(LAYOUT) if meta is not None else None
+
+
+def sharding_of(arg):
+    """The one-axis view of :func:`layout_of`: the :class:`Sharded` entry, ``None`` for replicated
+    values and non-nodes, a tuple of views for a tuple-valued node."""
+    layout = layout_of(arg)
+    if isinstance(layout, Items):
+        return tuple(None if item is None else item.one_axis() for item in layout)
+    return None if layout is None else layout.one_axis()
 
 
 def example_value(node):

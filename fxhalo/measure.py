@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from .domain import resolve_group
 from .errors import _public_name, user_source
 from .halo import Edge, observe_halos
-from .layout import SHARDING, Sharded
+from .layout import Sharded, sharding_of
 from .ops import grad as _grad_ops
 from .report import Collective, Row
 
@@ -57,7 +57,7 @@ def problem_row(index: int, node: str, op: str, source: str, error: BaseExceptio
 
 def sharding_dim(node) -> int | None:
     for a in (node, *node.all_input_nodes):
-        s = a.meta.get(SHARDING) if hasattr(a, "meta") else None
+        s = sharding_of(a)
         if isinstance(s, Sharded):
             return s.dim
     return None
@@ -148,7 +148,7 @@ def local_nodes(graph, skip=()) -> collections.Counter:
             continue
         if n.target is operator.getitem and _is_kernel(n.args[0]):
             continue  # one output of a kernel that returns several
-        if n.meta.get(SHARDING) is not None or any(a.meta.get(SHARDING) is not None for a in n.all_input_nodes):
+        if sharding_of(n) is not None or any(sharding_of(a) is not None for a in n.all_input_nodes):
             local[_origin(n)[1] if ORIGIN in n.meta else spelled(n)] += 1
     return local
 

@@ -28,7 +28,7 @@ import operator
 import torch
 from torch.utils import _pytree as pytree
 
-from ..layout import SHARDING, example_value
+from ..layout import LAYOUT, example_value, sharding_of
 from ..ops import grad as grad_ops
 from .context import PassContext
 from .propagate import is_state
@@ -67,7 +67,7 @@ def sync_parameter_grads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     params = [
         n
         for n in graph.nodes
-        if n.op == "placeholder" and n.meta.get(SHARDING) is None and is_state(n) and _needs_grad(n) and n.users
+        if n.op == "placeholder" and sharding_of(n) is None and is_state(n) and _needs_grad(n) and n.users
     ]
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1] if params else None
     buckets = _buckets(params)
@@ -91,14 +91,14 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     if ctx.grad_sync:
         changed += sync_parameter_grads(gm, ctx)
     for node in list(graph.nodes):
-        if node.op != "placeholder" or node.meta.get(SHARDING) is not None:
+        if node.op != "placeholder" or sharding_of(node) is not None:
             continue
         if is_state(node) or not _needs_grad(node) or not node.users:
             continue
         users = list(node.users)
         with graph.inserting_after(node):
             new = graph.call_function(grad_ops.replicated_input, (node,), {"group_name": group})
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", SHARDING)})
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", LAYOUT)})
         for user in users:
             user.replace_input_with(node, new)
         changed += 1
@@ -107,12 +107,12 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     leaves, spec = pytree.tree_flatten(output.args[0])
     new_leaves = []
     for leaf in leaves:
-        if isinstance(leaf, torch.fx.Node) and leaf.meta.get(SHARDING) is None and _needs_grad(leaf):
+        if isinstance(leaf, torch.fx.Node) and sharding_of(leaf) is None and _needs_grad(leaf):
             with graph.inserting_before(output):
                 wrapped = graph.call_function(
                     grad_ops.replicated_output, (leaf,), {"group_name": group, "size": ctx.domain.size}
                 )
-            wrapped.meta.update({k: v for k, v in leaf.meta.items() if k in ("val", "example_value", SHARDING)})
+            wrapped.meta.update({k: v for k, v in leaf.meta.items() if k in ("val", "example_value", LAYOUT)})
             new_leaves.append(wrapped)
             changed += 1
         else:

@@ -64,7 +64,7 @@ import torch
 
 from ..domain import Domain
 from ..halo import Edge
-from ..layout import SHARDING, example_value, sharding_of
+from ..layout import LAYOUT, example_value, sharding_of
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
 from ..ops import shift as shift_ops
@@ -142,7 +142,7 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
                 fill = edge.value if mode == "constant" else None
                 x_padded = graph.call_function(torch._C._nn.pad, (x, tuple(rest), mode, fill))
             x_padded.meta.update({k: v for k, v in pad.meta.items() if k in ("stack_trace", "nn_module_stack")})
-            x_padded.meta[SHARDING] = s
+            x_padded.meta[LAYOUT] = x.meta[LAYOUT]
             x = x_padded
         edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, length=pad.kwargs["length"])
         conv.args = (x, *conv.args[1:])

@@ -16,7 +16,7 @@ import torch
 
 from .. import rules
 from ..errors import FxHaloError
-from ..layout import SHARDING, Sharded, example_value, sharding_of
+from ..layout import LAYOUT, Sharded, as_layout, example_value, sharding_of
 from ..rules import DECISION, Decision
 from ..rules.fallback import GATHER_FALLBACK
 from .context import PassContext
@@ -94,7 +94,7 @@ def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str,
 
 def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:
     """Decide every node: ``node.meta[DECISION]`` (its rule's :class:`~fxhalo.rules.Decision`) and
-    ``node.meta[SHARDING]`` (its layout); returns how many values are sharded.
+    ``node.meta[LAYOUT]`` (its :class:`~fxhalo.layout.Layout`); returns how many values are sharded.
 
     With a ``problems`` list, a refused node's FxHaloError is appended to it instead
     of raised, and propagation goes on with a best guess for that node's layout (and
@@ -121,8 +121,9 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
             else:
                 node.meta[DECISION] = decision
                 s = decision.out
-        node.meta[SHARDING] = s
-        count += s is not None
+        layout = as_layout(s)
+        node.meta[LAYOUT] = layout
+        count += getattr(layout, "is_sharded", False) or isinstance(s, tuple)
     return count
 
 

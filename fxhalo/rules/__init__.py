@@ -1,7 +1,7 @@
 """The rule contract and the registry: graph target -> rule.
 
 A **rule** is a callable ``rule(node, ctx) -> Decision`` for a node whose inputs'
-layouts are known (``node.meta[SHARDING]`` of each input).  It looks at the node and
+layouts are known (:func:`~fxhalo.layout.sharding_of` each input).  It looks at the node and
 returns one :class:`Decision`:
 
 * ``out``: how the node's value is laid out (a :class:`~fxhalo.layout.Sharded`,

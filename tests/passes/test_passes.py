@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
-from fxhalo.layout import SHARDING, Sharded
+from fxhalo.layout import Sharded, sharding_of
 from fxhalo.ops import conv as conv_ops
 from tests.passes.graphs import passes_on, targets
 
@@ -23,14 +23,14 @@ def test_3x3_conv_becomes_the_halo_kernel_and_1x1_stays():
     t = targets(gm)
     assert t.count(conv_ops.conv) == 1 and t.count(torch.conv2d) == 1
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
-    assert out.meta[SHARDING] == Sharded(2, 8, 32)
+    assert sharding_of(out) == Sharded(2, 8, 32)
 
 
 def test_patchify_conv_is_proven_local():
     gm, changed = passes_on(nn.Conv2d(3, 8, 4, stride=4), torch.randn(1, 3, 8, 8))
     assert changed == 0
     conv = next(n for n in gm.graph.nodes if n.target is torch.conv2d)
-    assert conv.meta[SHARDING] == Sharded(2, 2, 8)
+    assert sharding_of(conv) == Sharded(2, 2, 8)
 
 
 def test_padding_mode_pad_is_folded_and_keeps_the_other_dims():
@@ -63,7 +63,7 @@ def test_replicated_override_makes_an_input_local():
         passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8))
     gm, changed = passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), static=None)
     assert changed == 1
-    placeholders = {n.name: n.meta[SHARDING] for n in gm.graph.nodes if n.op == "placeholder"}
+    placeholders = {n.name: sharding_of(n) for n in gm.graph.nodes if n.op == "placeholder"}
     assert placeholders["l_static_"] is None and placeholders["l_x_"] == Sharded(2, 8, 32)
 
 

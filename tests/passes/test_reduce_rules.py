@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
-from fxhalo.layout import SHARDING, Sharded
+from fxhalo.layout import Sharded, sharding_of
 from fxhalo.ops import loss as loss_ops
 from fxhalo.ops import norm as norm_ops
 from fxhalo.ops import reduce as reduce_ops
@@ -32,7 +32,7 @@ def kernels(gm):
 
 
 def outputs(gm):
-    return [a.meta[SHARDING] for a in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
+    return [sharding_of(a) for a in next(n for n in gm.graph.nodes if n.op == "output").args[0]]
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxhalo import FxHaloError
-from fxhalo.layout import SHARDING, Sharded
+from fxhalo.layout import Sharded, sharding_of
 from fxhalo.ops import conv_transpose as ct_ops
 from fxhalo.ops import interpolate as interp_ops
 from fxhalo.ops import pool as pool_ops
@@ -30,7 +30,7 @@ def passes_on(fn, *inputs, shard_dim=2):
 
 def output_layouts(gm):
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    return [a.meta[SHARDING] for a in out]
+    return [sharding_of(a) for a in out]
 
 
 X = torch.randn(1, 2, 8, 6)  # local slab: 8 of 32 global rows
@@ -50,7 +50,7 @@ def test_max_pool_indices_become_the_kernel_even_when_local_and_getitem_follows(
     gm = passes_on(lambda x: F.max_pool2d(x, 2, return_indices=True), X)
     assert pool_ops.max_pool2d in targets(gm)  # local windows, but the indices must be made global
     items = [n for n in gm.graph.nodes if n.target is operator.getitem]
-    assert [n.meta[SHARDING] for n in items] == [Sharded(2, 4, 16)] * 2
+    assert [sharding_of(n) for n in items] == [Sharded(2, 4, 16)] * 2
 
 
 @pytest.mark.timeout(120)
@@ -96,7 +96,7 @@ def test_uneven_output_follows_the_partition_rule():
     k3 = nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1)  # 32 rows -> 63: 16, 16, 16, 15 on 4 ranks
     gm = passes_on(k3, X)
     out = next(n for n in gm.graph.nodes if n.target is ct_ops.conv_transpose)
-    assert out.meta[SHARDING] == Sharded(2, 16, 63)  # the simulated rank is rank 1
+    assert sharding_of(out) == Sharded(2, 16, 63)  # the simulated rank is rank 1
     assert out.kwargs["length"] == 32
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fxhalo import FxHaloError
-from fxhalo.layout import SHARDING, Sharded
+from fxhalo.layout import Sharded, sharding_of
 from fxhalo.rules.shape import reshape_sharding
 from tests.passes.graphs import Lambda, passes_on
 
@@ -16,7 +16,7 @@ from tests.passes.graphs import Lambda, passes_on
 def output_sharding(model, *inputs, **overrides):
     gm, _ = passes_on(model, *inputs, **overrides)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    return [a.meta[SHARDING] for a in out]
+    return [sharding_of(a) for a in out]
 
 
 X = torch.randn(2, 3, 8, 6)  # local slab of a (2, 3, 32, 6) tensor on 4 ranks
