@@ -142,9 +142,7 @@ class _DepthwiseConv(nn.Module):
             if any(p for lo_hi in rest for p in lo_hi):
                 x = F.pad(x, [p for lo_hi in reversed(rest) for p in lo_hi])
             kwargs = dict(edge_mode="zeros", edge_extent=zeros[axis])  # the causal pad, at the global start only
-        return conv_ops.conv(
-            x, weight, bias, 1, padding, 1, count, shard_dim=dim, group_name=domain.group_name, **kwargs
-        )
+        return conv_ops.conv(x, weight, bias, 1, padding, 1, count, axes=domain.kernel_axes(dim), **kwargs)
 
 
 class DistributedDepthwiseConv1d(_DepthwiseConv):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,26 @@ def resolve_group(group=None, mesh_axis: str | int | None = None) -> dist.Proces
     raise FxHaloError(f"cannot use {type(group).__name__} as a process group")
 
 
+class ShardAxis(NamedTuple):
+    """One sharded mesh axis as a kernel is told it: the tensor dim the axis splits, the axis's
+    process group, and the dim's global length (``None``: the kernel asks the group).
+
+    Every kernel of :mod:`fxhalo.ops` takes ``axes``, a tuple of these, one per sharded
+    mesh axis (one today).  A named tuple, so that the rewritten graph's code prints it.
+    """
+
+    dim: int
+    group_name: str
+    length: int | None = None
+
+
+def one_axis(axes) -> ShardAxis:
+    """The one sharded axis of ``axes``: every kernel of today handles one."""
+    if len(axes) != 1:
+        raise FxHaloError(f"this kernel handles one sharded mesh axis, got {len(axes)}: {tuple(axes)}")
+    return ShardAxis(*axes[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
     """The domain-parallel setting of one tensor dim over one process group.
@@ -73,6 +94,10 @@ class Domain:
     def from_group(cls, group=None, *, shard_dim: int = 2, mesh_axis=None) -> Domain:
         pg = resolve_group(group, mesh_axis)
         return cls(pg.group_name, dist.get_rank(pg), dist.get_world_size(pg), shard_dim)
+
+    def kernel_axes(self, dim: int, length: int | None = None) -> tuple[ShardAxis]:
+        """The ``axes=`` of a kernel call for a tensor sharded along ``dim`` over this domain."""
+        return (ShardAxis(dim, self.group_name, length),)
 
     @property
     def process_group(self) -> dist.ProcessGroup:

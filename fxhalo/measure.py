@@ -21,7 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .domain import resolve_group
+from .domain import one_axis, resolve_group
 from .errors import _public_name, user_source
 from .halo import Edge, observe_halos
 from .layout import Sharded, sharding_of
@@ -171,7 +171,7 @@ def measure_rows(graph, index: int, grad: bool, size: int) -> list[Row]:
                 op,
                 _kernel_name(n.target),
                 where(n),
-                n.kwargs.get("shard_dim", sharding_dim(n)),
+                one_axis(n.kwargs["axes"]).dim if "axes" in n.kwargs else sharding_dim(n),
                 halos,
                 edge_name(exchanges[0][1]) if exchanges else "",
                 calls,

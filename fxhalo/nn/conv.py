@@ -77,7 +77,7 @@ class DomainParallelConv(_ConvFamily):
         dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), self.nd)
         if dim is None:
             return self._local(x)
-        kwargs = dict(shard_dim=dim, group_name=domain.group_name)
+        kwargs = dict(axes=domain.kernel_axes(dim))
         padding = self.padding
         if self.padding_mode != "zeros":
             # As torch does: the mode's pad first, then an unpadded conv.
@@ -164,9 +164,7 @@ class DomainParallelConvTranspose(_ConvFamily):
         args = (self.stride, self.padding, self._output_padding(spatial, output_size), self.groups, self.dilation)
         if dim is None:
             return _CONV_T[self.nd](x, self.weight, self.bias, *args)
-        return conv_transpose_ops.conv_transpose(
-            x, self.weight, self.bias, *args, shard_dim=dim, group_name=domain.group_name
-        )
+        return conv_transpose_ops.conv_transpose(x, self.weight, self.bias, *args, axes=domain.kernel_axes(dim))
 
 
 class DomainParallelConvTranspose1d(DomainParallelConvTranspose):
@@ -268,8 +266,7 @@ class DomainParallelPeriodicConv2d(_Wrapper):
             c.padding,
             c.dilation,
             c.groups,
-            shard_dim=dim,
-            group_name=domain.group_name,
+            axes=domain.kernel_axes(dim),
             edge_mode=edge.mode,
             edge_value=edge.value,
             edge_extent=edge.extent,

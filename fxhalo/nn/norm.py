@@ -31,9 +31,7 @@ class DomainParallelGroupNorm(_Wrapper):
         dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), max(x.ndim - 2, 0))
         if dim is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return norm_ops.group_norm(
-            x, self.num_groups, self.weight, self.bias, self.eps, shard_dim=dim, group_name=domain.group_name
-        )
+        return norm_ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, axes=domain.kernel_axes(dim))
 
 
 class DomainParallelInstanceNorm(_Wrapper):
@@ -85,7 +83,7 @@ class DomainParallelInstanceNorm(_Wrapper):
         if dim is None:
             out = F.instance_norm(*args)
         else:
-            out = norm_ops.instance_norm(*args, shard_dim=dim, group_name=domain.group_name)
+            out = norm_ops.instance_norm(*args, axes=domain.kernel_axes(dim))
         return out if x.ndim == nd + 2 else out.squeeze(0)
 
 
@@ -130,7 +128,7 @@ class DomainParallelBatchNorm(_Wrapper):
         dim = None if local else self._sharded_dim(x, domain.dim_of(x.ndim), x.ndim - 2)
         if dim is None:
             return F.batch_norm(*args)
-        return norm_ops.batch_norm(*args, shard_dim=dim, group_name=domain.group_name)
+        return norm_ops.batch_norm(*args, axes=domain.kernel_axes(dim))
 
 
 class DomainParallelLayerNorm(_Wrapper):
@@ -174,7 +172,7 @@ class DomainParallelLayerNorm(_Wrapper):
         weight, bias = (
             None if t is None else t.narrow(axis, a, b - a) for t in (self.weight, getattr(self, "bias", None))
         )
-        kw = dict(shard_dim=d, group_name=domain.group_name, length=length)
+        kw = dict(axes=domain.kernel_axes(d, length))
         if self.rms:
             return norm_ops.rms_norm(x, shape, weight, self.eps, **kw)
         return norm_ops.layer_norm(x, shape, weight, bias, self.eps, **kw)

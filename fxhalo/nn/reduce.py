@@ -35,7 +35,7 @@ class DomainParallelSoftmax(_Wrapper):
         if domain is None or self._dim(x.ndim) != domain.dim_of(x.ndim):
             return (F.log_softmax if self.log else F.softmax)(x, self.dim, _stacklevel=5)
         kernel = reduce_ops.log_softmax if self.log else reduce_ops.softmax
-        return kernel(x, self._dim(x.ndim), shard_dim=domain.dim_of(x.ndim), group_name=domain.group_name)
+        return kernel(x, self._dim(x.ndim), axes=domain.kernel_axes(domain.dim_of(x.ndim)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dim={self.dim}"

@@ -72,7 +72,7 @@ class DomainParallelInterpolate(nn.Module):
         if domain is None:
             return F.interpolate(*args)
         # A sharded batch or channel dim is resized on each rank as it is (the kernel knows).
-        return interpolate_ops.interpolate(*args, shard_dim=domain.dim_of(x.ndim), group_name=domain.group_name)
+        return interpolate_ops.interpolate(*args, axes=domain.kernel_axes(domain.dim_of(x.ndim)))
 
     def extra_repr(self) -> str:
         how = f"size={self.size}" if self.size is not None else f"scale_factor={self.scale_factor}"
@@ -171,9 +171,9 @@ class DomainParallelPool(_Wrapper):
         dim = domain.dim_of(x.ndim)
         if pools_to_one(self, dim - (x.ndim - self.nd)):
             kernel = reduce_ops.adaptive_max_pool if self.kind == "adaptive_max" else reduce_ops.adaptive_avg_pool
-            y = kernel(x, self.output_size, nd=self.nd, shard_dim=dim, group_name=domain.group_name)
+            y = kernel(x, self.output_size, nd=self.nd, axes=domain.kernel_axes(dim))
             return grad_ops.replicated_output(y, group_name=domain.group_name, size=domain.size)
-        return self._call(vars(pool_ops), x, shard_dim=dim, group_name=domain.group_name)
+        return self._call(vars(pool_ops), x, axes=domain.kernel_axes(dim))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Window, WindowPlan, plan_window
 from ..halo import Edge, assemble, halo_exchange
 from .rows import ints
@@ -102,12 +102,10 @@ def conv(
     dilation=1,
     groups=1,
     *,
-    shard_dim: int,
-    group_name: str,
+    axes: tuple[ShardAxis, ...],
     edge_mode: str = "zeros",
     edge_value: float = 0.0,
     edge_extent: tuple[int, int] = (0, 0),
-    length: int | None = None,
 ):
     """``F.conv{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
@@ -118,6 +116,7 @@ def conv(
     with ``edge_mode`` (``constant`` with ``edge_value``, ``reflect``,
     ``replicate`` or ``circular``); the conv's padding lies beyond it.
     """
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
@@ -135,12 +134,10 @@ def conv_with_halo(
     dilation=1,
     groups=1,
     *,
-    shard_dim: int,
-    group_name: str,
+    axes: tuple[ShardAxis, ...],
     edge_mode: str = "zeros",
     edge_value: float = 0.0,
     edge_extent: tuple[int, int] = (0, 0),
-    length: int | None = None,
 ):
     """:func:`conv` whose halo rows have already been exchanged: ``received`` holds them, in
     source-rank order, as the collective that fetched them delivered them.
@@ -149,6 +146,7 @@ def conv_with_halo(
     :func:`fxhalo.ops.norm.group_norm_exchange`, with the window of
     :func:`conv_window`), so this kernel communicates nothing.
     """
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)

@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
@@ -142,15 +142,14 @@ def conv_transpose(
     groups=1,
     dilation=1,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.conv_transpose{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
 
     Gives this rank's rows of the one-device output (balanced partition of the global
     output length).
     """
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = weight.ndim - 2
     op = _CONV_T[nd]

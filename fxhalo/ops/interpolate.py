@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Unsplittable, split_rows
 from ..halo import HaloPlan, halo_exchange
 from .rows import along, halo_plan, spatial_axis
@@ -298,15 +298,14 @@ def interpolate(
     recompute_scale_factor=None,
     antialias=False,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.interpolate`` of a slab sharded along ``shard_dim``: this rank's rows of the global result.
 
     ``size`` along the sharded dim is the *global* output length.  ``antialias`` and
     modes other than :data:`MODES` are refused (raise :class:`~fxhalo.errors.FxHaloError`).
     """
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = input.ndim - 2
     dim = domain.dim_of(input.ndim)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..domain import ShardAxis, one_axis
 from .collectives import all_reduce_sum
 from .moments import _acc_dtype
 from .reduce import _sum_with_count
@@ -67,11 +68,10 @@ def mse_loss(
     reduction="mean",
     weight=None,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.mse_loss`` over the whole domain ('mean': global sum over global count, or over ``sum(weight)``)."""
+    shard_dim, group_name, length = one_axis(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.mse_loss, input, target, reduction, weight, group_name)
 
@@ -84,11 +84,10 @@ def l1_loss(
     reduction="mean",
     weight=None,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.l1_loss`` over the whole domain."""
+    shard_dim, group_name, length = one_axis(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.l1_loss, input, target, reduction, weight, group_name)
 
@@ -101,11 +100,10 @@ def smooth_l1_loss(
     reduction="mean",
     beta=1.0,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.smooth_l1_loss`` over the whole domain."""
+    shard_dim, group_name, length = one_axis(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.smooth_l1_loss, input, target, reduction, None, group_name, beta=beta)
 
@@ -117,11 +115,10 @@ def huber_loss(
     delta=1.0,
     weight=None,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.huber_loss`` over the whole domain."""
+    shard_dim, group_name, length = one_axis(axes)
     return _elementwise_loss(F.huber_loss, input, target, reduction, weight, group_name, delta=delta)
 
 
@@ -143,9 +140,7 @@ def cross_entropy(
     reduction="mean",
     label_smoothing=0.0,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.cross_entropy`` with class dim 1 and spatial targets, over the whole domain.
 
@@ -154,6 +149,7 @@ def cross_entropy(
     count (probability targets); checked against torch for weights, ignore_index
     and label smoothing.  ``D`` is summed over ranks in the same all_reduce.
     """
+    shard_dim, group_name, length = one_axis(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.cross_entropy(
         input, target, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
@@ -172,11 +168,10 @@ def nll_loss(
     reduce=None,
     reduction="mean",
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.nll_loss`` with class dim 1 and spatial targets, over the whole domain."""
+    shard_dim, group_name, length = one_axis(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction="none")
     denominator = _class_denominator(target, weight, ignore_index) if reduction == "mean" else None

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Window, plan_window
 from ..halo import Edge
 from .collectives import all_reduce_sum
@@ -51,10 +51,9 @@ def _update_running(running, value, momentum: float) -> None:
         running.mul_(1 - momentum).add_(value.detach().reshape(running.shape).to(running.dtype), alpha=momentum)
 
 
-def group_norm(
-    input, num_groups, weight=None, bias=None, eps=1e-5, *, shard_dim: int, group_name: str, length: int | None = None
-):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axes: tuple[ShardAxis, ...]):
     """``F.group_norm`` whose per-sample statistics span the sharded (spatial) dim."""
+    shard_dim, group_name, length = one_axis(axes)
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
@@ -71,9 +70,7 @@ def group_norm_exchange(
     bias=None,
     eps=1e-5,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int,
+    axes: tuple[ShardAxis, ...],
     window: tuple[int, ...],
     edge_mode: str = "zeros",
     edge_value: float = 0.0,
@@ -91,6 +88,7 @@ def group_norm_exchange(
     ordered as :func:`fxhalo.halo.assemble` expects.  ``length`` (the global length)
     is required: it gives every rank's element count.
     """
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
@@ -120,9 +118,7 @@ def instance_norm(
     momentum=0.1,
     eps=1e-5,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.instance_norm`` with statistics per (sample, channel) over the global spatial extent.
 
@@ -130,6 +126,7 @@ def instance_norm(
     communicated.  With it, running statistics (if given) move towards the batch
     mean of the per-instance means and unbiased variances, as torch does.
     """
+    shard_dim, group_name, length = one_axis(axes)
     if not use_input_stats:
         return F.instance_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = tuple(range(2, input.ndim))
@@ -150,15 +147,14 @@ def batch_norm(
     momentum=0.1,
     eps=1e-5,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.batch_norm``: in training, per-channel statistics over the batch and every spatial dim.
 
     In eval mode (``training=False``) the running statistics normalise and the op
     is local.
     """
+    shard_dim, group_name, length = one_axis(axes)
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = (0,) + tuple(range(2, input.ndim))
@@ -176,9 +172,7 @@ def layer_norm(
     bias=None,
     eps=1e-5,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.layer_norm`` whose ``normalized_shape`` covers the sharded dim.
 
@@ -186,15 +180,14 @@ def layer_norm(
     input, so that each rank applies its own rows of them; the rule refuses
     replicated ones.
     """
+    shard_dim, group_name, length = one_axis(axes)
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
     count = global_count(input, dims, shard_dim % input.ndim, length)
     mean, m2, count = global_moments(input, dims, group_name, count)
     return normalize(input, mean, m2 / count, eps, weight, bias)
 
 
-def rms_norm(
-    input, normalized_shape, weight=None, eps=None, *, shard_dim: int, group_name: str, length: int | None = None
-):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, axes: tuple[ShardAxis, ...]):
     """``F.rms_norm`` whose ``normalized_shape`` covers the sharded dim: one all_reduce.
 
     The mean square over the normalised dims is each rank's sum of squares, summed
@@ -202,6 +195,7 @@ def rms_norm(
     ``length`` is not given), over the global count.  ``weight`` (shape
     ``normalized_shape``) must be sharded like the input, as for :func:`layer_norm`.
     """
+    shard_dim, group_name, length = one_axis(axes)
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
     squares = input.double().square().sum(dims, keepdim=True)
     count = global_count(input, dims, shard_dim % input.ndim, length)

@@ -37,7 +37,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Unsplittable, split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
@@ -389,11 +389,10 @@ def max_pool1d(
     ceil_mode=False,
     return_indices=False,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool1d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _max_pool(
         1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
     )
@@ -408,11 +407,10 @@ def max_pool2d(
     ceil_mode=False,
     return_indices=False,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool2d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _max_pool(
         2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
     )
@@ -427,11 +425,10 @@ def max_pool3d(
     ceil_mode=False,
     return_indices=False,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool3d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _max_pool(
         3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
     )
@@ -445,11 +442,10 @@ def avg_pool1d(
     ceil_mode=False,
     count_include_pad=True,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool1d`` of a slab sharded along ``shard_dim``."""
+    shard_dim, group_name, length = one_axis(axes)
     return _avg_pool(
         1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, shard_dim, group_name, length
     )
@@ -464,11 +460,10 @@ def avg_pool2d(
     count_include_pad=True,
     divisor_override=None,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool2d`` of a slab sharded along ``shard_dim``."""
+    shard_dim, group_name, length = one_axis(axes)
     return _avg_pool(
         2,
         input,
@@ -493,11 +488,10 @@ def avg_pool3d(
     count_include_pad=True,
     divisor_override=None,
     *,
-    shard_dim: int,
-    group_name: str,
-    length: int | None = None,
+    axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool3d`` of a slab sharded along ``shard_dim``."""
+    shard_dim, group_name, length = one_axis(axes)
     return _avg_pool(
         3,
         input,
@@ -513,37 +507,37 @@ def avg_pool3d(
     )
 
 
-def adaptive_avg_pool1d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
+def adaptive_avg_pool1d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool1d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool2d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
+def adaptive_avg_pool2d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool2d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_avg_pool3d(input, output_size, *, shard_dim: int, group_name: str, length: int | None = None):
+def adaptive_avg_pool3d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool3d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name, length)
 
 
-def adaptive_max_pool1d(
-    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
-):
+def adaptive_max_pool1d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool2d(
-    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
-):
+def adaptive_max_pool2d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name, length)
 
 
-def adaptive_max_pool3d(
-    input, output_size, return_indices=False, *, shard_dim: int, group_name: str, length: int | None = None
-):
+def adaptive_max_pool3d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
     return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name, length)

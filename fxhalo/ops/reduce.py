@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from .collectives import all_gather_stacked, all_reduce_sum
 from .moments import _acc_dtype, _count, global_count, global_moments
 
@@ -70,17 +70,19 @@ def _sum_dtype(x: torch.Tensor, dtype) -> torch.dtype:
     return x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
 
 
-def sum_(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str, length: int | None = None):
+def sum_(input, dim=None, keepdim=False, *, dtype=None, axes: tuple[ShardAxis, ...]):
     """``torch.sum`` over ``dim`` (which includes ``shard_dim``): local sum, one all_reduce."""
+    shard_dim, group_name, length = one_axis(axes)
     dims = reduced_dims(dim, input.ndim)
     out_dtype = _sum_dtype(input, dtype)
     local = input.sum(dims, keepdim=keepdim, dtype=_acc_dtype(out_dtype))
     return all_reduce_sum(local, group_name).to(out_dtype)
 
 
-def mean(input, dim=None, keepdim=False, *, dtype=None, shard_dim: int, group_name: str, length: int | None = None):
+def mean(input, dim=None, keepdim=False, *, dtype=None, axes: tuple[ShardAxis, ...]):
     """``torch.mean``: the global sum over the global count (one all_reduce; it carries the count too
     when ``length`` is not given)."""
+    shard_dim, group_name, length = one_axis(axes)
     dims = reduced_dims(dim, input.ndim)
     out_dtype = dtype or input.dtype
     local = input.sum(dims, keepdim=keepdim, dtype=_acc_dtype(out_dtype))
@@ -103,15 +105,17 @@ def _sum_with_count(local: torch.Tensor, count: int, group_name: str):
     return total[:-1].reshape(local.shape), total[-1]
 
 
-def var(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
+def var(input, dim=None, correction=1, keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.var`` with ``correction`` (1 = unbiased), from :func:`global_moments`."""
+    shard_dim, group_name, length = one_axis(axes)
     dims = reduced_dims(dim, input.ndim)
     _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
     return _squeeze(m2 / _degrees_of_freedom(count, correction), dims, keepdim).to(input.dtype)
 
 
-def std(input, dim=None, correction=1, keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
+def std(input, dim=None, correction=1, keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.std``: the square root of :func:`var`, taken in float64."""
+    shard_dim, group_name, length = one_axis(axes)
     dims = reduced_dims(dim, input.ndim)
     _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
     return _squeeze((m2 / _degrees_of_freedom(count, correction)).sqrt(), dims, keepdim).to(input.dtype)
@@ -181,18 +185,20 @@ def _extreme(input, dim, keepdim, largest, group_name):
     return _squeeze(out, dims, keepdim)
 
 
-def amax(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
+def amax(input, dim=(), keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.amax`` over ``dim`` (which includes ``shard_dim``).
 
     The gradient is split evenly over every element equal to the maximum, on every
     rank, as on one device: each rank sends its local maximum and how many
     elements reach it (one all_gather).
     """
+    shard_dim, group_name, length = one_axis(axes)
     return _extreme(input, dim, keepdim, True, group_name)
 
 
-def amin(input, dim=(), keepdim=False, *, shard_dim: int, group_name: str, length: int | None = None):
+def amin(input, dim=(), keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.amin``; see :func:`amax`."""
+    shard_dim, group_name, length = one_axis(axes)
     return _extreme(input, dim, keepdim, False, group_name)
 
 
@@ -204,12 +210,13 @@ def _pool_axes(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]
     return shard_dim - (input.ndim - nd), sizes
 
 
-def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str, length: int | None = None):
+def adaptive_avg_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool{nd}d`` whose output has size 1 along ``shard_dim``.
 
     The global window mean is the mean of the ranks' local window means, weighted
     by their rows: one all_reduce.
     """
+    shard_dim, group_name, length = one_axis(axes)
     axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
     rows = input.shape[shard_dim]
     # The window along the sharded axis is every rank's whole shard: weight each local mean by its rows.
@@ -218,13 +225,14 @@ def adaptive_avg_pool(input, output_size, *, nd: int, shard_dim: int, group_name
     return (total / count).to(input.dtype)
 
 
-def adaptive_max_pool(input, output_size, *, nd: int, shard_dim: int, group_name: str, length: int | None = None):
+def adaptive_max_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool{nd}d`` (no indices) whose output has size 1 along ``shard_dim``.
 
     Max pooling sends the whole gradient to the *first* maximum of its window in
     scan order, so each rank's candidate travels with its global flat position
     within the window's plane, and the smallest position among tied ranks wins.
     """
+    shard_dim, group_name, length = one_axis(axes)
     axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
     local, index = _MAX_POOL[nd](input, sizes, return_indices=True)
     position = _global_position(index, input.shape[input.ndim - nd :], axis, group_name, length)
@@ -271,13 +279,15 @@ def _softmax_parts(input, dim, dtype, group_name):
     return x, xs, top, (sums * torch.exp(maxes - top)).sum(0)
 
 
-def softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str, length: int | None = None):
+def softmax(input, dim, dtype=None, *, axes: tuple[ShardAxis, ...]):
     """``F.softmax`` along ``dim == shard_dim``: exp(x - max) / sum, with a global max and sum."""
+    shard_dim, group_name, length = one_axis(axes)
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (torch.exp(xs - top) / total).to(x.dtype)
 
 
-def log_softmax(input, dim, dtype=None, *, shard_dim: int, group_name: str, length: int | None = None):
+def log_softmax(input, dim, dtype=None, *, axes: tuple[ShardAxis, ...]):
     """``F.log_softmax`` along ``dim == shard_dim``."""
+    shard_dim, group_name, length = one_axis(axes)
     x, xs, top, total = _softmax_parts(input, dim, dtype, group_name)
     return (xs - top - torch.log(total)).to(x.dtype)

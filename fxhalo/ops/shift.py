@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain
+from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange, plan_halo
 
@@ -75,8 +75,9 @@ def flip_plan(domain: Domain, n: int, what: str) -> HaloPlan:
     return plan_halo(part, tuple((n - e, n - c) for c, e in part), domain.rank)
 
 
-def pad(input, pad, mode="constant", value=None, *, shard_dim: int, group_name: str, length: int | None = None):
+def pad(input, pad, mode="constant", value=None, *, axes: tuple[ShardAxis, ...]):
     """``F.pad`` of a slab sharded along ``shard_dim``: the sharded dim is padded at the global edges only."""
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     (lo, hi), rest = pad_entries(pad, input.ndim, dim)
@@ -86,8 +87,9 @@ def pad(input, pad, mode="constant", value=None, *, shard_dim: int, group_name: 
     return halo_exchange(x, dim, plan, group_name)
 
 
-def roll(input, shifts, dims=(), *, shard_dim: int, group_name: str, length: int | None = None):
+def roll(input, shifts, dims=(), *, axes: tuple[ShardAxis, ...]):
     """``torch.roll`` of a slab sharded along ``shard_dim`` (``dims`` given, as the rule requires)."""
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     shift, other_s, other_d = roll_shift(shifts, dims, dim, input.ndim)
@@ -96,8 +98,9 @@ def roll(input, shifts, dims=(), *, shard_dim: int, group_name: str, length: int
     return halo_exchange(x, dim, plan, group_name)
 
 
-def flip(input, dims, *, shard_dim: int, group_name: str, length: int | None = None):
+def flip(input, dims, *, axes: tuple[ShardAxis, ...]):
     """``torch.flip`` of a slab sharded along ``shard_dim``, which is one of ``dims``."""
+    shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
     plan = flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip")

@@ -62,7 +62,7 @@ import operator
 
 import torch
 
-from ..domain import Domain
+from ..domain import Domain, one_axis
 from ..halo import Edge
 from ..layout import LAYOUT, example_value, sharding_of
 from ..ops import conv as conv_ops
@@ -110,7 +110,7 @@ def _fusible(conv, norm) -> bool:
     decision = decision_of(conv)
     if decision is None or decision.plan is None or _folded(conv):
         return False
-    if not decision.plan.halo.collective or norm.kwargs.get("length") is None:
+    if not decision.plan.halo.collective or one_axis(norm.kwargs["axes"]).length is None:
         return False
     val = example_value(norm)
     return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
@@ -144,7 +144,7 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
             x_padded.meta.update({k: v for k, v in pad.meta.items() if k in ("stack_trace", "nn_module_stack")})
             x_padded.meta[LAYOUT] = x.meta[LAYOUT]
             x = x_padded
-        edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, length=pad.kwargs["length"])
+        edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, axes=pad.kwargs["axes"])
         conv.args = (x, *conv.args[1:])
         conv.kwargs = dict(conv.kwargs, **edge)
         graph.erase_node(pad)

@@ -7,7 +7,7 @@ Before::
 After::
 
     conv2d = fxhalo.ops.conv.conv(x, w, b, (1, 1), (1, 1), (1, 1), 1,
-                                  shard_dim=2, group_name='0', edge_mode='zeros', ...)
+                                  edge_mode='zeros', ..., axes=(ShardAxis(2, '0', 64),))
 
 The call is built from the node's arguments at this point (``Decision.call``), so an
 op right after a rewritten node reads the new node.

@@ -12,7 +12,8 @@ returns one :class:`Decision`:
   never holds on to node references from propagation time.  ``None``: the node is
   proven local and stays as it is;
 * ``layout``: the layout of the sharded input the kernel works on; the rewrite
-  passes it to the kernel as ``shard_dim=``, ``group_name=`` and ``length=``;
+  passes it to the kernel as ``axes=`` (:class:`~fxhalo.domain.ShardAxis`: the dim,
+  the group, the global length);
 * ``plan``: what the rule planned (a conv's window plan), for fusions and reports.
 
 A rule refuses a node by raising :class:`~fxhalo.errors.FxHaloError` (through
@@ -71,7 +72,7 @@ def bind(sig: inspect.Signature, node) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class KernelCall:
-    """The call that replaces a node: ``kernel(*args, **kwargs)``, plus the domain keywords of its layout."""
+    """The call that replaces a node: ``kernel(*args, **kwargs)``, plus ``axes=`` from its layout."""
 
     kernel: Callable
     args: tuple
@@ -124,7 +125,7 @@ class LayoutRule(Rule):
 
 
 def replace_node(node, call: KernelCall, ctx, layout=None):
-    """Replace ``node`` by ``call``; with a ``layout``, tell the kernel where its input is sharded.
+    """Replace ``node`` by ``call``; with a ``layout``, tell the kernel where its input is sharded (``axes=``).
 
     The new node takes over the old one's meta (its layout, decision, source line)
     and every use; the old node is erased.  Returns the new node.
@@ -132,7 +133,7 @@ def replace_node(node, call: KernelCall, ctx, layout=None):
     graph = node.graph
     kwargs = dict(call.kwargs)
     if layout is not None:
-        kwargs.update(shard_dim=layout.dim, group_name=ctx.domain.group_name, length=layout.length)
+        kwargs["axes"] = ctx.domain.kernel_axes(layout.dim, layout.length)
     with graph.inserting_before(node):
         new = graph.call_function(call.kernel, tuple(call.args), kwargs)
     new.meta.update(node.meta)

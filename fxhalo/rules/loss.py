@@ -22,7 +22,7 @@ Before::
 After::
 
     mse_loss = fxhalo.ops.loss.mse_loss(l_pred_, l_target_, None, None, 'mean', None,
-                                          shard_dim=2, group_name='0')
+                                          axes=(ShardAxis(2, '0', 64),))
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Before::
 
 After::
 
-    group_norm = fxhalo.ops.norm.group_norm(l_x_, 2, l_weight_, l_bias_, 1e-05, shard_dim=2, group_name='0')
+    group_norm = fxhalo.ops.norm.group_norm(l_x_, 2, l_weight_, l_bias_, 1e-05, axes=(ShardAxis(2, '0', 64),))
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Before::
 
 After::
 
-    mean = fxhalo.ops.reduce.mean(l_x_, (2, 3), False, dtype=None, shard_dim=2, group_name='0')
+    mean = fxhalo.ops.reduce.mean(l_x_, (2, 3), False, dtype=None, axes=(ShardAxis(2, '0', 64),))
 
 Spellings, as Dynamo records them: ``x.sum(...)`` is ``call_method 'sum'`` and
 ``torch.sum(x, ...)`` is ``call_function torch.sum``; the same holds for ``mean``,
