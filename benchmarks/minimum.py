@@ -138,9 +138,9 @@ class _Recorder(TorchDispatchMode):
         x, w, _b, stride, padding, dilation, transposed = args[:7]
         if transposed:
             raise NotImplementedError("the minimum of a transposed conv is not worked out here")
-        axis = self.dim - 2
-        k, s, d = w.shape[2 + axis], stride[axis], dilation[axis]
-        lo = hi = padding[axis]
+        sdim = self.dim - 2
+        k, s, d = w.shape[2 + sdim], stride[sdim], dilation[sdim]
+        lo = hi = padding[sdim]
         if id(x) in self.padded:  # the pad's rows are fills: the conv reads the unpadded tensor
             x, plo, phi = self.padded[id(x)]
             lo, hi = lo + plo, hi + phi
@@ -153,16 +153,16 @@ class _Recorder(TorchDispatchMode):
         n_in, n_out = x.shape[self.dim], out.shape[self.dim]
         if n_in == n_out:
             return
-        axis = self.dim - 2
+        sdim = self.dim - 2
         nearest = "nearest" in func.overloadpacket.__name__
         # The vec overloads carry scale factors as a list; the plain ones as trailing floats.
         align = False if nearest else bool(args[2])
         scales = [a for a in args[2 + (not nearest) :] if a is None or isinstance(a, float)]
         if func._overloadname == "vec":
             factors = args[-1]
-            scale_arg = factors[axis] if factors else None
+            scale_arg = factors[sdim] if factors else None
         else:
-            scale_arg = scales[axis] if axis < len(scales) else None
+            scale_arg = scales[sdim] if sdim < len(scales) else None
         if align:
             scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import nn as dp
-from .nn.base import batched_spatial_axis
+from .nn.base import batched_spatial_index
 from .ops.rows import ints
 
 __all__ = ["validate_sharding_constraints"]
@@ -32,8 +32,8 @@ def _resampling(module, shard_dim: int) -> tuple[str, int] | None:
     if isinstance(module, (nn.Upsample, dp.DomainParallelInterpolate)):
         sf = module.scale_factor
         if isinstance(sf, tuple):
-            axis = batched_spatial_axis(shard_dim, len(sf))
-            sf = sf[axis] if isinstance(axis, int) else None
+            sdim = batched_spatial_index(shard_dim, len(sf))
+            sf = sf[sdim] if isinstance(sdim, int) else None
         if sf is None or sf <= 0:
             return None
         if sf > 1 and float(sf).is_integer():
@@ -42,10 +42,10 @@ def _resampling(module, shard_dim: int) -> tuple[str, int] | None:
             return "down", int(1 / sf)
         return None
     nd = _nd_of(module)
-    axis = None if nd is None else batched_spatial_axis(shard_dim, nd)
-    if not isinstance(axis, int):
+    sdim = None if nd is None else batched_spatial_index(shard_dim, nd)
+    if not isinstance(sdim, int):
         return None
-    stride = ints(module.stride, nd)[axis]
+    stride = ints(module.stride, nd)[sdim]
     if stride == 1:
         return None
     transposed = isinstance(module, (nn.modules.conv._ConvTransposeNd, dp.DomainParallelConvTranspose))

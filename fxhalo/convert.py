@@ -42,7 +42,7 @@ from . import nn as dp
 from .constraints import validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
 from .errors import FxHaloError
-from .nn.base import batched_spatial_axis as _spatial_axis
+from .nn.base import batched_spatial_index as _spatial_index
 from .nn.resample import pools_to_one
 from .ops.conv import padding_edge
 from .rules import local as local_rules
@@ -100,14 +100,14 @@ def _handler_for(module: nn.Module):
 
 
 def _mixes_channels(module, s: Setting, nd: int):
-    axis = _spatial_axis(s.shard_dim, nd)
-    if axis == "channel":
+    sdim = _spatial_index(s.shard_dim, nd)
+    if sdim == "channel":
         raise Refuse(
             f"would see shard_dim={s.shard_dim} as the channel dim of its (N, C, {nd} spatial) input, "
             "and it mixes or normalises channels",
             "pass the shard_dim of a spatial dim (negative dims count from the end)",
         )
-    return axis
+    return sdim
 
 
 def _may_act_on(dims, shard_dim: int) -> bool | None:
@@ -157,12 +157,12 @@ def _local(module, s):
 @handles(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _conv(module, s):
     nd = len(module.kernel_size)
-    axis = _mixes_channels(module, s, nd)
-    if axis == "batch":
+    sdim = _mixes_channels(module, s, nd)
+    if sdim == "batch":
         return _LOCAL
     # The rows it reads past the edges of the sharded dim: its padding, whatever the mode.
-    edge, _ = padding_edge(module.padding_mode, module._reversed_padding_repeated_twice, axis + 2, nd + 2)
-    if module.kernel_size[axis] == 1 and module.stride[axis] == 1 and edge.extent == (0, 0):
+    edge, _ = padding_edge(module.padding_mode, module._reversed_padding_repeated_twice, sdim + 2, nd + 2)
+    if module.kernel_size[sdim] == 1 and module.stride[sdim] == 1 and edge.extent == (0, 0):
         return _LOCAL  # reads only its own row along the sharded dim: no halo, nothing to wrap
     return dp.CONVS[nd](module, s.shard_dim, s.group)
 
@@ -262,10 +262,10 @@ _PADS = {
 @handles(*_PADS)
 def _pad(module, s):
     nd = _PADS[next(t for t in _PADS if isinstance(module, t))]
-    axis = _spatial_axis(s.shard_dim, nd)
-    if not isinstance(axis, int):
+    sdim = _spatial_index(s.shard_dim, nd)
+    if not isinstance(sdim, int):
         return _LOCAL  # pads spatial dims only
-    i = nd - 1 - axis  # F.pad order: last dim first
+    i = nd - 1 - sdim  # F.pad order: last dim first
     if module.padding[2 * i] or module.padding[2 * i + 1]:
         raise Refuse(
             f"pads the sharded dim by {tuple(module.padding[2 * i : 2 * i + 2])} rows on one rank's slab, "
@@ -279,12 +279,12 @@ def _pad(module, s):
 @handles(*dp.POOLS)
 def _pool(module, s):
     nd = dp.POOLS[next(t for t in dp.POOLS if isinstance(module, t))][1]
-    axis = _spatial_axis(s.shard_dim, nd)
-    if not isinstance(axis, int):
+    sdim = _spatial_index(s.shard_dim, nd)
+    if not isinstance(sdim, int):
         return _LOCAL  # pooling never mixes planes
     size = getattr(module, "output_size", None)
     sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
-    if size is not None and sizes[axis] == 1 and not pools_to_one(module, axis):
+    if size is not None and sizes[sdim] == 1 and not pools_to_one(module, sdim):
         raise Refuse(
             "pools the sharded dim to one row with return_indices=True: indices of a reduction over all ranks",
             "pool the values only, compile the model with backend='domain_parallel', or gather before pooling",

@@ -137,11 +137,11 @@ class _DepthwiseConv(nn.Module):
             )
         kwargs = {}
         if zeros is not None:
-            axis = dim - 2
-            rest = [(0, 0) if i == axis else lo_hi for i, lo_hi in enumerate(zeros)]
+            sdim = dim - 2
+            rest = [(0, 0) if i == sdim else lo_hi for i, lo_hi in enumerate(zeros)]
             if any(p for lo_hi in rest for p in lo_hi):
                 x = F.pad(x, [p for lo_hi in reversed(rest) for p in lo_hi])
-            kwargs = dict(edge_mode="zeros", edge_extent=zeros[axis])  # the causal pad, at the global start only
+            kwargs = dict(edge_mode="zeros", edge_extent=zeros[sdim])  # the causal pad, at the global start only
         return conv_ops.conv(x, weight, bias, 1, padding, 1, count, axes=domain.kernel_axes(dim), **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Halo arithmetic for windowed ops along one axis (shared/DESIGN.md section 4).
+"""Halo arithmetic for windowed ops along one dim (shared/DESIGN.md section 4).
 
 An op with kernel ``k``, dilation ``d``, stride ``s`` and padding ``pl``/``pr``
 maps a global input length ``N`` to ``M = floor((N + pl + pr - d(k-1) - 1)/s) + 1``
@@ -75,7 +75,7 @@ class Window:
 
 @dataclasses.dataclass(frozen=True)
 class WindowPlan:
-    """A windowed op on one sharded axis: this rank's halo plan and the global output length.
+    """A windowed op on one sharded dim: this rank's halo plan and the global output length.
 
     ``local`` is True when every rank's outputs read exactly its own input rows:
     the op then needs no exchange at all (a 1-wide kernel, or a patchify conv
@@ -91,7 +91,7 @@ class WindowPlan:
 
 
 def plan_window(window: Window, domain: Domain, n_global: int, edge: Edge, what: str) -> WindowPlan:
-    """Plan a windowed op on a sharded axis of global length ``n_global``."""
+    """Plan a windowed op on a sharded dim of global length ``n_global``."""
     m = window.out_length(n_global)
     in_part, out_part = split_rows(domain, n_global, m, what)
     needs = tuple(window.needed(c, e) for c, e in out_part)

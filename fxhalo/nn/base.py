@@ -57,8 +57,8 @@ def reduce_gradients(module: nn.Module, group=None) -> None:
             g.copy_(summed.view_as(g))
 
 
-def batched_spatial_axis(shard_dim: int, nd: int):
-    """The spatial axis (0 = first) of an ``nd``-D layer's batched input that ``shard_dim`` names.
+def batched_spatial_index(shard_dim: int, nd: int):
+    """The spatial dim index (0 = first) of an ``nd``-D layer's batched input that ``shard_dim`` names.
 
     What convert and validate_sharding_constraints, which see no tensor, read a shard_dim as.
 

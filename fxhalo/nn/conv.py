@@ -147,7 +147,7 @@ class DomainParallelConvTranspose(_ConvFamily):
             if not smallest <= m < smallest + s:
                 raise ValueError(
                     f"requested an output size of {size}, but valid sizes for the global input "
-                    f"{tuple(spatial)} start at {smallest} along one axis (+ at most {s - 1})"
+                    f"{tuple(spatial)} start at {smallest} along one dim (+ at most {s - 1})"
                 )
             out.append(m - smallest)
         return tuple(out)
@@ -240,23 +240,23 @@ class DomainParallelPeriodicConv2d(_Wrapper):
     def bias(self):
         return self.conv.bias
 
-    def _spec(self, axis: int) -> tuple[int, ...]:
-        """The ``F.pad`` spec of the periodic pad of spatial ``axis`` (0: H, 1: W)."""
-        p = self.padding[axis]
-        return (0, 0, p, p) if axis == 0 else (p, p, 0, 0)  # torch wants both dims for a 4-D input
+    def _spec(self, sdim: int) -> tuple[int, ...]:
+        """The ``F.pad`` spec of the periodic pad of spatial dim ``sdim`` (0: H, 1: W)."""
+        p = self.padding[sdim]
+        return (0, 0, p, p) if sdim == 0 else (p, p, 0, 0)  # torch wants both dims for a 4-D input
 
-    def _pad(self, x, axis: int):
-        """The periodic pad of spatial ``axis`` of ``x``, locally."""
-        return F.pad(x, self._spec(axis), mode=self.modes[axis]) if self.padding[axis] else x
+    def _pad(self, x, sdim: int):
+        """The periodic pad of spatial dim ``sdim`` of ``x``, locally."""
+        return F.pad(x, self._spec(sdim), mode=self.modes[sdim]) if self.padding[sdim] else x
 
     def forward(self, x):
         domain = self.domain()
         dim = None if domain is None else self._sharded_dim(x, domain.dim_of(x.ndim), 2)
         if dim is None:
             return self.conv(self._pad(self._pad(x, 1), 0))
-        axis = dim - (x.ndim - 2)
-        x = self._pad(x, 1 - axis)
-        edge, _ = conv_ops.padding_edge(self.modes[axis], self._spec(axis), dim, x.ndim)
+        sdim = dim - (x.ndim - 2)
+        x = self._pad(x, 1 - sdim)
+        edge, _ = conv_ops.padding_edge(self.modes[sdim], self._spec(sdim), dim, x.ndim)
         c = self.conv
         return conv_ops.conv(
             x,

@@ -159,8 +159,8 @@ class DomainParallelLayerNorm(_Wrapper):
         d = None if domain is None else domain.dim_of(x.ndim)
         if d is None or d < x.ndim - n:
             return self._plain(x, self.normalized_shape, self.weight, getattr(self, "bias", None))
-        axis = d - (x.ndim - n)  # the sharded dim's place in normalized_shape
-        length = self.normalized_shape[axis]
+        sdim = d - (x.ndim - n)  # the sharded dim's place in normalized_shape
+        length = self.normalized_shape[sdim]
         a, b = domain.bounds(length)
         if x.shape[d] != b - a:
             raise FxHaloError(
@@ -170,7 +170,7 @@ class DomainParallelLayerNorm(_Wrapper):
             )
         shape = tuple(x.shape[x.ndim - n :])
         weight, bias = (
-            None if t is None else t.narrow(axis, a, b - a) for t in (self.weight, getattr(self, "bias", None))
+            None if t is None else t.narrow(sdim, a, b - a) for t in (self.weight, getattr(self, "bias", None))
         )
         kw = dict(axes=domain.kernel_axes(d, length))
         if self.rms:

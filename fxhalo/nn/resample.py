@@ -99,14 +99,14 @@ POOLS = {
 }
 
 
-def pools_to_one(pool, axis) -> bool:
-    """Does ``pool`` (an ``nn`` pool or a :class:`DomainParallelPool`) pool spatial ``axis`` to one row,
-    values only?  Then it is a global pool along that axis: a reduction, not a window."""
+def pools_to_one(pool, sdim) -> bool:
+    """Does ``pool`` (an ``nn`` pool or a :class:`DomainParallelPool`) pool spatial dim ``sdim`` to one row,
+    values only?  Then it is a global pool along that dim: a reduction, not a window."""
     nd = getattr(pool, "nd", None) or next(v for t, v in POOLS.items() if isinstance(pool, t))[1]
     size = getattr(pool, "output_size", None)
-    if size is None or getattr(pool, "return_indices", False) or not isinstance(axis, int) or not 0 <= axis < nd:
+    if size is None or getattr(pool, "return_indices", False) or not isinstance(sdim, int) or not 0 <= sdim < nd:
         return False
-    return (list(size) if isinstance(size, (tuple, list)) else [size] * nd)[axis] == 1
+    return (list(size) if isinstance(size, (tuple, list)) else [size] * nd)[sdim] == 1
 
 
 class DomainParallelPool(_Wrapper):

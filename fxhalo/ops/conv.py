@@ -16,7 +16,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def explicit_padding(padding, kernel, dilation) -> tuple[tuple[int, int], ...]:
-    """``(lo, hi)`` per spatial axis for an int, a tuple, ``'valid'`` or ``'same'``.
+    """``(lo, hi)`` per spatial dim for an int, a tuple, ``'valid'`` or ``'same'``.
 
     ``'same'`` follows torch: total ``d(k-1)``, the smaller half before.
     """
@@ -52,39 +52,39 @@ def padding_edge(mode: str, pad, dim: int, ndim: int, value: float = 0.0) -> tup
 
 
 def conv_window(x_shape, weight_shape, stride, padding, dilation, domain: Domain, edge: Edge) -> tuple[int, Window]:
-    """``(sharded spatial axis, window)`` of a conv of a local slab of shape ``x_shape``."""
+    """``(sharded spatial dim, window)`` of a conv of a local slab of shape ``x_shape``."""
     nd = len(weight_shape) - 2
-    axis = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
+    sdim = domain.dim_of(len(x_shape)) - (len(x_shape) - nd)
     kernel = tuple(weight_shape[2:])
     stride, dilation = ints(stride, nd), ints(dilation, nd)
     pads = explicit_padding(padding, kernel, dilation)
     extent = edge.extent or (0, 0)
-    return axis, Window(
-        kernel[axis], stride[axis], dilation[axis], pads[axis][0] + extent[0], pads[axis][1] + extent[1]
+    return sdim, Window(
+        kernel[sdim], stride[sdim], dilation[sdim], pads[sdim][0] + extent[0], pads[sdim][1] + extent[1]
     )
 
 
 def conv_plan(
     x_shape, weight_shape, stride, padding, dilation, domain: Domain, edge: Edge, length: int | None = None
 ) -> tuple[int, WindowPlan]:
-    """``(sharded spatial axis, plan)`` of a conv of a local slab of shape ``x_shape``.
+    """``(sharded spatial dim, plan)`` of a conv of a local slab of shape ``x_shape``.
 
     ``length``: the global length of the sharded dim (see :meth:`Domain.global_length`).
     """
-    axis, window = conv_window(x_shape, weight_shape, stride, padding, dilation, domain, edge)
+    sdim, window = conv_window(x_shape, weight_shape, stride, padding, dilation, domain, edge)
     nd = len(weight_shape) - 2
     n = domain.global_length(x_shape[domain.dim_of(len(x_shape))], length)
     what = f"conv{nd}d (kernel {tuple(weight_shape[2:])}, stride {ints(stride, nd)})"
-    return axis, plan_window(window, domain, n, edge, what)
+    return sdim, plan_window(window, domain, n, edge, what)
 
 
-def _local_conv(x, weight, bias, stride, padding, dilation, groups, axis):
-    """The conv of an extended slab: its sharded axis is already padded (the halo), the others are not."""
+def _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim):
+    """The conv of an extended slab: its sharded dim is already padded (the halo), the others are not."""
     nd = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
     dilation_t = ints(dilation, nd)
     pads = list(explicit_padding(padding, kernel, dilation_t))
-    pads[axis] = (0, 0)
+    pads[sdim] = (0, 0)
     symmetric = [min(lo, hi) for lo, hi in pads]
     extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, symmetric)]
     if any(lo or hi for lo, hi in extra):
@@ -119,9 +119,9 @@ def conv(
     shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
+    sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
     x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name, edge=edge)
-    return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim)
 
 
 def conv_with_halo(
@@ -149,6 +149,6 @@ def conv_with_halo(
     shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    axis, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
+    sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
     x = assemble(input, received, domain.dim_of(input.ndim), plan.halo)
-    return _local_conv(x, weight, bias, stride, padding, dilation, groups, axis)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim)

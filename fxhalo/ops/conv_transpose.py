@@ -1,6 +1,6 @@
 """Transposed convolution over a sharded spatial dim: one halo exchange, the local op, a crop.
 
-Along one axis, with kernel ``k``, dilation ``d``, stride ``s``, padding ``p`` and
+Along one dim, with kernel ``k``, dilation ``d``, stride ``s``, padding ``p`` and
 output padding ``op``, a transposed conv scatters input row ``i`` into output rows
 ``i*s - p + t*d`` for ``t`` in ``[0, k)``.  (It is a conv of the input upsampled
 with ``s - 1`` zero rows between rows, padded by ``d(k-1) - p`` before and
@@ -12,7 +12,7 @@ with ``s - 1`` zero rows between rows, padded by ``d(k-1) - p`` before and
   ``[ceil((c + p - d(k-1))/s), floor((e-1 + p)/s) + 1)``, clipped to the tensor
   (rows outside it do not exist: they contribute nothing).
 
-The local ``conv_transpose`` with no padding along the sharded axis writes output
+The local ``conv_transpose`` with no padding along the sharded dim writes output
 rows starting at global row ``A*s - p`` for a slab starting at input row ``A``.  A
 few zero rows are added around the slab where needed so that its output covers
 ``[c, e)`` (when the first or last of those rows receives no input row at all,
@@ -32,16 +32,16 @@ import torch.nn.functional as F
 from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
-from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
+from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
-__all__ = ["TransposedAxis", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
+__all__ = ["TransposedDim", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
 
 _ZEROS = Edge()  # what lies past the edges of the zero-dilated input, for the halo observers
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 @dataclasses.dataclass(frozen=True)
-class TransposedAxis:
+class TransposedDim:
     kernel: int
     stride: int = 1
     padding: int = 0
@@ -72,7 +72,7 @@ class TransposedPlan:
 
     ``local``: the op on the local shard as it is gives this rank's outputs (``halo`` is
     None).  Otherwise: exchange, prepend ``zeros_before`` and append ``zeros_after`` zero
-    rows, run the op with no padding along the axis, and keep ``m_local`` rows from
+    rows, run the op with no padding along the dim, and keep ``m_local`` rows from
     ``crop``.
     """
 
@@ -90,31 +90,31 @@ class TransposedPlan:
         return self.rows[1] - self.rows[0]
 
 
-def _is_local(axis: TransposedAxis, in_part, out_part, needs, n: int) -> bool:
+def _is_local(sdim: TransposedDim, in_part, out_part, needs, n: int) -> bool:
     """The op on each rank's own rows gives its outputs: aligned, the right length, no remote row read."""
     return covers_only_own_rows(in_part, needs, n) and all(
-        axis.first_out(a) == c and axis.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part)
+        sdim.first_out(a) == c and sdim.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part)
     )
 
 
 @functools.lru_cache(maxsize=1024)
-def plan_conv_transpose(axis: TransposedAxis, domain: Domain, n: int, what: str) -> TransposedPlan:
-    m = axis.out_length(n)
+def plan_conv_transpose(sdim: TransposedDim, domain: Domain, n: int, what: str) -> TransposedPlan:
+    m = sdim.out_length(n)
     in_part, out_part = split_rows(domain, n, m, what)
-    needs = tuple(axis.contributing(c, e) for c, e in out_part)
+    needs = tuple(sdim.contributing(c, e) for c, e in out_part)
     c, e = out_part[domain.rank]
-    if _is_local(axis, in_part, out_part, needs, n):
+    if _is_local(sdim, in_part, out_part, needs, n):
         return TransposedPlan(n, m, (c, e), True, None)
     # Only rows inside the tensor exist; clip every rank's range to them.
     needs = tuple((min(max(s, 0), n), min(max(t, 0), n)) for s, t in needs)
     a, b = needs[domain.rank]
     if a == b:  # no input row reaches these outputs: an empty slab placed where they are
-        a = b = max(0, ceil_div(c + axis.padding, axis.stride))
-    before = max(0, ceil_div(axis.first_out(a) - c, axis.stride))
-    after = max(0, ceil_div(e - 1 + axis.padding - axis.span, axis.stride) - b + 1)
+        a = b = max(0, ceil_div(c + sdim.padding, sdim.stride))
+    before = max(0, ceil_div(sdim.first_out(a) - c, sdim.stride))
+    after = max(0, ceil_div(e - 1 + sdim.padding - sdim.span, sdim.stride) - b + 1)
     if b - a + before + after == 0:
         after = 1  # torch needs at least one input row
-    crop = c - axis.first_out(a - before)
+    crop = c - sdim.first_out(a - before)
     return TransposedPlan(n, m, (c, e), False, halo_plan(in_part, needs, domain.rank), before, after, crop)
 
 
@@ -154,13 +154,13 @@ def conv_transpose(
     nd = weight.ndim - 2
     op = _CONV_T[nd]
     dim = domain.dim_of(input.ndim)
-    axis = spatial_axis(input.ndim, nd, dim)
-    if axis is None:  # batch sharded: each sample is local (the rule refuses channel sharding)
+    sdim = spatial_index(input.ndim, nd, dim)
+    if sdim is None:  # batch sharded: each sample is local (the rule refuses channel sharding)
         return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
     k = tuple(weight.shape[2:])
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
     plan = plan_conv_transpose(
-        TransposedAxis(k[axis], s[axis], p[axis], op_[axis], d[axis]),
+        TransposedDim(k[sdim], s[sdim], p[sdim], op_[sdim], d[sdim]),
         domain,
         domain.global_length(input.shape[dim], length),
         f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})",
@@ -169,7 +169,7 @@ def conv_transpose(
         return op(input, weight, bias, s, p, op_, groups, d)
     x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)  # the input dilated by zeros
     x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
-    pads = tuple(0 if i == axis else v for i, v in enumerate(p))
-    out_pads = tuple(0 if i == axis else v for i, v in enumerate(op_))
+    pads = tuple(0 if i == sdim else v for i, v in enumerate(p))
+    out_pads = tuple(0 if i == sdim else v for i, v in enumerate(op_))
     y = op(x, weight, bias, s, pads, out_pads, groups, d)
     return y.narrow(dim, plan.crop, plan.m_local)

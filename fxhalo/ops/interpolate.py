@@ -2,7 +2,7 @@
 
 Running ``F.interpolate`` on a slab does not reproduce the global result: torch maps
 output row ``o`` to a source coordinate through the *global* sizes (or the user's
-scale factor), and clamps at the *global* edges.  So the sharded axis is resampled
+scale factor), and clamps at the *global* edges.  So the sharded dim is resampled
 explicitly:
 
 1. :func:`source_taps` maps every global output row to the global input rows it reads
@@ -14,7 +14,7 @@ explicitly:
      ``align_corners=True`` it is ``(N-1)/(M-1)`` whatever was given;
    * ``linear``: source ``scale*(o+0.5)-0.5`` (``scale*o`` with ``align_corners``),
      clamped at 0, its floor and the next row (the last row repeats at the end),
-     weights ``1-t, t``; an axis whose length does not change is copied, whatever
+     weights ``1-t, t``; a dim whose length does not change is copied, whatever
      the scale factor says;
    * ``cubic``: the same coordinate unclamped, rows ``floor-1 .. floor+2`` clamped
      to ``[0, N)``, torch's cubic convolution weights (``A = -0.75``);
@@ -22,13 +22,13 @@ explicitly:
      index ``floor(o*scale)`` (``floor((o+0.5)*scale)``) through different float
      paths (the 2-D one also short-cuts scales 1 and 2), which no formula matches on
      every size (nor do its float and double kernels agree).  So the index table of
-     the global axis is asked of torch itself, once per plan: the op on a ramp
+     the global dim is asked of torch itself, once per plan: the op on a ramp
      ``0..N-1`` of the same rank and float type.
 2. The rows each rank's outputs read become its halo (``plan_halo``); they always lie
    inside the tensor, since torch clamps rather than pads.
 3. The rank gathers its output rows from the slab with ``index_select`` and sums them
    with their weights in float32 or float64, as torch's CPU kernels do.  The other
-   spatial axes are left to ``F.interpolate`` itself, with the sharded axis kept as it
+   spatial axes are left to ``F.interpolate`` itself, with the sharded dim kept as it
    is (scale 1, which torch maps to the identity).
 
 A resize whose every rank reads only its own rows, and for which the op on the local
@@ -48,9 +48,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Unsplittable, split_rows
 from ..halo import HaloPlan, halo_exchange
-from .rows import along, halo_plan, spatial_axis
+from .rows import along, halo_plan, spatial_index
 
-__all__ = ["MODES", "AxisResize", "InterpPlan", "axis_resize", "source_taps", "plan_interpolate", "interpolate"]
+__all__ = ["MODES", "DimResize", "InterpPlan", "dim_resize", "source_taps", "plan_interpolate", "interpolate"]
 
 MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear")
 _NEAREST = ("nearest", "nearest-exact")
@@ -58,8 +58,8 @@ _CUBIC_A = -0.75
 
 
 @dataclasses.dataclass(frozen=True)
-class AxisResize:
-    """One axis: ``n_in`` rows to ``n_out``; ``scale`` is the user's scale factor when torch
+class DimResize:
+    """One dim: ``n_in`` rows to ``n_out``; ``scale`` is the user's scale factor when torch
     uses it for source coordinates (``None``: the size ratio)."""
 
     n_in: int
@@ -67,36 +67,36 @@ class AxisResize:
     scale: float | None = None
 
 
-def _per_axis(value, nd: int) -> list:
+def _per_dim(value, nd: int) -> list:
     return list(value) if isinstance(value, (tuple, list)) else [value] * nd
 
 
-def axis_resize(n: int, size, scale_factor, recompute_scale_factor, axis: int, nd: int) -> AxisResize:
-    """How ``F.interpolate(size=..., scale_factor=...)`` resizes spatial axis ``axis`` of length ``n``."""
+def dim_resize(n: int, size, scale_factor, recompute_scale_factor, sdim: int, nd: int) -> DimResize:
+    """How ``F.interpolate(size=..., scale_factor=...)`` resizes spatial dim ``sdim`` of length ``n``."""
     if size is not None:
-        return AxisResize(n, int(_per_axis(size, nd)[axis]))
-    s = float(_per_axis(scale_factor, nd)[axis])
-    return AxisResize(n, int(n * s), None if recompute_scale_factor else s)  # torch truncates n*s
+        return DimResize(n, int(_per_dim(size, nd)[sdim]))
+    s = float(_per_dim(scale_factor, nd)[sdim])
+    return DimResize(n, int(n * s), None if recompute_scale_factor else s)  # torch truncates n*s
 
 
 # -- source rows and weights of every output row ----------------------------------
 
 
-def _nearest_rows(mode: str, nd: int, axis: int, r: AxisResize, double: bool, device: str) -> np.ndarray:
-    """torch's own index table for this axis: the op on a ramp of the same rank.
+def _nearest_rows(mode: str, nd: int, sdim: int, r: DimResize, double: bool, device: str) -> np.ndarray:
+    """torch's own index table for this dim: the op on a ramp of the same rank.
 
     The ramp has the op's float type too (float64, else float32, which holds every
     row index below 2**24): torch's double kernels round the index differently.
     """
     shape = [1, 1] + [1] * nd
-    shape[2 + axis] = r.n_in
+    shape[2 + sdim] = r.n_in
     if r.scale is None:
         sizes = [1] * nd
-        sizes[axis] = r.n_out
+        sizes[sdim] = r.n_out
         how = {"size": sizes}
     else:
         scales = [1.0] * nd
-        scales[axis] = r.scale
+        scales[sdim] = r.scale
         how = {"scale_factor": scales}
     # The plan may be made while a fake or tracing mode is active (AOTAutograd tracing
     # the kernel); the table is plain data, computed on real tensors outside those modes.
@@ -106,7 +106,7 @@ def _nearest_rows(mode: str, nd: int, axis: int, r: AxisResize, double: bool, de
     return table.numpy()[:, None]
 
 
-def _coordinate_scale(r: AxisResize, align_corners: bool, t):
+def _coordinate_scale(r: DimResize, align_corners: bool, t):
     """torch's ``area_pixel_compute_scale`` in the op's float type ``t``."""
     if align_corners:
         return t(r.n_in - 1) / t(r.n_out - 1) if r.n_out > 1 else t(0)
@@ -115,7 +115,7 @@ def _coordinate_scale(r: AxisResize, align_corners: bool, t):
     return t(r.n_in) / t(r.n_out)
 
 
-def _source_coordinates(r: AxisResize, align_corners: bool, cubic: bool, t) -> np.ndarray:
+def _source_coordinates(r: DimResize, align_corners: bool, cubic: bool, t) -> np.ndarray:
     """torch's ``area_pixel_compute_source_index`` for every output row."""
     scale = _coordinate_scale(r, align_corners, t)
     o = np.arange(r.n_out).astype(t)
@@ -131,8 +131,8 @@ def _floor_and_fraction(real: np.ndarray, n: int, t):
     return below, np.clip(real - below.astype(t), t(0), t(1))
 
 
-def _linear_taps(r: AxisResize, align_corners: bool, t):
-    if r.n_out == r.n_in:  # torch copies an axis whose length does not change, whatever the scale
+def _linear_taps(r: DimResize, align_corners: bool, t):
+    if r.n_out == r.n_in:  # torch copies a dim whose length does not change, whatever the scale
         rows = np.arange(r.n_in)
         return np.stack([rows, rows], 1), np.stack([np.ones(r.n_in, t), np.zeros(r.n_in, t)], 1)
     below, frac = _floor_and_fraction(_source_coordinates(r, align_corners, False, t), r.n_in, t)
@@ -152,19 +152,19 @@ def _cubic_weights(frac: np.ndarray, t) -> np.ndarray:
     return np.stack([far(frac + t(1)), near(frac), near(t(1) - frac), far(t(2) - frac)], 1)
 
 
-def _cubic_taps(r: AxisResize, align_corners: bool, t):
+def _cubic_taps(r: DimResize, align_corners: bool, t):
     below, frac = _floor_and_fraction(_source_coordinates(r, align_corners, True, t), r.n_in, t)
     rows = np.clip(below[:, None] + np.arange(-1, 3)[None, :], 0, r.n_in - 1)  # clamp, not zeros
     return rows, _cubic_weights(frac, t)
 
 
 @functools.lru_cache(maxsize=256)
-def source_taps(mode: str, nd: int, axis: int, r: AxisResize, align_corners: bool, double: bool, device: str = "cpu"):
+def source_taps(mode: str, nd: int, sdim: int, r: DimResize, align_corners: bool, double: bool, device: str = "cpu"):
     """``(rows, weights)``: for every output row of ``r``, the input rows it reads and their
     weights (``weights`` is None for nearest modes).  Arrays of shape ``(n_out, taps)``."""
     t = np.float64 if double else np.float32  # torch's opmath type
     if mode in _NEAREST:
-        rows, weights = _nearest_rows(mode, nd, axis, r, double, device), None
+        rows, weights = _nearest_rows(mode, nd, sdim, r, double, device), None
     elif mode == "bicubic":
         rows, weights = _cubic_taps(r, align_corners, t)
     else:
@@ -180,7 +180,7 @@ def source_taps(mode: str, nd: int, axis: int, r: AxisResize, align_corners: boo
 
 @dataclasses.dataclass(frozen=True)
 class InterpPlan:
-    """``F.interpolate`` along the sharded axis on one rank.
+    """``F.interpolate`` along the sharded dim on one rank.
 
     ``local``: every rank reads only its own rows, and the op on its shard (with its
     share of the output) maps them exactly as the global op does: no exchange, just the
@@ -197,20 +197,20 @@ class InterpPlan:
     weights: tuple[tuple[float, ...], ...] | None = None
 
 
-def _local_resize(r: AxisResize, rows: int, out_rows: int) -> AxisResize | None:
+def _local_resize(r: DimResize, rows: int, out_rows: int) -> DimResize | None:
     """What the op does on a shard of ``rows`` rows when asked for ``out_rows`` rows, if it can."""
     if r.scale is None:
-        return AxisResize(rows, out_rows)
-    local = AxisResize(rows, int(rows * r.scale), r.scale)  # a scale factor fixes the local length
+        return DimResize(rows, out_rows)
+    local = DimResize(rows, int(rows * r.scale), r.scale)  # a scale factor fixes the local length
     return local if local.n_out == out_rows else None
 
 
-def _is_local(mode, nd, axis, r, align_corners, double, device, in_part, out_part, rows, weights) -> bool:
+def _is_local(mode, nd, sdim, r, align_corners, double, device, in_part, out_part, rows, weights) -> bool:
     for (a, b), (c, e) in zip(in_part, out_part):
         local = _local_resize(r, b - a, e - c)
         if local is None:
             return False
-        l_rows, l_weights = source_taps(mode, nd, axis, local, align_corners, double, device)
+        l_rows, l_weights = source_taps(mode, nd, sdim, local, align_corners, double, device)
         if not np.array_equal(l_rows + a, rows[c:e]):
             return False
         if weights is not None and not np.array_equal(l_weights, weights[c:e]):
@@ -222,8 +222,8 @@ def _is_local(mode, nd, axis, r, align_corners, double, device, in_part, out_par
 def plan_interpolate(
     mode: str,
     nd: int,
-    axis: int,
-    r: AxisResize,
+    sdim: int,
+    r: DimResize,
     align_corners: bool,
     double: bool,
     device: str,
@@ -231,9 +231,9 @@ def plan_interpolate(
     what: str,
 ) -> InterpPlan:
     in_part, out_part = split_rows(domain, r.n_in, r.n_out, what)
-    rows, weights = source_taps(mode, nd, axis, r, align_corners, double, device)
+    rows, weights = source_taps(mode, nd, sdim, r, align_corners, double, device)
     c, e = out_part[domain.rank]
-    if _is_local(mode, nd, axis, r, align_corners, double, device, in_part, out_part, rows, weights):
+    if _is_local(mode, nd, sdim, r, align_corners, double, device, in_part, out_part, rows, weights):
         return InterpPlan(r.n_in, r.n_out, (c, e), True, None)
     needs = tuple((int(rows[c0:e0].min()), int(rows[c0:e0].max()) + 1) for c0, e0 in out_part)
     start = needs[domain.rank][0]
@@ -258,34 +258,34 @@ def _resample_rows(x: torch.Tensor, dim: int, plan: InterpPlan) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def _is_identity(n: int, r: AxisResize, align_corners: bool) -> bool:
-    """Does torch leave an axis unchanged?  Same length and a coordinate scale of exactly 1."""
+def _is_identity(n: int, r: DimResize, align_corners: bool) -> bool:
+    """Does torch leave a dim unchanged?  Same length and a coordinate scale of exactly 1."""
     return r.n_out == n and (align_corners or r.scale is None or r.scale == 1.0)
 
 
-def _other_axes(x, dim, axis, nd, size, scale_factor, recompute, mode, align_corners):
-    """Resample every spatial axis but the sharded one with torch's own op (the sharded
-    axis gets scale 1 or its current size, which torch treats as the identity)."""
+def _other_axes(x, dim, sdim, nd, size, scale_factor, recompute, mode, align_corners):
+    """Resample every spatial dim but the sharded one with torch's own op (the sharded
+    dim gets scale 1 or its current size, which torch treats as the identity)."""
     spatial = list(x.shape[2:])
-    others = [axis_resize(spatial[i], size, scale_factor, recompute, i, nd) for i in range(nd)]
-    if all(_is_identity(spatial[i], others[i], align_corners) for i in range(nd) if i != axis):
+    others = [dim_resize(spatial[i], size, scale_factor, recompute, i, nd) for i in range(nd)]
+    if all(_is_identity(spatial[i], others[i], align_corners) for i in range(nd) if i != sdim):
         return x
     align = align_corners if mode not in _NEAREST else None
     if size is not None or recompute:
-        sizes = [spatial[i] if i == axis else others[i].n_out for i in range(nd)]
+        sizes = [spatial[i] if i == sdim else others[i].n_out for i in range(nd)]
         return F.interpolate(x, size=sizes, mode=mode, align_corners=align)
-    scales = [1.0 if i == axis else float(_per_axis(scale_factor, nd)[i]) for i in range(nd)]
+    scales = [1.0 if i == sdim else float(_per_dim(scale_factor, nd)[i]) for i in range(nd)]
     return F.interpolate(x, scale_factor=scales, mode=mode, align_corners=align)
 
 
-def _local_op(input, axis, nd, plan, size, scale_factor, mode, align_corners, recompute):
+def _local_op(input, sdim, nd, plan, size, scale_factor, mode, align_corners, recompute):
     """The op on the local shard, asked for this rank's share of the output."""
     align = align_corners if mode not in _NEAREST else None
     if size is None and not recompute:  # the scale factor gives the local length (checked by the plan)
         return F.interpolate(input, scale_factor=scale_factor, mode=mode, align_corners=align)
     spatial = list(input.shape[2:])
-    sizes = [axis_resize(spatial[i], size, scale_factor, recompute, i, nd).n_out for i in range(nd)]
-    sizes[axis] = plan.rows[1] - plan.rows[0]
+    sizes = [dim_resize(spatial[i], size, scale_factor, recompute, i, nd).n_out for i in range(nd)]
+    sizes[sdim] = plan.rows[1] - plan.rows[0]
     return F.interpolate(input, size=sizes, mode=mode, align_corners=align)
 
 
@@ -309,8 +309,8 @@ def interpolate(
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = input.ndim - 2
     dim = domain.dim_of(input.ndim)
-    axis = spatial_axis(input.ndim, nd, dim)
-    if axis is None:  # batch or channel sharded: every plane is resized on its own rank
+    sdim = spatial_index(input.ndim, nd, dim)
+    if sdim is None:  # batch or channel sharded: every plane is resized on its own rank
         return F.interpolate(input, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
     what = f"interpolate (mode {mode!r}, size {size}, scale_factor {scale_factor})"
     if mode not in MODES or antialias:
@@ -318,19 +318,19 @@ def interpolate(
             what, "uses antialias or a mode fxhalo does not split", f"use one of {MODES} without antialias"
         )
     align = bool(align_corners) if mode not in _NEAREST else False
-    resize = axis_resize(
-        domain.global_length(input.shape[dim], length), size, scale_factor, recompute_scale_factor, axis, nd
+    resize = dim_resize(
+        domain.global_length(input.shape[dim], length), size, scale_factor, recompute_scale_factor, sdim, nd
     )
     plan = plan_interpolate(
-        mode, nd, axis, resize, align, input.dtype == torch.float64, input.device.type, domain, what
+        mode, nd, sdim, resize, align, input.dtype == torch.float64, input.device.type, domain, what
     )
     if plan.local:
-        return _local_op(input, axis, nd, plan, size, scale_factor, mode, align, recompute_scale_factor)
+        return _local_op(input, sdim, nd, plan, size, scale_factor, mode, align, recompute_scale_factor)
     x = halo_exchange(input, dim, plan.halo, group_name, edge="clamp")  # source rows clamp at the edges
 
     def others(t):
-        return _other_axes(t, dim, axis, nd, size, scale_factor, recompute_scale_factor, mode, align)
+        return _other_axes(t, dim, sdim, nd, size, scale_factor, recompute_scale_factor, mode, align)
 
-    if plan.rows[1] - plan.rows[0] <= x.shape[dim]:  # shrinking: the sharded axis first
+    if plan.rows[1] - plan.rows[0] <= x.shape[dim]:  # shrinking: the sharded dim first
         return others(_resample_rows(x, dim, plan))
     return _resample_rows(others(x), dim, plan)

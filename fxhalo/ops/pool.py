@@ -1,18 +1,18 @@
 """Pooling over a sharded spatial dim: max, average and adaptive pooling, 1-D to 3-D.
 
 Max and average pooling are windowed ops with the geometry of shared/DESIGN.md
-section 4, except that ``ceil_mode`` changes the output length (:meth:`PoolAxis.out_length`).
+section 4, except that ``ceil_mode`` changes the output length (:meth:`PoolDim.out_length`).
 A rank that owns output rows ``[c, e)`` reads input rows
 ``[c*s - p, (e-1)*s - p + d(k-1) + 1)``; one halo exchange fetches them, with rows
 past the global edges filled as the op pads (``-inf`` for max, zeros for average),
-and the local op then runs with no padding along the sharded axis.  Two details
+and the local op then runs with no padding along the sharded dim.  Two details
 are not visible in the window alone:
 
 * **Average divisors.** With ``count_include_pad`` torch counts padded cells only
   inside the implicit padding ``[-p, N + p)``, not the cells a ``ceil_mode`` window
   runs past it; without it, only real cells.  Both counts depend on where the
   window lies in the *global* tensor, so the edge rows' divisors are computed
-  from the global geometry (:meth:`PoolAxis.divisor`) and the local result,
+  from the global geometry (:meth:`PoolDim.divisor`) and the local result,
   which divided by the full kernel, is rescaled.
 * **Max indices** refer to the flattened spatial index of the *global* input,
   as on one device.  The local op's indices are slab indices, translated by the
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from ..domain import Domain, ShardAxis, one_axis
 from ..geometry import Unsplittable, split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
-from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_axis
+from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = [
-    "PoolAxis",
+    "PoolDim",
     "PoolPlan",
     "plan_pool",
     "default_stride",
@@ -76,8 +76,8 @@ _ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adapti
 
 
 @dataclasses.dataclass(frozen=True)
-class PoolAxis:
-    """One axis of a max or average pool."""
+class PoolDim:
+    """One dim of a max or average pool."""
 
     kernel: int
     stride: int
@@ -108,7 +108,7 @@ class PoolAxis:
         return start if start >= 0 else start + ceil_div(-start, self.dilation) * self.dilation
 
     def divisor(self, o: int, n: int, count_include_pad: bool) -> int:
-        """How many cells torch divides window ``o`` by, along this axis (average pooling)."""
+        """How many cells torch divides window ``o`` by, along this dim (average pooling)."""
         start = o * self.stride - self.padding
         stop = min(start + self.kernel, n + self.padding)  # padding counts, cells past it do not
         if count_include_pad:
@@ -137,7 +137,7 @@ class PoolPlan:
     first_real: tuple[int, ...] | None
 
 
-def _pool_is_local(axis: PoolAxis, in_part, out_part, needs, n: int) -> bool:
+def _pool_is_local(sdim: PoolDim, in_part, out_part, needs, n: int) -> bool:
     """Does the op, run on each rank's own rows with its own padding, give that rank's outputs?
 
     It does when the local windows line up with the global ones (``a == c*s``), the
@@ -146,28 +146,28 @@ def _pool_is_local(axis: PoolAxis, in_part, out_part, needs, n: int) -> bool:
     """
     if not covers_only_own_rows(in_part, needs, n):
         return False
-    return all(a == c * axis.stride and axis.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part))
+    return all(a == c * sdim.stride and sdim.out_length(b - a) == e - c for (a, b), (c, e) in zip(in_part, out_part))
 
 
 @functools.lru_cache(maxsize=1024)
 def plan_pool(
-    axis: PoolAxis, domain: Domain, n: int, fill: float, count_include_pad: bool | None, what: str
+    sdim: PoolDim, domain: Domain, n: int, fill: float, count_include_pad: bool | None, what: str
 ) -> PoolPlan:
     """Plan a max pool (``count_include_pad=None``) or an average pool over ``n`` global rows."""
-    m = axis.out_length(n)
+    m = sdim.out_length(n)
     in_part, out_part = split_rows(domain, n, m, what)
-    needs = tuple(axis.needed(c, e) for c, e in out_part)
+    needs = tuple(sdim.needed(c, e) for c, e in out_part)
     c, e = out_part[domain.rank]
-    if _pool_is_local(axis, in_part, out_part, needs, n):
+    if _pool_is_local(sdim, in_part, out_part, needs, n):
         return PoolPlan(n, m, (c, e), True, in_part[domain.rank][0], None, None, None)
     halo = halo_plan(in_part, needs, domain.rank, Edge("constant", fill))
     start = needs[domain.rank][0]
     rescale = first_real = None
     if count_include_pad is not None:
-        factors = tuple(axis.kernel / axis.divisor(o, n, count_include_pad) for o in range(c, e))
+        factors = tuple(sdim.kernel / sdim.divisor(o, n, count_include_pad) for o in range(c, e))
         rescale = factors if any(f != 1.0 for f in factors) else None
     elif start < 0:
-        first_real = tuple(axis.first_real_row(o) for o in range(c, e))
+        first_real = tuple(sdim.first_real_row(o) for o in range(c, e))
     return PoolPlan(n, m, (c, e), False, start, halo, rescale, first_real)
 
 
@@ -176,10 +176,10 @@ def default_stride(stride, kernel_size):
     return kernel_size if stride is None or (isinstance(stride, (list, tuple)) and not stride) else stride
 
 
-def _domain_and_axis(input, nd, shard_dim, group_name):
+def _domain_and_dim(input, nd, shard_dim, group_name):
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(input.ndim)
-    return domain, dim, spatial_axis(input.ndim, nd, dim)
+    return domain, dim, spatial_index(input.ndim, nd, dim)
 
 
 def _split_flat(idx: torch.Tensor, inner: int, rows: int):
@@ -234,14 +234,14 @@ def _inner(x: torch.Tensor, dim: int) -> int:
 def _max_pool(
     nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
 ):
-    domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
+    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
     op = _MAX[nd]
     stride = default_stride(stride, kernel_size)
-    if axis is None:  # batch or channel sharded: every plane is pooled on its own rank
+    if sdim is None:  # batch or channel sharded: every plane is pooled on its own rank
         return op(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     k, s, p, d = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd), ints(dilation, nd)
     plan = plan_pool(
-        PoolAxis(k[axis], s[axis], p[axis], d[axis], bool(ceil_mode)),
+        PoolDim(k[sdim], s[sdim], p[sdim], d[sdim], bool(ceil_mode)),
         domain,
         domain.global_length(input.shape[dim], length),
         float("-inf"),
@@ -252,7 +252,7 @@ def _max_pool(
         x, pads = input, p
     else:
         x = halo_exchange(input, dim, plan.halo, group_name, edge="-inf")
-        pads = tuple(0 if i == axis else v for i, v in enumerate(p))
+        pads = tuple(0 if i == sdim else v for i, v in enumerate(p))
     if plan.first_real is None:
         out = op(x, k, s, pads, d, ceil_mode, return_indices)
         if not return_indices:
@@ -279,18 +279,18 @@ def _avg_pool(
     group_name,
     length,
 ):
-    domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
+    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
     stride = default_stride(stride, kernel_size)
     extra = () if nd == 1 else (divisor_override,)  # avg_pool1d has no divisor_override
 
     def op(x, pads):
         return _AVG[nd](x, kernel_size, stride, pads, ceil_mode, count_include_pad, *extra)
 
-    if axis is None:
+    if sdim is None:
         return op(input, padding)
     k, s, p = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd)
     plan = plan_pool(
-        PoolAxis(k[axis], s[axis], p[axis], 1, bool(ceil_mode)),
+        PoolDim(k[sdim], s[sdim], p[sdim], 1, bool(ceil_mode)),
         domain,
         domain.global_length(input.shape[dim], length),
         0.0,
@@ -300,7 +300,7 @@ def _avg_pool(
     if plan.local:
         return op(input, p)
     x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)
-    out = op(x, tuple(0 if i == axis else v for i, v in enumerate(p)))
+    out = op(x, tuple(0 if i == sdim else v for i, v in enumerate(p)))
     if plan.rescale is not None and divisor_override is None:
         # The local windows lie inside the slab and were divided by the full kernel.
         out = out * along(plan.rescale, dim, out.ndim, out)
@@ -359,17 +359,17 @@ def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
 
 
 def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name, length):
-    domain, dim, axis = _domain_and_axis(input, nd, shard_dim, group_name)
+    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
     op = _ADAPTIVE_MAX[nd] if kind == "max" else _ADAPTIVE_AVG[nd]
     extra = (return_indices,) if kind == "max" else ()
-    if axis is None:
+    if sdim is None:
         return op(input, output_size, *extra)
     sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * nd
     n = domain.global_length(input.shape[dim], length)
-    m = n if sizes[axis] is None else int(sizes[axis])  # None keeps the (global) input size
+    m = n if sizes[sdim] is None else int(sizes[sdim])  # None keeps the (global) input size
     plan = plan_adaptive(domain, n, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
     x = input if plan.halo is None else halo_exchange(input, dim, plan.halo, group_name)
-    sizes[axis] = plan.rows[1] - plan.rows[0]
+    sizes[sdim] = plan.rows[1] - plan.rows[0]
     out = op(x, tuple(sizes), *extra)
     if not (kind == "max" and return_indices):
         return out

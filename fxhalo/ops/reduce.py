@@ -202,8 +202,8 @@ def amin(input, dim=(), keepdim=False, *, axes: tuple[ShardAxis, ...]):
     return _extreme(input, dim, keepdim, False, group_name)
 
 
-def _pool_axes(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]:
-    """``(sharded spatial axis, output size per axis)`` of an adaptive pool."""
+def _pool_dims(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]:
+    """``(sharded spatial dim, output size per spatial dim)`` of an adaptive pool."""
     sizes = output_size if isinstance(output_size, (list, tuple)) else (output_size,) * nd
     spatial = input.shape[input.ndim - nd :]
     sizes = tuple(spatial[i] if s is None else int(s) for i, s in enumerate(sizes))
@@ -217,9 +217,9 @@ def adaptive_avg_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...
     by their rows: one all_reduce.
     """
     shard_dim, group_name, length = one_axis(axes)
-    axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
+    sdim, sizes = _pool_dims(input, output_size, nd, shard_dim)
     rows = input.shape[shard_dim]
-    # The window along the sharded axis is every rank's whole shard: weight each local mean by its rows.
+    # The window along the sharded dim is every rank's whole shard: weight each local mean by its rows.
     local = _AVG_POOL[nd](input.to(_acc_dtype(input.dtype)), sizes) * rows
     total, count = _sum_with_count(local, rows, group_name)
     return (total / count).to(input.dtype)
@@ -233,25 +233,25 @@ def adaptive_max_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...
     within the window's plane, and the smallest position among tied ranks wins.
     """
     shard_dim, group_name, length = one_axis(axes)
-    axis, sizes = _pool_axes(input, output_size, nd, shard_dim)
+    sdim, sizes = _pool_dims(input, output_size, nd, shard_dim)
     local, index = _MAX_POOL[nd](input, sizes, return_indices=True)
-    position = _global_position(index, input.shape[input.ndim - nd :], axis, group_name, length)
+    position = _global_position(index, input.shape[input.ndim - nd :], sdim, group_name, length)
     return _pick_across_ranks(local, position, True, False, group_name)
 
 
-def _global_position(index, local_spatial, axis: int, group_name: str, length: int | None):
+def _global_position(index, local_spatial, sdim: int, group_name: str, length: int | None):
     """Local flat spatial indices -> flat indices in the global spatial plane."""
     domain = Domain.from_group(group_name)
-    n = domain.global_length(local_spatial[axis], length)
+    n = domain.global_length(local_spatial[sdim], length)
     start = domain.bounds(n)[0]
     global_spatial = list(local_spatial)
-    global_spatial[axis] = n
+    global_spatial[sdim] = n
     coords, rest = [], index
     for size in reversed(local_spatial):
         coords.append(rest % size)
         rest = rest // size
     coords.reverse()
-    coords[axis] = coords[axis] + start
+    coords[sdim] = coords[sdim] + start
     flat = torch.zeros_like(index)
     for c, size in zip(coords, global_spatial):
         flat = flat * size + c

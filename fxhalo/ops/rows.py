@@ -1,6 +1,6 @@
 """Row bookkeeping shared by the resampling kernels (pooling, transposed conv, interpolation).
 
-Every resampling op along the sharded axis is planned the same way:
+Every resampling op along the sharded dim is planned the same way:
 
 1. the *global* output length ``M`` follows from the op's geometry and the global input
    length ``N``; both are split by the domain's partition rule, so rank ``r`` owns input
@@ -21,7 +21,7 @@ from ..halo import Edge, HaloPlan, plan_halo
 
 _ZERO_EDGE = Edge()  # frozen: safe to share as a default
 
-__all__ = ["ints", "spatial_axis", "halo_plan", "covers_only_own_rows", "along", "ceil_div"]
+__all__ = ["ints", "spatial_index", "halo_plan", "covers_only_own_rows", "along", "ceil_div"]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -37,13 +37,13 @@ def ints(value, n: int) -> tuple[int, ...]:
     return (int(value),) * n
 
 
-def spatial_axis(ndim: int, nd: int, dim: int) -> int | None:
+def spatial_index(ndim: int, nd: int, dim: int) -> int | None:
     """Which of an ``nd``-D op's spatial axes tensor dim ``dim`` is, or ``None`` for a batch/channel dim.
 
     The spatial axes are the last ``nd`` dims, whether or not the input has a batch dim.
     """
-    axis = dim - (ndim - nd)
-    return axis if axis >= 0 else None
+    sdim = dim - (ndim - nd)
+    return sdim if sdim >= 0 else None
 
 
 def halo_plan(in_part, needs, rank: int, edge: Edge = _ZERO_EDGE) -> HaloPlan:

@@ -51,8 +51,8 @@ class ConvRule(Rule):
         shape[s.dim] = s.local
         w_shape = tuple(example_value(args["weight"]).shape)
         nd = len(w_shape) - 2
-        axis = s.dim - (len(shape) - nd)
-        if axis < 0:
+        sdim = s.dim - (len(shape) - nd)
+        if sdim < 0:
             if s.dim == 0 and len(shape) == nd + 2:  # sharded over the batch: each sample is local
                 return Decision(s)
             ctx.refuse(

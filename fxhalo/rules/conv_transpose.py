@@ -15,7 +15,7 @@ import torch
 
 from ..layout import example_value
 from ..ops import conv_transpose as ct_ops
-from ..ops.rows import ints, spatial_axis
+from ..ops.rows import ints, spatial_index
 from . import register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
@@ -42,8 +42,8 @@ class ConvTransposeRule(ResampleRule):
         ndim = example_value(args["input"]).ndim
         w_shape = tuple(example_value(args["weight"]).shape)
         nd = len(w_shape) - 2
-        axis = spatial_axis(ndim, nd, s.dim)
-        if axis is None:
+        sdim = spatial_index(ndim, nd, s.dim)
+        if sdim is None:
             if s.dim == ndim - nd - 1:
                 ctx.refuse(
                     node,
@@ -56,7 +56,7 @@ class ConvTransposeRule(ResampleRule):
         st, p = ints(args["stride"], nd), ints(args["padding"], nd)
         op, d = ints(args["output_padding"], nd), ints(args["dilation"], nd)
         plan = ct_ops.plan_conv_transpose(
-            ct_ops.TransposedAxis(k[axis], st[axis], p[axis], op[axis], d[axis]),
+            ct_ops.TransposedDim(k[sdim], st[sdim], p[sdim], op[sdim], d[sdim]),
             domain_for(ctx, s),
             s.length,
             f"conv_transpose{nd}d (kernel {k}, stride {st}, padding {p}, output_padding {op})",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..layout import example_value
 from ..ops import interpolate as interp_ops
 from ..ops import pool as pool_ops
-from ..ops.rows import spatial_axis
+from ..ops.rows import spatial_index
 from . import register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
@@ -69,12 +69,12 @@ class InterpolateRule(ResampleRule):
         static_or_refuse(node, ctx, size=a["size"], scale_factor=a["scale_factor"])
         ndim = example_value(a["input"]).ndim
         nd = ndim - 2
-        axis = spatial_axis(ndim, nd, s.dim)
-        if axis is None:  # batch or channel sharded: every plane is resized on its own rank
+        sdim = spatial_index(ndim, nd, s.dim)
+        if sdim is None:  # batch or channel sharded: every plane is resized on its own rank
             return Resampled(s)
         require_contiguous(node, ctx, s)
         if a["mode"] == "area":
-            return self._area(ctx, a, s, nd, axis)
+            return self._area(ctx, a, s, nd, sdim)
         mode = a["mode"]
         if mode not in interp_ops.MODES or a["antialias"]:
             ctx.refuse(
@@ -83,12 +83,12 @@ class InterpolateRule(ResampleRule):
                 f"use one of the modes {interp_ops.MODES} without antialias, or resize before sharding",
             )
         align = bool(a["align_corners"]) if mode not in ("nearest", "nearest-exact") else False
-        resize = interp_ops.axis_resize(s.length, a["size"], a["scale_factor"], a["recompute_scale_factor"], axis, nd)
+        resize = interp_ops.dim_resize(s.length, a["size"], a["scale_factor"], a["recompute_scale_factor"], sdim, nd)
         val = example_value(a["input"])
         plan = interp_ops.plan_interpolate(
             mode,
             nd,
-            axis,
+            sdim,
             resize,
             align,
             val.dtype == torch.float64,
@@ -100,23 +100,23 @@ class InterpolateRule(ResampleRule):
         if (
             plan.local
             and a["size"] is None
-            and interp_ops.axis_resize(s.local, None, a["scale_factor"], None, axis, nd).n_out == out.local
+            and interp_ops.dim_resize(s.local, None, a["scale_factor"], None, sdim, nd).n_out == out.local
         ):
             return Resampled(out)  # the node's own scale factor gives each rank its rows
         call = tuple(a[name] for name in _FULL.parameters)
         return Resampled(out, interp_ops.interpolate, call)
 
-    def _area(self, ctx, a, s, nd, axis):
+    def _area(self, ctx, a, s, nd, sdim):
         """``mode='area'`` is adaptive average pooling to the (recomputed) output size."""
         spatial = list(example_value(a["input"]).shape[2:])
-        spatial[axis] = s.length
+        spatial[sdim] = s.length
         sizes = tuple(
-            interp_ops.axis_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out for i in range(nd)
+            interp_ops.dim_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out for i in range(nd)
         )
         pool_ops.plan_adaptive(
-            domain_for(ctx, s), s.length, sizes[axis], f"adaptive_avg_pool{nd}d (output size {sizes})"
+            domain_for(ctx, s), s.length, sizes[sdim], f"adaptive_avg_pool{nd}d (output size {sizes})"
         )
-        return Resampled(resized(s, sizes[axis], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
+        return Resampled(resized(s, sizes[sdim], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
 
 
 register(InterpolateRule(_interpolate_signature), F.interpolate)

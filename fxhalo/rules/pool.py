@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..layout import Sharded, example_value, sharding_of
 from ..ops import pool as pool_ops
 from ..ops import reduce as reduce_ops
-from ..ops.rows import ints, spatial_axis
+from ..ops.rows import ints, spatial_index
 from . import Decision, KernelCall, bind, register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
@@ -52,12 +52,12 @@ _ADAPTIVE_KERNELS = {
 }
 
 
-def _sharded_axis(node, ctx, args, nd: int, s: Sharded) -> int | None:
-    """The pooled axis that is sharded, or None when a batch or channel dim is."""
-    axis = spatial_axis(example_value(args["input"]).ndim, nd, s.dim)
-    if axis is not None:
+def _sharded_spatial(node, ctx, args, nd: int, s: Sharded) -> int | None:
+    """The pooled spatial dim that is sharded, or None when a batch or channel dim is."""
+    sdim = spatial_index(example_value(args["input"]).ndim, nd, s.dim)
+    if sdim is not None:
         require_contiguous(node, ctx, s)
-    return axis
+    return sdim
 
 
 class MaxPoolRule(ResampleRule):
@@ -80,14 +80,14 @@ class MaxPoolRule(ResampleRule):
             padding=args["padding"],
             dilation=args["dilation"],
         )
-        axis = _sharded_axis(node, ctx, args, nd, s)
-        if axis is None:  # batch or channel sharded; indices count within each plane, so they hold
+        sdim = _sharded_spatial(node, ctx, args, nd, s)
+        if sdim is None:  # batch or channel sharded; indices count within each plane, so they hold
             return Resampled(s, items=items)
         stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
         k, st = ints(args["kernel_size"], nd), ints(stride, nd)
         p, d = ints(args["padding"], nd), ints(args["dilation"], nd)
         plan = pool_ops.plan_pool(
-            pool_ops.PoolAxis(k[axis], st[axis], p[axis], d[axis], bool(args["ceil_mode"])),
+            pool_ops.PoolDim(k[sdim], st[sdim], p[sdim], d[sdim], bool(args["ceil_mode"])),
             domain_for(ctx, s),
             s.length,
             float("-inf"),
@@ -119,13 +119,13 @@ class AvgPoolRule(ResampleRule):
     def plan(self, node, ctx, args, s):
         nd = self.nd
         static_or_refuse(node, ctx, kernel_size=args["kernel_size"], stride=args["stride"], padding=args["padding"])
-        axis = _sharded_axis(node, ctx, args, nd, s)
-        if axis is None:
+        sdim = _sharded_spatial(node, ctx, args, nd, s)
+        if sdim is None:
             return Resampled(s)
         stride = pool_ops.default_stride(args["stride"], args["kernel_size"])
         k, st, p = ints(args["kernel_size"], nd), ints(stride, nd), ints(args["padding"], nd)
         plan = pool_ops.plan_pool(
-            pool_ops.PoolAxis(k[axis], st[axis], p[axis], 1, bool(args["ceil_mode"])),
+            pool_ops.PoolDim(k[sdim], st[sdim], p[sdim], 1, bool(args["ceil_mode"])),
             domain_for(ctx, s),
             s.length,
             0.0,
@@ -174,10 +174,10 @@ class AdaptivePoolRule(ResampleRule):
         return Decision(None, self._to_one_call, s)
 
     def _to_one(self, a, s: Sharded) -> bool:
-        axis = s.dim - (example_value(a["input"]).ndim - self.nd)
+        sdim = s.dim - (example_value(a["input"]).ndim - self.nd)
         sizes = a["output_size"]
         sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else (sizes,) * self.nd
-        return axis >= 0 and isinstance(sizes[axis], int) and sizes[axis] == 1 and not a["return_indices"]
+        return sdim >= 0 and isinstance(sizes[sdim], int) and sizes[sdim] == 1 and not a["return_indices"]
 
     def _to_one_call(self, node) -> KernelCall:
         a = bind(self.signature, node)
@@ -189,17 +189,17 @@ class AdaptivePoolRule(ResampleRule):
         ret = kind == "max" and (bool(args["return_indices"]) if self.indices is None else self.indices)
         items = 2 if ret else 0
         static_or_refuse(node, ctx, output_size=args["output_size"])
-        axis = _sharded_axis(node, ctx, args, nd, s)
-        if axis is None:
+        sdim = _sharded_spatial(node, ctx, args, nd, s)
+        if sdim is None:
             return Resampled(s, items=items)
         size = args["output_size"]
         sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
-        m = s.length if sizes[axis] is None else int(sizes[axis])
+        m = s.length if sizes[sdim] is None else int(sizes[sdim])
         plan = pool_ops.plan_adaptive(
             domain_for(ctx, s), s.length, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
         )
         out = resized(s, m, ctx)
-        if plan.halo is None and sizes[axis] is None and not ret:
+        if plan.halo is None and sizes[sdim] is None and not ret:
             return Resampled(out)  # keeps the (local) size along the sharded dim: local as it is
         call = (args["input"], size) + ((ret,) if kind == "max" else ())
         return Resampled(out, _ADAPTIVE_KERNELS[kind][nd], call, items)

@@ -69,8 +69,8 @@ def test_each_spelling_becomes_one_kernel_with_a_replicated_or_sharded_result(fn
     gm, changed = passes_on(Lambda(fn), X)
     found = kernels(gm)
     assert changed == 1 and [n.target for n in found] == [kernel]
-    axis = found[0].kwargs["axes"][0]  # the one sharded mesh axis
-    assert axis.dim == 2 and axis.group_name == "sim"
+    sdim = found[0].kwargs["axes"][0]  # the one sharded mesh axis
+    assert sdim.dim == 2 and sdim.group_name == "sim"
     softmax_or_norm = kernel.__module__ == "fxhalo.ops.norm" or "softmax" in kernel.__name__
     assert outputs(gm) == [S if softmax_or_norm else None]
 

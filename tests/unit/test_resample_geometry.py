@@ -11,72 +11,72 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxhalo.ops.conv_transpose import TransposedAxis
-from fxhalo.ops.interpolate import AxisResize, axis_resize, source_taps
-from fxhalo.ops.pool import PoolAxis, adaptive_bins
+from fxhalo.ops.conv_transpose import TransposedDim
+from fxhalo.ops.interpolate import DimResize, dim_resize, source_taps
+from fxhalo.ops.pool import PoolDim, adaptive_bins
 
 RNG = random.Random(0)
 
 
-def _pool_axes(n_cases):
+def _pool_dims(n_cases):
     for _ in range(n_cases):
         k = RNG.randint(1, 5)
         yield (
-            PoolAxis(k, RNG.randint(1, 4), RNG.randint(0, k // 2), RNG.randint(1, 3), RNG.random() < 0.5),
+            PoolDim(k, RNG.randint(1, 4), RNG.randint(0, k // 2), RNG.randint(1, 3), RNG.random() < 0.5),
             RNG.randint(1, 20),
         )
 
 
 @pytest.mark.timeout(60)
 def test_pool_output_length_matches_torch_with_ceil_mode():
-    for axis, n in _pool_axes(400):
+    for sdim, n in _pool_dims(400):
         try:
             want = F.max_pool1d(
-                torch.zeros(1, 1, n), axis.kernel, axis.stride, axis.padding, axis.dilation, axis.ceil_mode
+                torch.zeros(1, 1, n), sdim.kernel, sdim.stride, sdim.padding, sdim.dilation, sdim.ceil_mode
             ).shape[-1]
         except RuntimeError:
             continue
-        assert axis.out_length(n) == want, (axis, n)
+        assert sdim.out_length(n) == want, (sdim, n)
 
 
 @pytest.mark.timeout(60)
 def test_average_divisors_count_padding_only_inside_the_implicit_padding():
-    for axis, n in _pool_axes(400):
-        axis = PoolAxis(axis.kernel, axis.stride, axis.padding, 1, axis.ceil_mode)
+    for sdim, n in _pool_dims(400):
+        sdim = PoolDim(sdim.kernel, sdim.stride, sdim.padding, 1, sdim.ceil_mode)
         ones = torch.ones(1, 1, n, dtype=torch.float64)
         try:
-            with_pad = F.avg_pool1d(ones, axis.kernel, axis.stride, axis.padding, axis.ceil_mode, True)[0, 0]
-            without = F.avg_pool1d(ones, axis.kernel, axis.stride, axis.padding, axis.ceil_mode, False)[0, 0]
+            with_pad = F.avg_pool1d(ones, sdim.kernel, sdim.stride, sdim.padding, sdim.ceil_mode, True)[0, 0]
+            without = F.avg_pool1d(ones, sdim.kernel, sdim.stride, sdim.padding, sdim.ceil_mode, False)[0, 0]
         except RuntimeError:
             continue
         for o in range(with_pad.numel()):
-            real = axis.divisor(o, n, False)
-            assert with_pad[o].item() == pytest.approx(real / axis.divisor(o, n, True)), (axis, n, o)
-            assert without[o].item() == pytest.approx(1.0), (axis, n, o)
+            real = sdim.divisor(o, n, False)
+            assert with_pad[o].item() == pytest.approx(real / sdim.divisor(o, n, True)), (sdim, n, o)
+            assert without[o].item() == pytest.approx(1.0), (sdim, n, o)
 
 
 @pytest.mark.timeout(60)
 def test_transposed_conv_length_and_contributing_rows():
     for _ in range(300):
         k, s, d = RNG.randint(1, 5), RNG.randint(1, 4), RNG.randint(1, 3)
-        axis = TransposedAxis(k, s, RNG.randint(0, d * (k - 1) + 1), RNG.randint(0, max(s, d) - 1), d)
+        sdim = TransposedDim(k, s, RNG.randint(0, d * (k - 1) + 1), RNG.randint(0, max(s, d) - 1), d)
         n = RNG.randint(1, 12)
         try:
             want = F.conv_transpose1d(
-                torch.zeros(1, 1, n), torch.zeros(1, 1, k), None, s, axis.padding, axis.output_padding, 1, d
+                torch.zeros(1, 1, n), torch.zeros(1, 1, k), None, s, sdim.padding, sdim.output_padding, 1, d
             ).shape[-1]
         except RuntimeError:
             continue
-        m = axis.out_length(n)
+        m = sdim.out_length(n)
         assert m == want
         for c in range(m):
             for e in range(c + 1, min(m, c + 4) + 1):
-                writers = {i for i in range(n) for t in range(k) if c <= i * s - axis.padding + t * d < e}
-                lo, hi = axis.contributing(c, e)  # may reach past the tensor: those rows do not exist
+                writers = {i for i in range(n) for t in range(k) if c <= i * s - sdim.padding + t * d < e}
+                lo, hi = sdim.contributing(c, e)  # may reach past the tensor: those rows do not exist
                 lo, hi = max(lo, 0), min(hi, n)
-                assert writers <= set(range(lo, hi)), (axis, n, c, e)
+                assert writers <= set(range(lo, hi)), (sdim, n, c, e)
                 if writers and d == 1:  # dilation leaves gaps in the hull; without it the hull is tight
-                    assert min(writers) == lo and max(writers) == hi - 1, (axis, n, c, e)
+                    assert min(writers) == lo and max(writers) == hi - 1, (sdim, n, c, e)
 
 
 def _resize_cases(n_cases):
@@ -105,13 +105,13 @@ def test_source_rows_and_weights_reproduce_torch(mode):
             x = torch.randn(n, dtype=torch.float32)
             if mode == "linear":
                 want = F.interpolate(x.view(1, 1, n), mode=mode, align_corners=align, **how).flatten()
-                axis, nd = 0, 1
+                sdim, nd = 0, 1
             else:  # bicubic exists in 2-D only: resize H, keep W = 1
                 how2 = {k: ((v, 1) if k == "size" else (v, 1.0) if k == "scale_factor" else v) for k, v in how.items()}
                 want = F.interpolate(x.view(1, 1, n, 1), mode=mode, align_corners=align, **how2).flatten()
-                axis, nd = 0, 2
-            r = axis_resize(n, how.get("size"), how.get("scale_factor"), how.get("recompute_scale_factor"), axis, 1)
-            rows, weights = source_taps(mode, nd, axis, r, align, False)
+                sdim, nd = 0, 2
+            r = dim_resize(n, how.get("size"), how.get("scale_factor"), how.get("recompute_scale_factor"), sdim, 1)
+            rows, weights = source_taps(mode, nd, sdim, r, align, False)
             got = (x[torch.tensor(rows)] * torch.tensor(weights)).sum(1)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"{mode} n={n} {how} align={align}")
 
@@ -123,7 +123,7 @@ def test_source_rows_and_weights_reproduce_torch(mode):
 def test_nearest_index_table_is_torchs(mode, nd, dtype):
     """Taken from torch on a ramp with other dims of size 1; must hold for real sizes too."""
     for n, how in _resize_cases(40):
-        r = axis_resize(n, how.get("size"), how.get("scale_factor"), how.get("recompute_scale_factor"), 0, 1)
+        r = dim_resize(n, how.get("size"), how.get("scale_factor"), how.get("recompute_scale_factor"), 0, 1)
         rows, _ = source_taps(mode, nd, 0, r, False, dtype == torch.float64)
         shape = (2, 3, n) + (5,) * (nd - 1)
         ramp = torch.arange(n, dtype=dtype).view(1, 1, n, *(1,) * (nd - 1)).expand(shape).contiguous()
@@ -147,7 +147,7 @@ def test_adaptive_bins_match_torch():
 
 @pytest.mark.timeout(60)
 def test_scale_factor_gives_the_coordinate_scale_unless_recomputed():
-    assert axis_resize(10, None, 1.5, None, 0, 1) == AxisResize(10, 15, 1.5)
-    assert axis_resize(10, None, 1.55, None, 0, 1) == AxisResize(10, 15, 1.55)  # floor(15.5); scale kept
-    assert axis_resize(10, None, 1.55, True, 0, 1) == AxisResize(10, 15, None)  # recomputed: 10/15
-    assert axis_resize(10, (7, 3), None, None, 0, 2) == AxisResize(10, 7, None)
+    assert dim_resize(10, None, 1.5, None, 0, 1) == DimResize(10, 15, 1.5)
+    assert dim_resize(10, None, 1.55, None, 0, 1) == DimResize(10, 15, 1.55)  # floor(15.5); scale kept
+    assert dim_resize(10, None, 1.55, True, 0, 1) == DimResize(10, 15, None)  # recomputed: 10/15
+    assert dim_resize(10, (7, 3), None, None, 0, 2) == DimResize(10, 7, None)
