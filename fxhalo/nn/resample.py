@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import adaptive_pool as adaptive_ops
 from ..ops import grad as grad_ops
 from ..ops import interpolate as interpolate_ops
 from ..ops import pool as pool_ops
@@ -173,7 +174,7 @@ class DomainParallelPool(_Wrapper):
             kernel = reduce_ops.adaptive_max_pool if self.kind == "adaptive_max" else reduce_ops.adaptive_avg_pool
             y = kernel(x, self.output_size, nd=self.nd, axes=domain.kernel_axes(dim))
             return grad_ops.replicated_output(y, group_name=domain.group_name, size=domain.size)
-        return self._call(vars(pool_ops), x, axes=domain.kernel_axes(dim))
+        return self._call({**vars(pool_ops), **vars(adaptive_ops)}, x, axes=domain.kernel_axes(dim))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}"

@@ -9,7 +9,7 @@ whole tensor; a ``scale_factor`` gives ``floor(N * scale)`` global rows.
   when the planner proves every rank's rows come from its own rows with the local
   op's own mapping (a scale factor, not a size, so the node stays valid as it is).
 * ``area`` is adaptive average pooling to the output size (as torch implements
-  it), so it becomes :func:`fxhalo.ops.pool.adaptive_avg_pool2d` and friends.
+  it), so it becomes :func:`fxhalo.ops.adaptive_pool.adaptive_avg_pool2d` and friends.
 * ``antialias=True`` and other modes are refused: their footprint is not planned.
 """
 
@@ -21,13 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import example_value
+from ..ops import adaptive_pool as adaptive_ops
 from ..ops import interpolate as interp_ops
-from ..ops import pool as pool_ops
 from ..ops.rows import spatial_index
 from . import register
 from .resample import Resampled, ResampleRule, domain_for, require_contiguous, resized, static_or_refuse
 
-_AREA_KERNELS = {1: pool_ops.adaptive_avg_pool1d, 2: pool_ops.adaptive_avg_pool2d, 3: pool_ops.adaptive_avg_pool3d}
+_AREA_KERNELS = {
+    1: adaptive_ops.adaptive_avg_pool1d,
+    2: adaptive_ops.adaptive_avg_pool2d,
+    3: adaptive_ops.adaptive_avg_pool3d,
+}
 
 
 def _interpolate_signature(
@@ -113,7 +117,7 @@ class InterpolateRule(ResampleRule):
         sizes = tuple(
             interp_ops.dim_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out for i in range(nd)
         )
-        pool_ops.plan_adaptive(
+        adaptive_ops.plan_adaptive(
             domain_for(ctx, s), s.length, sizes[sdim], f"adaptive_avg_pool{nd}d (output size {sizes})"
         )
         return Resampled(resized(s, sizes[sdim], ctx), _AREA_KERNELS[nd], (a["input"], sizes))

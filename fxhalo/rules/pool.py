@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Sharded, example_value, sharding_of
+from ..ops import adaptive_pool as adaptive_ops
 from ..ops import pool as pool_ops
 from ..ops import reduce as reduce_ops
 from ..ops.rows import ints, spatial_index
@@ -47,8 +48,16 @@ def _adaptive_signature(input, output_size, return_indices=False): ...
 _MAX_KERNELS = {1: pool_ops.max_pool1d, 2: pool_ops.max_pool2d, 3: pool_ops.max_pool3d}
 _AVG_KERNELS = {1: pool_ops.avg_pool1d, 2: pool_ops.avg_pool2d, 3: pool_ops.avg_pool3d}
 _ADAPTIVE_KERNELS = {
-    "avg": {1: pool_ops.adaptive_avg_pool1d, 2: pool_ops.adaptive_avg_pool2d, 3: pool_ops.adaptive_avg_pool3d},
-    "max": {1: pool_ops.adaptive_max_pool1d, 2: pool_ops.adaptive_max_pool2d, 3: pool_ops.adaptive_max_pool3d},
+    "avg": {
+        1: adaptive_ops.adaptive_avg_pool1d,
+        2: adaptive_ops.adaptive_avg_pool2d,
+        3: adaptive_ops.adaptive_avg_pool3d,
+    },
+    "max": {
+        1: adaptive_ops.adaptive_max_pool1d,
+        2: adaptive_ops.adaptive_max_pool2d,
+        3: adaptive_ops.adaptive_max_pool3d,
+    },
 }
 
 
@@ -195,7 +204,7 @@ class AdaptivePoolRule(ResampleRule):
         size = args["output_size"]
         sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
         m = s.length if sizes[sdim] is None else int(sizes[sdim])
-        plan = pool_ops.plan_adaptive(
+        plan = adaptive_ops.plan_adaptive(
             domain_for(ctx, s), s.length, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
         )
         out = resized(s, m, ctx)

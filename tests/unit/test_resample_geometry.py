@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fxhalo.ops.adaptive_pool import adaptive_bins
 from fxhalo.ops.conv_transpose import TransposedDim
 from fxhalo.ops.interpolate import DimResize, dim_resize, source_taps
-from fxhalo.ops.pool import PoolDim, adaptive_bins
+from fxhalo.ops.pool import PoolDim
 
 RNG = random.Random(0)
 

@@ -1,0 +1,140 @@
+"""Adaptive pooling over a sharded spatial dim, 1-D to 3-D.
+
+Adaptive pooling bins output row ``o`` over ``[floor(o*N/M), ceil((o+1)*N/M))``.
+With even shards the bin edges at rank boundaries are whole rows
+(``c*N/M = r*N/P``), so every bin lies inside one shard and the local adaptive op
+with this rank's share of the output reproduces the global bins exactly: no
+exchange at all.  :func:`plan_adaptive` checks this per rank, falls back to a halo
+when a bin straddles (uneven shards), and refuses when neither reproduces the bins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch.nn.functional as F
+
+from ..domain import Domain, ShardAxis, one_axis
+from ..geometry import Unsplittable, split_rows
+from ..halo import HaloPlan, halo_exchange
+from .pool import _domain_and_dim, _inner, global_indices
+from .rows import ceil_div, halo_plan
+
+__all__ = [
+    "AdaptivePlan",
+    "plan_adaptive",
+    "adaptive_bins",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+]
+
+_ADAPTIVE_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_ADAPTIVE_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+
+
+def adaptive_bins(n: int, m: int, o: int) -> tuple[int, int]:
+    """torch's adaptive-pooling bin of output row ``o``: ``[floor(o*n/m), ceil((o+1)*n/m))``."""
+    return (o * n) // m, ceil_div((o + 1) * n, m)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptivePlan:
+    """An adaptive pool on one rank: ``rows`` out of ``m``; ``halo`` is None when local."""
+
+    n: int
+    m: int
+    rows: tuple[int, int]
+    start: int
+    halo: HaloPlan | None
+
+
+def _reproduces(lo: int, hi: int, c: int, e: int, n: int, m: int) -> bool:
+    """Does the adaptive op on global rows ``[lo, hi)`` with ``e - c`` outputs give bins ``c..e-1``?"""
+    return all(
+        (s0 + lo, e0 + lo) == adaptive_bins(n, m, c + j)
+        for j, (s0, e0) in enumerate(adaptive_bins(hi - lo, e - c, j) for j in range(e - c))
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
+    """Plan an adaptive pool from ``n`` to ``m`` global rows."""
+    if m == 1 and domain.size > 1:
+        raise Unsplittable(
+            what,
+            "pools the sharded dim to one row, which is a reduction over all ranks rather than a window",
+            "pool the values only (a reduction), or gather first",
+        )
+    in_part, out_part = split_rows(domain, n, m, what)
+    c, e = out_part[domain.rank]
+    if all(_reproduces(a, b, c0, e0, n, m) for (a, b), (c0, e0) in zip(in_part, out_part)):
+        return AdaptivePlan(n, m, (c, e), in_part[domain.rank][0], None)
+    needs = tuple((adaptive_bins(n, m, c0)[0], adaptive_bins(n, m, e0 - 1)[1]) for c0, e0 in out_part)
+    if all(_reproduces(s, t, c0, e0, n, m) for (s, t), (c0, e0) in zip(needs, out_part)):
+        return AdaptivePlan(n, m, (c, e), needs[domain.rank][0], halo_plan(in_part, needs, domain.rank))
+    raise Unsplittable(
+        what,
+        f"pools {n} global rows into {m} bins, and the bins of some rank's "
+        "output rows are not those of an adaptive pool over any slab of its rows",
+        "choose an output size that divides the input size, or pool before sharding",
+    )
+
+
+def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name, length):
+    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+    op = _ADAPTIVE_MAX[nd] if kind == "max" else _ADAPTIVE_AVG[nd]
+    extra = (return_indices,) if kind == "max" else ()
+    if sdim is None:
+        return op(input, output_size, *extra)
+    sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * nd
+    n = domain.global_length(input.shape[dim], length)
+    m = n if sizes[sdim] is None else int(sizes[sdim])  # None keeps the (global) input size
+    plan = plan_adaptive(domain, n, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
+    x = input if plan.halo is None else halo_exchange(input, dim, plan.halo, group_name)
+    sizes[sdim] = plan.rows[1] - plan.rows[0]
+    out = op(x, tuple(sizes), *extra)
+    if not (kind == "max" and return_indices):
+        return out
+    values, idx = out
+    return values, global_indices(idx, _inner(x, dim), x.shape[dim], n, plan.start)
+
+
+def adaptive_avg_pool1d(input, output_size, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_avg_pool1d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name, length)
+
+
+def adaptive_avg_pool2d(input, output_size, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_avg_pool2d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name, length)
+
+
+def adaptive_avg_pool3d(input, output_size, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_avg_pool3d``; ``output_size`` along the sharded dim is the global length."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name, length)
+
+
+def adaptive_max_pool1d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_max_pool1d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name, length)
+
+
+def adaptive_max_pool2d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_max_pool2d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name, length)
+
+
+def adaptive_max_pool3d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
+    """``F.adaptive_max_pool3d``; indices refer to the global input."""
+    shard_dim, group_name, length = one_axis(axes)
+    return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name, length)
