@@ -18,6 +18,8 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
+import torch
+
 from ..domain import Domain
 from ..geometry import Unsplittable
 from ..layout import Sharded, sharding_of, split
@@ -55,24 +57,25 @@ class ResampleRule(Rule):
                 ctx.refuse(node, f"takes a sharded tensor as its {name}", f"pass a replicated {name}")
         if s is None:
             return Decision()
-        planned = self._plan(node, ctx, args, s)
+        try:
+            planned = self.plan(node, ctx, args, s)
+        except Unsplittable as e:
+            ctx.refuse(node, e.problem, e.remedy)
         out = (planned.out,) * planned.items if planned.items else planned.out
         if planned.kernel is None:
             return Decision(out)
-        return Decision(out, lambda n: self._call(n, ctx), s)
+        return Decision(out, self._builder(planned, args), s)
 
-    def _plan(self, node, ctx, args, s) -> Resampled:
-        try:
-            return self.plan(node, ctx, args, s)
-        except Unsplittable as e:
-            ctx.refuse(node, e.problem, e.remedy)
+    def _builder(self, planned: Resampled, planned_from: dict):
+        """The call of ``planned``, with the node's *current* arguments in place of those it was planned from
+        (an earlier rewrite may have replaced an input node); the plan itself is not made again."""
 
-    def _call(self, node, ctx) -> KernelCall:
-        # Plan again from the node's current arguments: an earlier rewrite may have
-        # replaced the input node that the propagation-time plan refers to.
-        args = bind(self.signature, node)
-        planned = self._plan(node, ctx, args, sharding_of(args["input"]))
-        return KernelCall(planned.kernel, planned.args)
+        def build(node) -> KernelCall:
+            now = bind(self.signature, node)
+            current = {v: now[k] for k, v in planned_from.items() if isinstance(v, torch.fx.Node)}
+            return KernelCall(planned.kernel, torch.fx.node.map_arg(planned.args, lambda n: current.get(n, n)))
+
+        return build
 
 
 def domain_for(ctx, s: Sharded) -> Domain:
