@@ -126,7 +126,7 @@ ELEMENTWISE = Elementwise()
 
 register_op(ELEMENTWISE, *_ELEMENTWISE_NAMES, *_ACTIVATIONS, inplace=True)
 register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
-register(ELEMENTWISE, *_METHODS, "type_as", op="call_method")
+register(ELEMENTWISE, *(m for m in (*_METHODS, "type_as") if hasattr(torch.Tensor, m)), op="call_method")
 
 register_op(ChannelOnly(_last_dim), "linear")
 

@@ -137,3 +137,51 @@ def test_an_op_right_after_a_rewritten_conv_reads_the_new_node(after):
     gm.graph.lint()
     kernels = [t for t in targets(gm) if getattr(t, "__module__", "").startswith("fxhalo.ops")]
     assert len(kernels) == 2
+
+
+X1 = torch.randn(2, 3, 8)  # (N, C, L): L sharded, 8 of 32
+X3 = torch.randn(1, 2, 8, 6, 4)  # (N, C, D, H, W): D sharded, 8 of 32
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "fn, x, kernel, want",
+    [
+        (lambda x: F.max_pool1d_with_indices(x, 3, 1, 1)[0], X1, pool_ops.max_pool1d, Sharded(2, 8, 32)),
+        (lambda x: F.max_pool2d_with_indices(x, 2)[0], X, pool_ops.max_pool2d, Sharded(2, 4, 16)),
+        (lambda x: F.max_pool3d_with_indices(x, 3, 1, 1)[0], X3, pool_ops.max_pool3d, Sharded(2, 8, 32)),
+        (lambda x: F.avg_pool3d(x, 3, 1, 1), X3, pool_ops.avg_pool3d, Sharded(2, 8, 32)),
+        (lambda x: F.adaptive_avg_pool3d(x, (12, 3, 2)), X3, adaptive_ops.adaptive_avg_pool3d, Sharded(2, 3, 12)),
+        (
+            lambda x: F.adaptive_max_pool1d_with_indices(x, 12)[0],
+            X1,
+            adaptive_ops.adaptive_max_pool1d,
+            Sharded(2, 3, 12),
+        ),
+        (
+            lambda x: F.adaptive_max_pool2d_with_indices(x, (12, 3))[0],
+            X,
+            adaptive_ops.adaptive_max_pool2d,
+            Sharded(2, 3, 12),
+        ),
+        (
+            lambda x: F.adaptive_max_pool3d_with_indices(x, (12, 3, 2))[0],
+            X3,
+            adaptive_ops.adaptive_max_pool3d,
+            Sharded(2, 3, 12),
+        ),
+        # nearest x2: each rank's own rows give its output rows, so the op stays as it is
+        (lambda x: F.upsample_nearest(x, scale_factor=2), X, F.upsample_nearest, Sharded(2, 16, 64)),
+        (lambda x: F.upsample_bilinear(x, scale_factor=2), X, interp_ops.interpolate, Sharded(2, 16, 64)),
+        (
+            lambda x: F.conv_transpose3d(x, torch.ones(2, 2, 3, 3, 3), stride=2, padding=1, output_padding=1),
+            X3,
+            ct_ops.conv_transpose,
+            Sharded(2, 16, 64),
+        ),
+    ],
+)
+def test_other_spellings_become_their_kernel(fn, x, kernel, want):
+    gm = passes_on(fn, x)
+    assert kernel in targets(gm)
+    assert output_layouts(gm) == [want]

@@ -121,3 +121,22 @@ def test_reshape_factor_arithmetic():
     assert reshape_sharding([2, 6, 4], [2, 24], s) == Sharded(1, 24, 96)  # merged with W
     assert reshape_sharding([2, 24], [2, 8, 3], Sharded(1, 24, 96)) == Sharded(1, 8, 32)  # and split again
     assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)  # would cut H unevenly
+
+
+@pytest.mark.parametrize(
+    "fn, want",
+    [
+        (lambda x: torch.concat([x, x], 1), Sharded(2, 8, 32)),
+        (lambda x: torch.concatenate([x, x], 3), Sharded(2, 8, 32)),
+        (lambda x: x.expand_as(x), Sharded(2, 8, 32)),
+        (lambda x: torch.moveaxis(x, 2, 0), Sharded(0, 8, 32)),
+        (lambda x: torch.swapaxes(x, 2, 3), Sharded(3, 8, 32)),
+        (lambda x: x.swapdims(2, 3), Sharded(3, 8, 32)),
+        (lambda x: torch.tensor_split(x, 3, dim=1)[0], Sharded(2, 8, 32)),
+        (lambda x: x.flatten(3).unflatten(3, (2, 3)), Sharded(2, 8, 32)),
+        (lambda x: torch.fliplr(x), Sharded(2, 8, 32)),  # flips dim 1: local
+        (lambda x: x.flipud(), Sharded(2, 8, 32)),  # flips dim 0: local
+    ],
+)
+def test_other_spellings_follow_the_sharded_dim(fn, want):
+    assert output_sharding(Lambda(fn), X) == [want]
