@@ -58,11 +58,13 @@ def _layer_norm_dims(a, ndim):
 class Norm(Rule):
     name = "norm"
 
-    def __init__(self, fn, kernel, stats_dims, flag: str | None = None):
+    def __init__(self, fn, kernel, stats_dims, flag: str | None = None, affine_normalized: bool = False):
         self._sig = inspect.signature(fn)
         self._kernel = kernel
         self._stats_dims = stats_dims  # (bound args, ndim) -> the dims the statistics span
         self._flag = flag  # the argument that switches input statistics on, if any
+        # weight and bias have the normalised shape (layer and RMS norm), not one value per channel
+        self._affine_normalized = affine_normalized
 
     def decide(self, node, ctx) -> Decision:
         a = bind(self._sig, node)
@@ -92,7 +94,7 @@ class Norm(Rule):
     def _check_params(self, node, params, s: Sharded, ndim: int, crosses: bool, ctx):
         for name, p in params.items():
             sp = sharding_of(p)
-            if self._kernel in (ops.layer_norm, ops.rms_norm) and name in ("weight", "bias") and crosses:
+            if self._affine_normalized and name in ("weight", "bias") and crosses:
                 # The affine parameters have the normalised shape, which includes the sharded dim:
                 # each rank must apply its own rows of them.
                 want = dataclasses.replace(s, dim=s.dim - (ndim - example_value(p).ndim))
@@ -112,5 +114,5 @@ class Norm(Rule):
 register(Norm(F.group_norm, ops.group_norm, _group_norm_dims), F.group_norm)
 register(Norm(F.instance_norm, ops.instance_norm, _instance_norm_dims, "use_input_stats"), F.instance_norm)
 register(Norm(F.batch_norm, ops.batch_norm, _batch_norm_dims, "training"), F.batch_norm)
-register(Norm(F.layer_norm, ops.layer_norm, _layer_norm_dims), F.layer_norm)
-register_op(Norm(F.rms_norm, ops.rms_norm, _layer_norm_dims), "rms_norm")
+register(Norm(F.layer_norm, ops.layer_norm, _layer_norm_dims, affine_normalized=True), F.layer_norm)
+register_op(Norm(F.rms_norm, ops.rms_norm, _layer_norm_dims, affine_normalized=True), "rms_norm")
