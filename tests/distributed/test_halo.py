@@ -19,7 +19,7 @@ N_CASES = 60
 
 
 def _global_rows(x, start, stop, edge, dim):
-    from tests.unit.test_halo_plan import expected_row
+    from tests.unit.test_halo import expected_row
 
     n = x.shape[dim]
     parts = []
@@ -92,7 +92,7 @@ def _cases(rank, world_size):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_halo_exchange_matches_global_rows_and_gradients(world_size):
+def test_halo_matches_global_rows_and_gradients(world_size):
     per_rank = run_ranks(_cases, world_size, timeout=240)
     bad = [(r, c) for r, cs in enumerate(per_rank) for c in cs if not c["ok"]]
     assert not bad, bad[:5]

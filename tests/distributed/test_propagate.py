@@ -112,5 +112,5 @@ def test_model_matches_one_device(results, name):
 def test_fallback_warns_with_op_line_and_bytes(results):
     for per_rank in results:
         _, warned = per_rank["fallback_cumsum"]
-        assert warned and "torch.cumsum" in warned[0] and "test_propagation.py" in warned[0]
+        assert warned and "torch.cumsum" in warned[0] and "test_propagate.py" in warned[0]
         assert "bytes per call" in warned[0]
