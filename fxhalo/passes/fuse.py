@@ -81,6 +81,11 @@ HALO_ROWS = "fxhalo_halo_rows"
 _RANDOM = ("dropout", "rand", "rrelu", "bernoulli")
 
 
+def _source_of(node) -> dict:
+    """The meta that names the user's source line, for a node the pass adds in ``node``'s place."""
+    return {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+
+
 def _is_random(node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     return any(word in name for word in _RANDOM)
@@ -141,7 +146,7 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
             with graph.inserting_before(conv):
                 fill = edge.value if mode == "constant" else None
                 x_padded = graph.call_function(torch._C._nn.pad, (x, tuple(rest), mode, fill))
-            x_padded.meta.update({k: v for k, v in pad.meta.items() if k in ("stack_trace", "nn_module_stack")})
+            x_padded.meta.update(_source_of(pad))
             x_padded.meta[LAYOUT] = x.meta[LAYOUT]
             x = x_padded
         edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, axes=pad.kwargs["axes"])
@@ -188,7 +193,7 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
             )
             y = graph.call_function(operator.getitem, (both, 0))
             rows = graph.call_function(operator.getitem, (both, 1))
-        both.meta.update({k: v for k, v in norm.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        both.meta.update(_source_of(norm))
         y.meta.update(norm.meta)
         rows.meta[HALO_ROWS] = s.dim
         norm.replace_all_uses_with(y)
