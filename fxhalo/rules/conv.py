@@ -41,12 +41,6 @@ class ConvRule(Rule):
         s = sharding_of(x)
         if s is None:
             return Decision()
-        if not s.contiguous:
-            ctx.refuse(
-                node,
-                f"convolves along a dim whose shards are interleaved with another dim ({s})",
-                "apply the convolution before the reshape that merged the sharded dim under another dim",
-            )
         shape = list(example_value(x).shape)
         shape[s.dim] = s.local
         w_shape = tuple(example_value(args["weight"]).shape)
@@ -59,6 +53,14 @@ class ConvRule(Rule):
                 node,
                 f"mixes the channels of a tensor sharded along dim {s.dim}",
                 "shard a spatial dim (e.g. shard_dim=2) instead of the channel dim",
+            )
+        # Only a window along the sharded dim needs each rank's rows as one block; a conv never mixes
+        # batch entries, so an interleaved shard in the batch dim (windows of a partition) was local above.
+        if not s.contiguous:
+            ctx.refuse(
+                node,
+                f"convolves along a dim whose shards are interleaved with another dim ({s})",
+                "apply the convolution before the reshape that merged the sharded dim under another dim",
             )
         domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
         try:
