@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fxhalo import FxHaloError
 from fxhalo.layout import Sharded, sharding_of
 from fxhalo.ops import conv as conv_ops
-from tests.passes.graphs import passes_on, targets
+from tests.passes.graphs import Lambda, passes_on, targets
 
 
 def test_3x3_conv_becomes_the_halo_kernel_and_1x1_stays():
@@ -97,14 +97,26 @@ class _WindowConvs(nn.Module):
         ws = self.ws
         win = x.view(B, C, H // ws, ws, W // ws, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, ws, ws)
         win = self.norm(self.conv1(self.conv3(win)))
+        tokens = win.flatten(2).transpose(1, 2)  # (windows, ws*ws, C): attention inside each window
+        tokens = F.scaled_dot_product_attention(tokens, tokens, tokens)
+        win = tokens.transpose(1, 2).reshape(-1, C, ws, ws)
         return win.view(B, H // ws, W // ws, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
 def test_convs_on_windows_whose_shard_sits_in_the_batch_dim_are_local():
-    """A conv never mixes batch entries: an interleaved shard in the batch dim is local for it."""
+    """A conv never mixes batch entries: an interleaved shard in the batch dim is local for it; so is
+    attention inside each window."""
     gm, changed = passes_on(_WindowConvs(), torch.randn(2, 3, 8, 8))
     assert changed == 0
     convs = [n for n in gm.graph.nodes if n.target is torch.conv2d]
     assert len(convs) == 2 and all(sharding_of(c).dim == 0 and not sharding_of(c).contiguous for c in convs)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
     assert sharding_of(out) == Sharded(2, 8, 32)
+
+
+def test_attention_along_the_sharded_sequence_dim_is_refused():
+    def attend(x):  # (B, L, E) with L sharded
+        return F.scaled_dot_product_attention(x, x, x)
+
+    with pytest.raises(FxHaloError, match="attends along the sharded dim 1.*Remedy"):
+        passes_on(Lambda(attend), torch.randn(2, 8, 4), shard_dim=1)
