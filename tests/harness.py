@@ -1,19 +1,37 @@
 """The multi-rank test harness: fxhalo.launch.run_ranks plus the comparison the tests share.
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` gloo ranks with a
-process-group timeout and a hard deadline (see :mod:`fxhalo.launch`);
+process-group timeout and a hard deadline (see :mod:`fxhalo.launch`), and brings
+each rank's result back as plain pickled bytes;
 ``close(got, want)`` applies the project's fp32 tolerances.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 
 import torch
+import torch.nn as nn
 
-from fxhalo.launch import run_ranks
+from fxhalo.launch import run_ranks as _launch_run_ranks
 
-__all__ = ["run_ranks", "close", "check_against_one_device"]
+__all__ = ["run_ranks", "close", "check_against_one_device", "check_many_against_one_device"]
+
+
+def _pickled(rank, world_size, fn, *args) -> bytes:
+    return pickle.dumps(fn(rank, world_size, *args))
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 600):
+    """:func:`fxhalo.launch.run_ranks`, each rank's result sent as plain ``pickle`` bytes.
+
+    Through the spawn queue, torch pickles a tensor as a file descriptor that the
+    parent fetches from the rank after the rank has reported; a rank that has
+    exited by then leaves the parent with ``FileNotFoundError`` (seen under load,
+    with ranks that return tensors).  Bytes carry the data with them.
+    """
+    return [pickle.loads(b) for b in _launch_run_ranks(_pickled, world_size, fn, *args, timeout=timeout)]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[bool, float]:
@@ -63,3 +81,89 @@ def check_against_one_device(
     for (name, p), want in zip(model.named_parameters(), ref_grads):
         checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
     return checks
+
+
+class _Batch(nn.Module):
+    """Independent models side by side: ``forward(*xs)`` returns ``(models[0](xs[0]), models[1](xs[1]), ...)``."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, *xs):
+        return tuple(m(x) for m, x in zip(self.models, xs))
+
+
+def check_many_against_one_device(
+    cases, *, shard_dim: int = 2, options=None, replicated_output: bool = False, return_exceptions: bool = False
+) -> list:
+    """:func:`check_against_one_device` for many independent ``(model, x, seed)`` cases, compiled as ONE graph.
+
+    One Dynamo trace and one backend compile cover every case (compiling is what costs
+    time in a sweep), but each case keeps its own input, parameters, reference and
+    upstream gradient (drawn with the same seeds as :func:`check_against_one_device`),
+    and one backward over all outputs keeps their gradients apart, since the cases
+    share nothing.  Returns one ``{check: (ok, max_err)}`` per case, in order, as
+    :func:`check_against_one_device` would.
+
+    If the batch raises (a refusal, a crash), every case is run again on its own with
+    :func:`check_against_one_device`, so the error belongs to its case as before:
+    it propagates, or with ``return_exceptions`` takes that case's place in the list.
+    Every rank must pass the same cases (the graphs' collectives must match).
+    """
+
+    import fxhalo
+
+    def one_by_one():
+        out = []
+        for model, x, seed in cases:
+            try:
+                out.append(
+                    check_against_one_device(
+                        model,
+                        x,
+                        shard_dim=shard_dim,
+                        options=options,
+                        replicated_output=replicated_output,
+                        seed=seed,
+                    )
+                )
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                out.append(e)
+        return out
+
+    refs = []
+    for model, x, seed in cases:  # the reference, exactly as check_against_one_device draws it
+        torch.manual_seed(seed)
+        ref_in = x.clone().requires_grad_()
+        ref = model(ref_in)
+        grad_out = torch.randn_like(ref)
+        ref.backward(grad_out)
+        refs.append((ref.detach(), grad_out, ref_in.grad, [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+
+    torch._dynamo.reset()  # a fresh compile: no recompile limits, no cached graphs
+    x_locals = [fxhalo.shard(x, shard_dim).requires_grad_() for _, x, _ in cases]
+    batch = _Batch([model for model, _, _ in cases])
+    try:
+        compiled = torch.compile(batch, backend="domain_parallel", options={"shard_dim": shard_dim, **(options or {})})
+        ys = compiled(*x_locals)
+        ups = [grad_out if replicated_output else fxhalo.shard(grad_out, shard_dim) for _, grad_out, _, _ in refs]
+        torch.autograd.backward(list(ys), ups)
+    except Exception:
+        batch.zero_grad(set_to_none=True)
+        return one_by_one()
+
+    results = []
+    for (model, _, _), x_local, y, (ref, _, ref_in_grad, ref_grads) in zip(cases, x_locals, ys, refs):
+        if replicated_output:
+            checks = {"out": close(y, ref)}
+        else:
+            checks = {"out": close(y, fxhalo.shard(ref, shard_dim))}
+        checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in_grad, shard_dim))
+        for (name, p), want in zip(model.named_parameters(), ref_grads):
+            checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
+        results.append(checks)
+    return results

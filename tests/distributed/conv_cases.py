@@ -8,7 +8,7 @@ import random
 import torch
 import torch.nn as nn
 
-from tests.harness import check_against_one_device
+from tests.harness import check_against_one_device, check_many_against_one_device
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -136,3 +136,23 @@ def run_case(case: ConvCase, rank: int, world_size: int, compiler, seed: int) ->
         "max_err": max(err for _, err in checks.values()),
         "failed": [k for k, (ok, _) in checks.items() if not ok],
     }
+
+
+def _summary(checks: dict) -> dict:
+    return {
+        "ok": all(ok for ok, _ in checks.values()),
+        "max_err": max(err for _, err in checks.values()),
+        "failed": [k for k, (ok, _) in checks.items() if not ok],
+    }
+
+
+def run_cases(cases: list[ConvCase], rank: int, world_size: int, compiler, seeds: list[int]) -> list[dict]:
+    """:func:`run_case` for many cases of one ``shard_dim``, compiled as one graph; the same data and checks."""
+    (shard_dim,) = {case.shard_dim for case in cases}
+    batch = []
+    for case, seed in zip(cases, seeds):
+        torch.manual_seed(seed)
+        m = case.module()
+        batch.append((m, torch.randn(case.global_shape(world_size)), seed))
+    checks = check_many_against_one_device(batch, shard_dim=shard_dim, options={"compiler": compiler})
+    return [_summary(c) for c in checks]

@@ -286,3 +286,68 @@ def run_case(case: Case, world_size: int, compiler, seed: int) -> dict:
         "max_err": max(err for _, err in checks.values()),
         "failed": [k for k, (ok, _) in checks.items() if not ok],
     }
+
+
+class _Cases(nn.Module):
+    """Independent cases side by side: ``forward(*xs)`` returns every case's output (a tuple with indices)."""
+
+    def __init__(self, modules):
+        super().__init__()
+        self.cases = nn.ModuleList(modules)
+
+    def forward(self, *xs):
+        return tuple(m(x) for m, x in zip(self.cases, xs))
+
+
+def run_cases(cases: list[Case], world_size: int, compiler, seeds: list[int]) -> list[dict]:
+    """:func:`run_case` for many cases of one ``shard_dim``, compiled as ONE graph: the same data
+    (same seeds) and the same checks per case, one Dynamo trace and one compile for all.
+
+    The cases share nothing, so one backward over all outputs keeps their gradients
+    apart.  If the batch raises, every case runs again on its own (:func:`run_case`),
+    so the error belongs to its case as before."""
+    (d,) = {case.shard_dim for case in cases}
+    modules, xs, refs = [], [], []
+    for case, seed in zip(cases, seeds):
+        torch.manual_seed(seed)  # the same weights and data on every rank, as run_case draws them
+        m = case.module()
+        x = torch.randn(case.global_shape(world_size))
+        ref_in = x.clone().requires_grad_()
+        ref, ref_idx = _split(m(ref_in))
+        grad_out = torch.randn_like(ref)
+        ref.backward(grad_out)
+        refs.append((ref.detach(), ref_idx, grad_out, ref_in.grad, [p.grad.clone() for p in m.parameters()]))
+        m.zero_grad()
+        modules.append(m)
+        xs.append(x)
+
+    torch._dynamo.reset()  # a fresh graph per batch: no recompile limits, no cached graphs
+    x_locals = [fxhalo.shard(x, d).requires_grad_() for x in xs]
+    batch = _Cases(modules)
+    try:
+        compiled = torch.compile(batch, backend="domain_parallel", options={"compiler": compiler, "shard_dim": d})
+        outs = [_split(o) for o in compiled(*x_locals)]
+        torch.autograd.backward([y for y, _ in outs], [fxhalo.shard(r[2], d) for r in refs])
+    except Exception:
+        batch.zero_grad(set_to_none=True)
+        return [run_case(case, world_size, compiler, seed) for case, seed in zip(cases, seeds)]
+
+    results = []
+    for m, x_local, (y, idx), (ref, ref_idx, _, ref_in_grad, ref_grads) in zip(modules, x_locals, outs, refs):
+        checks = {
+            "out": close(y, fxhalo.shard(ref, d)),
+            "grad_in": close(x_local.grad, fxhalo.shard(ref_in_grad, d)),
+        }
+        if ref_idx is not None:
+            want = fxhalo.shard(ref_idx, d)
+            checks["indices"] = (idx is not None and idx.shape == want.shape and bool((idx == want).all()), 0.0)
+        for (name, p), want in zip(m.named_parameters(), ref_grads):
+            checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
+        results.append(
+            {
+                "ok": all(ok for ok, _ in checks.values()),
+                "max_err": max(err for _, err in checks.values()),
+                "failed": [k for k, (ok, _) in checks.items() if not ok],
+            }
+        )
+    return results

@@ -5,12 +5,16 @@ then the domain_parallel-compiled conv on its slab, and compares
 - ``out``: the forward slab (a wrong halo width or edge rule shows up here, usually on edge ranks);
 - ``grad_in``: the input-gradient slab (a halo gradient not returned to its owner shows up here);
 - ``grad_weight`` / ``grad_bias``: partial weight gradients summed over ranks.
+Cases of one shard dim are compiled BATCH at a time as one graph (one Dynamo trace and one
+backend compile for all of them, which is what costs time); each keeps its own input,
+weights, reference and upstream gradient, and is checked and reported on its own.
 Rank 0's table groups the cases by dimensionality, padding and padding mode.
 """
 
 from collections import Counter
 
 import pytest
+import torch
 from tabulate import tabulate
 
 from tests.harness import run_ranks
@@ -18,28 +22,67 @@ from tests.harness import run_ranks
 N_CASES = 200
 
 
-def _sweep(rank, world_size, n_cases, compiler):
+#: cases compiled together as one graph (one Dynamo trace and one compile for all of them)
+BATCH = 25
+
+
+def _halo_outputs(gm) -> list[bool] | None:
+    """Per graph output: does the rewritten graph compute it through an fxhalo kernel?"""
+    outputs = gm.graph.output_node().args[0]
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    flags = []
+    for out in outputs:
+        seen, stack, found = set(), [out], False
+        while stack and not found:
+            node = stack.pop()
+            if not isinstance(node, torch.fx.Node) or node in seen:
+                continue
+            seen.add(node)
+            found = getattr(node.target, "__module__", "").startswith("fxhalo.ops")
+            stack.extend(node.all_input_nodes)
+        flags.append(found)
+    return flags
+
+
+def _sweep(rank, world_size, n_cases, compiler, batch=BATCH):
+    """Every case, in batches of cases of one shard dim: one compile per batch, a result per case."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    from tests.distributed.conv_cases import random_cases, run_case
+    from tests.distributed.conv_cases import random_cases, run_case, run_cases
 
     seen = {}
 
-    def recording(gm, example_inputs):  # notes whether the pass inserted a halo kernel
-        seen["rewritten"] = any(getattr(n.target, "__module__", "").startswith("fxhalo.ops") for n in gm.graph.nodes)
+    def recording(gm, example_inputs):  # notes, per output, whether the pass inserted a halo kernel
+        seen["rewritten"] = _halo_outputs(gm)
         return (aot_eager if compiler == "aot_eager" else compiler)(gm, example_inputs)
 
-    results = []
-    for i, case in enumerate(random_cases(n_cases, world_size)):
-        seen.clear()
-        r = run_case(case, rank, world_size, recording, seed=i)
-        r.update(
-            category=case.category,
-            rewritten=seen.get("rewritten", False),
-            multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
-            case=repr(case),
-        )
-        results.append(r)
+    cases = random_cases(n_cases, world_size)
+    results = [None] * len(cases)
+    by_dim = {}
+    for i, case in enumerate(cases):
+        by_dim.setdefault(case.shard_dim, []).append(i)
+    for indices in by_dim.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            seen.clear()
+            rs = run_cases([cases[i] for i in chunk], rank, world_size, recording, seeds=chunk)
+            flags = seen.get("rewritten")
+            if flags is None or len(flags) != len(chunk):  # the batch ran case by case: one compile each
+                flags = []
+                for i in chunk:
+                    seen.clear()
+                    run_case(cases[i], rank, world_size, recording, seed=i)
+                    flags.append(any(seen.get("rewritten", ())))
+            for i, r, rewritten in zip(chunk, rs, flags):
+                case = cases[i]
+                r.update(
+                    category=case.category,
+                    rewritten=rewritten,
+                    multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
+                    case=repr(case),
+                )
+                results[i] = r
     return results
 
 

@@ -26,26 +26,53 @@ from tests.harness import close, run_ranks
 N_CASES = {2: 40, 3: 36, 4: 36}
 
 
+#: cases compiled together as one graph (one Dynamo trace and one compile for all of them)
+BATCH = 25
+
+
 def _recording(seen):
-    """aot_eager, noting whether the pass inserted an fxhalo kernel."""
+    """aot_eager, noting per graph output whether the pass inserted an fxhalo kernel."""
     from torch._dynamo.backends.debugging import aot_eager
 
+    from tests.distributed.test_conv_sweep import _halo_outputs
+
     def compiler(gm, example_inputs):
-        seen["kernel"] = any(getattr(n.target, "__module__", "").startswith("fxhalo.ops") for n in gm.graph.nodes)
+        seen["kernel"] = _halo_outputs(gm)
         return aot_eager(gm, example_inputs)
 
     return compiler
 
 
-def _sweep(world_size, n_cases):
-    from tests.distributed.resample_cases import random_cases, run_case
+def _sweep(world_size, n_cases, batch=BATCH):
+    """Every case, in batches of cases of one shard dim: one compile per batch, a result per case."""
+    from tests.distributed.resample_cases import random_cases, run_case, run_cases
 
-    seen, results = {}, []
-    for i, case in enumerate(random_cases(n_cases, world_size)):
-        seen.clear()
-        r = run_case(case, world_size, _recording(seen), seed=i)
-        r.update(category=case.category, kernel=seen.get("kernel", False), case=repr(case))
-        results.append(r)
+    seen = {}
+    cases = random_cases(n_cases, world_size)
+    results = [None] * len(cases)
+    by_dim = {}
+    for i, case in enumerate(cases):
+        by_dim.setdefault(case.shard_dim, []).append(i)
+    for indices in by_dim.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            seen.clear()
+            rs = run_cases([cases[i] for i in chunk], world_size, _recording(seen), seeds=chunk)
+            flags = seen.get("kernel")
+            # one graph output per case, two with indices; the indices come from the same kernel
+            widths = [1 + cases[i].returns_indices for i in chunk]
+            if flags is not None and len(flags) == sum(widths):
+                starts = [sum(widths[:j]) for j in range(len(chunk))]
+                kernels = [any(flags[s : s + w]) for s, w in zip(starts, widths)]
+            else:  # the batch ran case by case, or its outputs do not map to cases: one compile each
+                kernels = []
+                for i in chunk:
+                    seen.clear()
+                    run_case(cases[i], world_size, _recording(seen), seed=i)
+                    kernels.append(any(seen.get("kernel", ())))
+            for i, r, kernel in zip(chunk, rs, kernels):
+                r.update(category=cases[i].category, kernel=kernel, case=repr(cases[i]))
+                results[i] = r
     return results
 
 

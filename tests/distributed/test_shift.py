@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.harness import check_against_one_device, run_ranks
+from tests.harness import check_against_one_device, check_many_against_one_device, run_ranks
 
 N_CASES = 20  # per world size
 
@@ -80,20 +80,24 @@ FAMILIES = {"pad": _pad_case, "roll": _roll_case, "flip": _flip_case, "shuffle":
 
 
 def _sweep(world_size):
+    """The random cases, compiled together as one graph (each still checked and reported on its own)."""
     rng = random.Random(world_size)
-    results = []
+    families, cases = [], []
     for i in range(N_CASES):
         family = list(FAMILIES)[i % len(FAMILIES)]
         h = rng.choice([2, 3, 4]) if family != "shuffle" else 2 * rng.choice([1, 2])
         torch.manual_seed(i)  # the same conv weights on every rank
         model, channels = FAMILIES[family](rng, world_size, h)
-        x = torch.randn(2, channels, h * world_size, 6)
-        try:
-            checks = check_against_one_device(model, x, options={"compiler": "aot_eager"}, seed=i)
+        families.append(family)
+        cases.append((model, torch.randn(2, channels, h * world_size, 6), i))
+    all_checks = check_many_against_one_device(cases, options={"compiler": "aot_eager"}, return_exceptions=True)
+    results = []
+    for family, (model, _, _), checks in zip(families, cases, all_checks):
+        if isinstance(checks, Exception):  # reported per case
+            results.append((family, repr(model), [f"{type(checks).__name__}: {checks}"], float("inf")))
+        else:
             failed = [k for k, (ok, _) in checks.items() if not ok]
             results.append((family, repr(model), failed, max(e for _, e in checks.values())))
-        except Exception as e:  # noqa: BLE001 - reported per case
-            results.append((family, repr(model), [f"{type(e).__name__}: {e}"], float("inf")))
     return results
 
 

@@ -1,8 +1,9 @@
 """Uneven shards: every rule, on global lengths the rank count does not divide.
 
 The partition rule gives the first ``N % P`` ranks one extra row, for inputs and for
-every op's output.  Each case below is one op (so that Dynamo's trace of each local
-slab is consistent, see docs/concepts.md), compiled on its own and compared with one
+every op's output.  Each case below is one op reading its own input (so that Dynamo's trace of each
+local slab is consistent, see docs/concepts.md); the ops are compiled side by side as
+one graph per length (two: slab and replicated outputs) and each is compared with one
 device: forward slab, input gradient, and full weight gradients on every rank.  One
 spawned group per world size runs them all, for each global length.
 """
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.distributed.resample_cases import Op
-from tests.harness import check_against_one_device, run_ranks
+from tests.harness import check_many_against_one_device, run_ranks
 
 
 def _cases():
@@ -50,17 +51,25 @@ def _cases():
 def _run(rank, world_size, lengths):
     out = {}
     for n in lengths:
-        for i, (name, factory, replicated) in enumerate(_cases()):
-            torch.manual_seed(i)
-            model = factory()
-            x = torch.randn(2, 2, n, 5)
-            try:
-                checks = check_against_one_device(
-                    model, x, options={"compiler": "aot_eager"}, replicated_output=replicated, seed=i
-                )
-                out[(n, name)] = [k for k, (ok, _) in checks.items() if not ok]
-            except Exception as e:  # noqa: BLE001 - reported per case
-                out[(n, name)] = [f"{type(e).__name__}: {str(e).splitlines()[0]}"]
+        # Two graphs per length: the slab outputs, and the replicated ones (their upstream
+        # gradient is the same on every rank); each op reads its own input.
+        for replicated_output in (False, True):
+            names, cases = [], []
+            for i, (name, factory, replicated) in enumerate(_cases()):
+                if replicated != replicated_output:
+                    continue
+                torch.manual_seed(i)
+                model = factory()
+                names.append(name)
+                cases.append((model, torch.randn(2, 2, n, 5), i))
+            all_checks = check_many_against_one_device(
+                cases, options={"compiler": "aot_eager"}, replicated_output=replicated_output, return_exceptions=True
+            )
+            for name, checks in zip(names, all_checks):
+                if isinstance(checks, Exception):  # reported per case
+                    out[(n, name)] = [f"{type(checks).__name__}: {str(checks).splitlines()[0]}"]
+                else:
+                    out[(n, name)] = [k for k, (ok, _) in checks.items() if not ok]
     # The partition rule itself, through shard and gather.
     import fxhalo
 
