@@ -128,6 +128,34 @@ def _swin(world_size):
     return {k: ok for k, (ok, _) in checks.items()}
 
 
+class WindowConvBlock(nn.Module):
+    """CrossFormer-style windows of NCHW, H sharded: the shard lands in the window (batch) dim, interleaved
+    with B; a 3x3 and a 1x1 conv, a GroupNorm and attention run inside each window, then the reverse."""
+
+    def __init__(self, ws=2, c=4):
+        super().__init__()
+        self.ws = ws
+        self.conv3, self.conv1, self.norm = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.GroupNorm(2, c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ws = self.ws
+        win = x.view(B, C, H // ws, ws, W // ws, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, ws, ws)
+        win = self.norm(self.conv1(self.conv3(win)))
+        tokens = win.flatten(2).transpose(1, 2)
+        tokens = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
+        win = tokens.transpose(1, 2).reshape(-1, C, ws, ws)
+        return win.view(B, H // ws, W // ws, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+
+
+def _windows(world_size):
+    torch.manual_seed(4)
+    model = WindowConvBlock()
+    x = torch.randn(2, 4, 4 * world_size, 6)
+    checks = check_against_one_device(model, x, shard_dim=2, options={"compiler": "aot_eager"})
+    return {k: ok for k, (ok, _) in checks.items()}
+
+
 def _refusals(world_size):
     import fxhalo
 
@@ -147,7 +175,12 @@ def _refusals(world_size):
 
 
 def _run(rank, world_size):
-    return {"sweep": _sweep(world_size), "swin": _swin(world_size), "refusals": _refusals(world_size)}
+    return {
+        "sweep": _sweep(world_size),
+        "swin": _swin(world_size),
+        "windows": _windows(world_size),
+        "refusals": _refusals(world_size),
+    }
 
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda p: f"P{p}")
@@ -169,6 +202,14 @@ def test_swin_shifted_window_matches_one_device(ranks):
     _, per_rank = ranks
     for rank, res in enumerate(per_rank):
         assert all(res["swin"].values()), (rank, res["swin"])
+
+
+@pytest.mark.timeout(330)
+def test_convs_norms_and_attention_inside_windows_match_one_device(ranks):
+    """The shard in the window (batch) dim: local for every op inside the windows, exact on every rank."""
+    _, per_rank = ranks
+    for rank, res in enumerate(per_rank):
+        assert all(res["windows"].values()) and len(res["windows"]) >= 5, (rank, res["windows"])
 
 
 @pytest.mark.timeout(330)
