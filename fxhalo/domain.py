@@ -67,7 +67,7 @@ class ShardAxis(NamedTuple):
 
     dim: int
     group_name: str
-    length: int | None = None
+    global_length: int | None = None
 
 
 def one_axis(axes) -> ShardAxis:

@@ -41,7 +41,7 @@ LAYOUT = "fxhalo_layout"
 @dataclasses.dataclass(frozen=True)
 class Sharded:
     """One mesh axis's entry: sharded along tensor dim ``dim``; this rank holds ``local`` of the dim's
-    ``length`` global entries (``length`` is the *global* length).
+    ``global_length`` entries.
 
     Usually the rank holds one contiguous block of rows.  A reshape can merge
     the sharded dim with other dims.  Dims merged *inside* it keep each rank's
@@ -54,7 +54,7 @@ class Sharded:
 
     dim: int
     local: int
-    length: int
+    global_length: int
     outer: int = 1
 
     @property
@@ -64,18 +64,18 @@ class Sharded:
     @property
     def block(self) -> tuple[int, int]:
         """``(local, global)`` size of the sharded factor itself, without ``outer``."""
-        return self.local // self.outer, self.length // self.outer
+        return self.local // self.outer, self.global_length // self.outer
 
     def moved(self, dim: int) -> Sharded:
         return dataclasses.replace(self, dim=dim)
 
     def same_layout(self, other: Sharded) -> bool:
         """Equal up to which dim the sharding sits on."""
-        return (self.local, self.length, self.outer) == (other.local, other.length, other.outer)
+        return (self.local, self.global_length, self.outer) == (other.local, other.global_length, other.outer)
 
     def __str__(self) -> str:
         extra = f", outer={self.outer}" if self.outer != 1 else ""
-        return f"S(dim={self.dim}, {self.local}/{self.length}{extra})"
+        return f"S(dim={self.dim}, {self.local}/{self.global_length}{extra})"
 
 
 @dataclasses.dataclass(frozen=True)

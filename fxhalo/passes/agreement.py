@@ -34,7 +34,7 @@ def _shape(arg) -> str:
     shape = [str(d) for d in val.shape]
     s = sharding_of(arg)
     if isinstance(s, Sharded):
-        shape[s.dim] = f"{s.length}g"
+        shape[s.dim] = f"{s.global_length}g"
     halo_dim = arg.meta.get(HALO_ROWS)
     if halo_dim is not None:  # received halo rows: edge ranks get fewer
         shape[halo_dim] = "halo"

@@ -115,7 +115,7 @@ def _fusible(conv, norm) -> bool:
     decision = decision_of(conv)
     if decision is None or decision.plan is None or _folded(conv):
         return False
-    if not decision.plan.halo.collective or one_axis(norm.kwargs["axes"]).length is None:
+    if not decision.plan.halo.collective or one_axis(norm.kwargs["axes"]).global_length is None:
         return False
     val = example_value(norm)
     return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)

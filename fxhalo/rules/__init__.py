@@ -133,7 +133,7 @@ def replace_node(node, call: KernelCall, ctx, layout=None):
     graph = node.graph
     kwargs = dict(call.kwargs)
     if layout is not None:
-        kwargs["axes"] = ctx.domain.kernel_axes(layout.dim, layout.length)
+        kwargs["axes"] = ctx.domain.kernel_axes(layout.dim, layout.global_length)
     with graph.inserting_before(node):
         new = graph.call_function(call.kernel, tuple(call.args), kwargs)
     new.meta.update(node.meta)

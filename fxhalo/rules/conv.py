@@ -62,10 +62,11 @@ class ConvRule(Rule):
                 f"convolves along a dim whose shards are interleaved with another dim ({s})",
                 "apply the convolution before the reshape that merged the sharded dim under another dim",
             )
+        n = s.global_length
         domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
         try:
             _, plan = conv_ops.conv_plan(
-                tuple(shape), w_shape, args["stride"], args["padding"], args["dilation"], domain, Edge(), s.length
+                tuple(shape), w_shape, args["stride"], args["padding"], args["dilation"], domain, Edge(), n
             )
         except Unsplittable as e:  # the sizes do not split: say which node, and where
             ctx.refuse(node, e.problem, e.remedy)

@@ -58,7 +58,7 @@ class ConvTransposeRule(ResampleRule):
         plan = ct_ops.plan_conv_transpose(
             ct_ops.TransposedDim(k[sdim], st[sdim], p[sdim], op[sdim], d[sdim]),
             domain_for(ctx, s),
-            s.length,
+            s.global_length,
             f"conv_transpose{nd}d (kernel {k}, stride {st}, padding {p}, output_padding {op})",
         )
         out = resized(s, plan.m, ctx)

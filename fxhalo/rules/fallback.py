@@ -37,11 +37,11 @@ class GatherFallback(Rule):
                         f"would need its sharded argument '{leaf.name}' gathered, but its shards are interleaved ({s})",
                         "apply the op before the reshape that interleaved the shards",
                     )
-                gathers[i] = (s.dim, tuple(b - a for a, b in ctx.domain.partition(s.length)))
+                gathers[i] = (s.dim, tuple(b - a for a, b in ctx.domain.partition(s.global_length)))
                 shape = list(val.shape)
-                shape[s.dim] = s.length
+                shape[s.dim] = s.global_length
                 fake_mode = val.fake_mode
-                received += (s.length - s.local) * (val.numel() // max(s.local, 1)) * val.element_size()
+                received += (s.global_length - s.local) * (val.numel() // max(s.local, 1)) * val.element_size()
                 val = ("global", shape, val)
             elif s is not None:
                 ctx.refuse(node, "takes a tuple of sharded values", "unpack the tuple first")
@@ -63,7 +63,7 @@ class GatherFallback(Rule):
         outs, out_spec = pytree.tree_flatten(out)
         out_dims, shardings = [], []
         for o in outs:
-            keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.length
+            keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.global_length
             out_dims.append(first.dim if keep else None)
             shardings.append(first if keep else None)
         warnings.warn(

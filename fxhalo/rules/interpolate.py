@@ -87,7 +87,8 @@ class InterpolateRule(ResampleRule):
                 f"use one of the modes {interp_ops.MODES} without antialias, or resize before sharding",
             )
         align = bool(a["align_corners"]) if mode not in ("nearest", "nearest-exact") else False
-        resize = interp_ops.dim_resize(s.length, a["size"], a["scale_factor"], a["recompute_scale_factor"], sdim, nd)
+        n = s.global_length
+        resize = interp_ops.dim_resize(n, a["size"], a["scale_factor"], a["recompute_scale_factor"], sdim, nd)
         val = example_value(a["input"])
         plan = interp_ops.plan_interpolate(
             mode,
@@ -113,12 +114,12 @@ class InterpolateRule(ResampleRule):
     def _area(self, ctx, a, s, nd, sdim):
         """``mode='area'`` is adaptive average pooling to the (recomputed) output size."""
         spatial = list(example_value(a["input"]).shape[2:])
-        spatial[sdim] = s.length
+        spatial[sdim] = s.global_length
         sizes = tuple(
             interp_ops.dim_resize(spatial[i], a["size"], a["scale_factor"], True, i, nd).n_out for i in range(nd)
         )
         adaptive_ops.plan_adaptive(
-            domain_for(ctx, s), s.length, sizes[sdim], f"adaptive_avg_pool{nd}d (output size {sizes})"
+            domain_for(ctx, s), s.global_length, sizes[sdim], f"adaptive_avg_pool{nd}d (output size {sizes})"
         )
         return Resampled(resized(s, sizes[sdim], ctx), _AREA_KERNELS[nd], (a["input"], sizes))
 

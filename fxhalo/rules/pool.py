@@ -98,7 +98,7 @@ class MaxPoolRule(ResampleRule):
         plan = pool_ops.plan_pool(
             pool_ops.PoolDim(k[sdim], st[sdim], p[sdim], d[sdim], bool(args["ceil_mode"])),
             domain_for(ctx, s),
-            s.length,
+            s.global_length,
             float("-inf"),
             None,
             f"max_pool{nd}d (kernel {k}, stride {st}, padding {p}, dilation {d})",
@@ -136,7 +136,7 @@ class AvgPoolRule(ResampleRule):
         plan = pool_ops.plan_pool(
             pool_ops.PoolDim(k[sdim], st[sdim], p[sdim], 1, bool(args["ceil_mode"])),
             domain_for(ctx, s),
-            s.length,
+            s.global_length,
             0.0,
             bool(args["count_include_pad"]),
             f"avg_pool{nd}d (kernel {k}, stride {st}, padding {p})",
@@ -203,9 +203,9 @@ class AdaptivePoolRule(ResampleRule):
             return Resampled(s, items=items)
         size = args["output_size"]
         sizes = list(size) if isinstance(size, (tuple, list)) else [size] * nd
-        m = s.length if sizes[sdim] is None else int(sizes[sdim])
+        m = s.global_length if sizes[sdim] is None else int(sizes[sdim])
         plan = adaptive_ops.plan_adaptive(
-            domain_for(ctx, s), s.length, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
+            domain_for(ctx, s), s.global_length, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
         )
         out = resized(s, m, ctx)
         if plan.halo is None and sizes[sdim] is None and not ret:

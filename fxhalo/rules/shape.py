@@ -183,7 +183,7 @@ class Squeeze(LayoutRule):
         if s.dim in squeezed:
             ctx.refuse(
                 node,
-                f"squeezes the sharded dim {s.dim}, which holds 1 row here but {s.length} globally",
+                f"squeezes the sharded dim {s.dim}, which holds 1 row here but {s.global_length} globally",
                 "do not squeeze the sharded dim, or give each rank more than one row",
             )
         out = s.moved(s.dim - sum(1 for d in squeezed if d < s.dim))

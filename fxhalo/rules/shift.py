@@ -60,7 +60,7 @@ class PadRule(Rule):
         require_contiguous(node, ctx, s)
         mode, value = args["mode"], args["value"]
         _, m = _planned(
-            node, ctx, lambda: shift_ops.pad_plan(domain_for(ctx, s), s.length, lo, hi, mode, value, "F.pad")
+            node, ctx, lambda: shift_ops.pad_plan(domain_for(ctx, s), s.global_length, lo, hi, mode, value, "F.pad")
         )
         return Decision(resized(s, m, ctx), self.kernel_call, s)
 
@@ -89,7 +89,7 @@ class RollRule(Rule):
         if not any(int(d) % ndim == s.dim for d in dims):
             return Decision(s)
         require_contiguous(node, ctx, s)
-        _planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.length, shift, "torch.roll"))
+        _planned(node, ctx, lambda: shift_ops.roll_plan(domain_for(ctx, s), s.global_length, shift, "torch.roll"))
         return Decision(s, self.kernel_call, s)
 
     def kernel_call(self, node) -> KernelCall:
@@ -123,7 +123,7 @@ class FlipRule(Rule):
         if not any(d % ndim == s.dim for d in dims):
             return Decision(s)
         require_contiguous(node, ctx, s)
-        _planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.length, "torch.flip"))
+        _planned(node, ctx, lambda: shift_ops.flip_plan(domain_for(ctx, s), s.global_length, "torch.flip"))
         return Decision(s, self.kernel_call, s)
 
     def kernel_call(self, node) -> KernelCall:
@@ -160,19 +160,19 @@ class PixelShuffleRule(LayoutRule):
         num, den = (factor, 1) if s.dim > channel else (1, factor * factor)
         if self.unshuffle:
             num, den = den, num
-        if s.length * num % den:
+        if s.global_length * num % den:
             ctx.refuse(
                 node,
-                f"gets a global length {s.length} along the sharded dim that {den} does not divide",
+                f"gets a global length {s.global_length} along the sharded dim that {den} does not divide",
                 "choose sizes divisible by the factor",
             )
-        m = s.length * num // den
+        m = s.global_length * num // den
         domain = domain_for(ctx, s)
-        if not domain.rescales(s.length, m):
+        if not domain.rescales(s.global_length, m):
             ctx.refuse(
                 node,
                 f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
-                f"(shards {domain.partition(s.length)})",
+                f"(shards {domain.partition(s.global_length)})",
                 f"choose a local size divisible by {den}",
             )
         return resized(s, m, ctx)

@@ -98,7 +98,7 @@ def test_uneven_output_follows_the_partition_rule():
     gm = passes_on(k3, X)
     out = next(n for n in gm.graph.nodes if n.target is ct_ops.conv_transpose)
     assert sharding_of(out) == Sharded(2, 16, 63)  # the simulated rank is rank 1
-    assert out.kwargs["axes"][0].length == 32
+    assert out.kwargs["axes"][0].global_length == 32
 
 
 @pytest.mark.timeout(120)
