@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -42,8 +43,10 @@ def _child(rank, world_size, port, fn, args, results):
             world_size=world_size,
             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
         )
-        out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Plain bytes: through the queue, torch would send a tensor as a file descriptor that
+        # the parent fetches from this process after it reported; a rank that has exited by
+        # then leaves the parent with FileNotFoundError (seen under load).
+        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException as e:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -95,4 +98,4 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600):
     errors = {r: out for r, (status, out) in got.items() if status == "error"}
     if errors:
         raise AssertionError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())))
-    return [got[r][1] for r in range(world_size)]
+    return [pickle.loads(got[r][1]) for r in range(world_size)]

@@ -1,37 +1,20 @@
 """The multi-rank test harness: fxhalo.launch.run_ranks plus the comparison the tests share.
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` gloo ranks with a
-process-group timeout and a hard deadline (see :mod:`fxhalo.launch`), and brings
-each rank's result back as plain pickled bytes;
+process-group timeout and a hard deadline (see :mod:`fxhalo.launch`);
 ``close(got, want)`` applies the project's fp32 tolerances.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 
 import torch
 import torch.nn as nn
 
-from fxhalo.launch import run_ranks as _launch_run_ranks
+from fxhalo.launch import run_ranks
 
 __all__ = ["run_ranks", "close", "check_against_one_device", "check_many_against_one_device"]
-
-
-def _pickled(rank, world_size, fn, *args) -> bytes:
-    return pickle.dumps(fn(rank, world_size, *args))
-
-
-def run_ranks(fn, world_size: int, *args, timeout: float = 600):
-    """:func:`fxhalo.launch.run_ranks`, each rank's result sent as plain ``pickle`` bytes.
-
-    Through the spawn queue, torch pickles a tensor as a file descriptor that the
-    parent fetches from the rank after the rank has reported; a rank that has
-    exited by then leaves the parent with ``FileNotFoundError`` (seen under load,
-    with ranks that return tensors).  Bytes carry the data with them.
-    """
-    return [pickle.loads(b) for b in _launch_run_ranks(_pickled, world_size, fn, *args, timeout=timeout)]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[bool, float]:

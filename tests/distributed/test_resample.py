@@ -34,7 +34,7 @@ def _recording(seen):
     """aot_eager, noting per graph output whether the pass inserted an fxhalo kernel."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    from tests.distributed.test_conv_sweep import _halo_outputs
+    from tests.distributed.test_conv import _halo_outputs
 
     def compiler(gm, example_inputs):
         seen["kernel"] = _halo_outputs(gm)
