@@ -106,6 +106,10 @@ class Layout:
 class Items(tuple):
     """The layouts of a tuple-valued node's items, one :class:`Layout` (or ``None``) per item."""
 
+    @property
+    def is_sharded(self) -> bool:
+        return any(item is not None and item.is_sharded for item in self)
+
 
 def as_layout(view, n_axes: int = 1):
     """A rule's one-axis answer as a layout: ``Sharded`` -> sharded on the (one) axis, ``None`` ->

@@ -123,7 +123,7 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
                 s = decision.out
         layout = as_layout(s)
         node.meta[LAYOUT] = layout
-        count += getattr(layout, "is_sharded", False) or isinstance(s, tuple)
+        count += layout.is_sharded
     return count
 
 
