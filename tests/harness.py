@@ -14,7 +14,18 @@ import torch.nn as nn
 
 from fxhalo.launch import run_ranks
 
-__all__ = ["run_ranks", "close", "check_against_one_device", "check_many_against_one_device"]
+__all__ = ["run_ranks", "close", "check_against_one_device", "check_many_against_one_device", "batches_of"]
+
+
+def batches_of(cases, batch: int, key=lambda case: case.shard_dim):
+    """Indices of ``cases`` in chunks of at most ``batch``, each chunk of one ``key`` (the sharded dim):
+    the cases a sweep compiles together as one graph."""
+    groups: dict = {}
+    for i, case in enumerate(cases):
+        groups.setdefault(key(case), []).append(i)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch):
+            yield indices[start : start + batch]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[bool, float]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tabulate import tabulate
 
-from tests.harness import run_ranks
+from tests.harness import batches_of, run_ranks
 
 N_CASES = 200
 
@@ -61,30 +61,25 @@ def _sweep(rank, world_size, n_cases, compiler, batch=BATCH):
 
     cases = random_cases(n_cases, world_size)
     results = [None] * len(cases)
-    by_dim = {}
-    for i, case in enumerate(cases):
-        by_dim.setdefault(case.shard_dim, []).append(i)
-    for indices in by_dim.values():
-        for start in range(0, len(indices), batch):
-            chunk = indices[start : start + batch]
-            seen.clear()
-            rs = run_cases([cases[i] for i in chunk], rank, world_size, recording, seeds=chunk)
-            flags = seen.get("rewritten")
-            if flags is None or len(flags) != len(chunk):  # the batch ran case by case: one compile each
-                flags = []
-                for i in chunk:
-                    seen.clear()
-                    run_case(cases[i], rank, world_size, recording, seed=i)
-                    flags.append(any(seen.get("rewritten", ())))
-            for i, r, rewritten in zip(chunk, rs, flags):
-                case = cases[i]
-                r.update(
-                    category=case.category,
-                    rewritten=rewritten,
-                    multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
-                    case=repr(case),
-                )
-                results[i] = r
+    for chunk in batches_of(cases, batch):
+        seen.clear()
+        rs = run_cases([cases[i] for i in chunk], rank, world_size, recording, seeds=chunk)
+        flags = seen.get("rewritten")
+        if flags is None or len(flags) != len(chunk):  # the batch ran case by case: one compile each
+            flags = []
+            for i in chunk:
+                seen.clear()
+                run_case(cases[i], rank, world_size, recording, seed=i)
+                flags.append(any(seen.get("rewritten", ())))
+        for i, r, rewritten in zip(chunk, rs, flags):
+            case = cases[i]
+            r.update(
+                category=case.category,
+                rewritten=rewritten,
+                multi_hop=case.halo_reach() > case.local[case.shard_dim - 2],
+                case=repr(case),
+            )
+            results[i] = r
     return results
 
 

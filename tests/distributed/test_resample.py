@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from tests.harness import close, run_ranks
+from tests.harness import batches_of, close, run_ranks
 
 N_CASES = {2: 40, 3: 36, 4: 36}
 
@@ -50,29 +50,24 @@ def _sweep(world_size, n_cases, batch=BATCH):
     seen = {}
     cases = random_cases(n_cases, world_size)
     results = [None] * len(cases)
-    by_dim = {}
-    for i, case in enumerate(cases):
-        by_dim.setdefault(case.shard_dim, []).append(i)
-    for indices in by_dim.values():
-        for start in range(0, len(indices), batch):
-            chunk = indices[start : start + batch]
-            seen.clear()
-            rs = run_cases([cases[i] for i in chunk], world_size, _recording(seen), seeds=chunk)
-            flags = seen.get("kernel")
-            # one graph output per case, two with indices; the indices come from the same kernel
-            widths = [1 + cases[i].returns_indices for i in chunk]
-            if flags is not None and len(flags) == sum(widths):
-                starts = [sum(widths[:j]) for j in range(len(chunk))]
-                kernels = [any(flags[s : s + w]) for s, w in zip(starts, widths)]
-            else:  # the batch ran case by case, or its outputs do not map to cases: one compile each
-                kernels = []
-                for i in chunk:
-                    seen.clear()
-                    run_case(cases[i], world_size, _recording(seen), seed=i)
-                    kernels.append(any(seen.get("kernel", ())))
-            for i, r, kernel in zip(chunk, rs, kernels):
-                r.update(category=cases[i].category, kernel=kernel, case=repr(cases[i]))
-                results[i] = r
+    for chunk in batches_of(cases, batch):
+        seen.clear()
+        rs = run_cases([cases[i] for i in chunk], world_size, _recording(seen), seeds=chunk)
+        flags = seen.get("kernel")
+        # one graph output per case, two with indices; the indices come from the same kernel
+        widths = [1 + cases[i].returns_indices for i in chunk]
+        if flags is not None and len(flags) == sum(widths):
+            starts = [sum(widths[:j]) for j in range(len(chunk))]
+            kernels = [any(flags[s : s + w]) for s, w in zip(starts, widths)]
+        else:  # the batch ran case by case, or its outputs do not map to cases: one compile each
+            kernels = []
+            for i in chunk:
+                seen.clear()
+                run_case(cases[i], world_size, _recording(seen), seed=i)
+                kernels.append(any(seen.get("kernel", ())))
+        for i, r, kernel in zip(chunk, rs, kernels):
+            r.update(category=cases[i].category, kernel=kernel, case=repr(cases[i]))
+            results[i] = r
     return results
 
 

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.harness import check_against_one_device, check_many_against_one_device, run_ranks
+from tests.models import WindowConvBlock
 
 N_CASES = 20  # per world size
 
@@ -128,29 +129,9 @@ def _swin(world_size):
     return {k: ok for k, (ok, _) in checks.items()}
 
 
-class WindowConvBlock(nn.Module):
-    """CrossFormer-style windows of NCHW, H sharded: the shard lands in the window (batch) dim, interleaved
-    with B; a 3x3 and a 1x1 conv, a GroupNorm and attention run inside each window, then the reverse."""
-
-    def __init__(self, ws=2, c=4):
-        super().__init__()
-        self.ws = ws
-        self.conv3, self.conv1, self.norm = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.GroupNorm(2, c)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        ws = self.ws
-        win = x.view(B, C, H // ws, ws, W // ws, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, ws, ws)
-        win = self.norm(self.conv1(self.conv3(win)))
-        tokens = win.flatten(2).transpose(1, 2)
-        tokens = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
-        win = tokens.transpose(1, 2).reshape(-1, C, ws, ws)
-        return win.view(B, H // ws, W // ws, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-
-
 def _windows(world_size):
     torch.manual_seed(4)
-    model = WindowConvBlock()
+    model = WindowConvBlock()  # tests/models.py
     x = torch.randn(2, 4, 4 * world_size, 6)
     checks = check_against_one_device(model, x, shard_dim=2, options={"compiler": "aot_eager"})
     return {k: ok for k, (ok, _) in checks.items()}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fxhalo import FxHaloError
 from fxhalo.layout import Sharded, sharding_of
 from fxhalo.ops import conv as conv_ops
+from tests.models import WindowConvBlock
 from tests.passes.graphs import Lambda, passes_on, targets
 
 
@@ -84,29 +85,10 @@ def test_unknown_op_on_replicated_values_is_fine():
     assert passes_on(M(), torch.randn(1, 1, 8, 8), torch.randn(3))[1] == 0
 
 
-class _WindowConvs(nn.Module):
-    """Window partition of NCHW (H sharded): the shard lands in the batch dim, interleaved with B."""
-
-    def __init__(self, ws=2, c=3):
-        super().__init__()
-        self.ws = ws
-        self.conv3, self.conv1, self.norm = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1), nn.GroupNorm(1, c)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        ws = self.ws
-        win = x.view(B, C, H // ws, ws, W // ws, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, ws, ws)
-        win = self.norm(self.conv1(self.conv3(win)))
-        tokens = win.flatten(2).transpose(1, 2)  # (windows, ws*ws, C): attention inside each window
-        tokens = F.scaled_dot_product_attention(tokens, tokens, tokens)
-        win = tokens.transpose(1, 2).reshape(-1, C, ws, ws)
-        return win.view(B, H // ws, W // ws, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-
-
 def test_convs_on_windows_whose_shard_sits_in_the_batch_dim_are_local():
     """A conv never mixes batch entries: an interleaved shard in the batch dim is local for it; so is
     attention inside each window."""
-    gm, changed = passes_on(_WindowConvs(), torch.randn(2, 3, 8, 8))
+    gm, changed = passes_on(WindowConvBlock(), torch.randn(2, 4, 8, 8))
     assert changed == 0
     convs = [n for n in gm.graph.nodes if n.target is torch.conv2d]
     assert len(convs) == 2 and all(sharding_of(c).dim == 0 and not sharding_of(c).contiguous for c in convs)
