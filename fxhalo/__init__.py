@@ -16,6 +16,7 @@ from .domain import Domain, gather, shard
 from .errors import FxHaloError
 from .explain import Explanation, explain
 from .halo import Edge, halo_exchange, plan_halo
+from .redistribute import channels_to_seq, redistribute, seq_to_channels
 from .validate import Problem, validate
 
 __version__ = "0.1.0"
@@ -38,6 +39,9 @@ __all__ = [
     "validate_sharding_constraints",
     "DistributedDepthwiseConv1d",
     "DistributedDepthwiseConv2d",
+    "redistribute",
+    "seq_to_channels",
+    "channels_to_seq",
 ]
 
 _register_backend()

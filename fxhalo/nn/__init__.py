@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d  # the seed modules, also top-level
 from .base import _Wrapper, group_name_of, reduce_gradients
 from .conv import (
     CONV_TRANSPOSES,
@@ -92,6 +93,8 @@ __all__ = [
     "DomainParallelInterpolate",
     "DomainParallelPool",
     "DomainParallelSoftmax",
+    "DistributedDepthwiseConv1d",
+    "DistributedDepthwiseConv2d",
     "DEFAULT_SHARD_DIM",
     "WRAPPERS",
     "POOLS",
