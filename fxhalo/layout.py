@@ -111,18 +111,14 @@ class Items(tuple):
         return any(item is not None and item.is_sharded for item in self)
 
 
-def as_layout(view, n_axes: int = 1):
+def as_layout(view):
     """A rule's one-axis answer as a layout: ``Sharded`` -> sharded on the (one) axis, ``None`` ->
     replicated, a tuple -> :class:`Items`."""
     if isinstance(view, (Layout, Items)):
         return view
     if isinstance(view, tuple):
-        return Items(as_layout(v, n_axes) for v in view)
-    if view is None:
-        return Layout.replicated(n_axes)
-    if n_axes != 1:
-        raise NotImplementedError("one-axis layouts only: name the mesh axis of a multi-axis value")
-    return Layout((view,))
+        return Items(as_layout(v) for v in view)
+    return Layout.replicated() if view is None else Layout((view,))
 
 
 def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:

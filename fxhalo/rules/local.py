@@ -37,12 +37,10 @@ _OPERATORS = (
     "add sub mul truediv floordiv pow neg pos abs mod and_ or_ xor invert "
     "eq ne lt le gt ge iadd isub imul itruediv ipow"
 ).split()
+#: method-only spellings (the named ops above get their methods and in-place forms from register_op)
 _METHODS = (
-    _ELEMENTWISE_NAMES
-    + [n + "_" for n in _ELEMENTWISE_NAMES]
-    + "relu_ sigmoid_ tanh_ float half bfloat16 double int long bool to type "
-    "contiguous clone detach requires_grad_ zero_ fill_".split()
-)
+    "float half bfloat16 double int long bool to type type_as contiguous clone detach requires_grad_ zero_ fill_"
+).split()
 #: methods whose output follows only their first (tensor) argument
 _FIRST_ARG_ONLY = {"to", "type", "type_as"}
 
@@ -126,7 +124,7 @@ ELEMENTWISE = Elementwise()
 
 register_op(ELEMENTWISE, *_ELEMENTWISE_NAMES, *_ACTIVATIONS, inplace=True)
 register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
-register(ELEMENTWISE, *(m for m in (*_METHODS, "type_as") if hasattr(torch.Tensor, m)), op="call_method")
+register(ELEMENTWISE, *_METHODS, op="call_method")
 
 register_op(ChannelOnly(_last_dim), "linear")
 

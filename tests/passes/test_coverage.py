@@ -13,6 +13,7 @@ list at the end of docs/coverage.md.
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 import pathlib
 import re
@@ -27,15 +28,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 _NAMESPACES = (torch, F, torch._C._nn, torch.special, operator)
 
 
+@functools.cache
+def _names() -> dict[int, str]:
+    """id of every public function of the namespaces -> its name there (the first namespace wins)."""
+    names: dict[int, str] = {}
+    for ns in _NAMESPACES:
+        for name in dir(ns):  # sorted: the first spelling wins, as it did when searched one by one
+            if not name.startswith("__"):
+                names.setdefault(id(getattr(ns, name, None)), name)
+    return names
+
+
 def op_name(op: str, target) -> str:
     """The name a user writes for ``target``: its attribute name in the first namespace that holds it."""
     if op == "call_method":
         return target
-    for ns in _NAMESPACES:
-        for name in dir(ns):
-            if not name.startswith("__") and getattr(ns, name, None) is target:
-                return name
-    return target.__name__
+    return _names().get(id(target), target.__name__)
 
 
 def registry_by_family() -> dict[str, list[str]]:
