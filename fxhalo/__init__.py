@@ -17,6 +17,7 @@ from .errors import FxHaloError
 from .explain import Explanation, explain
 from .halo import Edge, halo_exchange, plan_halo
 from .redistribute import channels_to_seq, redistribute, seq_to_channels
+from .tensor import DomainSpec, DomainTensor, distribute, from_dtensor, from_local
 from .validate import Problem, validate
 
 __version__ = "0.1.0"
@@ -42,6 +43,11 @@ __all__ = [
     "redistribute",
     "seq_to_channels",
     "channels_to_seq",
+    "DomainTensor",
+    "DomainSpec",
+    "from_local",
+    "distribute",
+    "from_dtensor",
 ]
 
 _register_backend()

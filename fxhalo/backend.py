@@ -1,4 +1,4 @@
-"""The ``domain_parallel`` Dynamo backend.
+r"""The ``domain_parallel`` Dynamo backend.
 
 ``torch.compile(model, backend="domain_parallel", options={...})`` hands each
 captured graph to :class:`DomainParallelBackend`, which
@@ -19,6 +19,12 @@ captured graph to :class:`DomainParallelBackend`, which
 A refusal becomes a compiled function that raises the :class:`FxHaloError`
 (see :func:`_refused`).  With one rank, or no process group, the graph goes to
 the inner compiler untouched.
+
+**The global view.**  When the inputs are :class:`~fxhalo.DomainTensor`\ s, Dynamo
+traced the global program; step 1 is not needed (every input carries its
+partition), step 2 is :func:`fxhalo.passes.localize.localize`, and the compiled
+function unwraps the DomainTensors, runs the local program and wraps its sharded
+outputs as DomainTensors (:func:`_global_view`).
 """
 
 from __future__ import annotations
@@ -29,14 +35,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
 from .domain import Domain
 from .errors import FxHaloError
+from .layout import Sharded, sharding_of
 from .log import log_rewrite
 from .passes import PassContext, known_layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
 from .passes.pipeline import run_pipeline
 from .passes.propagate import local_input_lengths
+from .tensor import DomainSpec, DomainTensor, wrap_local
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
 
@@ -86,6 +95,8 @@ class DomainParallelBackend:
         return "domain_parallel"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        if any(isinstance(x, DomainTensor) for x in example_inputs):
+            return self._global_view(gm, example_inputs)
         if self.group is None and not dist.is_initialized():
             return _inner(self.compiler)(gm, example_inputs)  # one process: the whole tensor is local
         domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
@@ -121,6 +132,66 @@ class DomainParallelBackend:
         except FxHaloError as e:
             return _refused(e)
         return compiled
+
+    def _global_view(self, gm: torch.fx.GraphModule, example_inputs):
+        """Compile a graph Dynamo traced on DomainTensors: partition it, compile the local program,
+        and return a function of the DomainTensors (see the module docstring)."""
+        domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
+        local_inputs = [x._local if isinstance(x, DomainTensor) else x for x in example_inputs]
+        summary, compiled, outputs, error = None, None, None, None
+        try:
+            ctx = PassContext(
+                domain,
+                fallback=self.fallback,
+                grad_sync=self.grad_sync,
+                fuse_exchanges=self.fuse_exchanges,
+                global_view=True,
+            )
+            transform(gm, local_inputs, ctx)
+            outputs = output_specs(gm, domain)
+            log_rewrite(gm, ctx)
+            summary = fingerprint(gm)
+            compiled = _inner(self.compiler)(gm, local_inputs)
+        except Exception as e:  # every rank must learn of it before anyone runs a collective
+            error = e
+        try:
+            check_agreement(domain, summary, error)
+        except FxHaloError as e:
+            return _refused(e)
+        return global_view_function(compiled, outputs)
+
+
+def output_specs(gm: torch.fx.GraphModule, domain: Domain) -> list:
+    """For each output of the local program: the :class:`~fxhalo.tensor.DomainSpec` of a sharded one,
+    ``None`` for a replicated one (returned as a plain tensor, whole on every rank)."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    specs = []
+    for arg in pytree.tree_leaves(out_node.args[0]):
+        s = sharding_of(arg)
+        if not isinstance(s, Sharded):
+            specs.append(None)
+            continue
+        if not s.contiguous:
+            raise FxHaloError(
+                f"the compiled graph returns '{arg.name}', whose shards are interleaved with another dim ({s}); "
+                "a DomainTensor holds one block of rows per rank. Remedy: return the value before the reshape "
+                "that merged the sharded dim under another dim, or reshape it back inside the model."
+            )
+        lengths = s.lengths or tuple(b - a for a, b in domain.partition(s.global_length))
+        specs.append(DomainSpec(domain.group_name, s.dim, lengths))
+    return specs
+
+
+def global_view_function(compiled: Callable, specs: list) -> Callable:
+    """The function Dynamo calls with the DomainTensors: unwrap, run the local program, wrap."""
+
+    def run(*args):
+        outs = compiled(*[x.to_local() if isinstance(x, DomainTensor) else x for x in args])
+        flat, tree = pytree.tree_flatten(outs)
+        wrapped = [y if spec is None else wrap_local(y, spec) for y, spec in zip(flat, specs)]
+        return pytree.tree_unflatten(wrapped, tree)
+
+    return run
 
 
 def transform(gm: torch.fx.GraphModule, example_inputs, ctx: PassContext) -> torch.fx.GraphModule:

@@ -2,11 +2,18 @@
 
 A :class:`Domain` is a small frozen value.  Everything that depends on "which rows
 does rank r hold" goes through :meth:`Domain.partition`, so that the rule is
-written once.  The rule is *balanced*: for a global length ``N`` on ``P`` ranks
+written once.  The default rule is *balanced*: for a global length ``N`` on ``P`` ranks
 the first ``N % P`` ranks hold one extra row (721 latitudes on 4 ranks: 181, 180,
-180, 180).  Every sharded tensor fxhalo makes or expects follows it: inputs
-(:func:`shard`), outputs of every op (each op's output rows are split by the same
-rule over the op's global output length), and :func:`gather`.
+180, 180).  Plain local slabs follow it: inputs (:func:`shard`), outputs of every op
+(each op's output rows are split by the same rule over the op's global output
+length), and :func:`gather`.
+
+A :class:`~fxhalo.DomainTensor` may carry any other partition (``torch.chunk``'s,
+DTensor's, or arbitrary): its global length is then a :class:`Partitioned`, an
+``int`` that also knows every rank's length, and :meth:`Domain.partition` follows
+it.  An op whose output has the same global length as its input keeps the input's
+partition (:func:`fxhalo.geometry.split_rows`); any other output length is split by
+the balanced rule.
 """
 
 from __future__ import annotations
@@ -21,7 +28,46 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["Domain", "resolve_group", "shard", "gather", "all_gather_rows", "check_partition"]
+__all__ = ["Domain", "Partitioned", "resolve_group", "shard", "gather", "all_gather_rows", "check_partition"]
+
+
+class Partitioned(int):
+    """A global length that carries its partition: ``Partitioned((10, 3, 12, 9))`` is 34, split as given.
+
+    An ``int``, so that the size arithmetic of every kernel and rule works on it
+    unchanged (arithmetic gives plain ints back); :meth:`Domain.partition` reads
+    ``lengths`` instead of applying the balanced rule.
+    """
+
+    lengths: tuple[int, ...]
+
+    def __new__(cls, lengths):
+        lengths = tuple(int(n) for n in lengths)
+        if any(n < 0 for n in lengths):
+            raise FxHaloError(f"a partition cannot hold negative lengths: {lengths}")
+        out = super().__new__(cls, sum(lengths))
+        out.lengths = lengths
+        return out
+
+    def __reduce__(self):
+        return (Partitioned, (self.lengths,))
+
+    def __repr__(self) -> str:
+        return f"Partitioned({self.lengths})"
+
+    __str__ = int.__repr__
+
+
+def explicit_lengths(length) -> tuple[int, ...] | None:
+    """The explicit partition ``length`` carries, or ``None`` (balanced)."""
+    return getattr(length, "lengths", None)
+
+
+def as_length(length):
+    """A ``ShardAxis.global_length`` (an int, or a tuple of every rank's length) as a length value."""
+    if isinstance(length, (tuple, list)):
+        return Partitioned(length)
+    return length
 
 
 def resolve_group(group=None, mesh_axis: str | int | None = None) -> dist.ProcessGroup:
@@ -67,7 +113,8 @@ class ShardAxis(NamedTuple):
 
     dim: int
     group_name: str
-    global_length: int | None = None
+    #: the global length (balanced partition), or every rank's length (a tuple: any partition)
+    global_length: int | tuple[int, ...] | None = None
 
 
 def one_axis(axes) -> ShardAxis:
@@ -96,8 +143,11 @@ class Domain:
         return cls(pg.group_name, dist.get_rank(pg), dist.get_world_size(pg), shard_dim)
 
     def kernel_axes(self, dim: int, length: int | None = None) -> tuple[ShardAxis]:
-        """The ``axes=`` of a kernel call for a tensor sharded along ``dim`` over this domain."""
-        return (ShardAxis(dim, self.group_name, length),)
+        """The ``axes=`` of a kernel call for a tensor sharded along ``dim`` over this domain.
+
+        A :class:`Partitioned` length goes in as its tuple of lengths (graph code prints it)."""
+        lengths = explicit_lengths(length)
+        return (ShardAxis(dim, self.group_name, lengths if lengths is not None else length),)
 
     @property
     def process_group(self) -> dist.ProcessGroup:
@@ -113,8 +163,14 @@ class Domain:
 
     # -- the partition rule -------------------------------------------------
     def partition(self, length: int) -> tuple[tuple[int, int], ...]:
-        """``(start, stop)`` of every rank's rows for a global ``length`` (balanced rule)."""
-        return _balanced_partition(int(length), self.size)
+        """``(start, stop)`` of every rank's rows for a global ``length``: the balanced rule, or the
+        partition a :class:`Partitioned` length carries."""
+        lengths = explicit_lengths(length)
+        if lengths is None:
+            return _balanced_partition(int(length), self.size)
+        if len(lengths) != self.size:
+            raise FxHaloError(f"a partition of {len(lengths)} ranks used on a group of {self.size}: {lengths}")
+        return _explicit_partition(lengths)
 
     def bounds(self, length: int, rank: int | None = None) -> tuple[int, int]:
         return self.partition(length)[self.rank if rank is None else rank]
@@ -148,7 +204,8 @@ class Domain:
         a kernel traced without ``length`` is refused.
         """
         if length is not None:
-            return int(length)
+            length = as_length(length)
+            return length if explicit_lengths(length) is not None else int(length)
         if self.size == 1:
             return int(local_length)
         if torch.compiler.is_compiling():
@@ -197,6 +254,15 @@ def check_partition(lengths, domain: Domain, what: str) -> None:
             f"rule splits {n} rows over {domain.size} ranks as {want} (the first N % P ranks get one "
             "extra row). Shard with fxhalo.shard(), or slice each rank's rows with fxhalo.Domain.bounds()."
         )
+
+
+@functools.cache
+def _explicit_partition(lengths: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for n in lengths:
+        out.append((start, start + n))
+        start += n
+    return tuple(out)
 
 
 @functools.cache
@@ -259,7 +325,13 @@ def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
 
     Checks first (one small all-gather) that the ranks' local lengths follow the
     partition rule, and raises :class:`FxHaloError` with the lengths otherwise.
+    A :class:`~fxhalo.DomainTensor` carries its dim, group and partition: ``shard_dim``
+    and ``group`` are not used for it.
     """
+    from .tensor import DomainTensor, gather_domain_tensor
+
+    if isinstance(y, DomainTensor):
+        return gather_domain_tensor(y)
     dom = Domain.from_group(group, shard_dim=shard_dim)
     d = dom.dim_of(y.ndim)
     if dom.size == 1:

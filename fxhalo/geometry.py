@@ -15,7 +15,7 @@ from .domain import Domain
 from .errors import FxHaloError
 from .halo import Edge, HaloPlan, plan_halo
 
-__all__ = ["Unsplittable", "Window", "WindowPlan", "plan_window", "split_rows"]
+__all__ = ["TooShort", "Unsplittable", "Window", "WindowPlan", "plan_window", "split_rows"]
 
 
 class Unsplittable(FxHaloError):
@@ -30,7 +30,10 @@ class Unsplittable(FxHaloError):
 def split_rows(domain: Domain, n: int, m: int, what: str):
     """``(input partition, output partition)`` of an op mapping ``n`` global rows to ``m``.
 
-    Both follow the partition rule, so shards may differ by a row.  A rank with no
+    The input's partition is ``n``'s (balanced, or the one a
+    :class:`~fxhalo.domain.Partitioned` carries).  An output as long as the input
+    keeps the input's partition, row for row; any other length is split by the
+    balanced rule, so shards may differ by a row.  A rank with no
     rows at all is refused: most local ops cannot run on an empty slab, and a
     layer that small gains nothing from being sharded.
     """
@@ -42,14 +45,27 @@ def split_rows(domain: Domain, n: int, m: int, what: str):
         )
     for length, which in ((n, "input"), (m, "output")):
         if length < domain.size:
-            raise Unsplittable(
+            raise TooShort(
                 what,
                 f"has a global {which} length of {length} rows along the sharded dim, fewer than the "
                 f"{domain.size} ranks, so some ranks would hold no rows",
                 "use fewer ranks, or stop sharding before this layer (gather its input with fxhalo.gather, "
                 "or mark it replicated), as the deepest levels of a UNet often need",
             )
-    return domain.partition(n), domain.partition(m)
+    in_part = domain.partition(n)
+    if any(a == b for a, b in in_part):
+        raise TooShort(
+            what,
+            f"reads a tensor partitioned as {[b - a for a, b in in_part]} rows along the sharded dim, "
+            "so some ranks hold no rows",
+            "give every rank at least one row (fxhalo.from_local with other lengths)",
+        )
+    return in_part, (in_part if m == n else domain.partition(m))
+
+
+class TooShort(Unsplittable):
+    """The sharded dim is too short for every rank to hold a row.  The global view computes such a
+    layer replicated instead (:mod:`fxhalo.passes.localize`); the plain path refuses it."""
 
 
 @dataclasses.dataclass(frozen=True)

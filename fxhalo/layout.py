@@ -21,6 +21,8 @@ import dataclasses
 
 import torch
 
+from .domain import explicit_lengths
+
 __all__ = [
     "LAYOUT",
     "Items",
@@ -30,6 +32,7 @@ __all__ = [
     "example_value",
     "is_tensor_node",
     "layout_of",
+    "resized",
     "sharding_of",
     "split",
 ]
@@ -50,6 +53,9 @@ class Sharded:
     blocks, and the rank holds one slice of each (``B*h*w`` windows after a Swin
     window partition, say).  Ops that act entry by entry or window by window do
     not care; windowed ops along the dim need ``contiguous``.
+
+    ``global_length`` is a :class:`~fxhalo.domain.Partitioned` when the partition
+    is not the balanced one (a DomainTensor's, or an op's output that kept it).
     """
 
     dim: int
@@ -69,13 +75,24 @@ class Sharded:
     def moved(self, dim: int) -> Sharded:
         return dataclasses.replace(self, dim=dim)
 
+    @property
+    def lengths(self) -> tuple[int, ...] | None:
+        """Every rank's length when the partition is explicit; ``None`` for the balanced rule."""
+        return explicit_lengths(self.global_length)
+
     def same_layout(self, other: Sharded) -> bool:
         """Equal up to which dim the sharding sits on."""
-        return (self.local, self.global_length, self.outer) == (other.local, other.global_length, other.outer)
+        return (self.local, self.global_length, self.outer, self.lengths) == (
+            other.local,
+            other.global_length,
+            other.outer,
+            other.lengths,
+        )
 
     def __str__(self) -> str:
         extra = f", outer={self.outer}" if self.outer != 1 else ""
-        return f"S(dim={self.dim}, {self.local}/{self.global_length}{extra})"
+        parts = f", partition={list(self.lengths)}" if self.lengths is not None else ""
+        return f"S(dim={self.dim}, {self.local}/{int(self.global_length)}{extra}{parts})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +139,15 @@ def as_layout(view):
 
 
 def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:
-    """The entry of a global ``length`` split along ``dim`` by the partition rule, on this rank."""
+    """The entry of a global ``length`` split along ``dim`` by the partition rule, on this rank
+    (the partition a :class:`~fxhalo.domain.Partitioned` length carries, else the balanced one)."""
     return Sharded(dim, domain.local_length(length), length, outer)
+
+
+def resized(s: Sharded, m: int, domain) -> Sharded:
+    """The layout of an op's output of ``m`` global rows along ``s.dim``: as long as the input, it keeps
+    the input's partition (as the kernels do, :func:`fxhalo.geometry.split_rows`); else balanced."""
+    return split(s.dim, s.global_length if m == s.global_length else m, domain)
 
 
 def layout_of(arg) -> Layout | Items | None:

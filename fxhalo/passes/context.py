@@ -26,6 +26,8 @@ class PassContext:
     grad_sync: bool = True
     #: send a norm's statistics with the next conv's halo rows (fxhalo.passes.fuse)
     fuse_exchanges: bool = True
+    #: the graph was traced at global shapes on DomainTensor inputs (fxhalo.passes.localize)
+    global_view: bool = False
 
     def refuse(self, node, problem: str, remedy: str):
         """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""

@@ -21,6 +21,7 @@ import torch
 from .boundary import wrap_replicated_boundaries
 from .context import PassContext
 from .fuse import fold_pads, fuse_norm_exchanges
+from .localize import localize
 from .meta import refresh_meta
 from .propagate import propagate_sharding
 from .rewrite import rewrite
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 def _propagate(gm, example_inputs, ctx: PassContext, problems):
     # A refused node gets no decision, so the rewrite leaves it as written.
+    if ctx.global_view:  # traced at global shapes: decide and make the graph local in one walk
+        return localize(gm, ctx, problems=problems)
     return propagate_sharding(gm, ctx, problems=problems)
 
 
@@ -57,7 +60,7 @@ def _refresh(gm, example_inputs, ctx: PassContext, problems):
 
 #: the passes, in the order they run
 PASSES = (
-    ("propagate_sharding", _propagate),  # annotate every node's layout (fxhalo.passes.propagate)
+    ("propagate_sharding", _propagate),  # every node's layout (fxhalo.passes.propagate, or .localize)
     ("rewrite", _rewrite),  # nodes that reach across a shard edge -> fxhalo.ops kernels
     ("fold_pads", _fold_pads),  # a sharded pad feeding one conv becomes that conv's halo edge (fxhalo.passes.fuse)
     ("fuse_norm_exchanges", _fuse_norms),  # a GroupNorm's statistics ride with the next conv's halo

@@ -18,7 +18,7 @@ import inspect
 from ..domain import Domain
 from ..geometry import Unsplittable
 from ..halo import Edge
-from ..layout import example_value, sharding_of, split
+from ..layout import example_value, resized, sharding_of
 from ..ops import conv as conv_ops
 from . import Decision, KernelCall, Rule, bind, register_op
 
@@ -70,7 +70,7 @@ class ConvRule(Rule):
             )
         except Unsplittable as e:  # the sizes do not split: say which node, and where
             ctx.refuse(node, e.problem, e.remedy)
-        out = split(s.dim, plan.out_length, ctx.domain)
+        out = resized(s, plan.out_length, ctx.domain)
         return Decision(out, None if plan.local else _kernel_call, s, plan)
 
 

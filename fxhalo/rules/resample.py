@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import torch
 
+from .. import layout
 from ..domain import Domain
 from ..geometry import Unsplittable
-from ..layout import Sharded, sharding_of, split
+from ..layout import Sharded, sharding_of
 from . import Decision, KernelCall, Rule, bind
 
 __all__ = ["Resampled", "ResampleRule", "domain_for", "require_contiguous", "resized", "static_or_refuse"]
@@ -84,8 +85,8 @@ def domain_for(ctx, s: Sharded) -> Domain:
 
 
 def resized(s: Sharded, m: int, ctx) -> Sharded:
-    """The layout of an op's output of ``m`` global rows along ``s.dim`` (split by the partition rule)."""
-    return split(s.dim, m, ctx.domain)
+    """The layout of an op's output of ``m`` global rows along ``s.dim`` (:func:`fxhalo.layout.resized`)."""
+    return layout.resized(s, m, ctx.domain)
 
 
 def require_contiguous(node, ctx, s: Sharded) -> None:

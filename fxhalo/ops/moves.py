@@ -1,0 +1,57 @@
+"""Layout moves the global view inserts: replicated -> sharded (a slice) and sharded -> replicated (a gather).
+
+* :func:`own_rows` keeps this rank's rows of a replicated tensor (a positional grid
+  built from ``x.shape``, a latitude weight, a tensor computed replicated because its
+  sharded dim was too short).  No communication.  Its backward pads the gradient
+  with zeros: inside a graph a replicated value's gradient is partial (see
+  :mod:`fxhalo.ops.collectives`), and the ranks' slices add up to the whole.
+* :func:`all_rows` gathers a sharded tensor whole on every rank (one all-gather), for
+  a layer too short to shard.  Its backward is a reduce-scatter.
+* :func:`repartition` moves rows between ranks so that a sharded tensor takes another
+  partition of the same global length (a resampled tensor meeting a skip connection
+  split another way).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis
+from ..halo import halo_exchange
+from .rows import halo_plan
+
+__all__ = ["own_rows", "all_rows", "repartition"]
+
+
+def _domain(axes: tuple[ShardAxis, ...]):
+    dim, group_name, length = one_axis(axes)
+    domain = Domain.from_group(group_name, shard_dim=dim)
+    return dim, group_name, domain, domain.global_length(0, length)
+
+
+def own_rows(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """This rank's rows of the replicated ``input`` along ``axes``' dim, by ``axes``' partition."""
+    dim, _, domain, length = _domain(axes)
+    dim = domain.dim_of(input.ndim)
+    start, stop = domain.bounds(length)
+    return input.narrow(dim, start, stop - start)
+
+
+def all_rows(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """The whole of the sharded ``input`` along ``axes``' dim, on every rank (one all-gather)."""
+    dim, group_name, domain, length = _domain(axes)
+    lengths = [b - a for a, b in domain.partition(length)]
+    return all_gather_rows(input, domain.dim_of(input.ndim), lengths, group_name)
+
+
+def repartition(input: torch.Tensor, lengths: tuple[int, ...], *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """The rows of the sharded ``input`` re-split as ``lengths`` (same global length, another partition).
+
+    Each rank's new rows are a halo plan over the old partition (rows it already
+    holds stay; the others come from the ranks that hold them): one all_to_all_single,
+    carrying only the rows that change rank.
+    """
+    dim, group_name, domain, length = _domain(axes)
+    target = Domain.partition(domain, Partitioned(lengths))
+    plan = halo_plan(domain.partition(length), target, domain.rank)
+    return halo_exchange(input, domain.dim_of(input.ndim), plan, group_name)

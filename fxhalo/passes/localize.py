@@ -1,0 +1,317 @@
+"""The global view: decide every node of a graph traced at *global* shapes, and make it a local program.
+
+When a model is called on :class:`~fxhalo.DomainTensor` inputs, Dynamo traces the
+global program: every node's example value has the global shape, and shapes the
+user's code read from ``x.shape`` are global constants in the graph.  This pass
+replaces :func:`~fxhalo.passes.propagate.propagate_sharding` for such a graph.  It
+walks the nodes in order and, for each one,
+
+1. keeps the global example value under ``node.meta[GLOBAL_VALUE]``;
+2. turns global sizes in its arguments into local ones where the op takes a shape
+   (``view``/``reshape``/``unflatten``/``expand``/``broadcast_to`` of a sharded
+   tensor): the output dim that holds the shard gets this rank's length;
+3. aligns the operands of an elementwise op or a ``cat``: a *replicated* operand that
+   spans the sharded dim (a positional grid built from ``x.shape``, a latitude
+   weight) is sliced to this rank's rows (:func:`fxhalo.ops.moves.own_rows`; no
+   communication), and a sharded operand split another way than the largest one
+   (an upsampled tensor meeting a skip connection with another partition) has its
+   rows moved (:func:`fxhalo.ops.moves.repartition`, one exchange of the rows that
+   change rank);
+4. asks the node's rule for its decision, exactly as the plain path does, with the
+   node's inputs already local;
+5. where the rule finds the sharded dim too short for every rank to hold a row (a
+   UNet's bottleneck on many ranks), gathers the node's sharded inputs
+   (:func:`fxhalo.ops.moves.all_rows`, one all-gather of a small tensor) and computes
+   the node replicated; step 3 shards the result again where it meets a sharded
+   tensor;
+6. gives the node its *local* example value: the global shape with each sharded dim
+   at this rank's length.
+
+After this pass the graph looks exactly like one Dynamo traced on the local slabs,
+with a layout and a decision on every node, and the rest of the pipeline (rewrite,
+fusions, boundaries, meta refresh) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from .. import rules
+from ..errors import FxHaloError
+from ..geometry import TooShort
+from ..layout import LAYOUT, Items, Layout, Sharded, as_layout, example_value, is_tensor_node, sharding_of
+from ..ops import moves
+from ..rules import DECISION
+from ..rules.local import Elementwise
+from ..rules.shape import Cat, reshape_sharding
+from .context import PassContext
+
+__all__ = ["GLOBAL_VALUE", "localize", "global_shape"]
+
+#: node.meta key: the example value Dynamo traced, at global shapes
+GLOBAL_VALUE = "fxhalo_global_value"
+
+_RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
+_UNFLATTENS = {("call_method", "unflatten"), ("call_function", torch.unflatten)}
+_EXPANDS = {("call_method", "expand"), ("call_function", torch.broadcast_to)}
+
+
+def global_shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get(GLOBAL_VALUE, example_value(node))
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:
+    """Decide and localize every node of the global graph ``gm`` in place; returns how many values are sharded."""
+    from . import propagate
+
+    mode = _fake_mode(gm)
+    count = 0
+    for node in list(gm.graph.nodes):
+        node.meta.pop(DECISION, None)
+        if node.op == "placeholder":
+            out = _input_layout(node, ctx)
+        elif node.op in ("get_attr", "output"):
+            out = None
+        else:
+            node.meta[GLOBAL_VALUE] = example_value(node)
+            _set_value(node, _plain(example_value(node)))
+            try:
+                out = _decide(node, ctx, mode, propagate)
+            except FxHaloError as e:
+                if problems is None:
+                    raise
+                problems.append((node, e))
+                out = propagate._best_guess(node)
+            _set_value(node, _local_value(node, out, mode))
+        layout = as_layout(out)
+        node.meta[LAYOUT] = layout
+        count += layout.is_sharded
+    return count
+
+
+def _decide(node, ctx, mode, propagate):
+    _localize_shape_args(node)
+    _align_operands(node, ctx, mode)
+    _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
+    try:
+        decision = propagate._decide(node, ctx)
+    except FxHaloError as e:
+        if not isinstance(e, TooShort) and not isinstance(e.__context__, TooShort):
+            raise
+        _gather_sharded_inputs(node, ctx, mode)
+        _set_value(node, _run_fake(node, mode, fallback=_plain(node.meta[GLOBAL_VALUE])))
+        decision = propagate._decide(node, ctx)
+    node.meta[DECISION] = decision
+    return decision.out
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def _input_layout(node, ctx: PassContext):
+    from ..tensor import DomainTensor
+
+    val = example_value(node)
+    if not isinstance(val, DomainTensor):
+        return None  # parameters, buffers and plain tensors: replicated, as the user passed them whole
+    spec = val.spec
+    if spec.group_name != ctx.domain.group_name or len(spec.lengths) != ctx.domain.size:
+        raise FxHaloError(
+            f"graph input '{node.name}' is a DomainTensor over group {spec.group_name!r} "
+            f"({len(spec.lengths)} ranks), but the model was compiled for group {ctx.domain.group_name!r} "
+            f"({ctx.domain.size} ranks). Remedy: make the input with fxhalo.from_local(..., group=...) on the "
+            "group the backend uses (options={'group': ...})."
+        )
+    node.meta[GLOBAL_VALUE] = val
+    _set_value(node, val._local)
+    return Sharded(spec.dim, spec.lengths[ctx.domain.rank], spec.length())
+
+
+# -- step 2: shape arguments ------------------------------------------------------------------
+
+
+def _localize_shape_args(node) -> None:
+    key = (node.op, node.target)
+    if key not in _RESHAPES | _UNFLATTENS | _EXPANDS or not node.args:
+        return
+    src = node.args[0]
+    s = sharding_of(src)
+    g_in, g_out = global_shape(src), global_shape(node)
+    if not isinstance(s, Sharded) or g_in is None or g_out is None:
+        return
+    n = int(s.global_length)
+    local_out = list(g_out)
+    if key in _EXPANDS:
+        local_out[s.dim + len(g_out) - len(g_in)] = s.local
+    else:
+        whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
+        if isinstance(whole, str) or (g_out[whole.dim] * s.local) % n:
+            return  # the reshape rule refuses it, with the local sizes
+        local_out[whole.dim] = g_out[whole.dim] * s.local // n
+    if key in _UNFLATTENS:  # its sizes are a sub-shape: a reshape to the whole local shape says the same
+        node.op, node.target = "call_method", "reshape"
+    if node.op == "call_method":
+        node.args, node.kwargs = (src, *local_out), {}
+    else:
+        node.args, node.kwargs = (src, tuple(local_out)), {}
+
+
+# -- step 3: operands that disagree on the sharded dim -----------------------------------------
+
+
+def _align_operands(node, ctx, mode) -> None:
+    """Before an elementwise op or a ``cat``: every operand that spans the sharded dim takes the
+    partition of the largest sharded operand (a replicated one is sliced, a sharded one split
+    another way has its rows moved)."""
+    rule = rules.lookup(node)
+    if not isinstance(rule, (Elementwise, Cat)):
+        return
+    inputs = [a for a in node.all_input_nodes if is_tensor_node(a)]
+    sharded = [a for a in inputs if isinstance(sharding_of(a), Sharded)]
+    if not sharded:
+        return
+    target_node = max(sharded, key=lambda a: _numel(global_shape(a)))
+    t = sharding_of(target_node)
+    if not t.contiguous:
+        return
+    pos = t.dim - len(global_shape(target_node))  # broadcasting aligns dims from the right
+    n = int(t.global_length)
+    want = _lengths(t, ctx)
+    for a in inputs:
+        shape, s = global_shape(a), sharding_of(a)
+        if shape is None or len(shape) < -pos or shape[pos] != n or n == 1:
+            continue
+        dim = len(shape) + pos
+        if s is None:
+            kernel, args, axes = moves.own_rows, (a,), ctx.domain.kernel_axes(dim, t.global_length)
+        elif isinstance(s, Sharded) and s.dim == dim and s.contiguous and _lengths(s, ctx) != want:
+            kernel, args, axes = moves.repartition, (a, want), ctx.domain.kernel_axes(dim, s.global_length)
+        else:
+            continue
+        with node.graph.inserting_before(node):
+            moved = node.graph.call_function(kernel, args, {"axes": axes})
+        _copy_source(moved, node)
+        moved.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
+        moved.meta[LAYOUT] = Layout((Sharded(dim, t.local, t.global_length),))
+        local = list(shape)
+        local[dim] = t.local
+        _set_value(moved, _empty(local, example_value(a), mode))
+        node.replace_input_with(a, moved)
+
+
+def _lengths(s: Sharded, ctx) -> tuple[int, ...]:
+    return tuple(b - a for a, b in ctx.domain.partition(s.global_length))
+
+
+def _numel(shape) -> int:
+    out = 1
+    for n in shape or ():
+        out *= n
+    return out
+
+
+# -- step 5: too short to shard --------------------------------------------------------------
+
+
+def _gather_sharded_inputs(node, ctx, mode) -> None:
+    for a in list(node.all_input_nodes):
+        s = sharding_of(a)
+        if not isinstance(s, Sharded):
+            continue
+        with node.graph.inserting_before(node):
+            whole = node.graph.call_function(
+                moves.all_rows, (a,), {"axes": ctx.domain.kernel_axes(s.dim, s.global_length)}
+            )
+        _copy_source(whole, node)
+        whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
+        whole.meta[LAYOUT] = Layout.replicated()
+        _set_value(whole, _plain(whole.meta[GLOBAL_VALUE]))
+        node.replace_input_with(a, whole)
+
+
+# -- example values ---------------------------------------------------------------------------
+
+
+def _fake_mode(gm):
+    for node in gm.graph.nodes:
+        val = example_value(node)
+        inner = getattr(val, "_local", val)
+        if isinstance(inner, FakeTensor):
+            return inner.fake_mode
+    return None
+
+
+def _plain(val):
+    """A global example value without the DomainTensor wrapper (its inner fake has the global shape)."""
+    from ..tensor import DomainTensor
+
+    if isinstance(val, DomainTensor):
+        return val._local
+    if isinstance(val, (tuple, list)):
+        return type(val)(_plain(v) for v in val)
+    return val
+
+
+def _set_value(node, val) -> None:
+    node.meta["example_value"] = val
+    if "val" in node.meta:
+        node.meta["val"] = val
+
+
+def _empty(shape, like, mode):
+    with mode:
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, requires_grad=like.requires_grad)
+
+
+def _run_fake(node, mode, fallback):
+    """The node's value on its inputs' local example values, or ``fallback`` when the op does not run."""
+    if mode is None or node.op not in ("call_function", "call_method"):
+        return fallback
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a probe that fails is expected here, not an error to log
+    try:
+        with mode:
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return node.target(*args, **kwargs)
+    except Exception:
+        return fallback
+    finally:
+        quiet.setLevel(level)
+
+
+def _local_value(node, out, mode):
+    """The node's example value at local shapes, from its global value and its layout ``out``."""
+    current = example_value(node)
+    glob = _plain(node.meta[GLOBAL_VALUE])
+    layout = as_layout(out)
+    if isinstance(layout, Items) and isinstance(glob, (tuple, list)):
+        got = current if isinstance(current, (tuple, list)) and len(current) == len(glob) else glob
+        return type(glob)(_localized(g, c, item, mode) for g, c, item in zip(glob, got, layout))
+    return _localized(glob, current, layout, mode)
+
+
+def _localized(glob, current, layout, mode):
+    if not isinstance(glob, torch.Tensor):
+        return current
+    s = layout.one_axis() if isinstance(layout, Layout) else None
+    shape = list(glob.shape)
+    if isinstance(s, Sharded):
+        shape[s.dim] = s.local
+    if isinstance(current, torch.Tensor) and list(current.shape) == shape and current.dtype == glob.dtype:
+        return current
+    return _empty(shape, glob, mode) if mode is not None else current
+
+
+def _copy_source(new, node) -> None:
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+
+

@@ -1,0 +1,398 @@
+"""``DomainTensor``: the global tensor, as every rank sees it, holding only this rank's slab.
+
+A DomainTensor's shape, dtype and device are the *global* tensor's; inside it
+holds this rank's slab (``to_local()``) and its :class:`DomainSpec`: the process
+group, the sharded tensor dim, and the partition (every rank's length along that
+dim).  Any partition is allowed: the balanced one of :func:`fxhalo.shard`,
+``torch.chunk``'s, DTensor's, or one of your own.
+
+Its purpose is the global view (:mod:`fxhalo.passes.localize`): Dynamo traces a
+model called on DomainTensors at global shapes, so ``x.shape[2]`` in user code is
+the global size, and the ``domain_parallel`` backend partitions that program per
+rank.  Outside a ``domain_parallel`` compiled region a DomainTensor computes
+nothing but a few operations that are exact on the slabs themselves (those the
+autograd engine needs, such as adding two gradients laid out alike); every other
+op raises :class:`~fxhalo.FxHaloError` rather than compute on the slab as if it
+were the whole tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
+
+from .domain import Partitioned, all_gather_rows, resolve_group
+from .errors import FxHaloError
+
+__all__ = ["DomainSpec", "DomainTensor", "from_local", "distribute", "gather_domain_tensor", "from_dtensor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+    """How a DomainTensor is split: along tensor dim ``dim`` over ``group_name``'s ranks, rank ``q``
+    holding ``lengths[q]`` rows (one mesh axis)."""
+
+    group_name: str
+    dim: int
+    lengths: tuple[int, ...]
+
+    @property
+    def global_length(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def balanced(self) -> bool:
+        """True when the lengths are the balanced rule's (:class:`~fxhalo.Domain`)."""
+        return self.lengths == _balanced(self.global_length, len(self.lengths))
+
+    def length(self):
+        """The global length as the layouts carry it: an ``int`` when balanced, else a ``Partitioned``."""
+        return self.global_length if self.balanced else Partitioned(self.lengths)
+
+    def bounds(self, rank: int) -> tuple[int, int]:
+        start = sum(self.lengths[:rank])
+        return start, start + self.lengths[rank]
+
+    def __str__(self) -> str:
+        return f"Shard(dim={self.dim}, partition={list(self.lengths)}, group={self.group_name!r})"
+
+
+def _balanced(n: int, size: int) -> tuple[int, ...]:
+    base, extra = divmod(n, size)
+    return tuple(base + (1 if r < extra else 0) for r in range(size))
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(int(n), 1)
+    return tuple(reversed(strides))
+
+
+#: ops a DomainTensor runs outside a compiled region: exact on the slabs when every DomainTensor
+#: operand is laid out alike (what autograd needs to accumulate and seed gradients, plus copies)
+_EAGER_OK = {
+    "aten::detach",
+    "aten::alias",
+    "aten::clone",
+    "aten::_to_copy",
+    "aten::zeros_like",
+    "aten::ones_like",
+    "aten::empty_like",
+    "aten::full_like",
+    "aten::add",
+    "aten::add_",
+    "aten::sub",
+    "aten::mul",
+    "aten::div",
+    "aten::neg",
+    "aten::copy_",
+    "aten::zero_",
+    "aten::fill_",
+}
+
+
+class DomainTensor(torch.Tensor):
+    """The global tensor of shape ``shape``; this rank holds ``to_local()``, laid out as ``spec``.
+
+    Make one with :func:`fxhalo.from_local`, :func:`fxhalo.distribute` or
+    :func:`fxhalo.from_dtensor`; a ``domain_parallel`` compiled model returns them.
+    """
+
+    _local: torch.Tensor
+    _spec: DomainSpec
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False):
+        if shape is None:
+            shape = list(local.shape)
+            shape[spec.dim] = spec.global_length
+        shape = tuple(shape)
+        return torch.Tensor._make_wrapper_subclass(
+            cls,
+            shape,
+            strides=_contiguous_strides(shape),
+            dtype=local.dtype,
+            device=local.device,
+            requires_grad=requires_grad,
+        )
+
+    def __init__(self, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False):
+        self._local = local
+        self._spec = spec
+
+    # -- what Dynamo needs to trace it (a traceable wrapper subclass) ---------
+    def __tensor_flatten__(self):
+        return ["_local"], self._spec
+
+    @staticmethod
+    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
+        return DomainTensor(inner["_local"], spec, tuple(outer_size))
+
+    # -- the user's view -----------------------------------------------------
+    @property
+    def spec(self) -> DomainSpec:
+        return self._spec
+
+    @property
+    def partition(self) -> tuple[int, ...]:
+        """Every rank's length along the sharded dim."""
+        return self._spec.lengths
+
+    @property
+    def shard_dim(self) -> int:
+        return self._spec.dim
+
+    def to_local(self) -> torch.Tensor:
+        """This rank's slab (differentiable: its gradient flows back to this DomainTensor)."""
+        return _ToLocal.apply(self)
+
+    def full_tensor(self) -> torch.Tensor:
+        """The whole tensor on every rank (one all-gather; differentiable)."""
+        return gather_domain_tensor(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"DomainTensor(shape={tuple(self.shape)}, {self._spec}, local={tuple(self._local.shape)}, "
+            f"dtype={self.dtype})"
+        )
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat = pytree.tree_leaves((args, kwargs))
+        mine = [a for a in flat if isinstance(a, DomainTensor)]
+        if any(isinstance(a._local, FakeTensor) for a in mine):
+            return _trace(func, args, kwargs, mine)
+        return _eager(func, args, kwargs, mine)
+
+
+def _trace(func, args, kwargs, mine):
+    """While Dynamo traces: run ``func`` on fake tensors of the *global* shapes.
+
+    The results are DomainTensors whose inner value is a global-shaped fake: only
+    their metadata matter, and the backend decides every value's layout itself.
+    """
+    mode = next(a._local.fake_mode for a in mine if isinstance(a._local, FakeTensor))
+
+    def to_global(a):
+        if not isinstance(a, DomainTensor):
+            return a
+        if tuple(a._local.shape) == tuple(a.shape):
+            return a._local
+        with mode:
+            return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
+
+    with mode:
+        out = func(*pytree.tree_map(to_global, args), **pytree.tree_map(to_global, kwargs))
+    spec = mine[0]._spec
+
+    def wrap(o):
+        return DomainTensor(o, spec, tuple(o.shape)) if isinstance(o, torch.Tensor) else o
+
+    return pytree.tree_map(wrap, out)
+
+
+def _eager(func, args, kwargs, mine):
+    name = func._schema.name
+    specs = {a._spec for a in mine}
+    shapes = {tuple(a.shape) for a in mine}
+    if name in _EAGER_OK and len(specs) == 1 and len(shapes) == 1:
+        plain = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if all(isinstance(a, DomainTensor) or a.dim() == 0 for a in plain):
+            spec = specs.pop()
+
+            def unwrap(a):
+                return a._local if isinstance(a, DomainTensor) else a
+
+            out = func(*pytree.tree_map(unwrap, args), **pytree.tree_map(unwrap, kwargs))
+            if name.endswith("_"):  # in place: the DomainTensor argument itself
+                return args[0]
+            return pytree.tree_map(
+                lambda o: DomainTensor(o, spec) if isinstance(o, torch.Tensor) else o,
+                out,
+            )
+    raise FxHaloError(
+        f"{func} was called on a DomainTensor outside a domain_parallel compiled region "
+        f"(shape {tuple(mine[0].shape)}, {mine[0]._spec}); fxhalo does not compute on a slab as if "
+        "it were the whole tensor. Remedy: run this code inside torch.compile(..., "
+        "backend='domain_parallel'), or work on x.to_local() (this rank's slab) or "
+        "x.full_tensor() (the gathered tensor) explicitly."
+    )
+
+
+class _FromLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, spec):
+        return DomainTensor(local.view_as(local), spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad._local if isinstance(grad, DomainTensor) else grad), None
+
+
+class _ToLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.spec = x._spec
+        return x._local.view_as(x._local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return DomainTensor(grad.contiguous(), ctx.spec)
+
+
+def wrap_local(local: torch.Tensor, spec: DomainSpec) -> DomainTensor:
+    """A DomainTensor around ``local`` (no checks, no communication; differentiable)."""
+    return _FromLocal.apply(local, spec)
+
+
+def from_local(
+    x_local: torch.Tensor,
+    shard_dim: int = 2,
+    group=None,
+    lengths=None,
+    *,
+    like: DomainTensor | None = None,
+    run_check: bool = True,
+) -> DomainTensor:
+    """Wrap this rank's slab ``x_local`` of a global tensor sharded along ``shard_dim`` over ``group``.
+
+    ``lengths`` lists every rank's length along ``shard_dim`` (any partition);
+    ``None`` asks the group.  ``like=`` takes another DomainTensor's group, dim and
+    partition.  With ``run_check`` (the default; always when ``lengths`` is
+    ``None``) one small all-gather checks that every rank agrees on the dim, the
+    other dims and the lengths, and every rank raises :class:`FxHaloError` together
+    otherwise.  Differentiable: the gradient of the DomainTensor flows to ``x_local``.
+    """
+    if like is not None:
+        group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
+    pg = resolve_group(group)
+    dim = shard_dim + x_local.ndim if shard_dim < 0 else shard_dim
+    if not 0 <= dim < x_local.ndim:
+        raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x_local.ndim}-D tensor")
+    size, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    if lengths is not None:
+        lengths = tuple(int(n) for n in lengths)
+    if run_check or lengths is None:
+        lengths = _agreed_lengths(x_local, dim, lengths, pg, size)
+    elif len(lengths) != size or lengths[rank] != x_local.shape[dim]:
+        raise FxHaloError(
+            f"fxhalo.from_local: lengths {list(lengths)} do not fit this rank ({rank} of {size}), "
+            f"which holds {x_local.shape[dim]} rows along dim {dim}"
+        )
+    return wrap_local(x_local, DomainSpec(pg.group_name, dim, lengths))
+
+
+def _agreed_lengths(x_local, dim, lengths, pg, size) -> tuple[int, ...]:
+    """Every rank's length along ``dim``, after checking (one all-gather) that the ranks agree."""
+    others = [n for d, n in enumerate(x_local.shape) if d != dim]
+    claim = -1 if lengths is None else hash(lengths) & 0x7FFFFFFF
+    mine = torch.tensor(
+        [dim, x_local.ndim, x_local.shape[dim], math.prod(others), hash(tuple(others)) & 0x7FFFFFFF, claim],
+        dtype=torch.int64,
+    )
+    got = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(got, mine, group=pg)
+    rows = [t.tolist() for t in got]
+    found = tuple(r[2] for r in rows)
+    problems = []
+    if len({(r[0], r[1]) for r in rows}) != 1:
+        problems.append(f"the ranks shard different dims or ranks of tensor: (dim, ndim) = {[r[:2] for r in rows]}")
+    if len({(r[3], r[4]) for r in rows}) != 1:
+        problems.append("the ranks' slabs differ in a dim that is not sharded")
+    if lengths is not None and (len({r[5] for r in rows}) != 1 or lengths != found):
+        problems.append(f"the lengths given, {list(lengths)}, are not the lengths the ranks hold, {list(found)}")
+    if problems:
+        raise FxHaloError("fxhalo.from_local: " + "; ".join(problems) + ". Every rank raises this.")
+    return found
+
+
+def distribute(x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None) -> DomainTensor:
+    """The DomainTensor of a global tensor ``x`` every rank holds: each rank keeps its rows.
+
+    ``lengths`` picks the partition (default balanced, as :func:`fxhalo.shard`).  No
+    communication; differentiable (each rank's slab's gradient flows to its rows of ``x``).
+    """
+    pg = resolve_group(group)
+    size, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    dim = shard_dim + x.ndim if shard_dim < 0 else shard_dim
+    if not 0 <= dim < x.ndim:
+        raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x.ndim}-D tensor")
+    lengths = _balanced(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
+    if len(lengths) != size or sum(lengths) != x.shape[dim] or min(lengths) < 0:
+        raise FxHaloError(
+            f"fxhalo.distribute: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks"
+        )
+    spec = DomainSpec(pg.group_name, dim, lengths)
+    start, stop = spec.bounds(rank)
+    return wrap_local(x.narrow(dim, start, stop - start).contiguous(), spec)
+
+
+def gather_domain_tensor(x: DomainTensor) -> torch.Tensor:
+    """The whole tensor of ``x`` on every rank (one all-gather; each rank's gradient goes to its slab)."""
+    spec = x._spec
+    return _Gather.apply(x, spec)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        ctx.spec = spec
+        pg = resolve_group(spec.group_name)
+        ctx.rank = dist.get_rank(pg)
+        if len(spec.lengths) == 1:
+            return x._local.clone()
+        return all_gather_rows(x._local, spec.dim, spec.lengths, spec.group_name).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.spec.bounds(ctx.rank)
+        return DomainTensor(grad.narrow(ctx.spec.dim, a, b - a).contiguous(), ctx.spec), None
+
+
+def from_dtensor(dt) -> DomainTensor:
+    """A DomainTensor of a DTensor sharded along one tensor dim of a 1-D mesh (``Shard(d)``), no copy.
+
+    DTensor splits like ``torch.chunk``: the lengths are asked from the group.
+    """
+    from torch.distributed.tensor import Shard
+
+    placements = dt.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard):
+        raise FxHaloError(
+            f"fxhalo.from_dtensor takes a DTensor sharded along one dim of a 1-D mesh, got placements {placements}"
+        )
+    return from_local(dt.to_local(), placements[0].dim, dt.device_mesh.get_group())
+
+
+def to_dtensor(x: DomainTensor, mesh=None):
+    """The DTensor of ``x`` (``Shard(dim)`` on a 1-D mesh over its group); DTensor's own partition must match."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    spec = x._spec
+    pg = resolve_group(spec.group_name)
+    chunks = [len(c) for c in torch.arange(spec.global_length).chunk(len(spec.lengths))]
+    chunks += [0] * (len(spec.lengths) - len(chunks))
+    if tuple(chunks) != spec.lengths:
+        raise FxHaloError(
+            f"DTensor splits {spec.global_length} rows over {len(spec.lengths)} ranks as {chunks}, but this "
+            f"DomainTensor holds {list(spec.lengths)}; redistribute first or build the DTensor yourself"
+        )
+    if mesh is None:
+        mesh = DeviceMesh.from_group(pg, device_type=x.device.type)
+    return DTensor.from_local(
+        x.to_local(), mesh, [Shard(spec.dim)], run_check=False, shape=x.shape, stride=x.stride()
+    )
+
+
+DomainTensor.to_dtensor = to_dtensor  # a method too, as DTensor users expect
