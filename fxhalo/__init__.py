@@ -12,12 +12,12 @@ from .backend import backend
 from .backend import register as _register_backend
 from .convert import convert_to_domain_parallel, validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
-from .domain import Domain, gather, shard
+from .domain import Domain, shard
 from .errors import FxHaloError
 from .explain import Explanation, explain
 from .halo import Edge, halo_exchange, plan_halo
 from .redistribute import channels_to_seq, redistribute, seq_to_channels
-from .tensor import DomainSpec, DomainTensor, distribute, from_dtensor, from_local
+from .tensor import DomainSpec, DomainTensor, distribute, from_dtensor, from_local, gather
 from .validate import Problem, validate
 
 __version__ = "0.1.0"

@@ -325,13 +325,8 @@ def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
 
     Checks first (one small all-gather) that the ranks' local lengths follow the
     partition rule, and raises :class:`FxHaloError` with the lengths otherwise.
-    A :class:`~fxhalo.DomainTensor` carries its dim, group and partition: ``shard_dim``
-    and ``group`` are not used for it.
+    (:func:`fxhalo.gather` also takes a :class:`~fxhalo.DomainTensor`.)
     """
-    from .tensor import DomainTensor, gather_domain_tensor
-
-    if isinstance(y, DomainTensor):
-        return gather_domain_tensor(y)
     dom = Domain.from_group(group, shard_dim=shard_dim)
     d = dom.dim_of(y.ndim)
     if dom.size == 1:

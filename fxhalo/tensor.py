@@ -26,10 +26,11 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
+from . import domain as _domain
 from .domain import Partitioned, all_gather_rows, resolve_group
 from .errors import FxHaloError
 
-__all__ = ["DomainSpec", "DomainTensor", "from_local", "distribute", "gather_domain_tensor", "from_dtensor"]
+__all__ = ["DomainSpec", "DomainTensor", "from_local", "distribute", "gather", "gather_domain_tensor", "from_dtensor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,6 +338,15 @@ def distribute(x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None) ->
     return wrap_local(x.narrow(dim, start, stop - start).contiguous(), spec)
 
 
+def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
+    """The whole tensor, on every rank (differentiable): of a DomainTensor (which carries its dim,
+    group and partition), or of plain slabs sharded along ``shard_dim`` by the balanced rule
+    (:func:`fxhalo.domain.gather`)."""
+    if isinstance(y, DomainTensor):
+        return gather_domain_tensor(y)
+    return _domain.gather(y, shard_dim, group)
+
+
 def gather_domain_tensor(x: DomainTensor) -> torch.Tensor:
     """The whole tensor of ``x`` on every rank (one all-gather; each rank's gradient goes to its slab)."""
     spec = x._spec
@@ -390,9 +400,7 @@ def to_dtensor(x: DomainTensor, mesh=None):
         )
     if mesh is None:
         mesh = DeviceMesh.from_group(pg, device_type=x.device.type)
-    return DTensor.from_local(
-        x.to_local(), mesh, [Shard(spec.dim)], run_check=False, shape=x.shape, stride=x.stride()
-    )
+    return DTensor.from_local(x.to_local(), mesh, [Shard(spec.dim)], run_check=False, shape=x.shape, stride=x.stride())
 
 
 DomainTensor.to_dtensor = to_dtensor  # a method too, as DTensor users expect

@@ -313,5 +313,3 @@ def _copy_source(new, node) -> None:
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in node.meta:
             new.meta[key] = node.meta[key]
-
-
