@@ -124,7 +124,7 @@ class DomainParallelBackend:
             transform(gm, example_inputs, ctx)
             log_rewrite(gm, ctx)  # TORCH_LOGS="+fxhalo"; one level check when off
             summary = fingerprint(gm)
-            compiled = known_layouts.recording(_inner(self.compiler)(gm, example_inputs), gm)
+            compiled = known_layouts.recording(compile_local(self.compiler, gm, example_inputs), gm)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
         try:
@@ -151,7 +151,7 @@ class DomainParallelBackend:
             outputs = output_specs(gm, domain)
             log_rewrite(gm, ctx)
             summary = fingerprint(gm)
-            compiled = _inner(self.compiler)(gm, local_inputs)
+            compiled = compile_local(self.compiler, gm, local_inputs)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
         try:
@@ -215,6 +215,21 @@ def _refused(error: FxHaloError) -> Callable:
         raise error
 
     return refused
+
+
+def compile_local(compiler, gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """Hand the rewritten graph to the inner compiler, with AOTAutograd's common-subexpression
+    elimination off.
+
+    That pass merges two functional collectives with equal arguments into one.  Two
+    exchanges can be equal on some ranks only (a max-pool's and a repartition's halo
+    from the same tensor send the same rows where the partitions happen to agree);
+    merging them there, and not on the other ranks, leaves the others waiting in a
+    collective these ranks never call.  The partitioner runs inside this call, so the
+    patch covers it; other compiles keep their setting.
+    """
+    with torch._functorch.config.patch(cse=False):
+        return _inner(compiler)(gm, example_inputs)
 
 
 def _inner(compiler) -> Callable:

@@ -121,7 +121,8 @@ def one_axis(axes) -> ShardAxis:
     """The one sharded axis of ``axes``: every kernel of today handles one."""
     if len(axes) != 1:
         raise FxHaloError(f"this kernel handles one sharded mesh axis, got {len(axes)}: {tuple(axes)}")
-    return ShardAxis(*axes[0])
+    dim, group_name, length = axes[0]
+    return ShardAxis(dim, group_name, as_length(length))  # a tuple of lengths -> Partitioned
 
 
 @dataclasses.dataclass(frozen=True)
