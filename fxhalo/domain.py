@@ -52,6 +52,18 @@ class Partitioned(int):
     def __reduce__(self):
         return (Partitioned, (self.lengths,))
 
+    # Equal only to the same partition, never to a plain int: the kernels' plan caches are keyed
+    # by lengths, and a plan for one partition of 34 rows is wrong for another.  Compare
+    # ``int(a) == int(b)`` to ask whether two lengths are the same size.
+    def __eq__(self, other):
+        return isinstance(other, Partitioned) and self.lengths == other.lengths
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(("Partitioned", self.lengths))
+
     def __repr__(self) -> str:
         return f"Partitioned({self.lengths})"
 

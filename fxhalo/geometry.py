@@ -60,7 +60,7 @@ def split_rows(domain: Domain, n: int, m: int, what: str):
             "so some ranks hold no rows",
             "give every rank at least one row (fxhalo.from_local with other lengths)",
         )
-    return in_part, (in_part if m == n else domain.partition(m))
+    return in_part, (in_part if int(m) == int(n) else domain.partition(m))
 
 
 class TooShort(Unsplittable):

@@ -82,9 +82,9 @@ class Sharded:
 
     def same_layout(self, other: Sharded) -> bool:
         """Equal up to which dim the sharding sits on."""
-        return (self.local, self.global_length, self.outer, self.lengths) == (
+        return (self.local, int(self.global_length), self.outer, self.lengths) == (
             other.local,
-            other.global_length,
+            int(other.global_length),
             other.outer,
             other.lengths,
         )
@@ -147,7 +147,7 @@ def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:
 def resized(s: Sharded, m: int, domain) -> Sharded:
     """The layout of an op's output of ``m`` global rows along ``s.dim``: as long as the input, it keeps
     the input's partition (as the kernels do, :func:`fxhalo.geometry.split_rows`); else balanced."""
-    return split(s.dim, s.global_length if m == s.global_length else m, domain)
+    return split(s.dim, s.global_length if int(m) == int(s.global_length) else m, domain)
 
 
 def layout_of(arg) -> Layout | Items | None:

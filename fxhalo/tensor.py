@@ -99,6 +99,10 @@ _EAGER_OK = {
 }
 
 
+#: ops that give the same tensor again: while tracing, the result keeps the input's slab and spec
+_SAME_SLAB = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
+
+
 class DomainTensor(torch.Tensor):
     """The global tensor of shape ``shape``; this rank holds ``to_local()``, laid out as ``spec``.
 
@@ -183,6 +187,9 @@ def _trace(func, args, kwargs, mine):
     their metadata matter, and the backend decides every value's layout itself.
     """
     mode = next(a._local.fake_mode for a in mine if isinstance(a._local, FakeTensor))
+    if func in _SAME_SLAB and isinstance(args[0], DomainTensor):  # keep the slab (Dynamo fakes inputs so)
+        x = args[0]
+        return DomainTensor(func(x._local, *args[1:], **kwargs), x._spec, tuple(x.shape))
 
     def to_global(a):
         if not isinstance(a, DomainTensor):

@@ -260,7 +260,7 @@ def _resample_rows(x: torch.Tensor, dim: int, plan: InterpPlan) -> torch.Tensor:
 
 def _is_identity(n: int, r: DimResize, align_corners: bool) -> bool:
     """Does torch leave a dim unchanged?  Same length and a coordinate scale of exactly 1."""
-    return r.n_out == n and (align_corners or r.scale is None or r.scale == 1.0)
+    return int(r.n_out) == int(n) and (align_corners or r.scale is None or r.scale == 1.0)
 
 
 def _other_axes(x, dim, sdim, nd, size, scale_factor, recompute, mode, align_corners):

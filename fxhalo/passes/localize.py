@@ -127,8 +127,11 @@ def _input_layout(node, ctx: PassContext):
             "group the backend uses (options={'group': ...})."
         )
     node.meta[GLOBAL_VALUE] = val
-    _set_value(node, val._local)
-    return Sharded(spec.dim, spec.lengths[ctx.domain.rank], spec.length())
+    out = Sharded(spec.dim, spec.lengths[ctx.domain.rank], spec.length())
+    # Dynamo fakes a DomainTensor that has a grad_fn through an op on it, which yields a global-shaped
+    # inner value; the local value follows from the spec either way.
+    _set_value(node, _localized(val._local, val._local, Layout((out,)), _fake_mode(node.graph.owning_module)))
+    return out
 
 
 # -- step 2: shape arguments ------------------------------------------------------------------

@@ -63,7 +63,7 @@ class GatherFallback(Rule):
         outs, out_spec = pytree.tree_flatten(out)
         out_dims, shardings = [], []
         for o in outs:
-            keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == first.global_length
+            keep = isinstance(o, torch.Tensor) and o.ndim > first.dim and o.shape[first.dim] == int(first.global_length)
             out_dims.append(first.dim if keep else None)
             shardings.append(first if keep else None)
         warnings.warn(
