@@ -86,10 +86,23 @@ __all__ = ["Collective", "Row", "Explanation", "explain"]
 # -- the entry point -------------------------------------------------------------------
 
 
-def explain(model, *local_inputs, world_size: int | None = None, rank: int | None = None, **options) -> Explanation:
+def explain(
+    model,
+    *local_inputs,
+    world_size: int | None = None,
+    rank: int | None = None,
+    global_view: bool = False,
+    partition=None,
+    **options,
+) -> Explanation:
     """Explain what ``torch.compile(model, backend="domain_parallel", options=options)`` does on one rank.
 
-    ``local_inputs`` are one rank's forward arguments (its slabs).  ``options`` are
+    ``local_inputs`` are one rank's forward arguments (its slabs).  With
+    ``global_view=True`` they are the *global* inputs instead, best as meta tensors
+    (``torch.empty(shape, device="meta")``: no memory at any size); each tensor
+    input with a dim ``shard_dim`` becomes a :class:`~fxhalo.DomainTensor` split as
+    ``partition`` (every rank's length; default balanced), and explain shows what
+    the backend does to the model compiled on DomainTensors.  ``options`` are
     the backend's (``shard_dim``, ``input_shard_dims``, ``fallback``, ``group``,
     ``mesh_axis``; ``compiler`` is accepted and ignored).  Without a process group,
     ``world_size`` is required and ``rank`` defaults to 0; inside one, both default
@@ -105,7 +118,30 @@ def explain(model, *local_inputs, world_size: int | None = None, rank: int | Non
         raise FxHaloError(f"unknown domain_parallel option(s) {unknown}")
     settings = DomainParallelBackend(**options)  # validates them as the backend would
     with _domain(settings, world_size, rank) as domain:
+        if global_view:
+            local_inputs = tuple(_domain_tensor(x, domain, partition) for x in local_inputs)
         return _explain(model, local_inputs, domain, settings)
+
+
+def _domain_tensor(x, domain: Domain, partition):
+    """A global input as the DomainTensor one rank would hold, on the meta device (no data)."""
+    from .tensor import DomainSpec, DomainTensor
+
+    if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
+        return x
+    device = x.device
+    x = x.to("meta")
+    dim = domain.shard_dim + x.ndim if domain.shard_dim < 0 else domain.shard_dim
+    if not 0 <= dim < x.ndim:
+        return x  # no sharded dim: passed whole, replicated
+    n = x.shape[dim]
+    lengths = tuple(partition) if partition is not None else tuple(b - a for a, b in domain.partition(n))
+    if len(lengths) != domain.size or sum(lengths) != n:
+        raise FxHaloError(f"fxhalo.explain: partition {list(lengths)} does not split {n} rows over {domain.size} ranks")
+    start = sum(lengths[: domain.rank])
+    spec = DomainSpec(domain.group_name, dim, lengths)
+    device = torch.device("cpu") if device.type == "meta" else device  # the parameters' device, say
+    return DomainTensor(x.narrow(dim, start, lengths[domain.rank]), spec, tuple(x.shape), device=device)
 
 
 @contextlib.contextmanager
@@ -189,7 +225,9 @@ def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, gra
         if measure.is_call(n):
             n.meta[measure.ORIGIN] = (n.name, measure.spelled(n))
     problems: list = []
-    run_pipeline(graph, example_inputs, _context(domain, settings, gm, example_inputs), problems=problems)
+    ctx = _context(domain, settings, gm, example_inputs)
+    example_inputs = [getattr(x, "_local", x) for x in example_inputs]  # DomainTensors: their slabs
+    run_pipeline(graph, example_inputs, ctx, problems=problems)
     refused = [(node, err) for node, err in problems if node is not None]
     failed = [err for node, err in problems if node is None]
     rows: list[Row] = []
@@ -233,6 +271,10 @@ def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
         for name in ("grad_sync", "fuse_exchanges")
         if name in fields and hasattr(settings, name)
     }
+    from .tensor import DomainTensor
+
+    if any(isinstance(x, DomainTensor) for x in example_inputs):  # traced at global shapes
+        return PassContext(domain, fallback=settings.fallback, global_view=True, **extra)
     return PassContext(
         domain,
         dict(settings.input_shard_dims),

@@ -18,6 +18,7 @@ were the whole tensor.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -116,7 +117,7 @@ class DomainTensor(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False):
+    def __new__(cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None):
         if shape is None:
             shape = list(local.shape)
             shape[spec.dim] = spec.global_length
@@ -126,21 +127,22 @@ class DomainTensor(torch.Tensor):
             shape,
             strides=_contiguous_strides(shape),
             dtype=local.dtype,
-            device=local.device,
+            device=local.device if device is None else device,  # explain: a meta slab of a CPU tensor
             requires_grad=requires_grad,
         )
 
-    def __init__(self, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False):
+    def __init__(self, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None):
         self._local = local
         self._spec = spec
 
     # -- what Dynamo needs to trace it (a traceable wrapper subclass) ---------
     def __tensor_flatten__(self):
-        return ["_local"], self._spec
+        return ["_local"], (self._spec, self.device)
 
     @staticmethod
-    def __tensor_unflatten__(inner, spec, outer_size, outer_stride):
-        return DomainTensor(inner["_local"], spec, tuple(outer_size))
+    def __tensor_unflatten__(inner, context, outer_size, outer_stride):
+        spec, device = context
+        return DomainTensor(inner["_local"], spec, tuple(outer_size), device=device)
 
     # -- the user's view -----------------------------------------------------
     @property
@@ -175,8 +177,8 @@ class DomainTensor(torch.Tensor):
         kwargs = kwargs or {}
         flat = pytree.tree_leaves((args, kwargs))
         mine = [a for a in flat if isinstance(a, DomainTensor)]
-        if any(isinstance(a._local, FakeTensor) for a in mine):
-            return _trace(func, args, kwargs, mine)
+        if any(isinstance(a._local, FakeTensor) or a._local.is_meta for a in mine):
+            return _trace(func, args, kwargs, mine)  # metadata only (meta slabs: fxhalo.explain)
         return _eager(func, args, kwargs, mine)
 
 
@@ -186,15 +188,24 @@ def _trace(func, args, kwargs, mine):
     The results are DomainTensors whose inner value is a global-shaped fake: only
     their metadata matter, and the backend decides every value's layout itself.
     """
-    mode = next(a._local.fake_mode for a in mine if isinstance(a._local, FakeTensor))
+    fakes = [a._local.fake_mode for a in mine if isinstance(a._local, FakeTensor)]
+    # Without a fake mode the slabs are meta tensors (fxhalo.explain): compute on the meta device.
+    mode = fakes[0] if fakes else contextlib.nullcontext()
+    device = mine[0].device
     if func in _SAME_SLAB and isinstance(args[0], DomainTensor):  # keep the slab (Dynamo fakes inputs so)
         x = args[0]
-        return DomainTensor(func(x._local, *args[1:], **kwargs), x._spec, tuple(x.shape))
+        return DomainTensor(func(x._local, *args[1:], **kwargs), x._spec, tuple(x.shape), device=x.device)
 
     def to_global(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        if not fakes:
+            if isinstance(a, DomainTensor):
+                return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+            return a.to("meta")
         if not isinstance(a, DomainTensor):
             return a
-        if tuple(a._local.shape) == tuple(a.shape):
+        if tuple(a._local.shape) == tuple(a.shape) and a._local.device == a.device:
             return a._local
         with mode:
             return torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device)
@@ -204,7 +215,7 @@ def _trace(func, args, kwargs, mine):
     spec = mine[0]._spec
 
     def wrap(o):
-        return DomainTensor(o, spec, tuple(o.shape)) if isinstance(o, torch.Tensor) else o
+        return DomainTensor(o, spec, tuple(o.shape), device=device) if isinstance(o, torch.Tensor) else o
 
     return pytree.tree_map(wrap, out)
 

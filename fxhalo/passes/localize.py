@@ -130,7 +130,12 @@ def _input_layout(node, ctx: PassContext):
     out = Sharded(spec.dim, spec.lengths[ctx.domain.rank], spec.length())
     # Dynamo fakes a DomainTensor that has a grad_fn through an op on it, which yields a global-shaped
     # inner value; the local value follows from the spec either way.
-    _set_value(node, _localized(val._local, val._local, Layout((out,)), _fake_mode(node.graph.owning_module)))
+    # (fxhalo.explain's slabs are meta tensors standing for tensors on the DomainTensor's device)
+    mode = _fake_mode(node.graph.owning_module)
+    local = _localized(val._local, val._local, Layout((out,)), mode)
+    if local.device != val.device and mode is not None:
+        local = _empty(local.shape, val, mode)
+    _set_value(node, local)
     return out
 
 
