@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxhalo.models import SmallUNet, small_unet  # noqa: F401
+from fxhalo.models import SkipUNet, SmallUNet, small_unet  # noqa: F401
 
 
 class WindowConvBlock(nn.Module):
@@ -25,48 +25,6 @@ class WindowConvBlock(nn.Module):
         tokens = F.scaled_dot_product_attention(tokens, tokens, tokens)
         win = tokens.transpose(1, 2).reshape(-1, C, ws, ws)
         return win.view(B, H // ws, W // ws, C, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
-
-
-def _unet_block(c_in, c_out):
-    # No conv bias before a norm: the norm removes it, so its true gradient is zero and the computed
-    # one is rounding noise, which no tolerance relative to it can judge.
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(2, c_out),
-        nn.SiLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.InstanceNorm2d(c_out, affine=True),
-        nn.SiLU(),
-    )
-
-
-class SkipUNet(nn.Module):
-    """A UNet whose decoder resizes to each skip's *global* size (``interpolate(size=skip.shape[-2:])``)
-    and concatenates: on odd lengths the local shapes of a per-rank trace never match; the global view
-    partitions it.  ``depth`` max-pools halve the rows, so deep levels get shorter than the rank count."""
-
-    def __init__(self, c=2, width=4, depth=2):
-        super().__init__()
-        widths = [width * 2**i for i in range(depth)]
-        self.downs = nn.ModuleList(_unet_block(a, b) for a, b in zip([c, *widths], widths))
-        self.mid = _unet_block(widths[-1], widths[-1])
-        self.ups = nn.ModuleList(
-            _unet_block(2 * w, widths[max(i - 1, 0)]) for i, w in reversed(list(enumerate(widths)))
-        )
-        self.out = nn.Conv2d(width, c, 1)
-
-    def forward(self, x):
-        skips = []
-        for down in self.downs:
-            x = down(x)
-            skips.append(x)
-            x = F.max_pool2d(x, 2)
-        x = self.mid(x)
-        for up in self.ups:
-            skip = skips.pop()
-            x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-            x = up(torch.cat([x, skip], 1))
-        return self.out(x)
 
 
 class GridModel(nn.Module):

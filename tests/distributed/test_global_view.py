@@ -8,7 +8,8 @@ One spawned group of 4 ranks runs every case (compiling is what costs time):
   arbitrarily ([10, 3, 12, 9]);
 - a positional grid built from ``x.shape`` and ``interpolate(size=x.shape[-2:])``
   on an odd length;
-- a graph break between two DomainTensor graphs; 10 SGD steps against one device;
+- a graph break between two DomainTensor graphs; 10 SGD steps of a UNet on a
+  45-row latitude field with a latitude-weighted loss, against one device;
 - DTensor in and out;
 - what must raise on every rank: an eager op on a DomainTensor, lengths that do not
   fit, ranks that disagree on the sharded dim, a DomainTensor of another group.
@@ -53,16 +54,18 @@ class BrokenModel(nn.Module):
 
 
 def _training(rank, lengths) -> tuple:
-    """10 SGD steps of a UNet with its loss compiled in, against the same steps on one device."""
+    """ERA5-shaped, scaled down: 10 SGD steps of a UNet on a latitude field of 45 rows, with a
+    latitude-weighted loss built from ``x.shape`` inside the compiled function, against one device."""
     import fxhalo
 
     torch.manual_seed(3)
     ref_model, model = SkipUNet(depth=2), SkipUNet(depth=2)
     model.load_state_dict(ref_model.state_dict())
-    x, target = torch.randn(2, 2, sum(lengths), 8), torch.randn(2, 2, sum(lengths), 8)
+    x, target = torch.randn(2, 2, sum(lengths), 16), torch.randn(2, 2, sum(lengths), 16)
 
     def loss_fn(m, inp, tgt):
-        return ((m(inp) - tgt) ** 2).mean()
+        lat = torch.linspace(-torch.pi / 2, torch.pi / 2, inp.shape[2]).view(1, 1, -1, 1)
+        return (torch.cos(lat) * (m(inp) - tgt) ** 2).mean()
 
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -112,7 +115,7 @@ def _run(rank, world):
     )
     out["graph_break"] = (type(yb).__name__, close(fxhalo.gather(yb), broken(xb)))
 
-    out["training"] = _training(rank, (10, 3, 12, 9))
+    out["training"] = _training(rank, (12, 11, 11, 11))
 
     # DTensor in and out
     from torch.distributed.device_mesh import init_device_mesh
