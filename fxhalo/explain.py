@@ -78,6 +78,7 @@ from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it h
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
+from .tensor import meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Collective", "Row", "Explanation", "explain"]
@@ -119,29 +120,8 @@ def explain(
     settings = DomainParallelBackend(**options)  # validates them as the backend would
     with _domain(settings, world_size, rank) as domain:
         if global_view:
-            local_inputs = tuple(_domain_tensor(x, domain, partition) for x in local_inputs)
+            local_inputs = tuple(meta_domain_tensor(x, domain, partition) for x in local_inputs)
         return _explain(model, local_inputs, domain, settings)
-
-
-def _domain_tensor(x, domain: Domain, partition):
-    """A global input as the DomainTensor one rank would hold, on the meta device (no data)."""
-    from .tensor import DomainSpec, DomainTensor
-
-    if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
-        return x
-    device = x.device
-    x = x.to("meta")
-    dim = domain.shard_dim + x.ndim if domain.shard_dim < 0 else domain.shard_dim
-    if not 0 <= dim < x.ndim:
-        return x  # no sharded dim: passed whole, replicated
-    n = x.shape[dim]
-    lengths = tuple(partition) if partition is not None else tuple(b - a for a, b in domain.partition(n))
-    if len(lengths) != domain.size or sum(lengths) != n:
-        raise FxHaloError(f"fxhalo.explain: partition {list(lengths)} does not split {n} rows over {domain.size} ranks")
-    start = sum(lengths[: domain.rank])
-    spec = DomainSpec(domain.group_name, dim, lengths)
-    device = torch.device("cpu") if device.type == "meta" else device  # the parameters' device, say
-    return DomainTensor(x.narrow(dim, start, lengths[domain.rank]), spec, tuple(x.shape), device=device)
 
 
 @contextlib.contextmanager

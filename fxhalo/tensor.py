@@ -422,3 +422,26 @@ def to_dtensor(x: DomainTensor, mesh=None):
 
 
 DomainTensor.to_dtensor = to_dtensor  # a method too, as DTensor users expect
+
+
+def meta_domain_tensor(x, domain, partition=None):
+    """For the one-process tools (explain, validate): the DomainTensor rank ``domain.rank`` would hold
+    of the global input ``x``, with a meta slab (no data at any size).
+
+    Parameters, non-tensors and tensors without a dim ``domain.shard_dim`` are
+    returned as they are (replicated).  ``partition``: every rank's length (default balanced).
+    """
+    if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
+        return x
+    device = torch.device("cpu") if x.device.type == "meta" else x.device  # the parameters' device, say
+    x = x.to("meta")
+    dim = domain.shard_dim + x.ndim if domain.shard_dim < 0 else domain.shard_dim
+    if not 0 <= dim < x.ndim:
+        return x
+    n = x.shape[dim]
+    lengths = tuple(partition) if partition is not None else tuple(b - a for a, b in domain.partition(n))
+    if len(lengths) != domain.size or sum(lengths) != n or min(lengths) < 0:
+        raise FxHaloError(f"partition {list(lengths)} does not split {n} rows over {domain.size} ranks")
+    start = sum(lengths[: domain.rank])
+    spec = DomainSpec(domain.group_name, dim, lengths)
+    return DomainTensor(x.narrow(dim, start, lengths[domain.rank]), spec, tuple(x.shape), device=device)

@@ -17,6 +17,7 @@ unchanged, on the example input.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -28,6 +29,7 @@ from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import decision_of
 from .rules.conv import ConvRule
+from .tensor import meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Problem", "validate"]
@@ -56,6 +58,8 @@ def validate(
     shard_dim: int = 2,
     input_shard_dims=None,
     fallback=None,
+    global_view: bool = False,
+    partition=None,
 ) -> list[Problem]:
     """Problems of ``model`` on ``world_size`` ranks given one rank's input (empty when all is well).
 
@@ -68,6 +72,10 @@ def validate(
     need a process group of the simulated size.  Like explain, it traces a fresh copy
     of the model's code and never resets Dynamo (a rank that recompiles alone hangs
     the backend's agreement check).
+
+    With ``global_view=True`` the example input is the *global* one (a meta tensor
+    will do), checked as the backend would compile the model on DomainTensors split as
+    ``partition`` (every rank's length; default balanced).
     """
     if world_size is None:
         if group is None and not dist.is_initialized():
@@ -76,11 +84,15 @@ def validate(
         world_size, rank = dist.get_world_size(pg), dist.get_rank(pg) if rank is None else rank
     domain = Domain("fxhalo-validate", 0 if rank is None else rank, world_size, shard_dim)
     args = example_local_input if isinstance(example_local_input, tuple) else (example_local_input,)
+    if global_view:
+        args = tuple(meta_domain_tensor(x, domain, partition) for x in args)
     problems: list[Problem] = []
 
     def capture(gm, example_inputs):
-        original = torch.fx.GraphModule(gm, gm.graph)  # keeps running the unrewritten code
-        ctx = PassContext(domain, dict(input_shard_dims or {}), fallback)
+        # keeps running the unrewritten code (a copy: the global view's pass edits the graph)
+        original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph) if global_view else gm.graph)
+        ctx = PassContext(domain, dict(input_shard_dims or {}), fallback, global_view=global_view)
+        example_inputs = [getattr(x, "_local", x) for x in example_inputs]
         refused: list = []
         run_pipeline(gm, example_inputs, ctx, problems=refused, stop_after="propagate_sharding")
         for node, err in refused:

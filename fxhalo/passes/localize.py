@@ -318,6 +318,6 @@ def _localized(glob, current, layout, mode):
 
 
 def _copy_source(new, node) -> None:
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in node.meta:
-            new.meta[key] = node.meta[key]
+    """The user's source line of the node an inserted move serves (reports name the move itself)."""
+    if "stack_trace" in node.meta:
+        new.meta["stack_trace"] = node.meta["stack_trace"]
