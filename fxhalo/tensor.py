@@ -117,7 +117,9 @@ class DomainTensor(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @staticmethod
-    def __new__(cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None):
+    def __new__(
+        cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None, strides=None
+    ):
         if shape is None:
             shape = list(local.shape)
             shape[spec.dim] = spec.global_length
@@ -125,13 +127,16 @@ class DomainTensor(torch.Tensor):
         return torch.Tensor._make_wrapper_subclass(
             cls,
             shape,
-            strides=_contiguous_strides(shape),
+            # while tracing, the global value's own strides (a transpose is a view: decompositions read them)
+            strides=_contiguous_strides(shape) if strides is None else tuple(strides),
             dtype=local.dtype,
             device=local.device if device is None else device,  # explain: a meta slab of a CPU tensor
             requires_grad=requires_grad,
         )
 
-    def __init__(self, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None):
+    def __init__(
+        self, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None, strides=None
+    ):
         self._local = local
         self._spec = spec
 
@@ -142,7 +147,7 @@ class DomainTensor(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, context, outer_size, outer_stride):
         spec, device = context
-        return DomainTensor(inner["_local"], spec, tuple(outer_size), device=device)
+        return DomainTensor(inner["_local"], spec, tuple(outer_size), device=device, strides=outer_stride)
 
     # -- the user's view -----------------------------------------------------
     @property
@@ -194,7 +199,8 @@ def _trace(func, args, kwargs, mine):
     device = mine[0].device
     if func in _SAME_SLAB and isinstance(args[0], DomainTensor):  # keep the slab (Dynamo fakes inputs so)
         x = args[0]
-        return DomainTensor(func(x._local, *args[1:], **kwargs), x._spec, tuple(x.shape), device=x.device)
+        out = func(x._local, *args[1:], **kwargs)
+        return DomainTensor(out, x._spec, tuple(x.shape), device=x.device, strides=x.stride())
 
     def to_global(a):
         if not isinstance(a, torch.Tensor):
@@ -215,7 +221,9 @@ def _trace(func, args, kwargs, mine):
     spec = mine[0]._spec
 
     def wrap(o):
-        return DomainTensor(o, spec, tuple(o.shape), device=device) if isinstance(o, torch.Tensor) else o
+        if not isinstance(o, torch.Tensor):
+            return o
+        return DomainTensor(o, spec, tuple(o.shape), device=device, strides=o.stride())
 
     return pytree.tree_map(wrap, out)
 

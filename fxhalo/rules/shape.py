@@ -18,12 +18,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import operator
 
 import torch
 
+from ..domain import Partitioned
 from ..layout import Sharded, example_value, sharding_of
 from . import LayoutRule, bind, register, register_op
 
@@ -99,6 +101,26 @@ def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
     return result
 
 
+def _scaled_partition(s: Sharded, out: Sharded, ctx) -> Sharded | None:
+    """``out`` with every rank's length scaled from ``s``'s partition, when the global view can carry it.
+
+    Each rank keeps its own entries through a reshape; only the partition of the new
+    dim changes (``H`` of ``[10, 3, 12, 9]`` merged with ``W = 8`` is ``[80, 24, 96, 72]``).
+    The plain path needs balanced shards and refuses instead (its caller).
+    """
+    if not ctx.global_view:
+        return None
+    old = [b - a for a, b in ctx.domain.partition(s.global_length)]
+    n, m = int(s.global_length), int(out.global_length)
+    if any(q * m % n for q in old):
+        return None
+    new = tuple(q * m // n for q in old)
+    if new[ctx.domain.rank] != out.local:
+        return None
+    balanced = [b - a for a, b in ctx.domain.partition(m)]
+    return dataclasses.replace(out, global_length=m if list(new) == balanced else Partitioned(new))
+
+
 class Reshape(LayoutRule):
     name = "reshape"
 
@@ -117,16 +139,20 @@ class Reshape(LayoutRule):
                 "dims inside it, e.g. make the local size a multiple of the window",
             )
         before, after = s.block[1], out.block[1]
-        if before != after and not ctx.domain.rescales(before, after):
-            ctx.refuse(
-                node,
-                f"reshapes the sharded dim {s.dim} ({s}) so that its {before} global rows become "
-                f"{after}, which moves rows between ranks: the shards "
-                f"{ctx.domain.partition(before)} do not scale to the partition of {after}",
-                "use even shards for this model (a global size divisible by the rank count), or "
-                "reshape only dims other than the sharded one",
-            )
-        return out
+        if s.lengths is None and (before == after or ctx.domain.rescales(before, after)):
+            return out
+        scaled = _scaled_partition(s, out, ctx)
+        if scaled is not None:
+            return scaled
+        ctx.refuse(
+            node,
+            f"reshapes the sharded dim {s.dim} ({s}) so that its {before} global rows become "
+            f"{after}, which moves rows between ranks: the shards "
+            f"{ctx.domain.partition(s.global_length)} do not scale to the partition of {after}",
+            "use even shards for this model (a global size divisible by the rank count), pass DomainTensors "
+            "(the global view keeps each rank's rows through the reshape), or reshape only dims other than "
+            "the sharded one",
+        )
 
 
 def _dim_map(node) -> list[int]:
