@@ -279,7 +279,21 @@ class _ToLocal(torch.autograd.Function):
 
 def wrap_local(local: torch.Tensor, spec: DomainSpec) -> DomainTensor:
     """A DomainTensor around ``local`` (no checks, no communication; differentiable)."""
-    return _FromLocal.apply(local, spec)
+    return _static(_FromLocal.apply(local, spec))
+
+
+def _static(x: DomainTensor) -> DomainTensor:
+    """Mark every size of ``x`` and its slab static for Dynamo.
+
+    A function called on DomainTensors of several sizes (a UNet block's code at each
+    level, across a graph break) recompiles; Dynamo's automatic dynamic shapes would
+    then make the sizes symbolic, naming them in the order each rank met them, and
+    fxhalo plans with numbers.  Static sizes recompile per size instead, the same on
+    every rank.
+    """
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static(x)
+    return x
 
 
 def from_local(
@@ -452,4 +466,4 @@ def meta_domain_tensor(x, domain, partition=None):
         raise FxHaloError(f"partition {list(lengths)} does not split {n} rows over {domain.size} ranks")
     start = sum(lengths[: domain.rank])
     spec = DomainSpec(domain.group_name, dim, lengths)
-    return DomainTensor(x.narrow(dim, start, lengths[domain.rank]), spec, tuple(x.shape), device=device)
+    return _static(DomainTensor(x.narrow(dim, start, lengths[domain.rank]), spec, tuple(x.shape), device=device))

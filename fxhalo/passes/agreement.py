@@ -31,7 +31,9 @@ def _shape(arg) -> str:
     val = example_value(arg) if hasattr(arg, "meta") else None
     if not isinstance(val, torch.Tensor):
         return type(val).__name__
-    shape = [str(d) for d in val.shape]
+    # A symbolic size (Dynamo's automatic dynamic shapes, after a recompile) is named in the order
+    # each rank's tracing met it, so its name differs between ranks that compiled the same thing.
+    shape = ["sym" if isinstance(d, torch.SymInt) else str(d) for d in val.shape]
     s = sharding_of(arg)
     if isinstance(s, Sharded):
         shape[s.dim] = f"{s.global_length}g"

@@ -3,8 +3,8 @@
 * **Elementwise** ops (arithmetic, activations, dropout, dtype casts): every output
   element depends on the same position of each input, so they are local as long
   as all sharded inputs agree on the sharded dim and no replicated input spans it.
-* **Channel-only** ops (``F.linear``): local as long as the dim they mix is not
-  the sharded one.  (Softmax, local over another dim and global along the sharded
+* **Channel-only** ops (``F.linear``; ``F.prelu``, whose weight is per channel):
+  local as long as the dim they mix or weight is not the sharded one.  (Softmax, local over another dim and global along the sharded
   one, lives in :mod:`fxhalo.rules.reduce`.)
 
 Anything not listed here, and not handled by another rule, is refused when it
@@ -127,6 +127,8 @@ register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
 register(ELEMENTWISE, *_METHODS, op="call_method")
 
 register_op(ChannelOnly(_last_dim), "linear")
+# PReLU's weight is per channel (dim 1): local unless the channel dim itself is sharded
+register_op(ChannelOnly(lambda node: 1), "prelu")
 
 
 # -- the same table for torch.nn modules ----------------------------------------------

@@ -140,3 +140,14 @@ def test_reshape_factor_arithmetic():
 )
 def test_other_spellings_follow_the_sharded_dim(fn, want):
     assert output_sharding(Lambda(fn), X) == [want]
+
+
+def test_prelu_is_local_unless_its_channel_dim_is_sharded():
+    """F.prelu's weight is per channel (dim 1): local along H, refused along the channels (MONAI's UNet)."""
+    weight = torch.full((3,), 0.25)
+    gm, changed = passes_on(lambda x: torch.nn.functional.prelu(x, weight), torch.randn(2, 3, 8, 6))
+    assert changed == 0
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert sharding_of(out) == Sharded(2, 8, 32)
+    with pytest.raises(FxHaloError, match="mixes values along dim 1"):
+        passes_on(lambda x: torch.nn.functional.prelu(x, weight), torch.randn(2, 3, 8, 6), shard_dim=1)
