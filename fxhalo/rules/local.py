@@ -4,8 +4,9 @@
   element depends on the same position of each input, so they are local as long
   as all sharded inputs agree on the sharded dim and no replicated input spans it.
 * **Channel-only** ops (``F.linear``; ``F.prelu``, whose weight is per channel):
-  local as long as the dim they mix or weight is not the sharded one.  (Softmax, local over another dim and global along the sharded
-  one, lives in :mod:`fxhalo.rules.reduce`.)
+  local as long as the dim they mix or weight is not the sharded one.  (Softmax,
+  local over another dim and global along the sharded one, lives in
+  :mod:`fxhalo.rules.reduce`.)
 
 Anything not listed here, and not handled by another rule, is refused when it
 reads a sharded value.
