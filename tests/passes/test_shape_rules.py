@@ -4,6 +4,8 @@ A simulated 4-rank domain (H sharded, 8 local rows of 32) is enough: propagation
 needs no process group.
 """
 
+import operator
+
 import pytest
 import torch
 
@@ -151,3 +153,34 @@ def test_prelu_is_local_unless_its_channel_dim_is_sharded():
     assert sharding_of(out) == Sharded(2, 8, 32)
     with pytest.raises(FxHaloError, match="mixes values along dim 1"):
         passes_on(lambda x: torch.nn.functional.prelu(x, weight), torch.randn(2, 3, 8, 6), shard_dim=1)
+
+
+@pytest.mark.parametrize(
+    "fn, shard_dim, want",
+    [
+        (lambda x: x @ torch.ones(6, 5), 2, Sharded(2, 8, 32)),  # rows of a: tokens times weights
+        (lambda x: torch.matmul(x, x.transpose(-2, -1)), 1, Sharded(1, 3, 12)),  # a batch (window) dim
+        (lambda x: torch.bmm(x[0], x[1].transpose(-2, -1)), 1, Sharded(0, 3, 12)),
+        (lambda x: torch.ones(5, 8) @ x, 3, Sharded(3, 6, 24)),  # columns of b
+        (lambda x: x.__matmul__(torch.ones(6, 5)), 2, Sharded(2, 8, 32)),
+        (lambda x: operator.imatmul(x, torch.ones(6, 6)), 2, Sharded(2, 8, 32)),
+    ],
+)
+def test_matmul_is_local_unless_the_shard_is_contracted(fn, shard_dim, want):
+    gm, changed = passes_on(fn, torch.randn(2, 3, 8, 6), shard_dim=shard_dim)
+    assert changed == 0
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert sharding_of(out) == want
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda x: x.transpose(-2, -1) @ x, "contracts the sharded dim"),
+        (lambda x: x @ x.transpose(-2, -1), "only one may be"),
+        (lambda x: torch.ones(3, 5, 8) @ x[0], "contracts the sharded dim"),
+    ],
+)
+def test_matmul_refusals(fn, match):
+    with pytest.raises(FxHaloError, match=match):
+        passes_on(fn, torch.randn(2, 3, 8, 6))
