@@ -158,7 +158,9 @@ class DomainParallelBackend:
             check_agreement(domain, summary, error)
         except FxHaloError as e:
             return _refused(e)
-        return global_view_function(compiled, outputs)
+        # A replicated output comes back as a plain tensor; a later graph (after a graph break) that gets
+        # only plain tensors takes the plain path, which must know it is replicated, not a local slab.
+        return global_view_function(known_layouts.recording(compiled, gm), outputs)
 
 
 def output_specs(gm: torch.fx.GraphModule, domain: Domain) -> list:

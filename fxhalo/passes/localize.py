@@ -132,10 +132,7 @@ def _input_layout(node, ctx: PassContext):
     # inner value; the local value follows from the spec either way.
     # (fxhalo.explain's slabs are meta tensors standing for tensors on the DomainTensor's device)
     mode = _fake_mode(node.graph.owning_module)
-    local = _localized(val._local, val._local, Layout((out,)), mode)
-    if local.device != val.device and mode is not None:
-        local = _empty(local.shape, val, mode)
-    _set_value(node, local)
+    _set_value(node, _localized(val, val._local, Layout((out,)), mode))
     return out
 
 
@@ -237,7 +234,7 @@ def _gather_sharded_inputs(node, ctx, mode) -> None:
         _copy_source(whole, node)
         whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
         whole.meta[LAYOUT] = Layout.replicated()
-        _set_value(whole, _plain(whole.meta[GLOBAL_VALUE]))
+        _set_value(whole, _localized(whole.meta[GLOBAL_VALUE], None, Layout.replicated(), mode))
         node.replace_input_with(a, whole)
 
 
@@ -297,7 +294,7 @@ def _run_fake(node, mode, fallback):
 def _local_value(node, out, mode):
     """The node's example value at local shapes, from its global value and its layout ``out``."""
     current = example_value(node)
-    glob = _plain(node.meta[GLOBAL_VALUE])
+    glob = node.meta[GLOBAL_VALUE]  # the DomainTensor itself: its requires_grad and device are the true ones
     layout = as_layout(out)
     if isinstance(layout, Items) and isinstance(glob, (tuple, list)):
         got = current if isinstance(current, (tuple, list)) and len(current) == len(glob) else glob
@@ -306,13 +303,24 @@ def _local_value(node, out, mode):
 
 
 def _localized(glob, current, layout, mode):
+    """``current`` if it is the local value of the global ``glob`` under ``layout``, else a new fake one.
+
+    The metadata come from ``glob``, the traced (outer) value: a DomainTensor's slab never
+    requires grad, and for a meta slab (fxhalo.explain) not even its device is the tensor's.
+    The boundary pass reads ``requires_grad`` to decide which replicated values get gradient syncs.
+    """
     if not isinstance(glob, torch.Tensor):
         return current
     s = layout.one_axis() if isinstance(layout, Layout) else None
     shape = list(glob.shape)
     if isinstance(s, Sharded):
         shape[s.dim] = s.local
-    if isinstance(current, torch.Tensor) and list(current.shape) == shape and current.dtype == glob.dtype:
+    if isinstance(current, torch.Tensor) and (
+        list(current.shape),
+        current.dtype,
+        current.device,
+        current.requires_grad,
+    ) == (shape, glob.dtype, glob.device, glob.requires_grad):
         return current
     return _empty(shape, glob, mode) if mode is not None else current
 

@@ -8,7 +8,8 @@ One spawned group of 4 ranks runs every case (compiling is what costs time):
   arbitrarily ([10, 3, 12, 9]);
 - a positional grid built from ``x.shape`` and ``interpolate(size=x.shape[-2:])``
   on an odd length;
-- a graph break between two DomainTensor graphs; 10 SGD steps of a UNet on a
+- a graph break between two DomainTensor graphs, and a replicated value (a bottleneck
+  too short to shard) that crosses a break into a graph of plain tensors; 10 SGD steps of a UNet on a
   45-row latitude field with a latitude-weighted loss, against one device;
 - DTensor in and out;
 - what must raise on every rank: an eager op on a DomainTensor, lengths that do not
@@ -51,6 +52,34 @@ class BrokenModel(nn.Module):
         y = F.relu(self.a(x))
         torch._dynamo.graph_break()
         return self.b(y)
+
+
+class UpWithBreak(nn.Module):
+    """A submodule with a graph break inside, called on a replicated value: Dynamo compiles its frame
+    as a graph whose inputs are all plain tensors (MONAI BasicUNet's UpCat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.deconv = nn.ConvTranspose2d(4, 4, 2, stride=2)
+
+    def forward(self, x):
+        y = self.deconv(x)
+        torch._dynamo.graph_break()
+        return y
+
+
+class ReplicatedAcrossBreak(nn.Module):
+    """The bottleneck (2 rows on 4 ranks) runs replicated and crosses a graph break as a plain tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up, self.out = nn.Conv2d(1, 4, 3, padding=1), UpWithBreak(), nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.conv(x))
+        b = F.max_pool2d(F.max_pool2d(F.max_pool2d(s, 2), 2), 2)
+        u = F.interpolate(self.up(b), size=s.shape[-2:])
+        return self.out(torch.cat([s, u], 1))
 
 
 def _training(rank, lengths) -> tuple:
@@ -114,6 +143,10 @@ def _run(rank, world):
         fxhalo.distribute(xb, 2, lengths=(7, 2, 6, 4))
     )
     out["graph_break"] = (type(yb).__name__, close(fxhalo.gather(yb), broken(xb)))
+    torch.manual_seed(5)
+    out["replicated_across_break"] = check_global_view(
+        ReplicatedAcrossBreak().double(), torch.randn(1, 1, 16, 8, dtype=torch.float64), fullgraph=False
+    )
 
     out["training"] = _training(rank, (12, 11, 11, 11))
 
@@ -151,7 +184,14 @@ def results():
     return run_ranks(_run, WORLD, timeout=420)
 
 
-MODEL_CASES = ["unet_45_bottleneck_replicated", "unet_34_chunk", "unet_34_arbitrary", "grid_45", "grid_arbitrary"]
+MODEL_CASES = [
+    "unet_45_bottleneck_replicated",
+    "unet_34_chunk",
+    "unet_34_arbitrary",
+    "grid_45",
+    "grid_arbitrary",
+    "replicated_across_break",
+]
 
 
 @pytest.mark.timeout(450)
