@@ -119,27 +119,21 @@ class DomainParallelBackend:
             ctx.input_lengths = gather_input_lengths(domain, local, error)
         except FxHaloError as e:
             return _refused(e)
-        summary, compiled = None, None
-        try:
+
+        def build():
             transform(gm, example_inputs, ctx)
             log_rewrite(gm, ctx)  # TORCH_LOGS="+fxhalo"; one level check when off
-            summary = fingerprint(gm)
-            compiled = known_layouts.recording(compile_local(self.compiler, gm, example_inputs), gm)
-        except Exception as e:  # every rank must learn of it before anyone runs a collective
-            error = e
-        try:
-            check_agreement(domain, summary, error)
-        except FxHaloError as e:
-            return _refused(e)
-        return compiled
+            return fingerprint(gm), known_layouts.recording(compile_local(self.compiler, gm, example_inputs), gm)
+
+        return _agreed(domain, build)
 
     def _global_view(self, gm: torch.fx.GraphModule, example_inputs):
         """Compile a graph Dynamo traced on DomainTensors: partition it, compile the local program,
         and return a function of the DomainTensors (see the module docstring)."""
         domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
         local_inputs = [x._local if isinstance(x, DomainTensor) else x for x in example_inputs]
-        summary, compiled, outputs, error = None, None, None, None
-        try:
+
+        def build():
             ctx = PassContext(
                 domain,
                 fallback=self.fallback,
@@ -150,17 +144,30 @@ class DomainParallelBackend:
             transform(gm, local_inputs, ctx)
             outputs = output_specs(gm, domain)
             log_rewrite(gm, ctx)
-            summary = fingerprint(gm)
             compiled = compile_local(self.compiler, gm, local_inputs)
-        except Exception as e:  # every rank must learn of it before anyone runs a collective
-            error = e
-        try:
-            check_agreement(domain, summary, error)
-        except FxHaloError as e:
-            return _refused(e)
-        # A replicated output comes back as a plain tensor; a later graph (after a graph break) that gets
-        # only plain tensors takes the plain path, which must know it is replicated, not a local slab.
-        return global_view_function(known_layouts.recording(compiled, gm), outputs)
+            # A replicated output comes back as a plain tensor; a later graph (after a graph break) that
+            # gets only plain tensors takes the plain path, which must know it is replicated, not a slab.
+            return fingerprint(gm), global_view_function(known_layouts.recording(compiled, gm), outputs)
+
+        return _agreed(domain, build)
+
+
+def _agreed(domain: Domain, build: Callable) -> Callable:
+    """``build()`` returns ``(fingerprint, compiled)``; all ranks compile the same, or all get the same refusal.
+
+    Every rank must learn of any rank's failure before anyone runs a collective
+    (:func:`fxhalo.passes.agreement.check_agreement`).
+    """
+    summary, compiled, error = None, None, None
+    try:
+        summary, compiled = build()
+    except Exception as e:
+        error = e
+    try:
+        check_agreement(domain, summary, error)
+    except FxHaloError as e:
+        return _refused(e)
+    return compiled
 
 
 def output_specs(gm: torch.fx.GraphModule, domain: Domain) -> list:

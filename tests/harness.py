@@ -46,6 +46,21 @@ def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float
     return torch.allclose(got.detach(), want.detach(), atol=atol, rtol=rtol), err
 
 
+def _one_device(model, x: torch.Tensor, seed: int):
+    """``(input, output, upstream gradient, weight gradients)`` of ``model`` on the whole ``x``, on one device,
+    after a fresh Dynamo (no recompile limits, no cached graphs)."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model.zero_grad()  # a model checked twice must not carry the last check's gradients
+    ref_in = x.clone().requires_grad_()
+    ref = model(ref_in)
+    grad_out = torch.randn_like(ref)
+    ref.backward(grad_out)
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return ref_in, ref, grad_out, ref_grads
+
+
 def check_against_one_device(
     model, x: torch.Tensor, *, shard_dim: int = 2, options=None, replicated_output: bool = False, seed: int = 0
 ) -> dict:
@@ -61,15 +76,7 @@ def check_against_one_device(
 
     import fxhalo
 
-    torch._dynamo.reset()  # a fresh compile: no recompile limits, no cached graphs
-    torch.manual_seed(seed)
-    ref_in = x.clone().requires_grad_()
-    ref = model(ref_in)
-    grad_out = torch.randn_like(ref)
-    ref.backward(grad_out)
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
+    ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
     x_local = fxhalo.shard(x, shard_dim).requires_grad_()
     compiled = torch.compile(model, backend="domain_parallel", options={"shard_dim": shard_dim, **(options or {})})
     y = compiled(x_local)
@@ -102,16 +109,7 @@ def check_global_view(
     ``grad_<param>`` (weight gradients, norm-wise).  ``fullgraph=False`` for models with graph breaks."""
     import fxhalo
 
-    torch._dynamo.reset()
-    torch.manual_seed(seed)
-    model.zero_grad()
-    ref_in = x.clone().requires_grad_()
-    ref = model(ref_in)
-    grad_out = torch.randn_like(ref)
-    ref.backward(grad_out)
-    ref_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
+    ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
     whole = fxhalo.distribute(x, shard_dim, lengths=lengths)
     x_local = whole.to_local().detach().requires_grad_()
     x_global = fxhalo.from_local(x_local, shard_dim, lengths=whole.partition)
