@@ -8,8 +8,9 @@ It spawns ``--ranks`` gloo processes on this machine (or, under
    initial fields;
 2. trains ``fxhalo.models.SmallUNet`` to predict the field 8 solver steps
    ahead, sharded along H (the rows) over the ranks, compiled with
-   ``backend="domain_parallel"``; the MSE loss is computed inside the compiled
-   model, so it is the global mean and the same on every rank;
+   ``backend="domain_parallel"`` and called on DomainTensors (Dynamo traces the
+   global program); the MSE loss is computed inside the compiled model, so it is
+   the global mean and the same on every rank;
 3. trains an identical model on one device (rank 0, the whole field, the same
    initial weights, batches and steps) and prints the largest differences of
    the predictions and of the parameters;
@@ -37,9 +38,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .domain import Domain, gather, shard
+from .domain import Domain
 from .launch import run_ranks
 from .models import SmallUNet
+from .tensor import distribute, gather
 
 #: parity verdict: the largest parameter difference allowed after training (fp32 sums in a
 #: different order drift by ~1e-7 per step; Adam's normalised steps can amplify that a little)
@@ -157,13 +159,18 @@ class Progress:
         self.stream.flush()
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, progress: Progress | None):
-    """Adam on ``cfg.steps`` batches; returns the last loss."""
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, progress: Progress | None, wrap=_whole):
+    """Adam on ``cfg.steps`` batches; returns the last loss.  ``wrap`` makes each batch the model's input
+    (a DomainTensor for the sharded run: each rank keeps its rows, no communication)."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     loss = torch.zeros(())
     for step, idx in enumerate(_batches(cfg), start=1):
         opt.zero_grad(set_to_none=True)
-        loss, _ = model(x[idx], y[idx])
+        loss, _ = model(wrap(x[idx]), wrap(y[idx]))
         loss.backward()  # with grad_sync every rank now holds the full, identical gradient
         opt.step()
         if progress is not None:
@@ -183,19 +190,22 @@ def run(rank: int, world_size: int, cfg: Config) -> dict:
     # In place (not torch.compile(model)): the state-dict keys stay those of the plain model.
     model.compile(backend="domain_parallel", options={"compiler": cfg.compiler})
 
-    x_local, y_local = shard(x, shard_dim=2), shard(y, shard_dim=2)
+    def rows_of(t):  # the global batch as a DomainTensor: this rank's rows inside
+        return distribute(t, shard_dim=2)
+
     if rank == 0:
         print(f"compiling with {cfg.compiler} (the first step traces, rewrites and compiles the model) ...", flush=True)
     t0 = time.perf_counter()
     progress = Progress(cfg.steps, f"rank 0 of {world_size}") if rank == 0 else None
-    loss = train(model, x_local, y_local, cfg, progress)
+    loss = train(model, x, y, cfg, progress, wrap=rows_of)
     seconds = time.perf_counter() - t0
 
     # The held-out batch has the training batch's size, so the compiled graph is reused.
-    held_loss, pred_local = model(shard(held_x, shard_dim=2), shard(held_y, shard_dim=2))
-    pred = gather(pred_local.detach(), shard_dim=2)
+    held_loss, pred_global = model(rows_of(held_x), rows_of(held_y))
+    pred = gather(pred_global).detach()
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    out = {"rank": rank, "rows": pred_local.shape[2], "loss": loss, "held_loss": held_loss.item(), "seconds": seconds}
+    rows = pred_global.to_local().shape[2]
+    out = {"rank": rank, "rows": rows, "loss": loss, "held_loss": held_loss.item(), "seconds": seconds}
     if rank != 0:
         return out
 
