@@ -4,12 +4,13 @@
 
     python -m benchmarks.compile_time [--world-size 2] [--compiler aot_eager] [--rows 64]
 
-Spawns the ranks, compiles ``fxhalo.models.SmallUNet`` with ``backend="domain_parallel"``
-once on plain local slabs (``fxhalo.shard``) and once on DomainTensors
-(``fxhalo.distribute``), each after ``torch._dynamo.reset()``, and prints per path the
+Spawns the ranks (fresh ones per path), compiles ``fxhalo.models.SmallUNet`` with
+``backend="domain_parallel"`` once on plain local slabs (``fxhalo.shard``) and once on
+DomainTensors (``fxhalo.distribute``), and prints per path the
 first call (Dynamo's trace, fxhalo's passes, the inner compile, one run) and the mean of
-five later calls, the slowest rank's.  The rows must suit both paths: an even local
-height on every rank.
+five later calls, the slowest rank's, with Inductor's caches off (both paths compile
+the same local program, so the second would hit them).  The rows must suit both paths:
+an even local height on every rank.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from fxhalo.launch import run_ranks
 def _one(rank, world_size, path: str, compiler: str, rows: int):
     from fxhalo.models import SmallUNet
 
+    # Both paths compile the same local program: without this the second would hit Inductor's caches.
+    torch._inductor.config.force_disable_caches = True
     torch.manual_seed(0)
     model, x = SmallUNet(), torch.randn(2, 1, rows, 64)
     torch._dynamo.reset()
@@ -40,22 +43,22 @@ def _one(rank, world_size, path: str, compiler: str, rows: int):
     return first, (time.perf_counter() - start) / 5
 
 
-def _both(rank, world_size, compiler: str, rows: int):
-    return {path: _one(rank, world_size, path, compiler, rows) for path in ("plain", "global")}
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--compiler", default="aot_eager")
     parser.add_argument("--rows", type=int, default=64)
     args = parser.parse_args(argv)
-    results = run_ranks(_both, args.world_size, args.compiler, args.rows, timeout=1800)
+    # Each path in fresh processes: the first compile in a process also pays one-time set-up costs.
+    results = {
+        path: run_ranks(_one, args.world_size, path, args.compiler, args.rows, timeout=1800)
+        for path in ("plain", "global")
+    }
     print(f"SmallUNet, input (2, 1, {args.rows}, 64), {args.world_size} ranks, inner compiler {args.compiler}")
     print(f"{'path':8}  {'first call (s)':>14}  {'later calls (ms)':>16}")
-    for path in ("plain", "global"):
-        first = max(r[path][0] for r in results)
-        later = max(r[path][1] for r in results)
+    for path, per_rank in results.items():
+        first = max(first for first, _ in per_rank)
+        later = max(later for _, later in per_rank)
         print(f"{path:8}  {first:14.2f}  {1e3 * later:16.1f}")
 
 
