@@ -55,3 +55,53 @@ def repartition(input: torch.Tensor, lengths: tuple[int, ...], *, axes: tuple[Sh
     target = Domain.partition(domain, Partitioned(lengths))
     plan = halo_plan(domain.partition(length), target, domain.rank)
     return halo_exchange(input, domain.dim_of(input.ndim), plan, group_name)
+
+
+def expand_index(index, ndim: int) -> tuple:
+    """``x[index]``'s items, one per input dim or ``None`` (a new dim), with ``...`` spelled out."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis for i in items):
+        at = items.index(Ellipsis)
+        fill = ndim - sum(1 for i in items if i is not None and i is not Ellipsis)
+        items = items[:at] + (slice(None),) * fill + items[at + 1 :]
+    return items
+
+
+def rows_of_slice(sl: slice, partition) -> tuple[tuple[int, slice], ...]:
+    """For each rank's rows ``[a, b)`` of a dim split as ``partition``: how many rows of ``x[sl]`` it holds,
+    and the slice of its own rows that gives them (``sl`` over the global dim, positive step)."""
+    n = partition[-1][1]
+    start, stop, step = sl.indices(n)
+    out = []
+    for a, b in partition:
+        end = min(b, stop)
+        first = max(0, -((start - a) // step)) if a > start else 0  # ceil((a - start) / step)
+        last = -((start - end) // step) if end > start else 0  # rows start + k*step < end
+        count = max(0, last - first)
+        lo = start + first * step - a
+        out.append((count, slice(lo, lo + (count - 1) * step + 1, step) if count else slice(0, 0)))
+    return tuple(out)
+
+
+def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """``input[index]`` where ``index`` slices the sharded dim in global rows: each rank keeps the selected
+    rows it holds (no communication; the output's partition is the count on every rank)."""
+    dim, _, domain, length = _domain(axes)
+    dim = domain.dim_of(input.ndim)
+    items = list(expand_index(index, input.ndim))
+    at = _item_of_dim(items, dim)
+    _, local = rows_of_slice(items[at], domain.partition(length))[domain.rank]
+    items[at] = local
+    return input[tuple(items)]
+
+
+def _item_of_dim(items, dim: int) -> int:
+    """Which item of an expanded index applies to input dim ``dim``."""
+    seen = 0
+    for i, item in enumerate(items):
+        if item is None:
+            continue
+        if seen == dim:
+            return i
+        seen += 1
+    raise IndexError(f"the index has no item for dim {dim}")

@@ -27,7 +27,8 @@ import torch
 
 from ..domain import Partitioned
 from ..layout import Sharded, example_value, sharding_of
-from . import LayoutRule, bind, register, register_op
+from ..ops import moves
+from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
 
 
 def _input(node):
@@ -308,39 +309,35 @@ class Cat(LayoutRule):
         return first
 
 
-class GetItem(LayoutRule):
-    """``x[idx]`` on a sharded tensor, or picking an element of a tuple of sharded values."""
+class GetItem(Rule):
+    """``x[idx]`` on a sharded tensor, or picking an element of a tuple of sharded values.
+
+    In the global view a slice of the sharded dim (``x[:, :, 2:-2]``, ``x[:, ::2]``) is local
+    too: each rank keeps the selected rows it holds, and the output takes the partition
+    of those counts (:func:`fxhalo.ops.moves.slice_rows`, no communication).
+    """
 
     name = "getitem"
 
-    def layout(self, node, ctx):
+    def decide(self, node, ctx) -> Decision:
         src, idx = node.args
         s = sharding_of(src)
         if isinstance(s, tuple):  # an element of split/chunk/... output
-            return s[idx]
+            return Decision(s[idx])
         if s is None:
-            return None
-        items = idx if isinstance(idx, tuple) else (idx,)
-        ndim = example_value(src).ndim
-        if any(i is Ellipsis for i in items):
-            at = items.index(Ellipsis)
-            fill = ndim - sum(1 for i in items if i is not None and i is not Ellipsis)
-            items = items[:at] + (slice(None),) * fill + items[at + 1 :]
+            return Decision()
+        items = moves.expand_index(idx, example_value(src).ndim)
         in_dim = out_dim = 0
-        result = None
+        result, kernel = None, False
         for item in items:
             if item is None:
                 out_dim += 1
                 continue
             if in_dim == s.dim:
                 if item != slice(None, None, None):
-                    ctx.refuse(
-                        node,
-                        f"indexes the sharded dim {s.dim} with {item!r}; each rank holds "
-                        "different rows, so this is not local",
-                        "index other dims only, or use options={'fallback': 'gather'}",
-                    )
-                result = s.moved(out_dim)
+                    result, kernel = self._sliced(node, ctx, s, item, out_dim), True
+                else:
+                    result = s.moved(out_dim)
             if isinstance(item, slice):
                 out_dim += 1
             elif not isinstance(item, int):
@@ -352,7 +349,30 @@ class GetItem(LayoutRule):
             in_dim += 1
         if result is None:  # the sharded dim lies past the explicit index items
             result = s.moved(out_dim + (s.dim - in_dim))
-        return result
+        if kernel:
+            return Decision(result, _slice_rows_call, s)
+        return Decision(result)
+
+    @staticmethod
+    def _sliced(node, ctx, s: Sharded, item, out_dim: int) -> Sharded:
+        """The layout of a slice along the sharded dim, or a refusal."""
+        plain = isinstance(item, slice) and all(v is None or isinstance(v, int) for v in (item.start, item.stop))
+        if not ctx.global_view or not plain or not s.contiguous or (item.step or 1) <= 0 or isinstance(item.step, bool):
+            ctx.refuse(
+                node,
+                f"indexes the sharded dim {s.dim} with {item!r}; each rank holds different rows, so this is "
+                "not local" + ("" if ctx.global_view else " on local slabs"),
+                "pass DomainTensors (the global view keeps a slice's rows where they are), index other dims "
+                "only, or use options={'fallback': 'gather'}",
+            )
+        counts = tuple(c for c, _ in moves.rows_of_slice(item, ctx.domain.partition(s.global_length)))
+        balanced = tuple(b - a for a, b in ctx.domain.partition(sum(counts)))
+        length = sum(counts) if counts == balanced else Partitioned(counts)
+        return Sharded(out_dim, counts[ctx.domain.rank], length)
+
+
+def _slice_rows_call(node) -> KernelCall:
+    return KernelCall(moves.slice_rows, tuple(node.args))
 
 
 class Narrow(LayoutRule):

@@ -7,7 +7,7 @@ One spawned group of 4 ranks runs every case (compiling is what costs time):
   runs replicated) and on 34 rows split the way ``torch.chunk`` does and
   arbitrarily ([10, 3, 12, 9]);
 - a positional grid built from ``x.shape`` and ``interpolate(size=x.shape[-2:])``
-  on an odd length;
+  on an odd length; slices of the sharded dim (a crop, a stride, Swin's patch merging);
 - a graph break between two DomainTensor graphs, and a replicated value (a bottleneck
   too short to shard) that crosses a break into a graph of plain tensors; 10 SGD steps of a UNet on a
   45-row latitude field with a latitude-weighted loss, against one device;
@@ -82,6 +82,20 @@ class ReplicatedAcrossBreak(nn.Module):
         return self.out(torch.cat([s, u], 1))
 
 
+class Slices(nn.Module):
+    """Slices of the sharded dim: a crop, a stride-2 slice, and Swin's patch merging (odd and even rows
+    of odd-length shards land on different ranks, so the cat realigns them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)[:, :, 2:-3]
+        merged = torch.cat([y[:, :, i::2, j::2] for i in range(2) for j in range(2)], 1)
+        return self.b(merged) + y[:, :, 1::2, ::2]
+
+
 def _training(rank, lengths) -> tuple:
     """ERA5-shaped, scaled down: 10 SGD steps of a UNet on a latitude field of 45 rows, with a
     latitude-weighted loss built from ``x.shape`` inside the compiled function, against one device."""
@@ -134,6 +148,9 @@ def _run(rank, world):
     grid, x45 = GridModel(), torch.randn(2, 2, 45, 9)
     out["grid_45"] = check_global_view(grid, x45)
     out["grid_arbitrary"] = check_global_view(grid, x45, lengths=(10, 3, 12, 20))
+
+    torch.manual_seed(6)
+    out["slices"] = check_global_view(Slices(), torch.randn(1, 2, 45, 8), lengths=(10, 3, 12, 20))
 
     # a graph break between two DomainTensor graphs
     torch._dynamo.reset()
@@ -191,6 +208,7 @@ MODEL_CASES = [
     "grid_45",
     "grid_arbitrary",
     "replicated_across_break",
+    "slices",
 ]
 
 
