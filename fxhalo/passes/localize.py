@@ -22,8 +22,9 @@ walks the nodes in order and, for each one,
 5. where the rule finds the sharded dim too short for every rank to hold a row (a
    UNet's bottleneck on many ranks), gathers the node's sharded inputs
    (:func:`fxhalo.ops.moves.all_rows`, one all-gather of a small tensor) and computes
-   the node replicated; step 3 shards the result again where it meets a sharded
-   tensor;
+   the node replicated.  The replicated result is sharded again (a free slice, by the
+   balanced rule) as soon as an op makes that dim long enough for every rank to hold a
+   row, or where step 3 meets it with a sharded tensor;
 6. gives the node its *local* example value: the global shape with each sharded dim
    at this rank's length.
 
@@ -90,6 +91,8 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
         layout = as_layout(out)
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
+        if node.op in ("call_function", "call_method") and not layout.is_sharded:
+            count += _shard_again_where_it_grows(node, ctx, mode)
     return count
 
 
@@ -234,8 +237,40 @@ def _gather_sharded_inputs(node, ctx, mode) -> None:
         _copy_source(whole, node)
         whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
         whole.meta[LAYOUT] = Layout.replicated()
+        whole.meta[GATHERED] = s.dim
         _set_value(whole, _localized(whole.meta[GLOBAL_VALUE], None, Layout.replicated(), mode))
         node.replace_input_with(a, whole)
+
+
+#: node.meta key: the tensor dim a replicated value was gathered along (step 5), while it is too short
+GATHERED = "fxhalo_gathered_dim"
+
+
+def _shard_again_where_it_grows(node, ctx, mode) -> int:
+    """After step 5: a replicated value computed from gathered rows is sharded again (balanced, a free
+    slice) as soon as its dim is long enough for every rank to hold a row; until then it carries the
+    dim under ``GATHERED``.  Returns 1 when it inserted the slice."""
+    dims = {a.meta[GATHERED] for a in node.all_input_nodes if GATHERED in a.meta}
+    shape = global_shape(node)
+    if len(dims) != 1 or shape is None:
+        return 0
+    dim = dims.pop()
+    if dim >= len(shape) or shape[dim] <= 1:
+        return 0
+    if shape[dim] < ctx.domain.size:
+        node.meta[GATHERED] = dim
+        return 0
+    users = list(node.users)
+    with node.graph.inserting_after(node):
+        sliced = node.graph.call_function(moves.own_rows, (node,), {"axes": ctx.domain.kernel_axes(dim, shape[dim])})
+    _copy_source(sliced, node)
+    sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
+    layout = Sharded(dim, ctx.domain.local_length(shape[dim]), shape[dim])
+    sliced.meta[LAYOUT] = Layout((layout,))
+    _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, Layout((layout,)), mode))
+    for user in users:
+        user.replace_input_with(node, sliced)
+    return 1
 
 
 # -- example values ---------------------------------------------------------------------------

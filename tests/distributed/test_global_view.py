@@ -4,8 +4,8 @@ One spawned group of 4 ranks runs every case (compiling is what costs time):
 
 - UNets whose decoder resizes to each skip's global size and concatenates, on
   45 rows (4 levels: the bottleneck, 2 rows, is shorter than the rank count and
-  runs replicated) and on 34 rows split the way ``torch.chunk`` does and
-  arbitrarily ([10, 3, 12, 9]);
+  runs replicated) and on 34 rows split the way ``torch.chunk`` does, arbitrarily
+  ([10, 3, 12, 9]) and with an empty shard ([0, 12, 12, 10]);
 - a positional grid built from ``x.shape`` and ``interpolate(size=x.shape[-2:])``
   on an odd length; slices of the sharded dim (a crop, a stride, Swin's patch merging);
 - a graph break between two DomainTensor graphs, and a replicated value (a bottleneck
@@ -144,6 +144,7 @@ def _run(rank, world):
     chunk = tuple(len(c) for c in torch.arange(34).chunk(WORLD))
     out["unet_34_chunk"] = check_global_view(unet, x34, lengths=chunk)
     out["unet_34_arbitrary"] = check_global_view(unet, x34, lengths=(10, 3, 12, 9))
+    out["unet_34_empty_shard"] = check_global_view(unet, x34, lengths=(0, 12, 12, 10))
     torch.manual_seed(2)
     grid, x45 = GridModel(), torch.randn(2, 2, 45, 9)
     out["grid_45"] = check_global_view(grid, x45)
@@ -205,6 +206,7 @@ MODEL_CASES = [
     "unet_45_bottleneck_replicated",
     "unet_34_chunk",
     "unet_34_arbitrary",
+    "unet_34_empty_shard",
     "grid_45",
     "grid_arbitrary",
     "replicated_across_break",
