@@ -78,7 +78,7 @@ from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it h
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
-from .tensor import meta_domain_tensor
+from .tensor import as_meta, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Collective", "Row", "Explanation", "explain"]
@@ -98,7 +98,8 @@ def explain(
 ) -> Explanation:
     """Explain what ``torch.compile(model, backend="domain_parallel", options=options)`` does on one rank.
 
-    ``local_inputs`` are one rank's forward arguments (its slabs).  With
+    ``local_inputs`` are one rank's forward arguments (its slabs, or DomainTensors, which
+    explain on the meta device, so nothing runs on their data).  With
     ``global_view=True`` they are the *global* inputs instead, best as meta tensors
     (``torch.empty(shape, device="meta")``: no memory at any size); each tensor
     input with a dim ``shard_dim`` becomes a :class:`~fxhalo.DomainTensor` split as
@@ -121,6 +122,7 @@ def explain(
     with _domain(settings, world_size, rank) as domain:
         if global_view:
             local_inputs = tuple(meta_domain_tensor(x, domain, partition) for x in local_inputs)
+        local_inputs = tuple(as_meta(x) for x in local_inputs)  # DomainTensors: explained, never run
         return _explain(model, local_inputs, domain, settings)
 
 

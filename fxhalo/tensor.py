@@ -446,6 +446,14 @@ def to_dtensor(x: DomainTensor, mesh=None):
 DomainTensor.to_dtensor = to_dtensor  # a method too, as DTensor users expect
 
 
+def as_meta(x):
+    """A DomainTensor with its slab moved to the meta device (same spec and device), for the tools;
+    anything else unchanged."""
+    if not isinstance(x, DomainTensor):
+        return x
+    return _static(DomainTensor(x._local.detach().to("meta"), x._spec, tuple(x.shape), device=x.device))
+
+
 def meta_domain_tensor(x, domain, partition=None):
     """For the one-process tools (explain, validate): the DomainTensor rank ``domain.rank`` would hold
     of the global input ``x``, with a meta slab (no data at any size).
@@ -453,7 +461,7 @@ def meta_domain_tensor(x, domain, partition=None):
     Parameters, non-tensors and tensors without a dim ``domain.shard_dim`` are
     returned as they are (replicated).  ``partition``: every rank's length (default balanced).
     """
-    if not isinstance(x, torch.Tensor) or isinstance(x, torch.nn.Parameter):
+    if not isinstance(x, torch.Tensor) or isinstance(x, (torch.nn.Parameter, DomainTensor)):
         return x
     device = torch.device("cpu") if x.device.type == "meta" else x.device  # the parameters' device, say
     x = x.to("meta")

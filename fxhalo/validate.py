@@ -29,7 +29,7 @@ from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import decision_of
 from .rules.conv import ConvRule
-from .tensor import meta_domain_tensor
+from .tensor import DomainTensor, as_meta, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Problem", "validate"]
@@ -75,17 +75,21 @@ def validate(
 
     With ``global_view=True`` the example input is the *global* one (a meta tensor
     will do), checked as the backend would compile the model on DomainTensors split as
-    ``partition`` (every rank's length; default balanced).
+    ``partition`` (every rank's length; default balanced).  DomainTensor inputs are
+    checked that way too, on the meta device.
     """
     if world_size is None:
         if group is None and not dist.is_initialized():
             raise FxHaloError("fxhalo.validate needs world_size=... when no process group is initialised")
         pg = resolve_group(group)
         world_size, rank = dist.get_world_size(pg), dist.get_rank(pg) if rank is None else rank
-    domain = Domain("fxhalo-validate", 0 if rank is None else rank, world_size, shard_dim)
     args = example_local_input if isinstance(example_local_input, tuple) else (example_local_input,)
+    given = [x for x in args if isinstance(x, DomainTensor)]  # DomainTensors: checked, never run
+    group_name = given[0].spec.group_name if given else "fxhalo-validate"
+    domain = Domain(group_name, 0 if rank is None else rank, world_size, shard_dim)
+    global_view = global_view or bool(given)
     if global_view:
-        args = tuple(meta_domain_tensor(x, domain, partition) for x in args)
+        args = tuple(as_meta(meta_domain_tensor(x, domain, partition)) for x in args)
     problems: list[Problem] = []
 
     def capture(gm, example_inputs):

@@ -452,3 +452,22 @@ def test_the_docs_example_runs(capsys):
     # rank 1's first conv: 2 neighbours * 1 row * 4 channels * 128 columns * 4 B, as the docs say
     assert "rank 1 of 4" in printed and "4,096" in printed
     assert not dist.is_initialized()
+
+
+def test_global_view_explains_a_field_of_any_size_with_no_memory():
+    """Global (meta) inputs: the UNet on a 721-row ERA5 grid over 16 ranks, and a bottleneck too short to
+    shard on 4 ranks, whose gather and re-slice show as rows with their bytes."""
+    from fxhalo.models import SkipUNet
+
+    model = SkipUNet(c=2, width=2, depth=4)
+    ex = fxhalo.explain(model, torch.empty(1, 2, 721, 1440, device="meta"), world_size=16, rank=3, global_view=True)
+    assert not ex.problems and ex.rows
+    small = fxhalo.explain(model, torch.empty(1, 2, 45, 16, device="meta"), world_size=4, rank=3, global_view=True)
+    ops = {r.op: r for r in small.rows}
+    assert ops["ops.moves.all_rows"].collectives[0].kind == "all_gather"
+    assert ops["ops.moves.all_rows"].collectives[0].bytes > 0
+    assert "ops.moves.own_rows" in ops
+    uneven = fxhalo.explain(
+        model, torch.empty(1, 2, 45, 16, device="meta"), world_size=4, global_view=True, partition=(10, 3, 12, 20)
+    )
+    assert not uneven.problems

@@ -182,6 +182,8 @@ def _run(rank, world):
 
     # what raises, on every rank
     xg = fxhalo.distribute(x45, 2)
+    ex = fxhalo.explain(grid, xg)  # a real DomainTensor: explained on the meta device, nothing run
+    out["explain_domain_tensor"] = (len(ex.problems), sorted({r.op for r in ex.rows}))
     out["eager_sum"] = _raises(lambda: xg.sum())
     out["eager_conv"] = _raises(lambda: F.conv2d(xg, torch.randn(2, 2, 3, 3)))
     out["eager_ok"] = (type(xg * 2).__name__, close((xg * 2).to_local(), xg.to_local() * 2))
@@ -236,6 +238,13 @@ def test_ten_sgd_steps_match_one_device(results):
         assert kind == "Tensor"  # a replicated loss comes back as a plain tensor
         assert all(ok for ok, _ in losses), (rank, losses)
         assert all(ok for ok, _ in params), (rank, params)
+
+
+@pytest.mark.timeout(450)
+def test_explain_takes_domain_tensors(results):
+    for out in results:
+        problems, ops = out["explain_domain_tensor"]
+        assert problems == 0 and "torch.conv2d" in ops and "ops.moves.own_rows" in ops, ops
 
 
 @pytest.mark.timeout(450)

@@ -66,3 +66,13 @@ def test_torch_errors_on_the_local_shape_are_reported():
 
     problems = fxhalo.validate(ReflectWide(), torch.randn(1, 1, 2, 4), world_size=2)
     assert [p.kind for p in problems] == ["trace"]
+
+
+def test_global_view_validates_global_inputs():
+    """The model SmallUNet cannot take 45 rows at all (its skip cat); SkipUNet can, on any rank count."""
+    from fxhalo.models import SkipUNet, SmallUNet
+
+    x = torch.empty(1, 1, 45, 16, device="meta")
+    assert fxhalo.validate(SkipUNet(c=1, width=2, depth=4), x, world_size=4, global_view=True) == []
+    problems = fxhalo.validate(SmallUNet(), x, world_size=4, global_view=True)
+    assert [p.kind for p in problems] == ["trace"]
