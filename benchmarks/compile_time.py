@@ -5,8 +5,8 @@
     python -m benchmarks.compile_time [--world-size 2] [--compiler aot_eager] [--rows 64]
 
 Spawns the ranks (fresh ones per path), compiles ``fxhalo.models.SmallUNet`` with
-``backend="domain_parallel"`` once on plain local slabs (``fxhalo.shard``) and once on
-DomainTensors (``fxhalo.distribute``), and prints per path the
+``backend="domain_parallel"`` once on plain local slabs (``fxhalo.domain.shard``) and once
+on DomainTensors (``fxhalo.shard``), and prints per path the
 first call (Dynamo's trace, fxhalo's passes, the inner compile, one run) and the mean of
 five later calls, the slowest rank's, with Inductor's caches off (both paths compile
 the same local program, so the second would hit them).  The rows must suit both paths:
@@ -32,7 +32,7 @@ def _one(rank, world_size, path: str, compiler: str, rows: int):
     torch.manual_seed(0)
     model, x = SmallUNet(), torch.randn(2, 1, rows, 64)
     torch._dynamo.reset()
-    inputs = fxhalo.distribute(x, 2) if path == "global" else fxhalo.shard(x, 2)
+    inputs = fxhalo.shard(x, 2) if path == "global" else fxhalo.domain.shard(x, 2)
     compiled = torch.compile(model, backend="domain_parallel", options={"compiler": compiler})
     start = time.perf_counter()
     compiled(inputs)

@@ -3,8 +3,8 @@
 ::
 
     import fxhalo
-    model = torch.compile(model, backend="domain_parallel", options={"shard_dim": 2})
-    y_local = model(fxhalo.shard(x, shard_dim=2))
+    model = torch.compile(model, backend="domain_parallel")
+    y = model(fxhalo.shard(x, shard_dim=2))  # a DomainTensor in, a DomainTensor of model(x) out
 """
 
 from . import nn  # noqa: F401  (fxhalo.nn; not in __all__, where a star import would shadow torch.nn)
@@ -12,12 +12,12 @@ from .backend import backend
 from .backend import register as _register_backend
 from .convert import convert_to_domain_parallel, validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
-from .domain import Domain, shard
+from .domain import Domain
 from .errors import FxHaloError
 from .explain import Explanation, explain
 from .halo import Edge, halo_exchange, plan_halo
 from .redistribute import channels_to_seq, redistribute, seq_to_channels
-from .tensor import DomainSpec, DomainTensor, distribute, from_dtensor, from_local, gather
+from .tensor import DomainSpec, DomainTensor, from_dtensor, from_local, gather, shard
 from .validate import Problem, validate
 
 __version__ = "0.1.0"
@@ -46,7 +46,6 @@ __all__ = [
     "DomainTensor",
     "DomainSpec",
     "from_local",
-    "distribute",
     "from_dtensor",
 ]
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from .domain import Domain
 from .launch import run_ranks
 from .models import SmallUNet
-from .tensor import distribute, gather
+from .tensor import gather, shard
 
 #: parity verdict: the largest parameter difference allowed after training (fp32 sums in a
 #: different order drift by ~1e-7 per step; Adam's normalised steps can amplify that a little)
@@ -191,7 +191,7 @@ def run(rank: int, world_size: int, cfg: Config) -> dict:
     model.compile(backend="domain_parallel", options={"compiler": cfg.compiler})
 
     def rows_of(t):  # the global batch as a DomainTensor: this rank's rows inside
-        return distribute(t, shard_dim=2)
+        return shard(t, shard_dim=2)
 
     if rank == 0:
         print(f"compiling with {cfg.compiler} (the first step traces, rewrites and compiles the model) ...", flush=True)

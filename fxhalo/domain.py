@@ -265,7 +265,8 @@ def check_partition(lengths, domain: Domain, what: str) -> None:
         raise FxHaloError(
             f"{what}: the ranks hold {list(lengths)} rows along the sharded dim, but fxhalo's partition "
             f"rule splits {n} rows over {domain.size} ranks as {want} (the first N % P ranks get one "
-            "extra row). Shard with fxhalo.shard(), or slice each rank's rows with fxhalo.Domain.bounds()."
+            "extra row). Shard with fxhalo.shard(x).to_local(), slice each rank's rows with fxhalo.Domain.bounds(), "
+            "or pass DomainTensors (fxhalo.from_local), which take any partition."
         )
 
 
@@ -290,7 +291,8 @@ def _balanced_partition(length: int, size: int) -> tuple[tuple[int, int], ...]:
 
 
 def shard(x: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
-    """This rank's slab of the global tensor ``x`` (a contiguous copy), by the partition rule."""
+    """This rank's slab of the global tensor ``x`` (a contiguous copy), by the partition rule: the plain
+    path's input.  (:func:`fxhalo.shard` returns the DomainTensor; its ``to_local()`` is this slab.)"""
     dom = Domain.from_group(group, shard_dim=shard_dim)
     d = dom.dim_of(x.ndim)
     start, stop = dom.bounds(x.shape[d])

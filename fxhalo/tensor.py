@@ -3,7 +3,7 @@
 A DomainTensor's shape, dtype and device are the *global* tensor's; inside it
 holds this rank's slab (``to_local()``) and its :class:`DomainSpec`: the process
 group, the sharded tensor dim, and the partition (every rank's length along that
-dim).  Any partition is allowed: the balanced one of :func:`fxhalo.shard`,
+dim).  Any partition is allowed: the balanced one :func:`fxhalo.shard` uses by default,
 ``torch.chunk``'s, DTensor's, or one of your own.
 
 Its purpose is the global view (:mod:`fxhalo.passes.localize`): Dynamo traces a
@@ -31,7 +31,7 @@ from . import domain as _domain
 from .domain import Partitioned, all_gather_rows, resolve_group
 from .errors import FxHaloError
 
-__all__ = ["DomainSpec", "DomainTensor", "from_local", "distribute", "gather", "gather_domain_tensor", "from_dtensor"]
+__all__ = ["DomainSpec", "DomainTensor", "from_local", "shard", "gather", "gather_domain_tensor", "from_dtensor"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ _SAME_SLAB = {torch.ops.aten.detach.default, torch.ops.aten.alias.default}
 class DomainTensor(torch.Tensor):
     """The global tensor of shape ``shape``; this rank holds ``to_local()``, laid out as ``spec``.
 
-    Make one with :func:`fxhalo.from_local`, :func:`fxhalo.distribute` or
+    Make one with :func:`fxhalo.from_local`, :func:`fxhalo.shard` or
     :func:`fxhalo.from_dtensor`; a ``domain_parallel`` compiled model returns them.
     """
 
@@ -357,12 +357,19 @@ def _agreed_lengths(x_local, dim, lengths, pg, size) -> tuple[int, ...]:
     return found
 
 
-def distribute(x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None) -> DomainTensor:
+def shard(
+    x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None, *, like: DomainTensor | None = None
+) -> DomainTensor:
     """The DomainTensor of a global tensor ``x`` every rank holds: each rank keeps its rows.
 
-    ``lengths`` picks the partition (default balanced, as :func:`fxhalo.shard`).  No
-    communication; differentiable (each rank's slab's gradient flows to its rows of ``x``).
+    ``lengths`` picks the partition (default balanced: the first ``N % P`` ranks hold one
+    extra row); ``like=`` takes another DomainTensor's group, dim and partition, to slice a
+    target as the model's output is split.  No communication; differentiable (each rank's
+    slab's gradient flows to its rows of ``x``).  ``fxhalo.shard(x).to_local()`` is the plain
+    slab the plain path and the eager modules take (:func:`fxhalo.domain.shard`).
     """
+    if like is not None:
+        group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
     pg = resolve_group(group)
     size, rank = dist.get_world_size(pg), dist.get_rank(pg)
     dim = shard_dim + x.ndim if shard_dim < 0 else shard_dim
@@ -370,9 +377,7 @@ def distribute(x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None) ->
         raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x.ndim}-D tensor")
     lengths = _balanced(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
     if len(lengths) != size or sum(lengths) != x.shape[dim] or min(lengths) < 0:
-        raise FxHaloError(
-            f"fxhalo.distribute: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks"
-        )
+        raise FxHaloError(f"fxhalo.shard: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks")
     spec = DomainSpec(pg.group_name, dim, lengths)
     start, stop = spec.bounds(rank)
     return wrap_local(x.narrow(dim, start, stop - start).contiguous(), spec)

@@ -77,16 +77,16 @@ def check_against_one_device(
     import fxhalo
 
     ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
-    x_local = fxhalo.shard(x, shard_dim).requires_grad_()
+    x_local = fxhalo.domain.shard(x, shard_dim).requires_grad_()
     compiled = torch.compile(model, backend="domain_parallel", options={"shard_dim": shard_dim, **(options or {})})
     y = compiled(x_local)
     if replicated_output:
         y.backward(grad_out)
         checks = {"out": close(y, ref.detach())}
     else:
-        y.backward(fxhalo.shard(grad_out, shard_dim))
-        checks = {"out": close(y, fxhalo.shard(ref.detach(), shard_dim))}
-    checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, shard_dim))
+        y.backward(fxhalo.domain.shard(grad_out, shard_dim))
+        checks = {"out": close(y, fxhalo.domain.shard(ref.detach(), shard_dim))}
+    checks["grad_in"] = close(x_local.grad, fxhalo.domain.shard(ref_in.grad, shard_dim))
     for (name, p), want in zip(model.named_parameters(), ref_grads):
         checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
     return checks
@@ -110,7 +110,7 @@ def check_global_view(
     import fxhalo
 
     ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
-    whole = fxhalo.distribute(x, shard_dim, lengths=lengths)
+    whole = fxhalo.shard(x, shard_dim, lengths=lengths)
     x_local = whole.to_local().detach().requires_grad_()
     x_global = fxhalo.from_local(x_local, shard_dim, lengths=whole.partition)
     options = {"compiler": "aot_eager", **(options or {})}
@@ -191,12 +191,14 @@ def check_many_against_one_device(
         model.zero_grad()
 
     torch._dynamo.reset()  # a fresh compile: no recompile limits, no cached graphs
-    x_locals = [fxhalo.shard(x, shard_dim).requires_grad_() for _, x, _ in cases]
+    x_locals = [fxhalo.domain.shard(x, shard_dim).requires_grad_() for _, x, _ in cases]
     batch = _Batch([model for model, _, _ in cases])
     try:
         compiled = torch.compile(batch, backend="domain_parallel", options={"shard_dim": shard_dim, **(options or {})})
         ys = compiled(*x_locals)
-        ups = [grad_out if replicated_output else fxhalo.shard(grad_out, shard_dim) for _, grad_out, _, _ in refs]
+        ups = [
+            grad_out if replicated_output else fxhalo.domain.shard(grad_out, shard_dim) for _, grad_out, _, _ in refs
+        ]
         torch.autograd.backward(list(ys), ups)
     except Exception:
         batch.zero_grad(set_to_none=True)
@@ -207,8 +209,8 @@ def check_many_against_one_device(
         if replicated_output:
             checks = {"out": close(y, ref)}
         else:
-            checks = {"out": close(y, fxhalo.shard(ref, shard_dim))}
-        checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in_grad, shard_dim))
+            checks = {"out": close(y, fxhalo.domain.shard(ref, shard_dim))}
+        checks["grad_in"] = close(x_local.grad, fxhalo.domain.shard(ref_in_grad, shard_dim))
         for (name, p), want in zip(model.named_parameters(), ref_grads):
             checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
         results.append(checks)

@@ -166,7 +166,7 @@ class DomainParallelLayerNorm(_Wrapper):
             raise FxHaloError(
                 f"{type(self).__name__}: normalized_shape {self.normalized_shape} is the global shape, so this "
                 f"rank's slab should hold rows [{a}, {b}) of its dim {d}, but it has {x.shape[d]}. Remedy: shard "
-                "the input with fxhalo.shard (the balanced partition)"
+                "the input with fxhalo.shard(x).to_local() (the balanced partition)"
             )
         shape = tuple(x.shape[x.ndim - n :])
         weight, bias = (

@@ -128,7 +128,7 @@ def local_of(full: torch.Tensor, local_shape, group) -> torch.Tensor:
     if tuple(full.shape) == tuple(local_shape):
         return full
     dim = next(d for d, (a, b) in enumerate(zip(full.shape, local_shape)) if a != b)
-    return fxhalo.shard(full, dim, group)
+    return fxhalo.domain.shard(full, dim, group)
 
 
 def _upstream(ref: torch.Tensor, seed: int) -> torch.Tensor:
@@ -148,7 +148,7 @@ def _step(case: Case, dp, ref_fn, ref_dtype, step: int, seed: int, group) -> lis
         return t.to(ref_dtype) if t.is_floating_point() else t
 
     ref_in = {k: cast(t).clone().requires_grad_(_needs_grad(k, t)) for k, t in pool.items()}
-    local = {k: (t.clone() if shard[k] is None else fxhalo.shard(t, shard[k], group)) for k, t in pool.items()}
+    local = {k: (t.clone() if shard[k] is None else fxhalo.domain.shard(t, shard[k], group)) for k, t in pool.items()}
     local = {k: t.requires_grad_(_needs_grad(k, t)) for k, t in local.items()}
     outs, refs = dp(local), ref_fn(ref_in)
     rows = [{"out": close(y.to(r.dtype), local_of(r, y.shape, group))} for y, r in zip(outs, refs)]
@@ -629,13 +629,13 @@ def eager_rms_norm(P: int, group) -> dict:
     gy = _randn(12)(2, 3, 4 * P + 1, 5)
     ref = plain(x)
     ref.backward(gy)
-    x_local = fxhalo.shard(x.detach(), 2, group).requires_grad_()
+    x_local = fxhalo.domain.shard(x.detach(), 2, group).requires_grad_()
     y_local = wrapped(x_local)
-    y_local.backward(fxhalo.shard(gy, 2, group))
+    y_local.backward(fxhalo.domain.shard(gy, 2, group))
     fxhalo.nn.reduce_gradients(wrapped, group)
     checks = {
-        "out": torch.allclose(y_local, fxhalo.shard(ref.detach(), 2, group), atol=1e-5, rtol=1e-4),
-        "grad_in": torch.allclose(x_local.grad, fxhalo.shard(x.grad, 2, group), atol=1e-5, rtol=1e-4),
+        "out": torch.allclose(y_local, fxhalo.domain.shard(ref.detach(), 2, group), atol=1e-5, rtol=1e-4),
+        "grad_in": torch.allclose(x_local.grad, fxhalo.domain.shard(x.grad, 2, group), atol=1e-5, rtol=1e-4),
         "grad weight": (wrapped.weight.grad - plain.weight.grad).abs().max().item()
         <= 1e-5 + 1e-4 * plain.weight.grad.abs().max().item(),
     }

@@ -267,17 +267,17 @@ def run_case(case: Case, world_size: int, compiler, seed: int) -> dict:
     m.zero_grad()
 
     d = case.shard_dim
-    x_local = fxhalo.shard(x, d).requires_grad_()
+    x_local = fxhalo.domain.shard(x, d).requires_grad_()
     compiled = torch.compile(m, backend="domain_parallel", options={"compiler": compiler, "shard_dim": d})
     y, idx = _split(compiled(x_local))
-    y.backward(fxhalo.shard(grad_out, d))
+    y.backward(fxhalo.domain.shard(grad_out, d))
 
     checks = {
-        "out": close(y, fxhalo.shard(ref.detach(), d)),
-        "grad_in": close(x_local.grad, fxhalo.shard(ref_in.grad, d)),
+        "out": close(y, fxhalo.domain.shard(ref.detach(), d)),
+        "grad_in": close(x_local.grad, fxhalo.domain.shard(ref_in.grad, d)),
     }
     if ref_idx is not None:
-        want = fxhalo.shard(ref_idx, d)
+        want = fxhalo.domain.shard(ref_idx, d)
         checks["indices"] = (idx is not None and idx.shape == want.shape and bool((idx == want).all()), 0.0)
     for (name, p), want in zip(m.named_parameters(), ref_grads):
         checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
@@ -322,12 +322,12 @@ def run_cases(cases: list[Case], world_size: int, compiler, seeds: list[int]) ->
         xs.append(x)
 
     torch._dynamo.reset()  # a fresh graph per batch: no recompile limits, no cached graphs
-    x_locals = [fxhalo.shard(x, d).requires_grad_() for x in xs]
+    x_locals = [fxhalo.domain.shard(x, d).requires_grad_() for x in xs]
     batch = _Cases(modules)
     try:
         compiled = torch.compile(batch, backend="domain_parallel", options={"compiler": compiler, "shard_dim": d})
         outs = [_split(o) for o in compiled(*x_locals)]
-        torch.autograd.backward([y for y, _ in outs], [fxhalo.shard(r[2], d) for r in refs])
+        torch.autograd.backward([y for y, _ in outs], [fxhalo.domain.shard(r[2], d) for r in refs])
     except Exception:
         batch.zero_grad(set_to_none=True)
         return [run_case(case, world_size, compiler, seed) for case, seed in zip(cases, seeds)]
@@ -335,11 +335,11 @@ def run_cases(cases: list[Case], world_size: int, compiler, seeds: list[int]) ->
     results = []
     for m, x_local, (y, idx), (ref, ref_idx, _, ref_in_grad, ref_grads) in zip(modules, x_locals, outs, refs):
         checks = {
-            "out": close(y, fxhalo.shard(ref, d)),
-            "grad_in": close(x_local.grad, fxhalo.shard(ref_in_grad, d)),
+            "out": close(y, fxhalo.domain.shard(ref, d)),
+            "grad_in": close(x_local.grad, fxhalo.domain.shard(ref_in_grad, d)),
         }
         if ref_idx is not None:
-            want = fxhalo.shard(ref_idx, d)
+            want = fxhalo.domain.shard(ref_idx, d)
             checks["indices"] = (idx is not None and idx.shape == want.shape and bool((idx == want).all()), 0.0)
         for (name, p), want in zip(m.named_parameters(), ref_grads):
             checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient

@@ -15,17 +15,17 @@ def _roundtrip(rank, world_size):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4 * world_size, 5)
     out = {}
-    y = fxhalo.shard(x, shard_dim=2)
+    y = fxhalo.domain.shard(x, shard_dim=2)
     out["shard"] = torch.equal(y, x[:, :, 4 * rank : 4 * (rank + 1)])
     out["roundtrip"] = torch.equal(fxhalo.gather(y, shard_dim=2), x)
-    out["negative_dim"] = torch.equal(fxhalo.gather(fxhalo.shard(x, shard_dim=-2), -2), x)
+    out["negative_dim"] = torch.equal(fxhalo.gather(fxhalo.domain.shard(x, shard_dim=-2), -2), x)
 
     # The gathered tensor is replicated: a loss taken on it on every rank gives each rank
     # exactly the one-device gradient of its own rows.
     w = torch.randn_like(x)
     y = y.clone().requires_grad_()
     (fxhalo.gather(y, 2) * w).sum().backward()
-    out["gather_grad"] = torch.allclose(y.grad, fxhalo.shard(w, 2))
+    out["gather_grad"] = torch.allclose(y.grad, fxhalo.domain.shard(w, 2))
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("domain",))
     d = fxhalo.Domain.from_group(mesh, shard_dim=2)

@@ -114,11 +114,11 @@ def _scenarios(rank, world_size):
     torch._dynamo.reset()
     conv = nn.Conv2d(1, 1, 3, padding=1)
     x = torch.randn(2 * world_size, 1, 4, 4)
-    mine = _compile(conv, shard_dim=0)(fxhalo.shard(x, shard_dim=0))
-    out["batch_sharded"] = ("ok", str(torch.allclose(mine, fxhalo.shard(conv(x), shard_dim=0), atol=1e-6)))
+    mine = _compile(conv, shard_dim=0)(fxhalo.domain.shard(x, shard_dim=0))
+    out["batch_sharded"] = ("ok", str(torch.allclose(mine, fxhalo.domain.shard(conv(x), shard_dim=0), atol=1e-6)))
     out["flat_roll"] = _outcome(lambda: _compile(FlatRoll())(torch.randn(1, 1, 4, 4)))
     out["replicated_broadcast"] = _outcome(lambda: _compile(ReplicatedBroadcast())(torch.randn(1, 1, 4, 4)))
-    out["shard_uneven"] = fxhalo.shard(torch.randn(1, 1, 5, 4)).shape[2]
+    out["shard_uneven"] = fxhalo.domain.shard(torch.randn(1, 1, 5, 4)).shape[2]
     # After a graph break inside a submodule, Dynamo passes that module's parameters as
     # '___stack0._parameters[...]': they are parameters, not eager results.
     torch.manual_seed(1)  # the same weights on every rank (the scenarios above drew rank-dependent sizes)

@@ -113,8 +113,8 @@ def _training(rank, lengths) -> tuple:
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     compiled = torch.compile(loss_fn, backend="domain_parallel", options={"compiler": "aot_eager"})
-    xg = fxhalo.distribute(x, 2, lengths=lengths)
-    tg = fxhalo.from_local(fxhalo.distribute(target, 2, lengths=lengths).to_local(), like=xg)
+    xg = fxhalo.shard(x, 2, lengths=lengths)
+    tg = fxhalo.from_local(fxhalo.shard(target, 2, lengths=lengths).to_local(), like=xg)
     losses = []
     for _ in range(10):
         ref_opt.zero_grad()
@@ -156,7 +156,7 @@ def _run(rank, world):
     torch.manual_seed(4)
     broken, xb = BrokenModel(), torch.randn(1, 2, 19, 6)
     yb = torch.compile(broken, backend="domain_parallel", options={"compiler": "aot_eager"})(
-        fxhalo.distribute(xb, 2, lengths=(7, 2, 6, 4))
+        fxhalo.shard(xb, 2, lengths=(7, 2, 6, 4))
     )
     out["graph_break"] = (type(yb).__name__, close(fxhalo.gather(yb), broken(xb)))
     torch.manual_seed(5)
@@ -179,7 +179,7 @@ def _run(rank, world):
     out["dtensor"] = (yd.partition, close(back.full_tensor(), conv(xd)))
 
     # what raises, on every rank
-    xg = fxhalo.distribute(x45, 2)
+    xg = fxhalo.shard(x45, 2)
     ex = fxhalo.explain(grid, xg)  # a real DomainTensor: explained on the meta device, nothing run
     out["explain_domain_tensor"] = (len(ex.problems), sorted({r.op for r in ex.rows}))
     out["eager_sum"] = _raises(lambda: xg.sum())

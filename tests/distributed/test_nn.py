@@ -301,12 +301,12 @@ def run_case(case: Case, p: int, group, seed: int) -> dict:
         ref = ref_model(ref_in)
         grad_out = torch.randn_like(ref)
         ref.backward(grad_out)
-        x_local = fxhalo.shard(x, case.shard_dim, group).requires_grad_()
+        x_local = fxhalo.domain.shard(x, case.shard_dim, group).requires_grad_()
         y = model(x_local)
-        y.backward(fxhalo.shard(grad_out, case.shard_dim, group))
+        y.backward(fxhalo.domain.shard(grad_out, case.shard_dim, group))
         tag = f"step {step} " if case.steps + case.eval_step > 1 else ""
-        checks[tag + "out"] = close(y, fxhalo.shard(ref.detach(), case.shard_dim, group))
-        checks[tag + "grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, case.shard_dim, group))
+        checks[tag + "out"] = close(y, fxhalo.domain.shard(ref.detach(), case.shard_dim, group))
+        checks[tag + "grad_in"] = close(x_local.grad, fxhalo.domain.shard(ref_in.grad, case.shard_dim, group))
         fxhalo.nn.reduce_gradients(model, group)  # each rank held a partial gradient
         mine = _named(model, "param")
         for name, want in _named(ref_model, "param").items():
@@ -337,12 +337,12 @@ def _global_pools(p: int, group) -> dict:
         ref = build()(ref_in)  # no parameters: a fresh module is the reference
         grad_out = torch.randn_like(ref)
         ref.backward(grad_out)
-        x_local = fxhalo.shard(x, shard_dim, group).requires_grad_()
+        x_local = fxhalo.domain.shard(x, shard_dim, group).requires_grad_()
         y = model(x_local)
         y.backward(grad_out)  # the full gradient on every rank, as for a replicated value
         out[label + " type"] = (type(model[0]).__name__ == "DomainParallelPool", 0.0)
         out[label + " out"] = close(y, ref.detach())
-        out[label + " grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, shard_dim, group))
+        out[label + " grad_in"] = close(x_local.grad, fxhalo.domain.shard(ref_in.grad, shard_dim, group))
     return out
 
 

@@ -34,7 +34,7 @@ def _run(rank, world_size):
         m = PeriodicConv2d(k=k)
         x = torch.randn(2, 2, 4 * world_size, 8)
         checks = check_against_one_device(m, x, options={"compiler": "aot_eager"})
-        y = torch.compile(m, backend="domain_parallel", options={"compiler": "aot_eager"})(fxhalo.shard(x, 2))
+        y = torch.compile(m, backend="domain_parallel", options={"compiler": "aot_eager"})(fxhalo.domain.shard(x, 2))
         want = m(x).detach()
         if rank == 0:
             checks["north pole row"] = close(y[:, :, 0], want[:, :, 0])

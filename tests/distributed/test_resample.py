@@ -102,19 +102,20 @@ def _compare(model, x, shard_dim, world_size):
     torch.autograd.backward([r for r, g in zip(refs, grads) if g is not None], [g for g in grads if g is not None])
     ref_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    x_local = fxhalo.shard(x, shard_dim).requires_grad_()
+    x_local = fxhalo.domain.shard(x, shard_dim).requires_grad_()
     compiled = torch.compile(
         model, backend="domain_parallel", options={"compiler": "aot_eager", "shard_dim": shard_dim}
     )
     outs = _as_tuple(compiled(x_local))
     torch.autograd.backward(
-        [o for o, g in zip(outs, grads) if g is not None], [fxhalo.shard(g, shard_dim) for g in grads if g is not None]
+        [o for o, g in zip(outs, grads) if g is not None],
+        [fxhalo.domain.shard(g, shard_dim) for g in grads if g is not None],
     )
     checks = {}
     for i, (o, r) in enumerate(zip(outs, refs)):
-        want = fxhalo.shard(r.detach(), shard_dim)
+        want = fxhalo.domain.shard(r.detach(), shard_dim)
         checks[f"out{i}"] = close(o, want)[0] if r.is_floating_point() else bool(torch.equal(o, want))
-    checks["grad_in"] = close(x_local.grad, fxhalo.shard(ref_in.grad, shard_dim))[0]
+    checks["grad_in"] = close(x_local.grad, fxhalo.domain.shard(ref_in.grad, shard_dim))[0]
     for (name, p), want in zip(model.named_parameters(), ref_grads):
         checks["grad_" + name] = close(p.grad, want)[0]  # grad_sync: every rank holds the full gradient
     return checks

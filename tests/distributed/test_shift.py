@@ -148,7 +148,7 @@ def _refusals(world_size):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="domain_parallel", options={"compiler": "aot_eager"})
         try:
-            compiled(fxhalo.shard(x, 2))
+            compiled(fxhalo.domain.shard(x, 2))
             out[name] = ("ran", "")
         except fxhalo.FxHaloError as e:
             out[name] = ("FxHaloError", str(e))

@@ -84,7 +84,7 @@ def _run(rank, world):
     torch._dynamo.reset()
     try:
         torch.compile(Diffusion(True), backend="domain_parallel", options={"compiler": "aot_eager"})(
-            fxhalo.distribute(torch.randn(2, 2, 32, 16), 2)
+            fxhalo.shard(torch.randn(2, 2, 32, 16), 2)
         )
         out["diffusers_attention"] = "no error"
     except fxhalo.FxHaloError as e:

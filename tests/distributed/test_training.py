@@ -78,15 +78,15 @@ def _train(world_size, height, skip, seed):
         ref_opt.step()
         ref_opt.zero_grad()
 
-        y = model(fxhalo.shard(x, 2))
-        y.backward(fxhalo.shard(grad_out, 2))
+        y = model(fxhalo.domain.shard(x, 2))
+        y.backward(fxhalo.domain.shard(grad_out, 2))
         opt.step()
         opt.zero_grad()
 
     synced = [n for gm in graphs for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "synced_params"]
     x = torch.randn(2, 1, height, 8)
     with torch.no_grad():
-        gathered = fxhalo.gather(model(fxhalo.shard(x, 2)), 2)
+        gathered = fxhalo.gather(model(fxhalo.domain.shard(x, 2)), 2)
         plain = SmallUNet(width=8, groups=4, skip=skip)
         plain.load_state_dict(model.state_dict())  # the sharded run's checkpoint, into a plain model
         reloaded = (plain(x) - gathered).abs().max().item()
@@ -111,8 +111,8 @@ def _autocast(world_size):
     compiled = torch.compile(model, backend="domain_parallel", options=OPTIONS)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(x)
-        got = compiled(fxhalo.shard(x, 2))
-    want = fxhalo.shard(want, 2)
+        got = compiled(fxhalo.domain.shard(x, 2))
+    want = fxhalo.domain.shard(want, 2)
     return {
         "dtype": str(got.dtype),
         "want_dtype": str(want.dtype),
@@ -208,8 +208,8 @@ def _ddp(rank, world_size):
         ref_opt.zero_grad()
 
         mine = slice(2 * data_rank, 2 * data_rank + 2)
-        y = ddp(fxhalo.shard(x[mine], 2, group=domain_group))
-        y.backward(fxhalo.shard(grad_out[mine], 2, group=domain_group) * 2)  # DDP divides by 2 replicas
+        y = ddp(fxhalo.domain.shard(x[mine], 2, group=domain_group))
+        y.backward(fxhalo.domain.shard(grad_out[mine], 2, group=domain_group) * 2)  # DDP divides by 2 replicas
         opt.step()
         opt.zero_grad()
     mse = _params_mse(model, ref)
