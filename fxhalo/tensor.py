@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -310,9 +311,9 @@ def from_local(
     ``lengths`` lists every rank's length along ``shard_dim`` (any partition);
     ``None`` asks the group.  ``like=`` takes another DomainTensor's group, dim and
     partition.  With ``run_check`` (the default; always when ``lengths`` is
-    ``None``) one small all-gather checks that every rank agrees on the dim, the
-    other dims and the lengths, and every rank raises :class:`FxHaloError` together
-    otherwise.  Differentiable: the gradient of the DomainTensor flows to ``x_local``.
+    ``None``) one small all-gather over the default group checks that every rank agrees
+    on the group, the dim, the other dims and the lengths, and every rank raises
+    :class:`FxHaloError` together otherwise (so every rank of the job calls it together).  Differentiable: the gradient of the DomainTensor flows to ``x_local``.
     """
     if like is not None:
         group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
@@ -334,27 +335,47 @@ def from_local(
 
 
 def _agreed_lengths(x_local, dim, lengths, pg, size) -> tuple[int, ...]:
-    """Every rank's length along ``dim``, after checking (one all-gather) that the ranks agree."""
+    """Every rank's length along ``dim``, after checking (one all-gather) that the ranks agree.
+
+    The all-gather runs over the default group, which every rank joins, not over ``pg``:
+    ranks that passed different groups would otherwise each wait in a collective of their
+    own.  Each rank then checks the members of its group: the same group, dim, other dims
+    and lengths.  (So every rank of the job calls ``from_local`` together, as in SPMD
+    training; ``run_check=False`` with ``lengths`` skips the check.)
+    """
+    members = dist.get_process_group_ranks(pg)
     others = [n for d, n in enumerate(x_local.shape) if d != dim]
-    claim = -1 if lengths is None else hash(lengths) & 0x7FFFFFFF
-    mine = torch.tensor(
-        [dim, x_local.ndim, x_local.shape[dim], math.prod(others), hash(tuple(others)) & 0x7FFFFFFF, claim],
-        dtype=torch.int64,
-    )
-    got = [torch.zeros_like(mine) for _ in range(size)]
-    dist.all_gather(got, mine, group=pg)
-    rows = [t.tolist() for t in got]
-    found = tuple(r[2] for r in rows)
+    mine = [
+        _digest(members, pg.group_name),
+        dim,
+        x_local.ndim,
+        x_local.shape[dim],
+        math.prod(others),
+        _digest(others),
+        -1 if lengths is None else _digest(lengths),
+    ]
+    got = [torch.zeros(len(mine), dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(got, torch.tensor(mine, dtype=torch.int64))
+    rows = [got[r].tolist() for r in members]
+    found = tuple(r[3] for r in rows)
     problems = []
-    if len({(r[0], r[1]) for r in rows}) != 1:
-        problems.append(f"the ranks shard different dims or ranks of tensor: (dim, ndim) = {[r[:2] for r in rows]}")
-    if len({(r[3], r[4]) for r in rows}) != 1:
+    strangers = [q for q, r in zip(members, rows) if r[0] != mine[0]]
+    if strangers:
+        problems.append(f"ranks {strangers} of this rank's group passed another process group")
+    elif len({(r[1], r[2]) for r in rows}) != 1:
+        problems.append(f"the ranks shard different dims or ranks of tensor: (dim, ndim) = {[r[1:3] for r in rows]}")
+    elif len({(r[4], r[5]) for r in rows}) != 1:
         problems.append("the ranks' slabs differ in a dim that is not sharded")
-    if lengths is not None and (len({r[5] for r in rows}) != 1 or lengths != found):
+    elif lengths is not None and (len({r[6] for r in rows}) != 1 or lengths != found):
         problems.append(f"the lengths given, {list(lengths)}, are not the lengths the ranks hold, {list(found)}")
     if problems:
         raise FxHaloError("fxhalo.from_local: " + "; ".join(problems) + ". Every rank raises this.")
     return found
+
+
+def _digest(*values) -> int:
+    """A hash that is the same in every process (``hash`` of a str is salted per process)."""
+    return zlib.crc32(repr(values).encode())
 
 
 def shard(

@@ -13,7 +13,8 @@ One spawned group of 4 ranks runs every case (compiling is what costs time):
   45-row latitude field with a latitude-weighted loss, against one device;
 - DTensor in and out;
 - what must raise on every rank: an eager op on a DomainTensor, lengths that do not
-  fit, ranks that disagree on the sharded dim, a DomainTensor of another group.
+  fit, ranks that disagree on the sharded dim or on the group, a DomainTensor of
+  another group.
 """
 
 import pytest
@@ -189,6 +190,7 @@ def _run(rank, world):
     out["bad_lengths"] = _raises(lambda: fxhalo.from_local(slab, 2, lengths=(10, 10, 10, 10)))
     out["disagree_dim"] = _raises(lambda: fxhalo.from_local(slab.transpose(2, 3).contiguous(), 2 if rank else 3))
     other = dist.new_group(list(range(world)))
+    out["disagree_group"] = _raises(lambda: fxhalo.from_local(slab, 2, group=other if rank else None))
     xo = fxhalo.from_local(slab, 2, group=other)
     torch._dynamo.reset()
     out["other_group"] = _raises(
@@ -266,6 +268,7 @@ def test_eager_ops_on_domain_tensors(results):
     [
         ("bad_lengths", "are not the lengths the ranks hold"),
         ("disagree_dim", "different dims"),
+        ("disagree_group", "passed another process group"),
         ("other_group", "compiled for group"),
     ],
 )
