@@ -313,7 +313,8 @@ def from_local(
     partition.  With ``run_check`` (the default; always when ``lengths`` is
     ``None``) one small all-gather over the default group checks that every rank agrees
     on the group, the dim, the other dims and the lengths, and every rank raises
-    :class:`FxHaloError` together otherwise (so every rank of the job calls it together).  Differentiable: the gradient of the DomainTensor flows to ``x_local``.
+    :class:`FxHaloError` together otherwise (so every rank of the job calls it together).
+    Differentiable: the gradient of the DomainTensor flows to ``x_local``.
     """
     if like is not None:
         group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
