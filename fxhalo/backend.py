@@ -186,7 +186,7 @@ def output_specs(gm: torch.fx.GraphModule, domain: Domain) -> list:
                 "a DomainTensor holds one block of rows per rank. Remedy: return the value before the reshape "
                 "that merged the sharded dim under another dim, or reshape it back inside the model."
             )
-        lengths = s.lengths or tuple(b - a for a, b in domain.partition(s.global_length))
+        lengths = domain.lengths(s.global_length)
         specs.append(DomainSpec(domain.group_name, s.dim, lengths))
     return specs
 

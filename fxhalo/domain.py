@@ -185,6 +185,16 @@ class Domain:
             raise FxHaloError(f"a partition of {len(lengths)} ranks used on a group of {self.size}: {lengths}")
         return _explicit_partition(lengths)
 
+    def lengths(self, length: int) -> tuple[int, ...]:
+        """Every rank's length for a global ``length`` (as :meth:`partition` splits it)."""
+        return tuple(b - a for a, b in self.partition(length))
+
+    def length_of(self, lengths) -> int:
+        """The global length that splits as ``lengths``: a plain ``int`` when they are the balanced
+        split, else a :class:`Partitioned`."""
+        lengths = tuple(lengths)
+        return sum(lengths) if lengths == balanced_lengths(sum(lengths), self.size) else Partitioned(lengths)
+
     def bounds(self, length: int, rank: int | None = None) -> tuple[int, int]:
         return self.partition(length)[self.rank if rank is None else rank]
 
@@ -277,6 +287,12 @@ def _explicit_partition(lengths: tuple[int, ...]) -> tuple[tuple[int, int], ...]
         out.append((start, start + n))
         start += n
     return tuple(out)
+
+
+def balanced_lengths(length: int, size: int) -> tuple[int, ...]:
+    """Every rank's length under the balanced rule: the first ``length % size`` ranks hold one extra row."""
+    base, extra = divmod(int(length), size)
+    return tuple(base + (1 if r < extra else 0) for r in range(size))
 
 
 @functools.cache

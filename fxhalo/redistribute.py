@@ -80,7 +80,7 @@ def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int, group=None, dst_le
     src = tuple(_all_lengths(int(x.shape[src_dim]), domain))
     n = int(x.shape[dst_dim])
     if dst_lengths is None:
-        dst_lengths = [b - a for a, b in domain.partition(n)]
+        dst_lengths = list(domain.lengths(n))
     dst = tuple(int(d) for d in dst_lengths)
     if sum(dst) != n or len(dst) != domain.size:
         raise FxHaloError(f"redistribute: dst_lengths {dst} do not split {n} rows over {domain.size} ranks")

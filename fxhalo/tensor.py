@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from . import domain as _domain
-from .domain import Partitioned, all_gather_rows, resolve_group
+from .domain import Partitioned, all_gather_rows, balanced_lengths, resolve_group
 from .errors import FxHaloError
 
 __all__ = ["DomainSpec", "DomainTensor", "from_local", "shard", "gather", "gather_domain_tensor", "from_dtensor"]
@@ -51,7 +51,7 @@ class DomainSpec:
     @property
     def balanced(self) -> bool:
         """True when the lengths are the balanced rule's (:class:`~fxhalo.Domain`)."""
-        return self.lengths == _balanced(self.global_length, len(self.lengths))
+        return self.lengths == balanced_lengths(self.global_length, len(self.lengths))
 
     def length(self):
         """The global length as the layouts carry it: an ``int`` when balanced, else a ``Partitioned``."""
@@ -63,11 +63,6 @@ class DomainSpec:
 
     def __str__(self) -> str:
         return f"Shard(dim={self.dim}, partition={list(self.lengths)}, group={self.group_name!r})"
-
-
-def _balanced(n: int, size: int) -> tuple[int, ...]:
-    base, extra = divmod(n, size)
-    return tuple(base + (1 if r < extra else 0) for r in range(size))
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -397,7 +392,7 @@ def shard(
     dim = shard_dim + x.ndim if shard_dim < 0 else shard_dim
     if not 0 <= dim < x.ndim:
         raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x.ndim}-D tensor")
-    lengths = _balanced(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
+    lengths = balanced_lengths(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
     if len(lengths) != size or sum(lengths) != x.shape[dim] or min(lengths) < 0:
         raise FxHaloError(f"fxhalo.shard: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks")
     spec = DomainSpec(pg.group_name, dim, lengths)
@@ -496,7 +491,7 @@ def meta_domain_tensor(x, domain, partition=None):
     if not 0 <= dim < x.ndim:
         return x
     n = x.shape[dim]
-    lengths = tuple(partition) if partition is not None else tuple(b - a for a, b in domain.partition(n))
+    lengths = tuple(partition) if partition is not None else domain.lengths(n)
     if len(lengths) != domain.size or sum(lengths) != n or min(lengths) < 0:
         raise FxHaloError(f"partition {list(lengths)} does not split {n} rows over {domain.size} ranks")
     start = sum(lengths[: domain.rank])

@@ -40,7 +40,7 @@ def own_rows(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tenso
 def all_rows(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
     """The whole of the sharded ``input`` along ``axes``' dim, on every rank (one all-gather)."""
     dim, group_name, domain, length = _domain(axes)
-    lengths = [b - a for a, b in domain.partition(length)]
+    lengths = domain.lengths(length)
     return all_gather_rows(input, domain.dim_of(input.ndim), lengths, group_name)
 
 

@@ -36,6 +36,7 @@ fusions, boundaries, meta refresh) runs unchanged.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -182,7 +183,7 @@ def _align_operands(node, ctx, mode) -> None:
     sharded = [a for a in inputs if isinstance(sharding_of(a), Sharded)]
     if not sharded:
         return
-    target_node = max(sharded, key=lambda a: _numel(global_shape(a)))
+    target_node = max(sharded, key=lambda a: math.prod(global_shape(a)))
     t = sharding_of(target_node)
     if not t.contiguous:
         return
@@ -212,14 +213,7 @@ def _align_operands(node, ctx, mode) -> None:
 
 
 def _lengths(s: Sharded, ctx) -> tuple[int, ...]:
-    return tuple(b - a for a, b in ctx.domain.partition(s.global_length))
-
-
-def _numel(shape) -> int:
-    out = 1
-    for n in shape or ():
-        out *= n
-    return out
+    return ctx.domain.lengths(s.global_length)
 
 
 # -- step 5: too short to shard --------------------------------------------------------------

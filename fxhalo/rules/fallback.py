@@ -37,7 +37,7 @@ class GatherFallback(Rule):
                         f"would need its sharded argument '{leaf.name}' gathered, but its shards are interleaved ({s})",
                         "apply the op before the reshape that interleaved the shards",
                     )
-                gathers[i] = (s.dim, tuple(b - a for a, b in ctx.domain.partition(s.global_length)))
+                gathers[i] = (s.dim, ctx.domain.lengths(s.global_length))
                 shape = list(val.shape)
                 shape[s.dim] = s.global_length
                 fake_mode = val.fake_mode

@@ -25,7 +25,6 @@ import operator
 
 import torch
 
-from ..domain import Partitioned
 from ..layout import Sharded, example_value, sharding_of
 from ..ops import moves
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
@@ -111,15 +110,14 @@ def _scaled_partition(s: Sharded, out: Sharded, ctx) -> Sharded | None:
     """
     if not ctx.global_view:
         return None
-    old = [b - a for a, b in ctx.domain.partition(s.global_length)]
+    old = ctx.domain.lengths(s.global_length)
     n, m = int(s.global_length), int(out.global_length)
     if any(q * m % n for q in old):
         return None
     new = tuple(q * m // n for q in old)
     if new[ctx.domain.rank] != out.local:
         return None
-    balanced = [b - a for a, b in ctx.domain.partition(m)]
-    return dataclasses.replace(out, global_length=m if list(new) == balanced else Partitioned(new))
+    return dataclasses.replace(out, global_length=ctx.domain.length_of(new))
 
 
 class Reshape(LayoutRule):
@@ -366,9 +364,7 @@ class GetItem(Rule):
                 "only, or use options={'fallback': 'gather'}",
             )
         counts = tuple(c for c, _ in moves.rows_of_slice(item, ctx.domain.partition(s.global_length)))
-        balanced = tuple(b - a for a, b in ctx.domain.partition(sum(counts)))
-        length = sum(counts) if counts == balanced else Partitioned(counts)
-        return Sharded(out_dim, counts[ctx.domain.rank], length)
+        return Sharded(out_dim, counts[ctx.domain.rank], ctx.domain.length_of(counts))
 
 
 def _slice_rows_call(node) -> KernelCall:
