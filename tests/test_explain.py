@@ -255,8 +255,10 @@ class _Refusals(nn.Module):
         self.conv = nn.Conv2d(1, 1, 3, padding=1)
 
     def forward(self, x):
-        a = torch.cumsum(self.conv(x), dim=2)  # CUMSUM-LINE
-        b = torch.cumprod(a, dim=2)  # CUMPROD-LINE
+        # A sort returns a tuple: after its refusal, its values must still count as sharded, so
+        # the renorm after it is refused too and the second conv still planned.
+        a = torch.sort(self.conv(x), dim=2).values  # SORT-LINE
+        b = torch.renorm(a, p=2, dim=0, maxnorm=1.0)  # RENORM-LINE (norms over the sharded dim)
         return self.conv(b)
 
 
@@ -264,13 +266,14 @@ class _Refusals(nn.Module):
 def test_refusals_are_rows_and_the_rest_is_still_explained():
     ex = fxhalo.explain(_Refusals(), torch.randn(1, 1, 4, 8), world_size=4, rank=1)
     refused = ex.problems
-    assert [r.op for r in refused] == ["torch.cumsum", "torch.cumprod"]
+    assert [r.op for r in refused] == ["torch.sort", "torch.renorm"]
+    assert refused[0].node == "sort"  # the sort node itself, not its getitem
     assert all("Remedy:" in r.error and "test_explain.py:" in r.source for r in refused)
     # The convs around them are still planned: 2 neighbours * 1 row * 1 * 8 * 4 = 64 B each.
     convs = [r for r in ex.rows if r.op == "torch.conv2d"]
     assert [c.bytes_sent for c in convs] == [64, 64]
     ops = [r.op for r in ex.rows if r.op.startswith("torch.")]  # (not the backend's gradient syncs)
-    assert ops == ["torch.conv2d", "torch.cumsum", "torch.cumprod", "torch.conv2d"]
+    assert ops == ["torch.conv2d", "torch.sort", "torch.renorm", "torch.conv2d"]
     assert "REFUSED" in ex.table and "problem" in ex.table.splitlines()[0]
     assert "REFUSED: 2 problems" in ex.summary
 
@@ -403,7 +406,7 @@ def test_cli_explains_a_factory_by_module_and_by_file(tmp_path):
 
         class M(torch.nn.Module):
             def forward(self, x):
-                return torch.cumsum(x, dim=2)
+                return torch.sort(x, dim=2).values
     """)
     )
     out = _run(["-m", "fxhalo", "explain", f"{model_file}:M", "--input-shape", "1,1,8,8", "--world-size", "2"])

@@ -128,13 +128,18 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
 
 
 def _best_guess(node):
-    """After a refusal: the first sharded input's layout, if the output looks like it."""
+    """After a refusal: the first sharded input's layout, for each output (a tuple's items too, such as a
+    sort's values and indices) that looks like it, so the ops after it are still checked."""
     out = example_value(node)
-    for a in node.all_input_nodes:
-        s = sharding_of(a)
-        if isinstance(s, Sharded) and isinstance(out, torch.Tensor) and out.ndim == example_value(a).ndim:
-            return s
-    return None
+    a = next((a for a in node.all_input_nodes if isinstance(sharding_of(a), Sharded)), None)
+    if a is None:
+        return None
+    s, ndim = sharding_of(a), example_value(a).ndim
+
+    def like(v):
+        return s if isinstance(v, torch.Tensor) and v.ndim == ndim else None
+
+    return tuple(like(v) for v in out) if isinstance(out, (tuple, list)) else like(out)
 
 
 def _decide(node, ctx: PassContext) -> Decision:

@@ -50,15 +50,19 @@ class GraphBreakModel(nn.Module):
         return self.b(y * s)
 
 
-class CumsumModel(nn.Module):
-    """cumsum along the sharded dim has no rule: the gather fallback runs it on the global tensor."""
+class SortModel(nn.Module):
+    """A sort along the sharded dim has no rule: the gather fallback runs it on the global tensor.
+
+    Its output is a (values, indices) tuple, both re-sharded; the values read the rows of
+    other ranks, so a wrong gather or re-shard shows up in "out" and "grad_in".
+    """
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
 
     def forward(self, x):
-        return self.conv(torch.cumsum(self.conv(x), dim=2))
+        return self.conv(torch.sort(self.conv(x), dim=2).values)
 
 
 class LogsumexpModel(nn.Module):
@@ -88,7 +92,7 @@ def _models(rank, world_size):
     out = {}
     out["window"] = _compare(WindowModel(), torch.randn(2, 2, 4 * world_size, 6))
     out["graph_break"] = _compare(GraphBreakModel(), torch.randn(2, 2, 3 * world_size, 5))
-    out["fallback_cumsum"] = _compare(CumsumModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather")
+    out["fallback_sort"] = _compare(SortModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather")
     out["fallback_replicated"] = _compare(
         LogsumexpModel(), torch.randn(1, 2, 3 * world_size, 4), fallback="gather", replicated_output=True
     )
@@ -101,7 +105,7 @@ def results(request):
 
 
 @pytest.mark.timeout(330)
-@pytest.mark.parametrize("name", ["window", "graph_break", "fallback_cumsum", "fallback_replicated"])
+@pytest.mark.parametrize("name", ["window", "graph_break", "fallback_sort", "fallback_replicated"])
 def test_model_matches_one_device(results, name):
     for rank, per_rank in enumerate(results):
         checks, _ = per_rank[name]
@@ -111,6 +115,6 @@ def test_model_matches_one_device(results, name):
 @pytest.mark.timeout(330)
 def test_fallback_warns_with_op_line_and_bytes(results):
     for per_rank in results:
-        _, warned = per_rank["fallback_cumsum"]
-        assert warned and "torch.cumsum" in warned[0] and "test_propagate.py" in warned[0]
+        _, warned = per_rank["fallback_sort"]
+        assert warned and "torch.sort" in warned[0] and "test_propagate.py" in warned[0]
         assert "bytes per call" in warned[0]

@@ -96,10 +96,10 @@ class _FusedAndRefused(nn.Module):
         self.c2 = nn.Conv2d(4, 4, 3, padding=1)
 
     def forward(self, x):
-        return torch.cumsum(self.c2(torch.nn.functional.gelu(self.norm(self.c1(x)))), dim=2)
+        return torch.sort(self.c2(torch.nn.functional.gelu(self.norm(self.c1(x)))), dim=2).values
 
 
 def test_explain_fuses_norm_exchanges_when_something_is_refused_too():
     ex = fxhalo.explain(_FusedAndRefused(), torch.randn(1, 1, 8, 16), world_size=4, rank=1)
-    assert [r.op for r in ex.problems] == ["torch.cumsum"]
+    assert [r.op for r in ex.problems] == ["torch.sort"]
     assert "ops.norm.group_norm_exchange" in [r.kernel for r in ex.rows]  # as the backend would compile it
