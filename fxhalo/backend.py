@@ -130,7 +130,11 @@ class DomainParallelBackend:
     def _global_view(self, gm: torch.fx.GraphModule, example_inputs):
         """Compile a graph Dynamo traced on DomainTensors: partition it, compile the local program,
         and return a function of the DomainTensors (see the module docstring)."""
-        domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
+        group = self.group
+        if group is None:  # no group in the options: the DomainTensors' own (when they agree on one)
+            names = {x._spec.group_name for x in example_inputs if isinstance(x, DomainTensor)}
+            group = names.pop() if len(names) == 1 else None
+        domain = Domain.from_group(group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
         local_inputs = [x._local if isinstance(x, DomainTensor) else x for x in example_inputs]
 
         def build():

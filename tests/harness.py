@@ -101,23 +101,33 @@ def close_normwise(got, want, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[b
 
 
 def check_global_view(
-    model, x: torch.Tensor, *, shard_dim: int = 2, lengths=None, options=None, seed: int = 0, fullgraph: bool = True
+    model,
+    x: torch.Tensor,
+    *,
+    shard_dim: int = 2,
+    lengths=None,
+    options=None,
+    seed: int = 0,
+    fullgraph: bool = True,
+    group=None,
 ):
     """The global view against one device: ``model`` compiled on a DomainTensor of ``x`` split as ``lengths``
-    (default balanced).  Returns ``{check: (ok, max_err)}`` for ``out`` (this rank's slab of the output,
-    which must be a DomainTensor), ``grad_in`` (the gradient that reached this rank's input slab) and
-    ``grad_<param>`` (weight gradients, norm-wise).  ``fullgraph=False`` for models with graph breaks."""
+    (default balanced) over ``group`` (default WORLD).  Returns ``{check: (ok, max_err)}`` for ``out`` (this
+    rank's slab of the output, which must be a DomainTensor), ``grad_in`` (the gradient that reached this
+    rank's input slab) and ``grad_<param>`` (weight gradients, norm-wise).  ``fullgraph=False`` for models
+    with graph breaks.  With a ``group``, only its ranks call this (``from_local`` skips its check, which
+    runs over WORLD)."""
     import fxhalo
 
     ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
-    whole = fxhalo.shard(x, shard_dim, lengths=lengths)
+    whole = fxhalo.shard(x, shard_dim, group, lengths=lengths)
     x_local = whole.to_local().detach().requires_grad_()
-    x_global = fxhalo.from_local(x_local, shard_dim, lengths=whole.partition)
+    x_global = fxhalo.from_local(x_local, shard_dim, group, lengths=whole.partition, run_check=group is None)
     options = {"compiler": "aot_eager", **(options or {})}
     y = torch.compile(model, backend="domain_parallel", options=options, fullgraph=fullgraph)(x_global)
     if not isinstance(y, fxhalo.DomainTensor):
         raise AssertionError(f"the output is a {type(y).__name__}, not a DomainTensor")
-    rank = torch.distributed.get_rank()
+    rank = torch.distributed.get_rank(group)
     a, b = y.spec.bounds(rank)
     dim = y.spec.dim
     y.to_local().backward(grad_out.narrow(dim, a, b - a))

@@ -194,7 +194,9 @@ def _run(rank, world):
     xo = fxhalo.from_local(slab, 2, group=other)
     torch._dynamo.reset()
     out["other_group"] = _raises(
-        lambda: torch.compile(grid, backend="domain_parallel", options={"compiler": "aot_eager"})(xo)
+        lambda: torch.compile(
+            grid, backend="domain_parallel", options={"compiler": "aot_eager", "group": dist.group.WORLD}
+        )(xo)
     )
     return out
 
