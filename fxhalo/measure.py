@@ -285,7 +285,7 @@ def _with_grad(node, fake):
     the placeholders' fakes no longer say which inputs require grad; Dynamo's
     ``grapharg`` still knows.
     """
-    if not isinstance(fake, torch.Tensor) or fake.requires_grad or not fake.dtype.is_floating_point:
+    if not isinstance(fake, torch.Tensor) or fake.requires_grad or not (fake.is_floating_point() or fake.is_complex()):
         return fake
     grapharg = node.meta.get("grapharg")
     wanted = getattr(getattr(grapharg, "fake_tensor", None), "requires_grad", None)

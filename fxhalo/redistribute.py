@@ -40,7 +40,13 @@ def redistribute_slab(
     size is a Python number."""
     if x.is_complex():
         out = redistribute_slab(
-            torch.view_as_real(x), src_dim % x.ndim, dst_dim % x.ndim, group_name, src_lengths, dst_lengths, rank
+            torch.view_as_real(x.resolve_conj()),
+            src_dim % x.ndim,
+            dst_dim % x.ndim,
+            group_name,
+            src_lengths,
+            dst_lengths,
+            rank,
         )
         return torch.view_as_complex(out)
     src_dim, dst_dim = src_dim % x.ndim, dst_dim % x.ndim

@@ -219,6 +219,8 @@ def _trace(func, args, kwargs, mine):
     def wrap(o):
         if not isinstance(o, torch.Tensor):
             return o
+        if o.is_conj() or o.is_neg():  # the wrapper carries no lazy bits: ops on it would see them unresolved
+            o = o.resolve_conj().resolve_neg()
         return DomainTensor(o, spec, tuple(o.shape), device=device, strides=o.stride())
 
     return pytree.tree_map(wrap, out)

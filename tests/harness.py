@@ -36,8 +36,14 @@ def batches_of(cases, batch: int, key=lambda case: case.shard_dim):
             yield indices[start : start + batch]
 
 
+def _real(t):
+    """Complex tensors compare as their real views (``.double()`` would drop the imaginary part)."""
+    return torch.view_as_real(t.detach().resolve_conj()) if t is not None and t.is_complex() else t
+
+
 def close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[bool, float]:
     """``(allclose, max abs error)`` with the project's fp32 tolerances."""
+    got, want = _real(got), _real(want)
     if got is None or want is None:
         return got is None and want is None, 0.0 if got is None and want is None else math.inf
     if got.shape != want.shape:
@@ -94,6 +100,7 @@ def check_against_one_device(
 
 def close_normwise(got, want, atol: float = 1e-5, rtol: float = 1e-4) -> tuple[bool, float]:
     """The weight-gradient criterion (sums of many terms): ``max|a-b| <= atol + rtol * max|ref|``."""
+    got, want = _real(got), _real(want)
     if got is None or want is None or got.shape != want.shape:
         return False, math.inf
     err = (got.detach().double() - want.detach().double()).abs().max().item()

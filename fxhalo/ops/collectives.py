@@ -70,6 +70,8 @@ def all_reduce_sum(t: torch.Tensor, group_name: str) -> torch.Tensor:
     returns each copy's gradient to its sender, where the copies' gradients add up:
     the same partial -> full sum as the all_reduce's backward.
     """
+    if t.is_complex():  # collectives take real tensors: sum the real view
+        return torch.view_as_complex(all_reduce_sum(torch.view_as_real(t.resolve_conj()), group_name))
     t = t.contiguous()
     if sums_by_exchange(t, group_name):
         size = group_size(group_name)

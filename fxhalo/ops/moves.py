@@ -10,6 +10,8 @@
 * :func:`repartition` moves rows between ranks so that a sharded tensor takes another
   partition of the same global length (a resampled tensor meeting a skip connection
   split another way).
+* :func:`slice_rows` and :func:`set_rows` read and write a slice of the sharded dim in
+  global rows: each rank touches the selected rows it holds (no communication).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis
 from ..halo import halo_exchange
 from .rows import halo_plan
 
-__all__ = ["own_rows", "all_rows", "repartition"]
+__all__ = ["own_rows", "all_rows", "repartition", "slice_rows", "set_rows"]
 
 
 def _domain(axes: tuple[ShardAxis, ...]):
@@ -93,6 +95,23 @@ def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> to
     _, local = rows_of_slice(items[at], domain.partition(length))[domain.rank]
     items[at] = local
     return input[tuple(items)]
+
+
+def set_rows(target: torch.Tensor, index, value, *, axes: tuple[ShardAxis, ...]) -> None:
+    """``target[index] = value`` where ``index`` slices the sharded dim of ``target`` in global rows and
+    ``value`` holds, on every rank, the selected rows that rank's ``target`` holds (in place; no
+    communication)."""
+    dim, _, domain, length = _domain(axes)
+    dim = domain.dim_of(target.ndim)
+    items = list(expand_index(index, target.ndim))
+    at = _item_of_dim(items, dim)
+    _, local = rows_of_slice(items[at], domain.partition(length))[domain.rank]
+    items[at] = local
+    target[tuple(items)] = value
+
+
+# A setitem replaced by set_rows has no users; FX must not drop it as dead code.
+torch.fx.node.has_side_effect(set_rows)
 
 
 def _item_of_dim(items, dim: int) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -45,10 +46,11 @@ from .. import rules
 from ..errors import FxHaloError
 from ..geometry import TooShort
 from ..layout import LAYOUT, Items, Layout, Sharded, as_layout, example_value, is_tensor_node, sharding_of
+from ..layout import split as layout_split
 from ..ops import moves
 from ..rules import DECISION
 from ..rules.local import Elementwise
-from ..rules.shape import Cat, reshape_sharding
+from ..rules.shape import Cat, assigned_dim, reshape_sharding
 from .context import PassContext
 
 __all__ = ["GLOBAL_VALUE", "localize", "global_shape"]
@@ -100,6 +102,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
 def _decide(node, ctx, mode, propagate):
     _localize_shape_args(node)
     _align_operands(node, ctx, mode)
+    _shard_assigned_target(node, ctx, mode)
     _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
     try:
         decision = propagate._decide(node, ctx)
@@ -210,6 +213,67 @@ def _align_operands(node, ctx, mode) -> None:
         local[dim] = t.local
         _set_value(moved, _empty(local, example_value(a), mode))
         node.replace_input_with(a, moved)
+
+
+def _insert_move(node, a, kernel, args, axes, layout: Sharded, mode):
+    """Insert ``kernel(*args, axes=axes)`` before ``node`` as the moved version of its input ``a``."""
+    with node.graph.inserting_before(node):
+        moved = node.graph.call_function(kernel, args, {"axes": axes})
+    _copy_source(moved, node)
+    moved.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
+    moved.meta[LAYOUT] = Layout((layout,))
+    local = list(global_shape(a))
+    local[layout.dim] = layout.local
+    _set_value(moved, _empty(local, example_value(a), mode))
+    return moved
+
+
+def _shard_assigned_target(node, ctx, mode) -> None:
+    """Before ``target[index] = value`` with a sharded value: a replicated target (a zero buffer the
+    values are written into) is sharded where the value's sharded dim lands (balanced; a free slice),
+    for this write and every later use; and the value's rows move when they are not split as the rows
+    they are written to."""
+    if node.op != "call_function" or node.target is not operator.setitem:
+        return
+    target, index, value = node.args
+    st, sv = sharding_of(target), sharding_of(value)
+    t_shape, v_shape = global_shape(target), global_shape(value)
+    if not isinstance(sv, Sharded) or not sv.contiguous or t_shape is None or v_shape is None:
+        return
+    if st is None:
+        dims = [
+            d
+            for d in range(len(t_shape))
+            if (assigned_dim(index, len(t_shape), len(v_shape), d) or (0, -1))[1] == sv.dim
+        ]
+        if len(dims) != 1 or t_shape[dims[0]] < ctx.domain.size:
+            return  # the rule refuses
+        n = t_shape[dims[0]]
+        st = layout_split(dims[0], n, ctx.domain)
+        moved = _insert_move(node, target, moves.own_rows, (target,), ctx.domain.kernel_axes(st.dim, n), st, mode)
+        later = node
+        while later.op != "output":  # this write and every later use read the sharded buffer
+            later.replace_input_with(target, moved)
+            later = later.next
+        later.replace_input_with(target, moved)
+        target = moved
+    if not isinstance(st, Sharded):
+        return
+    found = assigned_dim(index, len(t_shape), len(v_shape), st.dim)
+    if found is None or isinstance(found[0], int) or found[1] != sv.dim:
+        return
+    item, _ = found
+    part = ctx.domain.partition(st.global_length)
+    want = (
+        tuple(b - a for a, b in part)
+        if item == slice(None, None, None)
+        else tuple(c for c, _ in moves.rows_of_slice(item, part))
+    )
+    if sum(want) != int(sv.global_length) or want == _lengths(sv, ctx):
+        return
+    axes = ctx.domain.kernel_axes(sv.dim, sv.global_length)
+    layout = Sharded(sv.dim, want[ctx.domain.rank], ctx.domain.length_of(want))
+    node.replace_input_with(value, _insert_move(node, value, moves.repartition, (value, want), axes, layout, mode))
 
 
 def _lengths(s: Sharded, ctx) -> tuple[int, ...]:

@@ -3,8 +3,9 @@
 * **Elementwise** ops (arithmetic, activations, dropout, dtype casts): every output
   element depends on the same position of each input, so they are local as long
   as all sharded inputs agree on the sharded dim and no replicated input spans it.
-* **Channel-only** ops (``F.linear``; ``F.prelu``, whose weight is per channel):
-  local as long as the dim they mix or weight is not the sharded one.  (Softmax,
+* **Channel-only** ops (``F.prelu``, whose weight is per channel): local as long as
+  the dim they weight is not the sharded one.  (``F.linear``, which contracts its last
+  dim, lives in :mod:`fxhalo.rules.matmul`.)  (Softmax,
   local over another dim and global along the sharded one, lives in
   :mod:`fxhalo.rules.reduce`.)
 
@@ -116,10 +117,6 @@ class ChannelOnly(Rule):
         return Decision(s.moved(s.dim + out.ndim - example_value(src).ndim))
 
 
-def _last_dim(node) -> int:
-    return example_value(node.all_input_nodes[0]).ndim - 1
-
-
 ELEMENTWISE = Elementwise()
 
 
@@ -127,7 +124,6 @@ register_op(ELEMENTWISE, *_ELEMENTWISE_NAMES, *_ACTIVATIONS, inplace=True)
 register(ELEMENTWISE, *(getattr(operator, n) for n in _OPERATORS))
 register(ELEMENTWISE, *_METHODS, op="call_method")
 
-register_op(ChannelOnly(_last_dim), "linear")
 # PReLU's weight is per channel (dim 1): local unless the channel dim itself is sharded
 register_op(ChannelOnly(lambda node: 1), "prelu")
 
@@ -160,5 +156,5 @@ OTHER_LOCAL_MODULES: tuple[type, ...] = tuple(
 #: torch.nn module types local under any sharding (what convert leaves in place)
 LOCAL_MODULES: tuple[type, ...] = (*MODULE_OPS, *OTHER_LOCAL_MODULES)
 #: torch.nn module type -> the dim it mixes, counted from the end: local when that dim is not the
-#: sharded one (the :class:`ChannelOnly` rule of ``F.linear``)
+#: sharded one (as the compiled ``F.linear`` rule, :mod:`fxhalo.rules.matmul`, finds it local)
 CHANNEL_ONLY_MODULES: dict[type, int] = {torch.nn.Linear: -1, torch.nn.LazyLinear: -1, torch.nn.Bilinear: -1}

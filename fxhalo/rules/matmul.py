@@ -1,4 +1,4 @@
-"""Matrix products (``@``, ``matmul``, ``bmm``): local unless the shard is the contracted dim.
+"""Products (``@``, ``matmul``, ``bmm``, ``linear``, ``einsum``): local, or a sum when they contract the shard.
 
 ``a @ b`` with ``a`` of shape ``(..., n, k)`` and ``b`` of shape ``(..., k, m)``
 contracts ``k``; the leading dims are batch dims, broadcast from the right.  Along
@@ -10,21 +10,70 @@ the sharded dim, each rank's output rows then need only its own rows when the sh
 * the row dim ``n`` of ``a`` (``b`` replicated): tokens times weights;
 * the column dim ``m`` of ``b`` (``a`` replicated).
 
-A shard on the contracted dim ``k`` leaves each rank a partial sum; that needs a sum
-over the ranks (or a redistribution) and is refused until fxhalo has a contraction
-kernel.  1-D operands (vector products) are refused when sharded.
+A shard on the contracted dim ``k`` leaves each rank a partial sum: the product runs
+on each rank's rows (a replicated operand cut to them, in the global view) and one
+sum over the ranks makes the replicated result (:func:`fxhalo.ops.contract.product`).
+``F.linear`` over a sharded feature dim is the same contraction (the bias added once,
+after the sum), and ``torch.einsum`` follows the same two cases by its indices.
+1-D operands (vector products) are refused when sharded.
 """
 
 from __future__ import annotations
 
 import operator
 
+import torch
+
 from ..layout import Sharded, example_value, sharding_of
-from . import LayoutRule, register, register_op
+from ..ops import contract
+from . import Decision, KernelCall, Rule, register, register_op
 
 
-class MatmulRule(LayoutRule):
+def contraction(node, ctx, operands, layouts, dims: tuple[int, int], name: str, bias=None) -> Decision:
+    """The decision for a product that contracts the sharded dim: operand ``i``'s contracted dim is
+    ``dims[i]``.  A sharded operand must be sharded there; a replicated one spanning it is cut to
+    each rank's rows (global view only).  The partial products are summed once: a replicated output."""
+    s = next(lay for lay in layouts if lay is not None)
+    narrow = []
+    for x, lay, d in zip(operands, layouts, dims):
+        v = example_value(x)
+        if lay is not None:
+            if not isinstance(lay, Sharded) or lay.dim != d or not lay.same_layout(s) or not lay.contiguous:
+                ctx.refuse(
+                    node,
+                    f"contracts operands laid out differently ({', '.join(str(lay) for lay in layouts)})",
+                    "shard both operands alike along the contracted dim, or one of them only",
+                )
+            narrow.append(None)
+        elif v.shape[d] == int(s.global_length) and ctx.global_view:
+            narrow.append(d)
+        else:
+            ctx.refuse(
+                node,
+                "contracts the sharded dim against a replicated operand of another length",
+                "pass DomainTensors (the global view cuts the replicated operand to each rank's rows)",
+            )
+    narrow = tuple(narrow)
+
+    def call(node) -> KernelCall:
+        kwargs = {} if bias is None else {"bias": node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")}
+        return KernelCall(contract.product, (name, list(node.args[:2]), narrow, True), kwargs)
+
+    return Decision(None, call, s)
+
+
+class MatmulRule(Rule):
     name = "matmul"
+
+    def decide(self, node, ctx) -> Decision:
+        a, b = node.args[:2]
+        sa, sb = sharding_of(a), sharding_of(b)
+        va, vb = example_value(a), example_value(b)
+        pa = None if sa is None else sa.dim - va.ndim
+        pb = None if sb is None else sb.dim - vb.ndim
+        if (pa == -1 or pb == -2) and va.ndim >= 2 and vb.ndim >= 2:
+            return contraction(node, ctx, [a, b], [sa, sb], (va.ndim - 1, vb.ndim - 2), "matmul")
+        return Decision(self.layout(node, ctx))
 
     def layout(self, node, ctx):
         a, b = node.args[:2]
@@ -37,12 +86,6 @@ class MatmulRule(LayoutRule):
         # Positions counted from the right: -1 and -2 are the matrix dims, the rest batch dims.
         pa = None if sa is None else sa.dim - va.ndim
         pb = None if sb is None else sb.dim - vb.ndim
-        if pa == -1 or pb == -2:
-            ctx.refuse(
-                node,
-                "contracts the sharded dim, which leaves each rank a partial sum",
-                "shard a batch or row dim instead, or gather the operand first (fxhalo.gather)",
-            )
         if pa == -2 or pb == -1:  # rows of a, or columns of b: the other operand must be whole
             if sa is not None and sb is not None:
                 ctx.refuse(
@@ -78,3 +121,113 @@ MATMUL = MatmulRule()
 register_op(MATMUL, "matmul", "bmm")
 register(MATMUL, operator.matmul, operator.imatmul)
 register(MATMUL, "__matmul__", op="call_method")
+
+
+# -- einsum ------------------------------------------------------------------------------------
+
+
+def einsum_terms(equation: str, ndims: list[int]) -> tuple[list[list[str]], list[str]]:
+    """Each operand's index per dim and the output's, with ``...`` spelled out as one token per
+    broadcast dim (aligned from the right, as torch aligns them) and the implicit output made explicit."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    raw = lhs.split(",")
+    widths = [nd - len(t.replace("...", "")) if "..." in t else 0 for t, nd in zip(raw, ndims)]
+    width = max(widths, default=0)
+    ell = [f"...{i}" for i in range(width)]
+
+    def spell(t: str, w: int) -> list[str]:
+        head, dots, tail = t.partition("...")
+        return [*head, *(ell[width - w :] if dots else []), *tail]
+
+    terms = [spell(t, w) for t, w in zip(raw, widths)]
+    if arrow:
+        out = spell(rhs, width)
+    else:
+        letters = [c for t in raw for c in t.replace("...", "")]
+        out = [*ell, *sorted(c for c in set(letters) if letters.count(c) == 1)]
+    return terms, out
+
+
+class EinsumRule(Rule):
+    """``torch.einsum`` with sharded operands: local when the sharded index survives into the output,
+    a partial sum over the ranks (one all-reduce) when the product contracts it."""
+
+    name = "einsum"
+
+    @staticmethod
+    def _operands(node) -> list:
+        rest = list(node.args[1:])
+        return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+    def decide(self, node, ctx) -> Decision:
+        operands = self._operands(node)
+        layouts = [sharding_of(x) for x in operands]
+        sharded = [(i, s) for i, s in enumerate(layouts) if s is not None]
+        if not sharded:
+            return Decision()
+        values = [example_value(x) for x in operands]
+        terms, out_terms = einsum_terms(node.args[0], [v.ndim for v in values])
+        letters = {terms[i][s.dim] for i, s in sharded}
+        first = sharded[0][1]
+        if len(letters) != 1 or not all(isinstance(s, Sharded) and s.same_layout(first) for _, s in sharded):
+            ctx.refuse(
+                node,
+                "takes operands sharded along different indices or partitions: "
+                + ", ".join(f"{terms[i][s.dim]} {s}" for i, s in sharded),
+                "shard the operands alike along one index",
+            )
+        (index,) = letters
+        narrow = []
+        for i, (term, v) in enumerate(zip(terms, values)):
+            if term.count(index) > 1:
+                ctx.refuse(node, f"repeats the sharded index {index!r} in one operand", "gather it first")
+            if layouts[i] is not None or index not in term or v.shape[term.index(index)] == 1:
+                narrow.append(None)
+                continue
+            pos = term.index(index)
+            if v.shape[pos] != int(first.global_length) or not ctx.global_view:
+                ctx.refuse(
+                    node,
+                    f"broadcasts replicated operand {i} of shape {tuple(v.shape)} against the sharded index {index!r}",
+                    "shard that operand too, or pass DomainTensors (the global view cuts it to each rank's rows)",
+                )
+            narrow.append(pos)
+        contracts = index not in out_terms
+        out = None if contracts else Sharded(out_terms.index(index), first.local, first.global_length)
+        if not contracts and all(n is None for n in narrow):
+            return Decision(out)
+        equation, narrow = node.args[0], tuple(narrow)
+
+        def call(node) -> KernelCall:
+            return KernelCall(
+                contract.product, ("einsum", self._operands(node), narrow, contracts), {"prefix": (equation,)}
+            )
+
+        return Decision(out, call, first)
+
+
+register(EinsumRule(), torch.einsum, torch.functional.einsum)
+
+
+class LinearRule(Rule):
+    """``F.linear(x, weight, bias)``: local unless the feature dim (the last) is sharded, which it contracts."""
+
+    name = "linear"
+
+    def decide(self, node, ctx) -> Decision:
+        x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        s = sharding_of(x)
+        for p in node.all_input_nodes[1:]:
+            if sharding_of(p) is not None:
+                ctx.refuse(node, f"takes sharded tensor '{p.name}' as a parameter", "pass replicated parameters")
+        if s is None:
+            return Decision()
+        nd = example_value(x).ndim
+        if s.dim != nd - 1:
+            return Decision(s)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return contraction(node, ctx, [x, w], [s, None], (nd - 1, 1), "linear", bias=bias)
+
+
+register_op(LinearRule(), "linear")

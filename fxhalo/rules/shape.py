@@ -393,6 +393,90 @@ class Narrow(LayoutRule):
         return s.moved(s.dim - 1 if self.removes_dim and dim < s.dim else s.dim)
 
 
+def assigned_dim(index, target_ndim: int, value_ndim: int, dim: int):
+    """For ``target[index] = value``: ``(the index item at target dim dim, the value's dim that lands on
+    it or None)``, or ``None`` when the index is not basic (ints, slices, ``None``, ``...``).  The value
+    broadcasts against ``target[index]`` from the right."""
+    items = moves.expand_index(index, target_ndim)
+    if not all(i is None or isinstance(i, (int, slice)) for i in items):
+        return None
+    in_dim = out_dim = 0
+    found = None
+    for item in items:
+        if item is None:
+            out_dim += 1
+            continue
+        if in_dim == dim:
+            found = (item, out_dim if isinstance(item, slice) else None)
+        out_dim += isinstance(item, slice)
+        in_dim += 1
+    if found is None:  # dim lies past the explicit items
+        found = (slice(None), out_dim + dim - in_dim)
+    item, at = found
+    if at is None:
+        return item, None
+    vdim = at - (out_dim + target_ndim - in_dim) + value_ndim
+    return item, vdim if vdim >= 0 else None
+
+
+class SetItem(Rule):
+    """``target[index] = value`` (in place) with a sharded target.
+
+    A target sharded along a dim the index leaves whole takes a value sharded alike there
+    (or with size 1): local.  In the global view, a slice of the sharded dim is written by
+    :func:`fxhalo.ops.moves.set_rows` (each rank writes the selected rows it holds; the value
+    must hold them: the localize pass moves its rows when not).  A replicated target that
+    gets sharded values is sharded first by the localize pass (the spectral buffer of an
+    FNO layer, ``out_ft[:, :, :m1, :m2] = ...``)."""
+
+    name = "setitem"
+
+    def decide(self, node, ctx) -> Decision:
+        target, index, value = node.args
+        st, sv = sharding_of(target), sharding_of(value)
+        if st is None and sv is None:
+            return Decision()
+        if not isinstance(st, Sharded) or not st.contiguous:
+            ctx.refuse(
+                node,
+                f"writes values laid out as {sv} into a tensor laid out as {st or 'replicated'}",
+                "pass DomainTensors (the global view shards the target), or build the tensor from sharded ops",
+            )
+        v = example_value(value) if hasattr(value, "meta") else None
+        found = assigned_dim(index, example_value(target).ndim, getattr(v, "ndim", 0), st.dim)
+        if found is None or found[0] is None or isinstance(found[0], int):
+            ctx.refuse(
+                node,
+                f"indexes the sharded dim {st.dim} with {index!r}",
+                "index the sharded dim with a slice, or gather the tensor first",
+            )
+        item, vdim = found
+        whole = item == slice(None, None, None)
+        if whole:
+            lengths = ctx.domain.lengths(st.global_length)
+        else:
+            GetItem._sliced(node, ctx, st, item, st.dim)  # the same checks (and refusals) as a read
+            lengths = tuple(c for c, _ in moves.rows_of_slice(item, ctx.domain.partition(st.global_length)))
+        if isinstance(sv, Sharded) and vdim is not None and sv.dim == vdim:
+            if ctx.domain.lengths(sv.global_length) != tuple(lengths):
+                ctx.refuse(
+                    node,
+                    f"writes a value laid out as {sv} into rows split as {list(lengths)}",
+                    "shard the value like the rows it is written to",
+                )
+        elif sv is not None:
+            ctx.refuse(node, f"writes a value sharded as {sv} across the unsharded dims", "shard it alike")
+        elif vdim is not None and v is not None and v.shape[vdim] != 1:
+            ctx.refuse(
+                node,
+                f"writes a value laid out as {sv or 'replicated'} into rows split as {list(lengths)}",
+                "shard the value like the rows it is written to",
+            )
+        if whole:
+            return Decision()
+        return Decision(None, lambda node: KernelCall(moves.set_rows, tuple(node.args)), st)
+
+
 register_op(Reshape(), "reshape", "flatten", "unflatten", "view")
 register_op(Permute(), "permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims")
 register_op(Unsqueeze(), "unsqueeze")
@@ -403,5 +487,6 @@ register_op(Split(removes_dim=True), "unbind")
 register_op(Cat(), "cat", "concat", "concatenate")
 register_op(Cat(stacks=True), "stack")
 register(GetItem(), operator.getitem)
+register(SetItem(), operator.setitem)
 register_op(Narrow(removes_dim=False), "narrow")
 register_op(Narrow(removes_dim=True), "select")

@@ -7,7 +7,15 @@ other ranks wait at a barrier), uneven rows throughout and one arbitrary partiti
   ties included): ``out`` wrong points at the prefix of the ranks before (or its order),
   ``grad_in`` wrong with ``out`` right at the gather's backward;
 - matrix products with the shard on a row or batch dim, and ``F.prelu`` (channel weight):
-  local, their weight gradients summed over the ranks.
+  local, their weight gradients summed over the ranks;
+- Fourier transforms over the shard (every ``torch.fft`` op with ``s=``, ``dim=``, ``norm=``,
+  on 1-D, 2-D and 3-D transforms): ``out`` wrong points at the plan (the order of the
+  one-dimensional transforms, the carrier), ``grad_in`` at the move's backward; an FNO
+  block of our own (tests/spectral_models.py): rfft2, low modes mixed over channels by
+  ``einsum`` and written into a zero buffer, irfft2;
+- contractions of the shard: a token-mixing MLP (``Linear`` over the tokens) and an
+  ``einsum``/``matmul`` basis transform over the latitude: one all-reduce each;
+- an FFT with no dim to carry the shard is refused on every rank.
 
 Each case is compiled in the global view with ``aot_eager`` (``check_global_view``).
 """
@@ -18,9 +26,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.harness import check_global_view, run_ranks
 from tests.passes.graphs import Lambda
+from tests.spectral_models import FNOBlock
 
 WORLD_SIZES = (2, 3, 4)
 
@@ -71,11 +81,84 @@ class PReLUBlock(nn.Module):
         return self.act(self.conv(x))
 
 
+def _real(t):
+    return torch.view_as_real(t.resolve_conj())
+
+
+#: FFTs of a [B, C, H, W] field sharded along H: over the shard, with s=, dim= and norm=
+FFTS_2D = {
+    "fft along H": lambda x: _real(torch.fft.fft(x, dim=2)),
+    "ifft along H, n padded, ortho": lambda x: _real(torch.fft.ifft(x, n=x.shape[2] + 2, dim=2, norm="ortho")),
+    "rfft along H, forward norm": lambda x: _real(torch.fft.rfft(x, dim=-2, norm="forward")),
+    "irfft along H": lambda x: torch.fft.irfft(x, dim=2),
+    "hfft along H": lambda x: torch.fft.hfft(x, dim=2),
+    "ihfft along H": lambda x: _real(torch.fft.ihfft(x, dim=2)),
+    "rfft2 -> irfft2 with s": lambda x: torch.fft.irfft2(torch.fft.rfft2(x) * 2, s=x.shape[-2:]),
+    "fft2 over (W, H)": lambda x: _real(torch.fft.fft2(x, dim=(3, 2))),
+    "ifft2 with s padded": lambda x: _real(torch.fft.ifft2(x, s=(x.shape[2] + 3, 8))),
+    "rfft2 with H the real dim": lambda x: _real(torch.fft.rfft2(x, dim=(3, 2))),
+    "irfft2 with H the real dim": lambda x: torch.fft.irfft2(x, dim=(3, 2), norm="ortho"),
+    "fftn over C, H, W": lambda x: _real(torch.fft.fftn(x, dim=(1, 2, 3))),
+    "ifftn over every dim": lambda x: torch.view_as_complex(_real(torch.fft.ifftn(x))).real,
+    "rfftn with s": lambda x: _real(torch.fft.rfftn(x, s=(x.shape[2], 8))),
+    "irfftn(rfftn) over H, W": lambda x: torch.fft.irfftn(torch.fft.rfftn(x, dim=(2, 3)), dim=(2, 3)),
+    "fft of W only: local": lambda x: torch.fft.fft(x, dim=3).imag,
+}
+#: FFTs of a [B, C, D, H, W] volume sharded along D
+FFTS_3D = {
+    "3-D: rfftn over D, H, W": lambda x: _real(torch.fft.rfftn(x, dim=(2, 3, 4))),
+    "3-D: irfftn(rfftn) with s": lambda x: torch.fft.irfftn(torch.fft.rfftn(x, dim=(2, 3, 4)), s=x.shape[2:]),
+    "3-D: fftn over D, H, ortho": lambda x: _real(torch.fft.fftn(x, dim=(2, 3), norm="ortho")),
+}
+
+
+class TokenMixing(nn.Module):
+    """MLP-Mixer's token mixing over a sharded sequence: two Linears along the tokens, a residual."""
+
+    def __init__(self, tokens: int, hidden: int = 5):
+        super().__init__()
+        self.mix1, self.mix2 = nn.Linear(tokens, hidden), nn.Linear(hidden, tokens)
+
+    def forward(self, x):  # [B, C, T], T sharded
+        return x + self.mix2(F.gelu(self.mix1(x)))
+
+
+class LegendreLike(nn.Module):
+    """A transform by a basis over the sharded latitude (einsum contracting H), filtered, and back."""
+
+    def __init__(self, rows: int, modes: int = 4):
+        super().__init__()
+        self.basis = nn.Parameter(torch.randn(modes, rows) / rows)
+        self.gain = nn.Parameter(torch.randn(modes, 1))
+
+    def forward(self, x):  # [B, C, H, W], H sharded
+        coeffs = torch.einsum("bchw,lh->bclw", x, self.basis)  # a partial sum on every rank: one all-reduce
+        back = torch.einsum("bclw,lh->bchw", coeffs * self.gain, self.basis)
+        return x + torch.matmul(x.transpose(2, 3), self.basis.t()).mean() + back
+
+
+def _fft_models():
+    return {f"fft: {name}": Lambda(fn) for name, fn in FFTS_2D.items()}
+
+
 def _models():
     models = {f"scan: {name}": Lambda(fn) for name, fn in SCANS.items()}
     models["matmul: tokens @ weight, batched"] = TokenMatmul()
     models["prelu after a conv"] = PReLUBlock()
     return models
+
+
+def _refused_without_carrier(group):
+    """An FFT over every dim of a tensor whose other dims are too short to carry the shard."""
+    import fxhalo
+
+    torch._dynamo.reset()
+    x = fxhalo.shard(torch.randn(1, 1, 9, 1), 2, group)
+    try:
+        torch.compile(Lambda(torch.fft.fftn), backend="domain_parallel", options={"compiler": "aot_eager"})(x)
+    except fxhalo.FxHaloError as e:
+        return "no other dim can carry the shard" in str(e) and "Remedy" in str(e) and "fftn" in str(e)
+    return False
 
 
 def _run(rank, world_size):
@@ -88,9 +171,27 @@ def _run(rank, world_size):
             res = {}
             for name, model in _models().items():
                 res[name] = check_global_view(model, x, group=group)
+            field = torch.randn(2, 3, 4 * P + 1, 6)
+            for name, model in _fft_models().items():
+                res[name] = check_global_view(model, field, group=group)
+            res["fno block"] = check_global_view(FNOBlock(), torch.randn(1, 4, 4 * P + 1, 12), group=group)
+            volume = torch.randn(1, 2, 2 * P + 1, 4, 6)
+            for name, fn in FFTS_3D.items():
+                res[name] = check_global_view(Lambda(fn), volume, group=group)
+            tokens = torch.randn(2, 3, 4 * P + 1)
+            res["token-mixing MLP over the shard"] = check_global_view(TokenMixing(4 * P + 1), tokens, group=group)
+            res["einsum and matmul contracting the shard"] = check_global_view(
+                LegendreLike(4 * P + 1), field, group=group
+            )
+            res["fft over every dim, nothing to carry the shard: refused"] = {
+                "refused": (_refused_without_carrier(group), 0.0)
+            }
             if P == 4:
                 res["scan: cumsum, partition [3, 1, 9, 4]"] = check_global_view(
                     Lambda(SCANS["cumsum"]), torch.randn(2, 3, 17, 5), lengths=[3, 1, 9, 4]
+                )
+                res["fno block, partition [1, 3, 7, 6]"] = check_global_view(
+                    FNOBlock(), torch.randn(1, 4, 17, 12), lengths=[1, 3, 7, 6]
                 )
                 res["scan: cummax, partition [3, 1, 9, 4]"] = check_global_view(
                     Lambda(SCANS["cummax values + indices"]), torch.randn(2, 3, 17, 5), lengths=[3, 1, 9, 4]

@@ -36,6 +36,9 @@ def _names() -> dict[int, str]:
         for name in dir(ns):  # sorted: the first spelling wins, as it did when searched one by one
             if not name.startswith("__"):
                 names.setdefault(id(getattr(ns, name, None)), name)
+    for name in dir(torch.fft):  # written torch.fft.X: named "fft.X"
+        if not name.startswith("_"):
+            names.setdefault(id(getattr(torch.fft, name)), f"fft.{name}")
     return names
 
 

@@ -54,6 +54,7 @@ def _candidates(x, y, z, mask):
         (x, torch.float64),
         (xb,),
         (xb, yb),
+        (torch.complex(x, y),),  # the complex parts (Tensor.real/imag)
     ]
 
 

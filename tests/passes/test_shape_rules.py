@@ -12,7 +12,7 @@ import torch
 from fxhalo import FxHaloError
 from fxhalo.layout import Sharded, sharding_of
 from fxhalo.rules.shape import reshape_sharding
-from tests.passes.graphs import Lambda, passes_on
+from tests.passes.graphs import Lambda, passes_on, targets
 
 
 def output_sharding(model, *inputs, **overrides):
@@ -74,6 +74,12 @@ def test_window_partition_and_reverse():
     assert back == Sharded(2, 8, 32)
 
 
+def _write_slab_into_replicated(x):
+    buf = torch.zeros(2, 3, 8, 6)  # on the plain path a slab's shape: replicated
+    buf[:, :, :, :] = x
+    return buf
+
+
 @pytest.mark.parametrize(
     "fn, op, match",
     [
@@ -87,7 +93,8 @@ def test_window_partition_and_reverse():
         (lambda x, y: torch.cat([x, y], dim=1), "torch.cat", "not all sharded alike"),
         (lambda x: torch.roll(x, 1), "torch.roll", "rolls the flattened tensor"),
         (lambda x: torch.sort(x, dim=2).values, "torch.sort", "no rule"),
-        (lambda x: torch.fft.rfft(x, dim=2), "fft", "no rule"),
+        (lambda x: torch.fft.fftn(x[:1, :1, :, :1]), "fftn", "no other dim can carry the shard"),
+        (_write_slab_into_replicated, "operator.setitem", "into a tensor laid out as replicated"),
     ],
 )
 def test_refused_ops_name_the_op_line_and_remedy(fn, op, match):
@@ -176,7 +183,6 @@ def test_matmul_is_local_unless_the_shard_is_contracted(fn, shard_dim, want):
 @pytest.mark.parametrize(
     "fn, match",
     [
-        (lambda x: x.transpose(-2, -1) @ x, "contracts the sharded dim"),
         (lambda x: x @ x.transpose(-2, -1), "only one may be"),
         (lambda x: torch.ones(3, 5, 8) @ x[0], "contracts the sharded dim"),
     ],
@@ -184,3 +190,13 @@ def test_matmul_is_local_unless_the_shard_is_contracted(fn, shard_dim, want):
 def test_matmul_refusals(fn, match):
     with pytest.raises(FxHaloError, match=match):
         passes_on(fn, torch.randn(2, 3, 8, 6))
+
+
+def test_matmul_contracting_the_shard_of_both_operands_sums_once():
+    """``x^T @ x`` with the rows sharded: each rank's product is a partial sum, summed by one all-reduce."""
+    from fxhalo.ops import contract
+
+    gm, changed = passes_on(lambda x: x.transpose(-2, -1) @ x, torch.randn(2, 3, 8, 6), shard_dim=2)
+    assert changed == 1 and contract.product in targets(gm)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert sharding_of(out) is None  # replicated after the sum

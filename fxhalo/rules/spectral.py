@@ -1,0 +1,155 @@
+"""Fourier transforms (``torch.fft``) and the complex ops around them.
+
+A transform whose dims leave out the sharded dim is local.  One over the sharded dim
+becomes :func:`fxhalo.ops.spectral.fft`: the slab decomposition, one move of the shard
+onto a carrier dim (see that module), and its output is sharded along the carrier.
+When no dim can carry the shard (every dim transformed, or the others too short to
+give each rank a row) the op is refused with a remedy.
+
+Complex helpers are elementwise and local: ``torch.real``/``imag``/``conj``/``angle``/
+``complex``/``polar`` and the ``.real``/``.imag`` attributes;
+``torch.view_as_real`` adds a last dim of 2 and ``torch.view_as_complex`` removes it,
+so both keep the sharded dim (``view_as_complex`` refuses a shard on that last dim).
+"""
+
+from __future__ import annotations
+
+import builtins
+import inspect
+
+import torch
+
+from ..layout import Sharded, example_value, sharding_of, split
+from ..ops import spectral as ops
+from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
+from .local import ELEMENTWISE
+from .resample import require_contiguous
+
+
+def _one_d_signature(input, n=None, dim=-1, norm=None): ...
+
+
+def _two_d_signature(input, s=None, dim=(-2, -1), norm=None): ...
+
+
+def _n_d_signature(input, s=None, dim=None, norm=None): ...
+
+
+_SIGS = {1: inspect.signature(_one_d_signature), 2: inspect.signature(_two_d_signature)}
+_N_D = inspect.signature(_n_d_signature)
+
+#: torch.fft name -> (kind of transform, dims it takes: 1, 2 or None for n-D)
+_OPS = {
+    "fft": ("c2c", 1),
+    "ifft": ("ic2c", 1),
+    "rfft": ("r2c", 1),
+    "irfft": ("c2r", 1),
+    "hfft": ("hc2r", 1),
+    "ihfft": ("ir2hc", 1),
+    "fft2": ("c2c", 2),
+    "ifft2": ("ic2c", 2),
+    "rfft2": ("r2c", 2),
+    "irfft2": ("c2r", 2),
+    "fftn": ("c2c", None),
+    "ifftn": ("ic2c", None),
+    "rfftn": ("r2c", None),
+    "irfftn": ("c2r", None),
+}
+
+
+def _as_tuple(v):
+    return None if v is None else tuple(int(i) for i in (v if isinstance(v, (tuple, list)) else [v]))
+
+
+class FftRule(Rule):
+    name = "fft"
+
+    def __init__(self, fn_name: str):
+        self.fn_name = fn_name
+        self.kind, self.ndims = _OPS[fn_name]
+        self.sig = _SIGS.get(self.ndims, _N_D)
+
+    def fft_op(self, node, ndim: int) -> ops.FftOp:
+        a = bind(self.sig, node)
+        if self.ndims == 1:
+            dims, ns = (int(a["dim"]) % ndim,), (None if a["n"] is None else int(a["n"]),)
+        else:
+            s, dim = _as_tuple(a["s"]), _as_tuple(a["dim"])
+            if dim is None:
+                dim = tuple(range(ndim - len(s), ndim)) if s is not None else tuple(range(ndim))
+            dims = tuple(d % ndim for d in dim)
+            ns = s if s is not None else (None,) * len(dims)
+        return ops.FftOp(dims, ns, a["norm"], self.kind)
+
+    def decide(self, node, ctx) -> Decision:
+        x = bind(self.sig, node)["input"]
+        s = sharding_of(x)
+        if s is None:
+            return Decision()
+        local = example_value(x)
+        op = self.fft_op(node, local.ndim)
+        if s.dim not in op.dims:
+            return Decision(s)  # the transform leaves the sharded dim alone
+        require_contiguous(node, ctx, s)
+        shape = list(local.shape)
+        shape[s.dim] = int(s.global_length)
+        try:
+            plan = ops.plan_fft(op, tuple(shape), s.dim, ctx.domain.size, ctx.domain.lengths)
+        except ops.NoCarrier:
+            ctx.refuse(
+                node,
+                f"transforms the sharded dim {s.dim} over dims {list(op.dims)} of a tensor of global shape "
+                f"{tuple(shape)}, and no other dim can carry the shard (each rank needs a row of it)",
+                "transform over fewer dims, keep a batch or channel dim of at least one row per rank, or "
+                "run the transform on fxhalo.gather()ed values",
+            )
+        out = split(plan.carrier, plan.carrier_length, ctx.domain)
+
+        def call(node) -> KernelCall:
+            return KernelCall(ops.fft, (bind(self.sig, node)["input"], plan.steps))
+
+        return Decision(out, call, s, plan)
+
+
+for _name in _OPS:
+    register(FftRule(_name), getattr(torch.fft, _name))
+
+
+class ViewAsReal(LayoutRule):
+    """``view_as_real`` (a last dim of 2 appended) and ``view_as_complex`` (that dim removed)."""
+
+    name = "local"
+
+    def __init__(self, to_real: bool):
+        self.to_real = to_real
+
+    def layout(self, node, ctx):
+        x = node.args[0] if node.args else node.kwargs["input"]
+        s = sharding_of(x)
+        if s is None:
+            return None
+        if not self.to_real and s.dim == example_value(x).ndim - 1:
+            ctx.refuse(node, "makes complex numbers of pairs split between ranks", "shard another dim")
+        return s
+
+
+class ComplexPart(LayoutRule):
+    """``x.real`` / ``x.imag`` (a ``getattr`` node): elementwise views; other tensor attributes refused."""
+
+    name = "local"
+
+    def layout(self, node, ctx):
+        x, attr = node.args[0], node.args[1]
+        s = sharding_of(x)
+        if s is None:
+            return None
+        if attr not in ("real", "imag"):
+            ctx.refuse(node, f"reads the attribute {attr!r} of a sharded tensor", "read it outside the compiled region")
+        return s if isinstance(s, Sharded) else None
+
+
+register_op(ELEMENTWISE, "real", "imag", "conj", "conj_physical", "resolve_conj", "resolve_neg", "angle")
+register_op(ELEMENTWISE, "complex", "polar")
+register_op(ViewAsReal(True), "view_as_real")
+register_op(ViewAsReal(False), "view_as_complex")
+register(ComplexPart(), builtins.getattr)
