@@ -11,8 +11,11 @@ other ranks wait at a barrier), uneven rows throughout and one arbitrary partiti
 - Fourier transforms over the shard (every ``torch.fft`` op with ``s=``, ``dim=``, ``norm=``,
   on 1-D, 2-D and 3-D transforms): ``out`` wrong points at the plan (the order of the
   one-dimensional transforms, the carrier), ``grad_in`` at the move's backward; an FNO
-  block of our own (tests/spectral_models.py): rfft2, low modes mixed over channels by
+  block of our own (tests/beyond_models.py): rfft2, low modes mixed over channels by
   ``einsum`` and written into a zero buffer, irfft2;
+- attention over the H*W tokens (tests/beyond_models.py): the heads kernel and the gathered
+  keys, causal, grouped-query, with key-padding, query-sharded and replicated masks;
+  dropout in it is refused;
 - contractions of the shard: a token-mixing MLP (``Linear`` over the tokens) and an
   ``einsum``/``matmul`` basis transform over the latitude: one all-reduce each;
 - an FFT with no dim to carry the shard is refused on every rank.
@@ -28,9 +31,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.beyond_models import FNOBlock, TokenAttention
 from tests.harness import check_global_view, run_ranks
 from tests.passes.graphs import Lambda
-from tests.spectral_models import FNOBlock
 
 WORLD_SIZES = (2, 3, 4)
 
@@ -137,6 +140,20 @@ class LegendreLike(nn.Module):
         return x + torch.matmul(x.transpose(2, 3), self.basis.t()).mean() + back
 
 
+#: attention over the H*W tokens of a field sharded along H: (kwargs of TokenAttention); 4 heads go
+#: round on up to 4 ranks (the heads kernel), 2 heads or 1 key/value head do not (gathered keys)
+ATTENTION = {
+    "heads": {},
+    "heads, causal": {"causal": True},
+    "gathered keys (2 heads), causal": {"heads": 2, "causal": True},
+    "GQA, heads": {"kv_heads": 2},
+    "GQA, gathered keys": {"kv_heads": 1},
+    "heads, key padding mask": {"mask": "keys"},
+    "gathered keys, mask sharded along the queries": {"heads": 2, "mask": "queries"},
+    "heads, replicated band mask": {"mask": "distance"},
+}
+
+
 def _fft_models():
     return {f"fft: {name}": Lambda(fn) for name, fn in FFTS_2D.items()}
 
@@ -146,6 +163,18 @@ def _models():
     models["matmul: tokens @ weight, batched"] = TokenMatmul()
     models["prelu after a conv"] = PReLUBlock()
     return models
+
+
+def _refused_dropout(group, image):
+    import fxhalo
+
+    torch._dynamo.reset()
+    x = fxhalo.shard(image, 2, group)
+    try:
+        torch.compile(TokenAttention(dropout=0.1), backend="domain_parallel", options={"compiler": "aot_eager"})(x)
+    except fxhalo.FxHaloError as e:
+        return "dropout" in str(e) and "scaled_dot_product_attention" in str(e) and "Remedy" in str(e)
+    return False
 
 
 def _refused_without_carrier(group):
@@ -178,6 +207,10 @@ def _run(rank, world_size):
             volume = torch.randn(1, 2, 2 * P + 1, 4, 6)
             for name, fn in FFTS_3D.items():
                 res[name] = check_global_view(Lambda(fn), volume, group=group)
+            image = torch.randn(1, 8, 2 * P + 1, 3)
+            for name, kwargs in ATTENTION.items():
+                res[f"attention: {name}"] = check_global_view(TokenAttention(**kwargs), image, group=group)
+            res["attention with dropout: refused"] = {"refused": (_refused_dropout(group, image), 0.0)}
             tokens = torch.randn(2, 3, 4 * P + 1)
             res["token-mixing MLP over the shard"] = check_global_view(TokenMixing(4 * P + 1), tokens, group=group)
             res["einsum and matmul contracting the shard"] = check_global_view(

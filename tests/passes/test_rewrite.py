@@ -96,9 +96,13 @@ def test_convs_on_windows_whose_shard_sits_in_the_batch_dim_are_local():
     assert sharding_of(out) == Sharded(2, 8, 32)
 
 
-def test_attention_along_the_sharded_sequence_dim_is_refused():
-    def attend(x):  # (B, L, E) with L sharded
+def test_attention_along_the_sharded_sequence_dim_gathers_the_keys_and_the_embedding_is_refused():
+    from fxhalo.ops import attention
+
+    def attend(x):  # (B, L, E) with L sharded: no head dim, so the keys are gathered
         return F.scaled_dot_product_attention(x, x, x)
 
-    with pytest.raises(FxHaloError, match="attends along the sharded dim 1.*Remedy"):
-        passes_on(Lambda(attend), torch.randn(2, 8, 4), shard_dim=1)
+    gm, changed = passes_on(Lambda(attend), torch.randn(2, 8, 4), shard_dim=1)
+    assert changed == 1 and attention.sdpa_by_gathered_keys in targets(gm)
+    with pytest.raises(FxHaloError, match="embedding dim 2 sharded.*Remedy"):
+        passes_on(Lambda(attend), torch.randn(2, 8, 4), shard_dim=2)
