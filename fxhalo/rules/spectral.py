@@ -20,10 +20,12 @@ import inspect
 import torch
 
 from ..layout import Sharded, example_value, sharding_of, split
+from ..ops import shift as shift_ops
 from ..ops import spectral as ops
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
+from . import shift as shift_rules
 from .local import ELEMENTWISE
-from .resample import require_contiguous
+from .resample import domain_for, require_contiguous
 
 
 def _one_d_signature(input, n=None, dim=-1, norm=None): ...
@@ -113,6 +115,43 @@ class FftRule(Rule):
 
 for _name in _OPS:
     register(FftRule(_name), getattr(torch.fft, _name))
+
+
+class FftShiftRule(Rule):
+    """``torch.fft.fftshift`` / ``ifftshift``: a roll by half of each shifted dim (``n // 2``, or back by
+    ``-(n // 2)``); over the sharded dim it is :func:`fxhalo.ops.shift.roll` (a ring shift of exactly
+    the rolled rows), elsewhere local."""
+
+    name = "fft"
+
+    def __init__(self, inverse: bool):
+        self.inverse = inverse
+
+    def decide(self, node, ctx) -> Decision:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        s = sharding_of(x)
+        if s is None:
+            return Decision()
+        local = example_value(x)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = tuple(range(local.ndim)) if dim is None else tuple(d % local.ndim for d in _as_tuple(dim))
+        if s.dim not in dims:
+            return Decision(s)
+        require_contiguous(node, ctx, s)
+        sizes = [int(s.global_length) if d == s.dim else local.shape[d] for d in dims]
+        shifts = tuple(-(n // 2) if self.inverse else n // 2 for n in sizes)
+        shift_rules._planned(
+            node,
+            ctx,
+            lambda: shift_ops.roll_plan(
+                domain_for(ctx, s), s.global_length, shifts[dims.index(s.dim)], "torch.fft.fftshift"
+            ),
+        )
+        return Decision(s, lambda node: KernelCall(shift_ops.roll, (node.args[0], shifts, dims)), s)
+
+
+register(FftShiftRule(False), torch.fft.fftshift)
+register(FftShiftRule(True), torch.fft.ifftshift)
 
 
 class ViewAsReal(LayoutRule):
