@@ -26,6 +26,7 @@ from .errors import _public_name, user_source
 from .halo import Edge, observe_halos
 from .layout import Sharded, sharding_of
 from .ops import grad as _grad_ops
+from .redistribute import observe_moves
 from .report import Collective, Row
 
 __all__ = ["ORIGIN", "measure_rows", "local_nodes", "problem_row", "sharding_dim", "spelled", "is_call", "where"]
@@ -176,6 +177,7 @@ def measure_rows(graph, index: int, grad: bool, size: int) -> list[Row]:
                 edge_name(exchanges[0][1]) if exchanges else "",
                 calls,
                 tuple(b for b in backward if b is not None),
+                minimum=seen.minimums.get(n.name),
             )
         )
     return rows
@@ -211,6 +213,10 @@ class _Watch(TorchFunctionMode):
         self.calls: dict[str, list[Collective]] = collections.defaultdict(list)
         self.halos: dict[str, list] = collections.defaultdict(list)
         self.backward_only: dict[str, list[Collective]] = collections.defaultdict(list)
+        self.minimums: dict[str, int] = {}
+
+    def move(self, minimum: int) -> None:
+        self.minimums[self.node] = self.minimums.get(self.node, 0) + minimum
 
     def halo(self, plan, edge) -> None:
         self.halos[self.node].append((plan, edge))
@@ -272,7 +278,7 @@ def _measure(graph: torch.fx.GraphModule, grad: bool, size: int) -> _Watch:
     modes = [a.fake_mode for a in fakes if isinstance(a, FakeTensor)]
     if not modes:
         return watch
-    with modes[0], torch.set_grad_enabled(grad), watch, observe_halos(watch.halo):
+    with modes[0], torch.set_grad_enabled(grad), watch, observe_halos(watch.halo), observe_moves(watch.move):
         fakes = [_with_grad(n, f) for n, f in zip(placeholders, fakes)]
         _Measure(graph, watch).run(*fakes)
     return watch

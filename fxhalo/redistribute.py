@@ -18,12 +18,14 @@ the channel shard between them).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .domain import Domain, _all_lengths
 from .errors import FxHaloError
 
-__all__ = ["redistribute", "redistribute_slab", "seq_to_channels", "channels_to_seq"]
+__all__ = ["redistribute", "redistribute_slab", "seq_to_channels", "channels_to_seq", "observe_moves"]
 
 
 def redistribute_slab(
@@ -57,6 +59,10 @@ def redistribute_slab(
             f"redistribute: a slab of shape {tuple(x.shape)} does not hold rows {src_lengths[rank]} of dim "
             f"{src_dim} and all {sum(dst_lengths)} of dim {dst_dim}"
         )
+    if _MOVE_OBSERVERS:  # the analytic minimum, from the partitions: all but the piece this rank keeps
+        own = src_lengths[rank] * dst_lengths[rank] * (x.numel() // max(x.shape[src_dim] * x.shape[dst_dim], 1))
+        for callback in tuple(_MOVE_OBSERVERS):
+            callback((x.numel() - own) * x.element_size())
     pieces = x.split(list(dst_lengths), dim=dst_dim)  # piece q goes to rank q
     other = x.numel() // (x.shape[src_dim] * x.shape[dst_dim])  # elements per (src row, dst row)
     send = torch.cat([p.reshape(-1) for p in pieces])
@@ -73,13 +79,70 @@ def redistribute_slab(
     return torch.cat(parts, dim=src_dim)
 
 
-def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int, group=None, dst_lengths=None) -> torch.Tensor:
-    """This rank's slab of ``x``'s global tensor, sharded along ``dst_dim`` instead of ``src_dim``.
+_MOVE_OBSERVERS: list = []
 
-    ``x`` is this rank's slab along ``src_dim`` (any partition: one small all-gather of
-    the local lengths learns it); the result follows ``dst_lengths`` (every rank's rows
-    of ``dst_dim``), the balanced partition by default.  Differentiable.
+
+@contextlib.contextmanager
+def observe_moves(callback):
+    """Call ``callback(minimum_bytes)`` for each move of the shard inside the block: the least this
+    rank can send, computed from the partitions (its slab less the piece it keeps), for
+    :func:`fxhalo.explain` to set against what the collective sends."""
+    _MOVE_OBSERVERS.append(callback)
+    try:
+        yield callback
+    finally:
+        _MOVE_OBSERVERS.remove(callback)
+
+
+@torch.library.custom_op("fxhalo::redistribute", mutates_args=())
+def _move_shard(x: torch.Tensor, dim: int, lengths: list[int] | None = None) -> torch.Tensor:
+    """The global meaning of a move of the shard: the same values (a copy).  It is the graph op a
+    compiled region records for ``fxhalo.redistribute(x, dim)`` on a DomainTensor; the backend's rule
+    (:mod:`fxhalo.rules.moves`) replaces it by :func:`redistribute_slab` on each rank's slab."""
+    return x.clone()
+
+
+@_move_shard.register_fake
+def _(x, dim, lengths=None):
+    return x.clone()
+
+
+_move_shard.register_autograd(lambda ctx, grad: (grad, None, None))
+
+
+def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int | None = None, group=None, dst_lengths=None):
+    """Move the shard of a tensor to another dim, with one ``all_to_all_single``.
+
+    * ``fxhalo.redistribute(x, dim, dst_lengths=None)`` on a :class:`~fxhalo.DomainTensor`:
+      the same global tensor, sharded along ``dim`` (the balanced partition, or
+      ``dst_lengths``).  Inside a ``domain_parallel`` compiled region it is a graph op the
+      backend partitions; outside, it moves the slabs at once.
+    * ``fxhalo.redistribute(x, dim)`` on a plain tensor returns it: the same model code runs on
+      one device (and in a compiled region on DomainTensors the tensor is a DomainTensor).
+    * ``fxhalo.redistribute(x, src_dim, dst_dim, group, dst_lengths=None)`` on this rank's
+      plain slab along ``src_dim`` (any partition: one small all-gather of the local
+      lengths learns it): this rank's slab along ``dst_dim``.
+
+    Differentiable: the backward is the reverse move.
     """
+    from .tensor import DomainTensor, from_local
+
+    if isinstance(x, DomainTensor):
+        dim, lengths = src_dim % x.ndim, dst_lengths if dst_dim is None else dst_dim
+        lengths = None if lengths is None else [int(n) for n in lengths]
+        if torch.compiler.is_compiling():
+            return _move_shard(x, dim, lengths)
+        spec = x.spec
+        domain = Domain.from_group(spec.group_name, shard_dim=spec.dim)
+        dst = tuple(lengths) if lengths is not None else tuple(domain.lengths(x.shape[dim]))
+        if dim == spec.dim and dst == tuple(spec.lengths):
+            return x
+        if dim == spec.dim:
+            raise FxHaloError("redistribute: the shard is already along that dim (re-split it with fxhalo.shard)")
+        slab = redistribute_slab(x.to_local(), spec.dim, dim, spec.group_name, tuple(spec.lengths), dst, domain.rank)
+        return from_local(slab, dim, spec.group_name, lengths=dst, run_check=False)
+    if dst_dim is None:  # a whole tensor (a model run on one device): the move changes nothing
+        return x
     domain = Domain.from_group(group, shard_dim=src_dim)
     if domain.size == 1:
         return x

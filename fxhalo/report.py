@@ -63,6 +63,9 @@ class Row:
     collectives: tuple[Collective, ...] = ()
     backward: tuple[Collective, ...] = ()
     error: str = ""  # the FxHaloError of a refused node
+    #: moves of the shard between dims (FFTs, attention by heads, fxhalo.redistribute): the least this
+    #: rank can send for them, from the partitions (its slabs less the pieces it keeps); None: no move
+    minimum: int | None = None
 
     @property
     def bytes_sent(self) -> int:
@@ -86,6 +89,7 @@ class Row:
             "backward": [dataclasses.asdict(c) for c in self.backward],
             "bytes_sent": self.bytes_sent,
             "error": self.error,
+            "minimum": self.minimum,
         }
 
 
@@ -157,6 +161,8 @@ class Explanation:
             "collective",
             "bytes sent",
         ]
+        moves = any(r.minimum is not None for r in self.rows)
+        headers += ["move minimum"] if moves else []
         headers += ["problem"] if errors else []
         body = []
         for r in self.rows:
@@ -169,7 +175,9 @@ class Explanation:
                 r.edge or "-",
                 "REFUSED" if r.refused else _kinds(r),
                 "" if r.refused else f"{r.bytes_sent:,}",
-            ] + ([r.error] if errors else [])
+            ]
+            cells += [_minimum(r)] if moves else []
+            cells += [r.error] if errors else []
             body.append(([r.graph] if several else []) + cells)
         widths = [None] * (len(headers) - 1) + [72 if errors else None]
         text = (
@@ -231,6 +239,13 @@ class Explanation:
             "graphs": [g.code for g in self.graphs],
             "notes": list(self.notes),
         }
+
+
+def _minimum(row: Row) -> str:
+    """A move's analytic minimum and the ratio of the bytes sent to it (1.00: nothing extra)."""
+    if row.minimum is None:
+        return "-"
+    return f"{row.minimum:,} ({row.bytes_sent / row.minimum:.2f}x)" if row.minimum else f"{row.minimum}"
 
 
 def _kinds(row: Row) -> str:

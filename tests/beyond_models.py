@@ -48,14 +48,14 @@ class TokenAttention(nn.Module):
     ``[B, 1, L, L]`` mask sharded along the queries, ``"distance"`` a replicated ``[L, L]`` band built
     from the shape."""
 
-    def __init__(self, channels=8, heads=4, kv_heads=None, causal=False, mask=None, dropout=0.0):
+    def __init__(self, channels=8, heads=4, kv_heads=None, causal=False, mask=None, dropout=0.0, scale=None):
         super().__init__()
         self.heads, self.kv_heads = heads, kv_heads or heads
         self.head_dim = channels // heads
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(channels, 2 * self.kv_heads * self.head_dim)
         self.out = nn.Linear(channels, channels)
-        self.causal, self.mask, self.dropout = causal, mask, dropout
+        self.causal, self.mask, self.dropout, self.scale = causal, mask, dropout, scale
 
     def _mask(self, t, H, W):
         i = torch.arange(H * W, device=t.device)
@@ -80,6 +80,7 @@ class TokenAttention(nn.Module):
             attn_mask=self._mask(t, H, W),
             dropout_p=self.dropout,
             is_causal=self.causal,
+            scale=self.scale,
             enable_gqa=self.kv_heads != self.heads,
         )
         return x + self.out(y.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(B, C, H, W)

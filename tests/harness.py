@@ -232,3 +232,49 @@ def check_many_against_one_device(
             checks["grad_" + name] = close(p.grad, want)  # grad_sync: every rank holds the full gradient
         results.append(checks)
     return results
+
+
+def check_many_global_view(cases, *, group=None, options=None) -> list[dict]:
+    """:func:`check_global_view` for many independent ``(model, x, lengths)`` cases, compiled as ONE graph.
+
+    One Dynamo trace and one backend compile cover every case (compiling is what costs time
+    in a sweep); each case keeps its own input, parameters, reference and upstream gradient,
+    and one backward over all outputs keeps their gradients apart.  Returns one
+    ``{check: (ok, max_err)}`` per case, in order.  If the batch raises, every case runs again
+    on its own with :func:`check_global_view`, so the error belongs to its case.  Every rank
+    of the group must pass the same cases.
+    """
+    import fxhalo
+
+    refs = [_one_device(model, x, 0) for model, x, _ in cases]
+    slabs, inputs = [], []
+    for _, x, lengths in cases:
+        whole = fxhalo.shard(x, 2, group, lengths=lengths)
+        slabs.append(whole.to_local().detach().requires_grad_())
+        inputs.append(fxhalo.from_local(slabs[-1], 2, group, lengths=whole.partition, run_check=group is None))
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        _Batch([m for m, _, _ in cases]),
+        backend="domain_parallel",
+        options={"compiler": "aot_eager", **(options or {})},
+    )
+    rank = torch.distributed.get_rank(group)
+    try:
+        ys = compiled(*inputs)
+        ups = []
+        for y, (_, _, grad_out, _) in zip(ys, refs):
+            a, b = y.spec.bounds(rank)
+            ups.append(grad_out.narrow(y.spec.dim, a, b - a))
+        torch.autograd.backward([y.to_local() for y in ys], ups)
+    except Exception:
+        return [check_global_view(m, x, lengths=lengths, group=group) for m, x, lengths in cases]
+    out = []
+    for (model, _, _), y, slab, x_global, (ref_in, ref, _, ref_grads) in zip(cases, ys, slabs, inputs, refs):
+        a, b = y.spec.bounds(rank)
+        checks = {"out": close(y.to_local(), ref.detach().narrow(y.spec.dim, a, b - a))}
+        a, b = x_global.spec.bounds(rank)
+        checks["grad_in"] = close(slab.grad, ref_in.grad.narrow(2, a, b - a))
+        for (name, p), want in zip(model.named_parameters(), ref_grads):
+            checks["grad_" + name] = close_normwise(p.grad, want)
+        out.append(checks)
+    return out

@@ -474,3 +474,23 @@ def test_global_view_explains_a_field_of_any_size_with_no_memory():
         model, torch.empty(1, 2, 45, 16, device="meta"), world_size=4, global_view=True, partition=(10, 3, 12, 20)
     )
     assert not uneven.problems
+
+
+@pytest.mark.timeout(120)
+def test_moves_of_the_shard_show_their_analytic_minimum():
+    """An FNO layer's two FFT moves and attention by heads send exactly the minimum the partitions give
+    (a rank's slab less the piece it keeps); the attention's q, k and v travel in one all_to_all."""
+    from tests.beyond_models import FNOBlock, TokenAttention
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 64, 64, device="meta")
+    ex = fxhalo.explain(FNOBlock(8, 4, 4), x, world_size=2, rank=0, global_view=True)
+    moves = [r for r in ex.rows if r.minimum is not None]
+    assert [r.op for r in moves] == ["torch._C._fft.fft_rfft2", "torch._C._fft.fft_irfft2"]
+    assert all(r.bytes_sent == r.minimum > 0 for r in moves) and "move minimum" in ex.table
+    assert "(1.00x)" in ex.table
+    ex = fxhalo.explain(
+        TokenAttention(32, 4), torch.randn(1, 32, 63, 8, device="meta"), world_size=3, rank=1, global_view=True
+    )
+    (attn,) = [r for r in ex.rows if r.minimum is not None]
+    assert attn.bytes_sent == attn.minimum and [c.kind for c in attn.collectives] == ["all_to_all"] * 2

@@ -10,6 +10,8 @@
 * :func:`repartition` moves rows between ranks so that a sharded tensor takes another
   partition of the same global length (a resampled tensor meeting a skip connection
   split another way).
+* :func:`move_shard` moves the shard to another tensor dim (``fxhalo.redistribute`` in a
+  compiled region): one all_to_all_single.
 * :func:`slice_rows` and :func:`set_rows` read and write a slice of the sharded dim in
   global rows: each rank touches the selected rows it holds (no communication).
 """
@@ -22,7 +24,7 @@ from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis
 from ..halo import halo_exchange
 from .rows import halo_plan
 
-__all__ = ["own_rows", "all_rows", "repartition", "slice_rows", "set_rows"]
+__all__ = ["own_rows", "all_rows", "repartition", "slice_rows", "set_rows", "move_shard"]
 
 
 def _domain(axes: tuple[ShardAxis, ...]):
@@ -57,6 +59,16 @@ def repartition(input: torch.Tensor, lengths: tuple[int, ...], *, axes: tuple[Sh
     target = Domain.partition(domain, Partitioned(lengths))
     plan = halo_plan(domain.partition(length), target, domain.rank)
     return halo_exchange(input, domain.dim_of(input.ndim), plan, group_name)
+
+
+def move_shard(input: torch.Tensor, dim: int, lengths: tuple[int, ...], *, axes: tuple[ShardAxis, ...]):
+    """The sharded ``input`` sharded along ``dim`` instead, split as ``lengths``: one all_to_all_single
+    (:func:`fxhalo.redistribute.redistribute_slab`)."""
+    from ..redistribute import redistribute_slab
+
+    src, group_name, domain, length = _domain(axes)
+    src = domain.dim_of(input.ndim)
+    return redistribute_slab(input, src, dim, group_name, tuple(domain.lengths(length)), tuple(lengths), domain.rank)
 
 
 def expand_index(index, ndim: int) -> tuple:

@@ -1,0 +1,129 @@
+"""Beyond halos: an FNO at 256² and attention over 64² tokens, P ranks against one process.
+
+::
+
+    python -m benchmarks.beyond_halos [--world-size 2] [--compiler aot_eager] [--repeats 3]
+
+Spawns the ranks.  Each compiles the model with ``backend="domain_parallel"`` on a
+DomainTensor of the input (sharded along H) and times forward + backward steps;
+rank 0 then runs the same model in one process (``torch.compile`` with the same inner
+compiler, on the whole input) while the others wait.  Per model it prints the median
+step time, the peak memory of one step per rank (the rise of the resident set over
+the step, Linux ``VmHWM``), its ratio to one process, and what ``fxhalo.explain``
+counts per step: collectives and bytes, and for the moves of the shard the analytic
+minimum (ratio 1.00: nothing beyond it).
+
+Models (tests/beyond_models.py): ``fno``, a lift (1x1 conv), 4 Fourier layers of width
+32 keeping 16 x 16 modes, a projection, on ``[1, 3, 256, 256]``; ``attention``, one
+8-head attention block of 64 channels over the 64 * 64 tokens of ``[1, 64, 64, 64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import fxhalo
+from benchmarks.run import _measure_memory
+from fxhalo.launch import run_ranks
+
+
+def _models():
+    from tests.beyond_models import FNOBlock, TokenAttention
+
+    class FNO(nn.Module):
+        def __init__(self, width=32, modes=16, layers=4):
+            super().__init__()
+            self.lift = nn.Conv2d(3, width, 1)
+            self.blocks = nn.Sequential(*(FNOBlock(width, modes, modes) for _ in range(layers)))
+            self.project = nn.Conv2d(width, 1, 1)
+
+        def forward(self, x):
+            return self.project(self.blocks(self.lift(x)))
+
+    return {
+        "fno": (FNO, (1, 3, 256, 256)),
+        "attention": (lambda: TokenAttention(64, 8), (1, 64, 64, 64)),
+    }
+
+
+def _steps(fn, x, repeats: int) -> tuple[float, dict]:
+    def step():
+        y = fn(x)
+        (y.to_local() if isinstance(y, fxhalo.DomainTensor) else y).square().mean().backward()
+
+    step()  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), _measure_memory(step)
+
+
+def _one(rank, world_size, name: str, compiler: str, repeats: int):
+    make, shape = _models()[name]
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(shape)
+    opts = {"compiler": compiler}
+    xs = fxhalo.shard(x, 2)
+    slab = xs.to_local().requires_grad_()
+    xd = fxhalo.from_local(slab, 2, lengths=xs.partition, run_check=False)
+    compiled = torch.compile(model, backend="domain_parallel", options=opts)
+    t_dist, mem_dist = _steps(compiled, xd, repeats)
+    meta = torch.empty(shape, device="meta")
+    ex = fxhalo.explain(model, meta, world_size=world_size, rank=rank, global_view=True)
+    moves = [r for r in ex.rows if r.minimum is not None]
+    out = {
+        "time": t_dist,
+        "step_bytes": mem_dist["step_bytes"],
+        "collectives": len(ex.forward()) + len(ex.backward()),
+        "bytes": sum(c.bytes for c in ex.forward()) + sum(c.bytes for c in ex.backward()),
+        "moves": len(moves),
+        "move_bytes": sum(r.bytes_sent for r in moves),
+        "move_minimum": sum(r.minimum for r in moves),
+    }
+    dist.barrier()
+    if rank == 0:
+        torch._dynamo.reset()
+        backend = "aot_eager" if compiler == "aot_eager" else "inductor"
+        one = torch.compile(make(), backend=backend)
+        t_one, mem_one = _steps(one, x.clone().requires_grad_(), repeats)
+        out["one_time"], out["one_step_bytes"] = t_one, mem_one["step_bytes"]
+    dist.barrier()
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--compiler", default="aot_eager")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", default="fno,attention")
+    args = parser.parse_args(argv)
+    print(f"{args.world_size} ranks (gloo, CPU), inner compiler {args.compiler}, median of {args.repeats} steps")
+    head = (
+        f"{'model':10} {'ms/step P':>10} {'ms/step 1':>10} {'peak MiB/rank':>14} {'peak MiB 1':>11} "
+        f"{'ratio':>6} {'colls/step':>10} {'KiB/step':>9} {'moves':>6} {'move/min':>9}"
+    )
+    print(head)
+    for name in args.models.split(","):
+        per_rank = run_ranks(_one, args.world_size, name, args.compiler, args.repeats, timeout=3000)
+        r0 = per_rank[0]
+        peak = max(r["step_bytes"] for r in per_rank)
+        ratio = peak / r0["one_step_bytes"]
+        move = r0["move_bytes"] / r0["move_minimum"] if r0["move_minimum"] else float("nan")
+        print(
+            f"{name:10} {1e3 * max(r['time'] for r in per_rank):10.1f} {1e3 * r0['one_time']:10.1f} "
+            f"{peak / 2**20:14.1f} {r0['one_step_bytes'] / 2**20:11.1f} {ratio:6.2f} {r0['collectives']:10d} "
+            f"{r0['bytes'] / 1024:9.1f} {r0['moves']:6d} {move:9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
