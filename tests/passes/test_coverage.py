@@ -46,6 +46,8 @@ def op_name(op: str, target) -> str:
     """The name a user writes for ``target``: its attribute name in the first namespace that holds it."""
     if op == "call_method":
         return target
+    if isinstance(target, torch._ops.OpOverload):  # a custom op: its namespace and name (fxhalo.redistribute)
+        return f"{target.namespace}.{target._opname}"
     return _names().get(id(target), target.__name__)
 
 
