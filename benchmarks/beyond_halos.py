@@ -15,7 +15,7 @@ minimum (ratio 1.00: nothing beyond it).
 
 Models (tests/beyond_models.py): ``fno``, a lift (1x1 conv), 4 Fourier layers of width
 32 keeping 16 x 16 modes, a projection, on ``[1, 3, 256, 256]``; ``attention``, one
-8-head attention block of 64 channels over the 64 * 64 tokens of ``[1, 64, 64, 64]``.
+8-head attention block of 256 channels over the 64 * 64 tokens of ``[1, 256, 64, 64]``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _models():
 
     return {
         "fno": (FNO, (1, 3, 256, 256)),
-        "attention": (lambda: TokenAttention(64, 8), (1, 64, 64, 64)),
+        "attention": (lambda: TokenAttention(256, 8), (1, 256, 64, 64)),
     }
 
 

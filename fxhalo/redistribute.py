@@ -63,20 +63,19 @@ def redistribute_slab(
         own = src_lengths[rank] * dst_lengths[rank] * (x.numel() // max(x.shape[src_dim] * x.shape[dst_dim], 1))
         for callback in tuple(_MOVE_OBSERVERS):
             callback((x.numel() - own) * x.element_size())
-    pieces = x.split(list(dst_lengths), dim=dst_dim)  # piece q goes to rank q
+    # Each piece travels with src_dim first, so that the pieces a rank receives, in rank order, are
+    # already its output joined along src_dim: a view, not another copy of the slab.
+    moved = x.movedim(src_dim, 0)
+    d = dst_dim + 1 if dst_dim < src_dim else dst_dim  # dst_dim's place once src_dim leads
+    send = torch.cat([p.reshape(-1) for p in moved.split(list(dst_lengths), dim=d)])  # piece q to rank q
     other = x.numel() // (x.shape[src_dim] * x.shape[dst_dim])  # elements per (src row, dst row)
-    send = torch.cat([p.reshape(-1) for p in pieces])
     send_sizes = [src_lengths[rank] * n * other for n in dst_lengths]
     recv_sizes = [n * dst_lengths[rank] * other for n in src_lengths]
     got = torch.ops._c10d_functional.all_to_all_single(send, recv_sizes, send_sizes, group_name)
     got = torch.ops._c10d_functional.wait_tensor(got)
-    shape = list(x.shape)
-    shape[dst_dim] = dst_lengths[rank]
-    parts = []
-    for n, flat in zip(src_lengths, got.split(recv_sizes)):
-        shape[src_dim] = n
-        parts.append(flat.reshape(shape))
-    return torch.cat(parts, dim=src_dim)
+    shape = list(moved.shape)
+    shape[0], shape[d] = sum(src_lengths), dst_lengths[rank]
+    return got.view(shape).movedim(0, src_dim)
 
 
 _MOVE_OBSERVERS: list = []

@@ -250,13 +250,17 @@ def _shard_assigned_target(node, ctx, mode) -> None:
             return  # the rule refuses
         n = t_shape[dims[0]]
         st = layout_split(dims[0], n, ctx.domain)
-        moved = _insert_move(node, target, moves.own_rows, (target,), ctx.domain.kernel_axes(st.dim, n), st, mode)
-        later = node
-        while later.op != "output":  # this write and every later use read the sharded buffer
+        if _make_local_factory(target, st, mode, after=node):
+            pass  # the buffer is made at its local size: no whole buffer on any rank
+        else:
+            axes = ctx.domain.kernel_axes(st.dim, n)
+            moved = _insert_move(node, target, moves.own_rows, (target,), axes, st, mode)
+            later = node
+            while later.op != "output":  # this write and every later use read the sharded buffer
+                later.replace_input_with(target, moved)
+                later = later.next
             later.replace_input_with(target, moved)
-            later = later.next
-        later.replace_input_with(target, moved)
-        target = moved
+            target = moved
     if not isinstance(st, Sharded):
         return
     found = assigned_dim(index, len(t_shape), len(v_shape), st.dim)
@@ -274,6 +278,32 @@ def _shard_assigned_target(node, ctx, mode) -> None:
     axes = ctx.domain.kernel_axes(sv.dim, sv.global_length)
     layout = Sharded(sv.dim, want[ctx.domain.rank], ctx.domain.length_of(want))
     node.replace_input_with(value, _insert_move(node, value, moves.repartition, (value, want), axes, layout, mode))
+
+
+_FACTORIES = (torch.zeros, torch.ones, torch.empty, torch.full)
+
+
+def _make_local_factory(target, st: Sharded, mode, after) -> bool:
+    """A buffer made by ``torch.zeros(sizes...)`` (or ones, empty, full) and used from ``after`` on
+    only: make it at this rank's size along ``st.dim`` and call it sharded.  False when it is not."""
+    if target.op != "call_function" or target.target not in _FACTORIES or not target.args:
+        return False
+    order = {n: i for i, n in enumerate(target.graph.nodes)}
+    if any(order[u] < order[after] for u in target.users):
+        return False
+    fill = target.target is torch.full
+    sizes = target.args[0] if fill or isinstance(target.args[0], (tuple, list, torch.Size)) else target.args
+    if not all(isinstance(v, int) for v in sizes) or len(sizes) <= st.dim:
+        return False
+    local = list(sizes)
+    local[st.dim] = st.local
+    if fill or isinstance(target.args[0], (tuple, list, torch.Size)):
+        target.args = (tuple(local), *target.args[1:])
+    else:
+        target.args = tuple(local)
+    target.meta[LAYOUT] = Layout((st,))
+    _set_value(target, _empty(local, example_value(target), mode))
+    return True
 
 
 def _lengths(s: Sharded, ctx) -> tuple[int, ...]:
