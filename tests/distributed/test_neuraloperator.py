@@ -13,12 +13,15 @@ One user step is needed: neuraloperator makes tensorly contract through
 trace; ``tensorly.plugins.use_default_einsum()`` makes it call ``torch.einsum``.
 """
 
+import os
+
 import pytest
 import torch
 
 from tests.harness import check_global_view, run_ranks
 
-neuralop = pytest.importorskip("neuralop")
+# CI installs it (.ci/run): there a failed import must fail, not skip the test unseen.
+neuralop = pytest.importorskip("neuralop") if not os.environ.get("CI") else __import__("neuralop")
 
 WORLD = 4
 
