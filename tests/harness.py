@@ -278,3 +278,26 @@ def check_many_global_view(cases, *, group=None, options=None) -> list[dict]:
             checks["grad_" + name] = close_normwise(p.grad, want)
         out.append(checks)
     return out
+
+
+def failed_by_world_size(per_rank: list, world_size: int) -> list:
+    """``(rank, case, checks)`` of every case that failed a check on a ``world_size``-rank group, from a
+    spawn whose ranks return ``{world_size: {case: {check: ok}}}`` (ranks past the group return none)."""
+    return [
+        (rank, name, checks)
+        for rank, results in enumerate(per_rank[:world_size])
+        for name, checks in results[world_size].items()
+        if not all(checks.values())
+    ]
+
+
+_SPAWNED: dict = {}
+
+
+def spawned_once(fn, world_size: int, timeout: float) -> list:
+    """``run_ranks(fn, world_size)``, run once per test session: the test functions of a file that sweeps
+    every world size in one spawn share its per-rank results."""
+    key = (fn.__module__, fn.__qualname__, world_size)
+    if key not in _SPAWNED:
+        _SPAWNED[key] = run_ranks(fn, world_size, timeout=timeout)
+    return _SPAWNED[key]

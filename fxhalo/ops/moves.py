@@ -97,29 +97,27 @@ def rows_of_slice(sl: slice, partition) -> tuple[tuple[int, slice], ...]:
     return tuple(out)
 
 
+def _local_index(t: torch.Tensor, index, axes) -> tuple:
+    """``index``, whose item for the sharded dim slices global rows, with that item made this rank's
+    slice of its own rows."""
+    _, _, domain, length = _domain(axes)
+    items = list(expand_index(index, t.ndim))
+    at = _item_of_dim(items, domain.dim_of(t.ndim))
+    items[at] = rows_of_slice(items[at], domain.partition(length))[domain.rank][1]
+    return tuple(items)
+
+
 def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
     """``input[index]`` where ``index`` slices the sharded dim in global rows: each rank keeps the selected
     rows it holds (no communication; the output's partition is the count on every rank)."""
-    dim, _, domain, length = _domain(axes)
-    dim = domain.dim_of(input.ndim)
-    items = list(expand_index(index, input.ndim))
-    at = _item_of_dim(items, dim)
-    _, local = rows_of_slice(items[at], domain.partition(length))[domain.rank]
-    items[at] = local
-    return input[tuple(items)]
+    return input[_local_index(input, index, axes)]
 
 
 def set_rows(target: torch.Tensor, index, value, *, axes: tuple[ShardAxis, ...]) -> None:
     """``target[index] = value`` where ``index`` slices the sharded dim of ``target`` in global rows and
     ``value`` holds, on every rank, the selected rows that rank's ``target`` holds (in place; no
     communication)."""
-    dim, _, domain, length = _domain(axes)
-    dim = domain.dim_of(target.ndim)
-    items = list(expand_index(index, target.ndim))
-    at = _item_of_dim(items, dim)
-    _, local = rows_of_slice(items[at], domain.partition(length))[domain.rank]
-    items[at] = local
-    target[tuple(items)] = value
+    target[_local_index(target, index, axes)] = value
 
 
 # A setitem replaced by set_rows has no users; FX must not drop it as dead code.

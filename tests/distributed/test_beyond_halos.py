@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.beyond_models import FNOBlock, TokenAttention
-from tests.harness import check_many_global_view, run_ranks
+from tests.harness import check_many_global_view, failed_by_world_size, spawned_once
 from tests.passes.graphs import Lambda
 
 WORLD_SIZES = (2, 3, 4)
@@ -281,22 +281,8 @@ def _run(rank, world_size):
     return out
 
 
-_RESULTS = {}
-
-
-def _results():
-    if not _RESULTS:
-        _RESULTS["r"] = run_ranks(_run, max(WORLD_SIZES), timeout=400)
-    return _RESULTS["r"]
-
-
 @pytest.mark.timeout(430)
 @pytest.mark.parametrize("P", WORLD_SIZES)
 def test_match_one_device(P):
-    failures = [
-        (rank, name, checks)
-        for rank, per_rank in enumerate(_results()[:P])
-        for name, checks in per_rank[P].items()
-        if not all(checks.values())
-    ]
+    failures = failed_by_world_size(spawned_once(_run, max(WORLD_SIZES), timeout=400), P)
     assert not failures, failures

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.harness import close, run_ranks
+from tests.harness import close, failed_by_world_size, spawned_once
 
 WORLD_SIZES = (2, 3, 4)
 
@@ -126,22 +126,8 @@ def _balanced(n, P):
     return _balanced_partition(n, P)
 
 
-_RESULTS = {}
-
-
-def _results():
-    if not _RESULTS:
-        _RESULTS["r"] = run_ranks(_run, max(WORLD_SIZES), timeout=300)
-    return _RESULTS["r"]
-
-
 @pytest.mark.timeout(330)
 @pytest.mark.parametrize("P", WORLD_SIZES)
 def test_moves_match_slicing_one_tensor_with_one_collective(P):
-    failures = [
-        (rank, name, checks)
-        for rank, per_rank in enumerate(_results()[:P])
-        for name, checks in per_rank[P].items()
-        if not all(checks.values())
-    ]
+    failures = failed_by_world_size(spawned_once(_run, max(WORLD_SIZES), timeout=300), P)
     assert not failures, failures
