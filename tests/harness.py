@@ -119,28 +119,45 @@ def check_global_view(
     group=None,
 ):
     """The global view against one device: ``model`` compiled on a DomainTensor of ``x`` split as ``lengths``
-    (default balanced) over ``group`` (default WORLD).  Returns ``{check: (ok, max_err)}`` for ``out`` (this
-    rank's slab of the output, which must be a DomainTensor), ``grad_in`` (the gradient that reached this
-    rank's input slab) and ``grad_<param>`` (weight gradients, norm-wise).  ``fullgraph=False`` for models
-    with graph breaks.  With a ``group``, only its ranks call this (``from_local`` skips its check, which
-    runs over WORLD)."""
+    (default balanced) over ``group`` (default WORLD; with a group, only its ranks call this).  Returns
+    ``{check: (ok, max_err)}`` for ``out`` (this rank's slab of the output, which must be a DomainTensor),
+    ``grad_in`` (the gradient that reached this rank's input slab) and ``grad_<param>`` (weight gradients,
+    norm-wise).  ``fullgraph=False`` for models with graph breaks."""
     import fxhalo
 
     ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
-    whole = fxhalo.shard(x, shard_dim, group, lengths=lengths)
-    x_local = whole.to_local().detach().requires_grad_()
-    x_global = fxhalo.from_local(x_local, shard_dim, group, lengths=whole.partition, run_check=group is None)
+    x_local, x_global = _domain_input(x, shard_dim, lengths, group)
     options = {"compiler": "aot_eager", **(options or {})}
     y = torch.compile(model, backend="domain_parallel", options=options, fullgraph=fullgraph)(x_global)
     if not isinstance(y, fxhalo.DomainTensor):
         raise AssertionError(f"the output is a {type(y).__name__}, not a DomainTensor")
     rank = torch.distributed.get_rank(group)
-    a, b = y.spec.bounds(rank)
-    dim = y.spec.dim
-    y.to_local().backward(grad_out.narrow(dim, a, b - a))
-    checks = {"out": close(y.to_local(), ref.detach().narrow(dim, a, b - a))}
-    a, b = x_global.spec.bounds(rank)
-    checks["grad_in"] = close(x_local.grad, ref_in.grad.narrow(shard_dim, a, b - a))
+    y.to_local().backward(_rows(grad_out, y, rank))
+    return _global_checks(model, y, x_local, x_global, (ref_in, ref, grad_out, ref_grads), rank)
+
+
+def _domain_input(x, shard_dim, lengths, group):
+    """``(this rank's slab of x, requiring grad; the DomainTensor made from it)``.  With a ``group``, only its
+    ranks call this (``from_local`` skips its check, which runs over WORLD)."""
+    import fxhalo
+
+    whole = fxhalo.shard(x, shard_dim, group, lengths=lengths)
+    x_local = whole.to_local().detach().requires_grad_()
+    return x_local, fxhalo.from_local(x_local, shard_dim, group, lengths=whole.partition, run_check=group is None)
+
+
+def _rows(t: torch.Tensor, like, rank: int) -> torch.Tensor:
+    """The rows of the global ``t`` that ``rank`` holds of the DomainTensor ``like``."""
+    a, b = like.spec.bounds(rank)
+    return t.narrow(like.spec.dim, a, b - a)
+
+
+def _global_checks(model, y, x_local, x_global, reference, rank: int) -> dict:
+    """``{check: (ok, max_err)}`` of a backward-run global-view output ``y`` against one device's ``reference``
+    (``(input, output, upstream gradient, weight gradients)``, as :func:`_one_device` returns)."""
+    ref_in, ref, _, ref_grads = reference
+    checks = {"out": close(y.to_local(), _rows(ref.detach(), y, rank))}
+    checks["grad_in"] = close(x_local.grad, _rows(ref_in.grad, x_global, rank))
     for (name, p), want in zip(model.named_parameters(), ref_grads):
         checks["grad_" + name] = close_normwise(p.grad, want)
     return checks
@@ -244,14 +261,8 @@ def check_many_global_view(cases, *, group=None, options=None) -> list[dict]:
     on its own with :func:`check_global_view`, so the error belongs to its case.  Every rank
     of the group must pass the same cases.
     """
-    import fxhalo
-
     refs = [_one_device(model, x, 0) for model, x, _ in cases]
-    slabs, inputs = [], []
-    for _, x, lengths in cases:
-        whole = fxhalo.shard(x, 2, group, lengths=lengths)
-        slabs.append(whole.to_local().detach().requires_grad_())
-        inputs.append(fxhalo.from_local(slabs[-1], 2, group, lengths=whole.partition, run_check=group is None))
+    inputs = [_domain_input(x, 2, lengths, group) for _, x, lengths in cases]
     torch._dynamo.reset()
     compiled = torch.compile(
         _Batch([m for m, _, _ in cases]),
@@ -260,24 +271,15 @@ def check_many_global_view(cases, *, group=None, options=None) -> list[dict]:
     )
     rank = torch.distributed.get_rank(group)
     try:
-        ys = compiled(*inputs)
-        ups = []
-        for y, (_, _, grad_out, _) in zip(ys, refs):
-            a, b = y.spec.bounds(rank)
-            ups.append(grad_out.narrow(y.spec.dim, a, b - a))
+        ys = compiled(*(x_global for _, x_global in inputs))
+        ups = [_rows(grad_out, y, rank) for y, (_, _, grad_out, _) in zip(ys, refs)]
         torch.autograd.backward([y.to_local() for y in ys], ups)
     except Exception:
         return [check_global_view(m, x, lengths=lengths, group=group) for m, x, lengths in cases]
-    out = []
-    for (model, _, _), y, slab, x_global, (ref_in, ref, _, ref_grads) in zip(cases, ys, slabs, inputs, refs):
-        a, b = y.spec.bounds(rank)
-        checks = {"out": close(y.to_local(), ref.detach().narrow(y.spec.dim, a, b - a))}
-        a, b = x_global.spec.bounds(rank)
-        checks["grad_in"] = close(slab.grad, ref_in.grad.narrow(2, a, b - a))
-        for (name, p), want in zip(model.named_parameters(), ref_grads):
-            checks["grad_" + name] = close_normwise(p.grad, want)
-        out.append(checks)
-    return out
+    return [
+        _global_checks(model, y, x_local, x_global, ref, rank)
+        for (model, _, _), y, (x_local, x_global), ref in zip(cases, ys, inputs, refs)
+    ]
 
 
 def failed_by_world_size(per_rank: list, world_size: int) -> list:

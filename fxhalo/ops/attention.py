@@ -123,15 +123,14 @@ def sdpa_by_gathered_keys(
     ``keys_sharded=False``: key and value are already whole on every rank (replicated).  ``mask_shard``:
     as for :func:`sdpa_by_heads` (a mask sharded along the queries is used as it is)."""
     group_name, domain, tokens = _domain(axes)
+    start = sum(tokens[: domain.rank])  # this rank's first query, in global rows
     attn_mask = _whole_keys(attn_mask, mask_shard, group_name, tokens)
     if mask_shard == "whole":  # a replicated mask over every query: this rank's rows
-        start = sum(tokens[: domain.rank])
         attn_mask = attn_mask.narrow(attn_mask.ndim - 2, start, tokens[domain.rank])
     if keys_sharded:  # split like the queries (the rule checks)
         key = all_gather_rows(key, key.ndim - 2, tokens, group_name)
         value = all_gather_rows(value, value.ndim - 2, tokens, group_name)
     if is_causal:
-        start = sum(tokens[: domain.rank])
         rows = torch.arange(start, start + query.shape[-2], device=query.device)
         cols = torch.arange(key.shape[-2], device=query.device)
         attn_mask = cols[None, :] <= rows[:, None]  # torch's causal mask, shifted to this rank's queries

@@ -75,20 +75,15 @@ class _SyncedParams(torch.autograd.Function):
             return (None,) * (len(grads) + 1)
         # A parameter this rank's graph did not reach still joins the bucket, as zeros:
         # every rank must send the same bucket.
-        # Complex gradients travel as their real views (two numbers per entry).
         like = next(g for g in grads if g is not None)
-        real = torch.empty(0, dtype=like.dtype).real.dtype
-        parts, kinds = [], []
-        for g, shape in zip(grads, ctx.shapes):
-            g = g if g is not None else torch.zeros(shape, dtype=like.dtype, device=like.device)
-            kinds.append(g.is_complex())
-            parts.append((torch.view_as_real(g.resolve_conj()) if g.is_complex() else g).reshape(-1).to(real))
-        total = all_reduce_sum(torch.cat(parts), ctx.group_name)
+        flat = torch.cat(
+            [(g if g is not None else like.new_zeros(shape)).reshape(-1) for g, shape in zip(grads, ctx.shapes)]
+        )
+        total = all_reduce_sum(flat, ctx.group_name)
         out, start = [], 0
-        for shape, is_complex in zip(ctx.shapes, kinds):
-            n = shape.numel() * (2 if is_complex else 1)
-            piece = total[start : start + n]
-            out.append(torch.view_as_complex(piece.view(*shape, 2)) if is_complex else piece.view(shape))
+        for shape in ctx.shapes:
+            n = shape.numel()
+            out.append(total[start : start + n].view(shape))
             start += n
         return (None, *out)
 

@@ -66,7 +66,7 @@ def move_shard(input: torch.Tensor, dim: int, lengths: tuple[int, ...], *, axes:
     (:func:`fxhalo.redistribute.redistribute_slab`)."""
     from ..redistribute import redistribute_slab
 
-    src, group_name, domain, length = _domain(axes)
+    _, group_name, domain, length = _domain(axes)
     src = domain.dim_of(input.ndim)
     return redistribute_slab(input, src, dim, group_name, tuple(domain.lengths(length)), tuple(lengths), domain.rank)
 

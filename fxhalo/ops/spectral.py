@@ -111,7 +111,7 @@ class NoCarrier(Exception):
 
 def _length_after(op: FftOp, i: int, length: int) -> int:
     """The length along ``op.dims[i]`` after its transform, from ``length`` before it."""
-    n = op.ns[i] if op.ns[i] is not None else None
+    n = op.ns[i]
     last = i == len(op.dims) - 1
     if op.kind in ("r2c", "ir2hc") and last:
         return (n if n is not None else length) // 2 + 1
@@ -135,48 +135,32 @@ def plan_fft(op: FftOp, shape: tuple[int, ...], shard_dim: int, size: int, balan
         after[op.dims[i]] = _length_after(op, i, shape[op.dims[i]])
     inverse = op.kind in ("ic2c", "c2r", "hc2r", "ir2hc")
 
-    def kind_of(i: int) -> str:
-        if i == last and real_forward:
-            return op.kind
-        if i == last and real_inverse:
-            return op.kind
-        return "ic2c" if inverse else "c2c"
+    def step(i: int) -> Step:
+        """The one-dimensional transform of ``op.dims[i]``: the op's own kind on its real (last) dim."""
+        kind = op.kind if i == last and (real_forward or real_inverse) else "ic2c" if inverse else "c2c"
+        return Step(kind, op.dims[i], op.ns[i], op.norm)
 
     # Carriers inside D: any transformed dim but d, except the last of a complex-to-real
     # transform unless d is that last dim (the c2r must see its whole dim last).
     inside = [i for i in order if i != i_d and not (real_inverse and i == last) and after[op.dims[i]] >= size]
     if inside:
-        i_c = max(inside, key=lambda i: (after[op.dims[i]], i))
-        c = op.dims[i_c]
-        first = [i for i in order if i != i_d]
-        if real_forward and i_d == last:
-            first_steps = [Step("ic2c" if inverse else "c2c", op.dims[i], op.ns[i], op.norm) for i in first]
-            last_step = Step("c2c_half", d, op.ns[i_d], op.norm)
-        elif real_inverse and i_d != last:
-            # c2c over D minus {d, last}, the move, c2c over d, then the c2r over last
-            mids = [i for i in first if i != last]
-            first_steps = [Step(kind_of(i), op.dims[i], op.ns[i], op.norm) for i in mids]
-            move = Step("move", d, dst=c, dst_lengths=tuple(balanced(after[c])))
-            tail = [
-                Step(kind_of(i_d), d, op.ns[i_d], op.norm),
-                Step(kind_of(last), op.dims[last], op.ns[last], op.norm),
-            ]
-            return FftPlan((*first_steps, move, *tail), c, after[c])
-        else:
-            # a real-to-complex last dim goes first (the input is real); complex dims in any order
-            first = sorted(first, key=lambda i: i != last) if real_forward else first
-            first_steps = [Step(kind_of(i), op.dims[i], op.ns[i], op.norm) for i in first]
-            last_step = Step(kind_of(i_d), d, op.ns[i_d], op.norm)
+        c = op.dims[max(inside, key=lambda i: (after[op.dims[i]], i))]
         move = Step("move", d, dst=c, dst_lengths=tuple(balanced(after[c])))
-        return FftPlan((*first_steps, move, last_step), c, after[c])
+        first = [i for i in _torch_order(op) if i != i_d]  # a real-to-complex last dim first
+        if real_forward and i_d == last:  # the real dim is the sharded one: complex after the move, cut
+            tail = [Step("c2c_half", d, op.ns[i_d], op.norm)]
+        elif real_inverse and i_d != last:  # the complex-to-real last dim stays last, after d's transform
+            first, tail = first[:-1], [step(i_d), step(last)]
+        else:
+            tail = [step(i_d)]
+        return FftPlan((*(step(i) for i in first), move, *tail), c, after[c])
     # Carriers outside D: leading dims first (a batch is never mixed), else the longest.
     outside = [c for c in range(len(shape)) if c not in op.dims and shape[c] >= size]
     if not outside:
         raise NoCarrier()
     c = min(outside) if outside[0] == 0 else max(outside, key=lambda c: (shape[c], -c))
     move = Step("move", d, dst=c, dst_lengths=tuple(balanced(shape[c])))
-    steps = [Step(kind_of(i), op.dims[i], op.ns[i], op.norm) for i in _torch_order(op)]
-    return FftPlan((move, *steps), c, shape[c])
+    return FftPlan((move, *(step(i) for i in _torch_order(op))), c, shape[c])
 
 
 def _torch_order(op: FftOp) -> list[int]:

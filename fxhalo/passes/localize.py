@@ -204,15 +204,8 @@ def _align_operands(node, ctx, mode) -> None:
             kernel, args, axes = moves.repartition, (a, want), ctx.domain.kernel_axes(dim, s.global_length)
         else:
             continue
-        with node.graph.inserting_before(node):
-            moved = node.graph.call_function(kernel, args, {"axes": axes})
-        _copy_source(moved, node)
-        moved.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
-        moved.meta[LAYOUT] = Layout((Sharded(dim, t.local, t.global_length),))
-        local = list(shape)
-        local[dim] = t.local
-        _set_value(moved, _empty(local, example_value(a), mode))
-        node.replace_input_with(a, moved)
+        layout = Sharded(dim, t.local, t.global_length)
+        node.replace_input_with(a, _insert_move(node, a, kernel, args, axes, layout, mode))
 
 
 def _insert_move(node, a, kernel, args, axes, layout: Sharded, mode):
@@ -250,17 +243,16 @@ def _shard_assigned_target(node, ctx, mode) -> None:
             return  # the rule refuses
         n = t_shape[dims[0]]
         st = layout_split(dims[0], n, ctx.domain)
-        if _make_local_factory(target, st, mode, after=node):
-            pass  # the buffer is made at its local size: no whole buffer on any rank
-        else:
+        # The buffer made at its local size (no whole buffer on any rank), else sliced to it.
+        if not _make_local_factory(target, st, mode, after=node):
             axes = ctx.domain.kernel_axes(st.dim, n)
             moved = _insert_move(node, target, moves.own_rows, (target,), axes, st, mode)
             later = node
-            while later.op != "output":  # this write and every later use read the sharded buffer
+            while True:  # this write and every later use read the sharded buffer
                 later.replace_input_with(target, moved)
+                if later.op == "output":
+                    break
                 later = later.next
-            later.replace_input_with(target, moved)
-            target = moved
     if not isinstance(st, Sharded):
         return
     found = assigned_dim(index, len(t_shape), len(v_shape), st.dim)
@@ -291,16 +283,14 @@ def _make_local_factory(target, st: Sharded, mode, after) -> bool:
     order = {n: i for i, n in enumerate(target.graph.nodes)}
     if any(order[u] < order[after] for u in target.users):
         return False
-    fill = target.target is torch.full
-    sizes = target.args[0] if fill or isinstance(target.args[0], (tuple, list, torch.Size)) else target.args
+    # torch.full(size, value) and torch.zeros((B, C, H, W)) take one size argument, torch.zeros(B, C, H, W) several
+    packed = target.target is torch.full or isinstance(target.args[0], (tuple, list, torch.Size))
+    sizes = target.args[0] if packed else target.args
     if not all(isinstance(v, int) for v in sizes) or len(sizes) <= st.dim:
         return False
     local = list(sizes)
     local[st.dim] = st.local
-    if fill or isinstance(target.args[0], (tuple, list, torch.Size)):
-        target.args = (tuple(local), *target.args[1:])
-    else:
-        target.args = tuple(local)
+    target.args = (tuple(local), *target.args[1:]) if packed else tuple(local)
     target.meta[LAYOUT] = Layout((st,))
     _set_value(target, _empty(local, example_value(target), mode))
     return True

@@ -67,7 +67,6 @@ class FftRule(Rule):
     name = "fft"
 
     def __init__(self, fn_name: str):
-        self.fn_name = fn_name
         self.kind, self.ndims = _OPS[fn_name]
         self.sig = _SIGS.get(self.ndims, _N_D)
 
