@@ -1,8 +1,9 @@
 """How a value in the graph is laid out over the domain: a :class:`Layout`, one entry per mesh axis.
 
 The domain is a mesh of one or more axes (one today).  Along each mesh axis a
-value is either sharded, splitting one tensor dim over that axis's ranks
-(:class:`Sharded`), or replicated (``None``).  The propagation pass stores a
+value is sharded, splitting one tensor dim over that axis's ranks
+(:class:`Sharded`), replicated (``None``), or a partial sum that the axis's ranks
+add up to (:class:`Partial`, after a product that contracts the sharded dim).  The propagation pass stores a
 :class:`Layout` under ``node.meta[LAYOUT]`` for every node (a tuple-valued node,
 such as ``max_pool(..., return_indices=True)``, gets an :class:`Items` of one
 layout per item); rules and later passes read it from there.
@@ -24,9 +25,12 @@ import torch
 from .domain import explicit_lengths
 
 __all__ = [
+    "GLOBAL_VALUE",
     "LAYOUT",
+    "PARTIAL",
     "Items",
     "Layout",
+    "Partial",
     "Sharded",
     "as_layout",
     "example_value",
@@ -39,6 +43,9 @@ __all__ = [
 
 #: node.meta key: the node's :class:`Layout` (or :class:`Items`)
 LAYOUT = "fxhalo_layout"
+#: node.meta key: the example value Dynamo traced at global shapes (the global view,
+#: :mod:`fxhalo.passes.localize`)
+GLOBAL_VALUE = "fxhalo_global_value"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +103,31 @@ class Sharded:
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """A value's layout: for each mesh axis of the domain, :class:`Sharded` or ``None`` (replicated)."""
+class Partial:
+    """One mesh axis's entry: every rank holds a *summand* of the value, at the value's whole shape; the
+    value is their sum over the axis's ranks.
 
-    axes: tuple[Sharded | None, ...]
+    A product that contracts the sharded dim leaves it (each rank multiplies its rows).
+    Ops that are linear in it keep it (:mod:`fxhalo.rules.partial`), so a chain of
+    them costs one sum, where the value is first needed whole (an all-reduce) or
+    sharded again (a reduce-scatter).  Its gradient on every rank is the whole
+    value's gradient.  Rules never see it: the propagation sums it before any other op.
+    """
+
+    def __str__(self) -> str:
+        return "Partial(sum)"
+
+
+#: the one :class:`Partial` entry
+PARTIAL = Partial()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A value's layout: for each mesh axis of the domain, :class:`Sharded`, :class:`Partial` or ``None``
+    (replicated)."""
+
+    axes: tuple[Sharded | Partial | None, ...]
 
     @classmethod
     def replicated(cls, n_axes: int = 1) -> Layout:
@@ -109,8 +137,8 @@ class Layout:
     def is_sharded(self) -> bool:
         return any(a is not None for a in self.axes)
 
-    def one_axis(self) -> Sharded | None:
-        """The entry of the one sharded mesh axis (``None``: replicated on every axis)."""
+    def one_axis(self) -> Sharded | Partial | None:
+        """The entry of the one sharded (or partial) mesh axis (``None``: replicated on every axis)."""
         sharded = [a for a in self.axes if a is not None]
         if len(sharded) > 1:
             raise NotImplementedError(f"a value sharded over several mesh axes ({self}) needs a multi-axis rule")
@@ -129,7 +157,7 @@ class Items(tuple):
 
 
 def as_layout(view):
-    """A rule's one-axis answer as a layout: ``Sharded`` -> sharded on the (one) axis, ``None`` ->
+    """A rule's one-axis answer as a layout: ``Sharded`` (or ``Partial``) -> on the (one) axis, ``None`` ->
     replicated, a tuple -> :class:`Items`."""
     if isinstance(view, (Layout, Items)):
         return view
@@ -157,8 +185,8 @@ def layout_of(arg) -> Layout | Items | None:
 
 
 def sharding_of(arg):
-    """The one-axis view of :func:`layout_of`: the :class:`Sharded` entry, ``None`` for replicated
-    values and non-nodes, a tuple of views for a tuple-valued node."""
+    """The one-axis view of :func:`layout_of`: the :class:`Sharded` (or :class:`Partial`) entry, ``None``
+    for replicated values and non-nodes, a tuple of views for a tuple-valued node."""
     layout = layout_of(arg)
     if isinstance(layout, Items):
         return tuple(None if item is None else item.one_axis() for item in layout)

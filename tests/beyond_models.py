@@ -1,5 +1,5 @@
 """Models for tests/distributed/test_beyond_halos.py: an FNO-style spectral convolution written the
-classic way, and attention over the H*W tokens of a field."""
+classic way, attention over the H*W tokens of a field, and chains of products that contract the shard."""
 
 from __future__ import annotations
 
@@ -84,3 +84,28 @@ class TokenAttention(nn.Module):
             enable_gqa=self.kv_heads != self.heads,
         )
         return x + self.out(y.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(B, C, H, W)
+
+
+class ContractChain(nn.Module):
+    """``x @ a @ b`` contracting the sharded tokens, then a mean: linear all the way, so one sum (of a
+    number) for the chain."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(tokens, 6) / tokens)
+        self.b = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):  # [B, C, T], T sharded
+        return x * (x @ self.a @ self.b).mean()
+
+
+class ContractScatter(nn.Module):
+    """Tokens mixed by a ``T x T`` matrix (a partial sum at the whole shape) added to the sharded input:
+    each rank needs only its own rows of the sum, a reduce-scatter."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(tokens, tokens) / tokens)
+
+    def forward(self, x):  # [B, C, T], T sharded
+        return x + torch.relu(x) @ self.mix

@@ -494,3 +494,20 @@ def test_moves_of_the_shard_show_their_analytic_minimum():
     )
     (attn,) = [r for r in ex.rows if r.minimum is not None]
     assert attn.bytes_sent == attn.minimum and [c.kind for c in attn.collectives] == ["all_to_all"] * 2
+
+
+@pytest.mark.timeout(120)
+def test_a_chain_of_products_contracting_the_shard_costs_one_sum():
+    """A product that contracts the shard leaves partial sums: a chain of linear ops sums once (all-reduce of
+    the smallest tensor), and a partial sum that meets sharded rows is reduce-scattered, at the minimum."""
+    from tests.beyond_models import ContractChain, ContractScatter
+
+    x = torch.randn(2, 3, 19, device="meta")
+    for model, kernel, kind in (
+        (ContractChain(19), "ops.moves.sum_partial", "all_reduce"),  # of one number
+        (ContractScatter(19), "ops.moves.scatter_partial", "all_to_all"),
+    ):
+        ex = fxhalo.explain(model, x, world_size=3, rank=1, global_view=True)
+        sending = [r for r in ex.rows if r.collectives]
+        assert [r.op for r in sending] == [kernel] and [c.kind for c in sending[0].collectives] == [kind]
+    assert sending[0].bytes_sent == sending[0].minimum == 2 * 3 * (19 - 6) * 4  # all rows but its own 6

@@ -14,6 +14,9 @@
   compiled region): one all_to_all_single.
 * :func:`slice_rows` and :func:`set_rows` read and write a slice of the sharded dim in
   global rows: each rank touches the selected rows it holds (no communication).
+* :func:`sum_partial` and :func:`scatter_partial` turn a partial sum
+  (:class:`fxhalo.layout.Partial`) into its total: replicated (an all-reduce), or
+  sharded (a reduce-scatter, for the rows each rank goes on with).
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ import torch
 
 from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis
 from ..halo import halo_exchange
+from .collectives import all_reduce_sum
 from .rows import halo_plan
 
-__all__ = ["own_rows", "all_rows", "repartition", "slice_rows", "set_rows", "move_shard"]
+__all__ = [
+    "own_rows",
+    "all_rows",
+    "repartition",
+    "slice_rows",
+    "set_rows",
+    "move_shard",
+    "sum_partial",
+    "scatter_partial",
+]
 
 
 def _domain(axes: tuple[ShardAxis, ...]):
@@ -69,6 +82,33 @@ def move_shard(input: torch.Tensor, dim: int, lengths: tuple[int, ...], *, axes:
     _, group_name, domain, length = _domain(axes)
     src = domain.dim_of(input.ndim)
     return redistribute_slab(input, src, dim, group_name, tuple(domain.lengths(length)), tuple(lengths), domain.rank)
+
+
+def sum_partial(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """The total of the partial sums ``input`` over ``axes``' group, on every rank (one all-reduce)."""
+    return all_reduce_sum(input, one_axis(axes).group_name)
+
+
+def scatter_partial(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """This rank's rows, along ``axes``' dim and by its partition, of the total of the partial sums
+    ``input``: a reduce-scatter, built as a move of the shard.
+
+    Stacked along a new leading dim, the ranks' summands are one tensor sharded along
+    that dim, one row per rank; moving that shard onto the rows' dim
+    (:func:`fxhalo.redistribute.redistribute_slab`, one ``all_to_all_single``) gives each
+    rank every summand of its own rows, which it adds up.  Each rank sends ``(P-1)/P``
+    of its summand, what a reduce-scatter sends, for any partition (uneven ones
+    included, which ``reduce_scatter_tensor`` cannot split).  The backward is the
+    reverse move: an all-gather of the rows' gradients, the whole gradient a partial
+    sum's summands each get.
+    """
+    from ..redistribute import redistribute_slab
+
+    dim, group_name, domain, length = _domain(axes)
+    dim = domain.dim_of(input.ndim)
+    stacked = input.unsqueeze(0)
+    ones = (1,) * domain.size
+    return redistribute_slab(stacked, 0, dim + 1, group_name, ones, tuple(domain.lengths(length)), domain.rank).sum(0)
 
 
 def expand_index(index, ndim: int) -> tuple:

@@ -13,10 +13,11 @@ walks the nodes in order and, for each one,
 3. aligns the operands of an elementwise op or a ``cat``: a *replicated* operand that
    spans the sharded dim (a positional grid built from ``x.shape``, a latitude
    weight) is sliced to this rank's rows (:func:`fxhalo.ops.moves.own_rows`; no
-   communication), and a sharded operand split another way than the largest one
-   (an upsampled tensor meeting a skip connection with another partition) has its
-   rows moved (:func:`fxhalo.ops.moves.repartition`, one exchange of the rows that
-   change rank);
+   communication), a *partial sum* that spans it (a token-mixing product) is
+   reduce-scattered to them (:func:`fxhalo.ops.moves.scatter_partial`), and a sharded
+   operand split another way than the largest one (an upsampled tensor meeting a skip
+   connection with another partition) has its rows moved
+   (:func:`fxhalo.ops.moves.repartition`, one exchange of the rows that change rank);
 4. asks the node's rule for its decision, exactly as the plain path does, with the
    node's inputs already local;
 5. where the rule finds the sharded dim too short for every rank to hold a row (a
@@ -45,7 +46,18 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .. import rules
 from ..errors import FxHaloError
 from ..geometry import TooShort
-from ..layout import LAYOUT, Items, Layout, Sharded, as_layout, example_value, is_tensor_node, sharding_of
+from ..layout import (
+    GLOBAL_VALUE,
+    LAYOUT,
+    Items,
+    Layout,
+    Partial,
+    Sharded,
+    as_layout,
+    example_value,
+    is_tensor_node,
+    sharding_of,
+)
 from ..layout import split as layout_split
 from ..ops import moves
 from ..rules import DECISION
@@ -55,8 +67,6 @@ from .context import PassContext
 
 __all__ = ["GLOBAL_VALUE", "localize", "global_shape"]
 
-#: node.meta key: the example value Dynamo traced, at global shapes
-GLOBAL_VALUE = "fxhalo_global_value"
 
 _RESHAPES = {("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)}
 _UNFLATTENS = {("call_method", "unflatten"), ("call_function", torch.unflatten)}
@@ -79,6 +89,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
         if node.op == "placeholder":
             out = _input_layout(node, ctx)
         elif node.op in ("get_attr", "output"):
+            propagate.sum_partials(node, ctx)
             out = None
         else:
             node.meta[GLOBAL_VALUE] = example_value(node)
@@ -200,6 +211,8 @@ def _align_operands(node, ctx, mode) -> None:
         dim = len(shape) + pos
         if s is None:
             kernel, args, axes = moves.own_rows, (a,), ctx.domain.kernel_axes(dim, t.global_length)
+        elif isinstance(s, Partial):  # a partial sum meets sharded rows: each rank sums only its own
+            kernel, args, axes = moves.scatter_partial, (a,), ctx.domain.kernel_axes(dim, t.global_length)
         elif isinstance(s, Sharded) and s.dim == dim and s.contiguous and _lengths(s, ctx) != want:
             kernel, args, axes = moves.repartition, (a, want), ctx.domain.kernel_axes(dim, s.global_length)
         else:

@@ -5,6 +5,12 @@ tensor input that has a dim ``shard_dim`` is sharded along it, unless the user
 overrides it per argument with ``input_shard_dims``.  Every other node asks its
 rule (:mod:`fxhalo.rules`).  A node with no rule that reads a sharded value is
 refused: fxhalo never guesses that an unknown op is local.
+
+A partial sum (:class:`~fxhalo.layout.Partial`, what a product that contracts the
+sharded dim leaves) stays partial through ops linear in it
+(:mod:`fxhalo.rules.partial`); before any other op, and before the graph's outputs,
+it is summed (:func:`sum_partials`, one all-reduce).  So the rules themselves only
+ever see sharded and replicated inputs.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import torch
 
 from .. import rules
 from ..errors import FxHaloError
-from ..layout import LAYOUT, Sharded, as_layout, example_value, sharding_of
+from ..layout import GLOBAL_VALUE, LAYOUT, Layout, Sharded, as_layout, example_value, sharding_of
+from ..ops import moves
 from ..rules import DECISION, Decision
 from ..rules.fallback import GATHER_FALLBACK
+from ..rules.partial import KEEPS_PARTIAL, is_partial, keeps_partial
 from .context import PassContext
 
 _STATE_MARKERS = ("._parameters[", "._buffers[")
@@ -107,6 +115,7 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
         if node.op == "placeholder":
             s = input_sharding(node, ctx)
         elif node.op in ("get_attr", "output"):
+            sum_partials(node, ctx)
             s = None
         else:
             try:
@@ -142,7 +151,28 @@ def _best_guess(node):
     return tuple(like(v) for v in out) if isinstance(out, (tuple, list)) else like(out)
 
 
+def sum_partials(node, ctx: PassContext) -> None:
+    """Before ``node``: each partial sum it reads becomes its total (one all-reduce,
+    :func:`fxhalo.ops.moves.sum_partial`), a replicated value."""
+    for a in list(node.all_input_nodes):
+        if not is_partial(a):
+            continue
+        with node.graph.inserting_before(node):
+            total = node.graph.call_function(moves.sum_partial, (a,), {"axes": ctx.domain.kernel_axes(0)})
+        for key in ("example_value", "val", GLOBAL_VALUE):  # the same shape: the sum of the summands
+            if key in a.meta:
+                total.meta[key] = a.meta[key]
+        if "stack_trace" in node.meta:  # reports name the op that needed the sum
+            total.meta["stack_trace"] = node.meta["stack_trace"]
+        total.meta[LAYOUT] = Layout.replicated()
+        node.replace_input_with(a, total)
+
+
 def _decide(node, ctx: PassContext) -> Decision:
+    if any(is_partial(a) for a in node.all_input_nodes):
+        if keeps_partial(node):
+            return dataclasses.replace(KEEPS_PARTIAL(node, ctx), rule=KEEPS_PARTIAL)
+        sum_partials(node, ctx)
     rule = rules.lookup(node)
     sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
     try:

@@ -11,10 +11,11 @@ the sharded dim, each rank's output rows then need only its own rows when the sh
 * the column dim ``m`` of ``b`` (``a`` replicated).
 
 A shard on the contracted dim ``k`` leaves each rank a partial sum: the product runs
-on each rank's rows (a replicated operand cut to them, in the global view) and one
-sum over the ranks makes the replicated result (:func:`fxhalo.ops.contract.product`).
-``F.linear`` over a sharded feature dim is the same contraction (the bias added once,
-after the sum), and ``torch.einsum`` follows the same two cases by its indices.
+on each rank's rows (a replicated operand cut to them, in the global view,
+:func:`fxhalo.ops.contract.product`) and the output is :class:`~fxhalo.layout.Partial`,
+summed once where it is needed (:mod:`fxhalo.rules.partial`).  ``F.linear`` over a
+sharded feature dim is the same contraction (the bias in one rank's summand), and
+``torch.einsum`` follows the same two cases by its indices.
 1-D operands (vector products) are refused when sharded.
 """
 
@@ -24,7 +25,7 @@ import operator
 
 import torch
 
-from ..layout import Sharded, example_value, sharding_of
+from ..layout import PARTIAL, Sharded, example_value, sharding_of
 from ..ops import contract
 from . import Decision, KernelCall, Rule, register, register_op
 
@@ -32,7 +33,7 @@ from . import Decision, KernelCall, Rule, register, register_op
 def contraction(node, ctx, operands, layouts, dims: tuple[int, int], name: str, bias=None) -> Decision:
     """The decision for a product that contracts the sharded dim: operand ``i``'s contracted dim is
     ``dims[i]``.  A sharded operand must be sharded there; a replicated one spanning it is cut to
-    each rank's rows (global view only).  The partial products are summed once: a replicated output."""
+    each rank's rows (global view only).  The output is the ranks' partial products."""
     s = next(lay for lay in layouts if lay is not None)
     narrow = []
     for x, lay, d in zip(operands, layouts, dims):
@@ -57,9 +58,9 @@ def contraction(node, ctx, operands, layouts, dims: tuple[int, int], name: str, 
 
     def call(node) -> KernelCall:
         kwargs = {} if bias is None else {"bias": node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")}
-        return KernelCall(contract.product, (name, list(node.args[:2]), narrow, True), kwargs)
+        return KernelCall(contract.product, (name, list(node.args[:2]), narrow), kwargs)
 
-    return Decision(None, call, s)
+    return Decision(PARTIAL, call, s)
 
 
 class MatmulRule(Rule):
@@ -151,7 +152,7 @@ def einsum_terms(equation: str, ndims: list[int]) -> tuple[list[list[str]], list
 
 class EinsumRule(Rule):
     """``torch.einsum`` with sharded operands: local when the sharded index survives into the output,
-    a partial sum over the ranks (one all-reduce) when the product contracts it."""
+    a partial sum (:class:`~fxhalo.layout.Partial`) when the product contracts it."""
 
     name = "einsum"
 
@@ -194,15 +195,13 @@ class EinsumRule(Rule):
                 )
             narrow.append(pos)
         contracts = index not in out_terms
-        out = None if contracts else Sharded(out_terms.index(index), first.local, first.global_length)
+        out = PARTIAL if contracts else Sharded(out_terms.index(index), first.local, first.global_length)
         if not contracts and all(n is None for n in narrow):
             return Decision(out)
         equation, narrow = node.args[0], tuple(narrow)
 
         def call(node) -> KernelCall:
-            return KernelCall(
-                contract.product, ("einsum", self._operands(node), narrow, contracts), {"prefix": (equation,)}
-            )
+            return KernelCall(contract.product, ("einsum", self._operands(node), narrow), {"prefix": (equation,)})
 
         return Decision(out, call, first)
 

@@ -18,8 +18,9 @@ graph (``check_many_global_view``):
 - attention over the H*W tokens (tests/beyond_models.py): the heads kernel and the gathered
   keys, causal, grouped-query, with key-padding, query-sharded and replicated masks;
   dropout in it is refused;
-- contractions of the shard: a token-mixing MLP (``Linear`` over the tokens) and an
-  ``einsum``/``matmul`` basis transform over the latitude: one all-reduce each;
+- contractions of the shard: a token-mixing MLP (``Linear`` over the tokens), an
+  ``einsum``/``matmul`` basis transform over the latitude, a chain of products summed once
+  and a partial sum reduce-scattered onto the sharded input (tests/beyond_models.py);
 - ``fxhalo.redistribute(x, dim)`` on DomainTensors, in a model and eagerly;
 - an FFT with no dim to carry the shard is refused on every rank.
 
@@ -34,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.beyond_models import FNOBlock, TokenAttention
+from tests.beyond_models import ContractChain, ContractScatter, FNOBlock, TokenAttention
 from tests.harness import check_many_global_view, failed_by_world_size, spawned_once
 from tests.passes.graphs import Lambda
 
@@ -144,7 +145,7 @@ class LegendreLike(nn.Module):
         self.gain = nn.Parameter(torch.randn(modes, 1))
 
     def forward(self, x):  # [B, C, H, W], H sharded
-        coeffs = torch.einsum("bchw,lh->bclw", x, self.basis)  # a partial sum on every rank: one all-reduce
+        coeffs = torch.einsum("bchw,lh->bclw", x, self.basis)  # a partial sum on every rank, summed once
         back = torch.einsum("bclw,lh->bchw", coeffs * self.gain, self.basis)
         return x + torch.matmul(x.transpose(2, 3), self.basis.t()).mean() + back
 
@@ -244,12 +245,19 @@ def _cases(P):
     cases["fxhalo.redistribute in a model"] = (MovedFFT(), field, None)
     cases["token-mixing MLP over the shard"] = (TokenMixing(4 * P + 1), tokens, None)
     cases["einsum and matmul contracting the shard"] = (LegendreLike(4 * P + 1), field, None)
+    cases["products contracting the shard, summed once"] = (ContractChain(4 * P + 1), tokens, None)
+    cases["a partial sum reduce-scattered"] = (ContractScatter(4 * P + 1), tokens, None)
     if P == 3:  # 3 ranks (an odd count) on a fifth of the cases, to keep the suite's time
         cases = {name: case for i, (name, case) in enumerate(cases.items()) if i % 5 == 0 or "fno" in name}
     if P == 4:
         cases["scan: cumsum, partition [3, 1, 9, 4]"] = (
             Lambda(SCANS["cumsum"]),
             torch.randn(2, 3, 17, 5),
+            [3, 1, 9, 4],
+        )
+        cases["a partial sum reduce-scattered, partition [3, 1, 9, 4]"] = (
+            ContractScatter(17),
+            torch.randn(2, 3, 17),
             [3, 1, 9, 4],
         )
         cases["fno block, partition [1, 3, 7, 6]"] = (FNOBlock(), torch.randn(1, 4, 17, 12), [1, 3, 7, 6])
