@@ -25,7 +25,14 @@ import torch
 from .domain import Domain, _all_lengths
 from .errors import FxHaloError
 
-__all__ = ["redistribute", "redistribute_slab", "seq_to_channels", "channels_to_seq", "observe_moves"]
+__all__ = [
+    "redistribute",
+    "redistribute_slab",
+    "redistribute_slabs",
+    "seq_to_channels",
+    "channels_to_seq",
+    "observe_moves",
+]
 
 
 def redistribute_slab(
@@ -40,17 +47,21 @@ def redistribute_slab(
     """The kernel: ``x`` (rows ``src_lengths[rank]`` of ``src_dim``, all of ``dst_dim``) becomes this
     rank's ``dst_lengths[rank]`` rows of ``dst_dim`` with all of ``src_dim``.  Graph-traceable: every
     size is a Python number."""
+    (out,) = redistribute_slabs((x,), src_dim, dst_dim, group_name, src_lengths, dst_lengths, rank)
+    return out
+
+
+def redistribute_slabs(
+    xs, src_dim: int, dst_dim: int, group_name: str, src_lengths: tuple, dst_lengths: tuple, rank: int
+) -> tuple[torch.Tensor, ...]:
+    """:func:`redistribute_slab` of several slabs of one shape and dtype (attention's q, k and v) in one
+    ``all_to_all_single``."""
+    x = xs[0]
     if x.is_complex():
-        out = redistribute_slab(
-            torch.view_as_real(x.resolve_conj()),
-            src_dim % x.ndim,
-            dst_dim % x.ndim,
-            group_name,
-            src_lengths,
-            dst_lengths,
-            rank,
-        )
-        return torch.view_as_complex(out)
+        real = tuple(torch.view_as_real(t.resolve_conj()) for t in xs)
+        src, dst = src_dim % x.ndim, dst_dim % x.ndim
+        moved = redistribute_slabs(real, src, dst, group_name, src_lengths, dst_lengths, rank)
+        return tuple(torch.view_as_complex(t) for t in moved)
     src_dim, dst_dim = src_dim % x.ndim, dst_dim % x.ndim
     if src_dim == dst_dim:
         raise FxHaloError(f"redistribute: the shard is already along dim {src_dim}")
@@ -59,23 +70,38 @@ def redistribute_slab(
             f"redistribute: a slab of shape {tuple(x.shape)} does not hold rows {src_lengths[rank]} of dim "
             f"{src_dim} and all {sum(dst_lengths)} of dim {dst_dim}"
         )
+    count = len(xs)
     if _MOVE_OBSERVERS:  # the analytic minimum, from the partitions: all but the piece this rank keeps
         own = src_lengths[rank] * dst_lengths[rank] * (x.numel() // max(x.shape[src_dim] * x.shape[dst_dim], 1))
         for callback in tuple(_MOVE_OBSERVERS):
-            callback((x.numel() - own) * x.element_size())
-    # Each piece travels with src_dim first, so that the pieces a rank receives, in rank order, are
-    # already its output joined along src_dim: a view, not another copy of the slab.
-    moved = x.movedim(src_dim, 0)
+            callback(count * (x.numel() - own) * x.element_size())
+    # Each piece travels with src_dim first and the slabs next to it ([src rows, slab, ...]), so that
+    # the pieces a rank receives, in rank order, are already its outputs joined along src_dim: views,
+    # not another copy.
+    moved = [t.movedim(src_dim, 0) for t in xs]
     d = dst_dim + 1 if dst_dim < src_dim else dst_dim  # dst_dim's place once src_dim leads
-    send = torch.cat([p.reshape(-1) for p in moved.split(list(dst_lengths), dim=d)])  # piece q to rank q
+    send = _send_buffer(moved, d, dst_lengths)
     other = x.numel() // (x.shape[src_dim] * x.shape[dst_dim])  # elements per (src row, dst row)
-    send_sizes = [src_lengths[rank] * n * other for n in dst_lengths]
-    recv_sizes = [n * dst_lengths[rank] * other for n in src_lengths]
+    send_sizes = [count * src_lengths[rank] * n * other for n in dst_lengths]
+    recv_sizes = [count * n * dst_lengths[rank] * other for n in src_lengths]
     got = torch.ops._c10d_functional.all_to_all_single(send, recv_sizes, send_sizes, group_name)
     got = torch.ops._c10d_functional.wait_tensor(got)
-    shape = list(moved.shape)
+    shape = list(moved[0].shape)
     shape[0], shape[d] = sum(src_lengths), dst_lengths[rank]
-    return got.view(shape).movedim(0, src_dim)
+    shape.insert(1, count)
+    got = got.view(shape)
+    return tuple(got.select(1, i).movedim(0, src_dim) for i in range(count))
+
+
+def _send_buffer(moved, d: int, dst_lengths) -> torch.Tensor:
+    """The slabs ``moved`` (src dim first) cut along dim ``d`` into the pieces each rank gets, laid out
+    piece after piece, each as ``[src rows, slab, ...]``.  Equal pieces take one strided copy (a
+    ``stack`` of views); unequal ones a copy per piece and a join."""
+    if len(set(dst_lengths)) == 1:  # [P, src rows, slab, ..., n, ...]
+        n = dst_lengths[0]
+        return torch.stack([t.unflatten(d, (len(dst_lengths), n)).movedim(d, 0) for t in moved], dim=2).reshape(-1)
+    pieces = zip(*(t.split(list(dst_lengths), dim=d) for t in moved))
+    return torch.cat([torch.stack(piece, dim=1).reshape(-1) for piece in pieces])
 
 
 _MOVE_OBSERVERS: list = []

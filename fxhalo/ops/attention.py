@@ -4,8 +4,8 @@
 and the sequence ``L`` sharded.  Every query needs every key, so the kernels move data:
 
 * :func:`sdpa_by_heads` (DeepSpeed-Ulysses): one move
-  (:func:`fxhalo.redistribute.redistribute_slab`; q, k and v stacked in one when they
-  have one shape, else one per shape) puts the shard on the heads instead of the
+  (:func:`fxhalo.redistribute.redistribute_slabs`; q, k and v in one when they have one
+  shape, else one per shape) puts the shard on the heads instead of the
   tokens, each rank attends its heads over the whole sequence with torch's own kernel,
   and one move takes the output back to the token shard.  Needs the query heads
   (and with ``enable_gqa`` the key/value heads) to be at least the rank count, so that
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, all_gather_rows, one_axis
-from ..redistribute import redistribute_slab
+from ..redistribute import redistribute_slab, redistribute_slabs
 
 __all__ = ["sdpa_by_heads", "sdpa_by_gathered_keys"]
 
@@ -50,17 +50,17 @@ def _whole_keys(mask, mask_shard, group_name, tokens):
 
 
 def _all_to_heads(tensors, group_name, domain, tokens):
-    """:func:`_to_heads` of each tensor; those of one shape and dtype travel stacked, in one collective
-    (q, k and v of plain attention: one all_to_all instead of three)."""
+    """:func:`_to_heads` of each tensor; those of one shape and dtype travel together, in one collective
+    (q, k and v of plain attention: one all_to_all instead of three, and no stacked copy)."""
     out: list = [None] * len(tensors)
     groups: dict = {}
     for i, t in enumerate(tensors):
         groups.setdefault((tuple(t.shape), t.dtype), []).append(i)
     for members in groups.values():
-        stacked = torch.stack([tensors[i] for i in members]) if len(members) > 1 else tensors[members[0]]
-        moved = _to_heads(stacked, group_name, domain, tokens)
-        for j, i in enumerate(members):
-            out[i] = moved[j] if len(members) > 1 else moved
+        heads = tuple(domain.lengths(tensors[members[0]].shape[-3]))
+        moved = redistribute_slabs([tensors[i] for i in members], -2, -3, group_name, tokens, heads, domain.rank)
+        for i, t in zip(members, moved):
+            out[i] = t
     return out
 
 
