@@ -262,3 +262,33 @@ for _name, _kernel in (("softmax", ops.softmax), ("log_softmax", ops.log_softmax
     _plain = Softmax(_SOFTMAX_SIG, _kernel)
     register(_plain, getattr(torch, _name), getattr(torch.special, _name, None))
     register(_plain, _name, op="call_method")
+
+
+# -- normalize ----------------------------------------------------------------
+
+
+class Normalize(Rule):
+    """``F.normalize(x, p, dim)``: each slice along ``dim`` divided by its norm.  Local along another dim
+    (every rank holds whole slices); along the sharded dim it is refused (the norm would need a sum over
+    the ranks that no kernel does yet)."""
+
+    name = "normalize"
+
+    def decide(self, node, ctx) -> Decision:
+        a = bind(inspect.signature(F.normalize), node)
+        s = sharding_of(a["input"])
+        if s is None:
+            return Decision()
+        ndim = example_value(a["input"]).ndim
+        dim = a["dim"] + ndim if a["dim"] < 0 else a["dim"]
+        if dim == s.dim:
+            ctx.refuse(
+                node,
+                f"normalizes along the sharded dim {dim}",
+                "normalize along another dim, or use options={'fallback': 'gather'} for this op",
+            )
+        _refuse_out(node, ctx)
+        return Decision(s)
+
+
+register(Normalize(), F.normalize)

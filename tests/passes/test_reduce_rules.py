@@ -136,3 +136,12 @@ def test_class_losses_take_targets_sharded_along_the_same_pixels():
 def test_what_cannot_be_exact_is_refused_by_name(fn, inputs, match):
     with pytest.raises(FxHaloError, match=match):
         passes_on(Lambda(fn), *inputs)
+
+
+@pytest.mark.timeout(120)
+def test_normalize_is_local_along_another_dim_and_refused_along_the_sharded_one():
+    """``F.normalize`` (Swin V2's cosine attention in timm) had no rule and was refused as an unknown op."""
+    gm, changed = passes_on(Lambda(lambda x: F.normalize(x, dim=-1) + F.normalize(x, p=1, dim=1)), X)
+    assert changed == 0 and outputs(gm) == [S]
+    with pytest.raises(FxHaloError, match="normalizes along the sharded dim 2"):
+        passes_on(Lambda(lambda x: F.normalize(x, dim=2)), X)
