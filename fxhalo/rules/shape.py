@@ -25,7 +25,7 @@ import operator
 
 import torch
 
-from ..layout import Sharded, example_value, sharding_of
+from ..layout import GLOBAL_VALUE, Sharded, example_value, sharding_of
 from ..ops import moves
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
 
@@ -53,8 +53,11 @@ def _check_traced_size(node, ctx, src, s: Sharded) -> list[int]:
     return shape
 
 
-def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
-    """The sharding of a row-major reshape from ``in_shape`` to ``out_shape``, or why there is none."""
+def reshape_sharding(in_shape, out_shape, s: Sharded, out_global=None) -> Sharded | str:
+    """The sharding of a row-major reshape from ``in_shape`` to ``out_shape`` (local shapes), or why there
+    is none.  ``out_global``: the output's global shape, when known (the global view); it tells an output
+    dim of local size 1 that holds the shard's outer part (a window index, one window per rank) from a
+    plain dim of size 1, which local sizes alone cannot."""
     factors = []  # [kind, local, global] in row-major order; kind "S" is the sharded factor
     for k, size in enumerate(in_shape):
         if k == s.dim:
@@ -67,9 +70,11 @@ def reshape_sharding(in_shape, out_shape, s: Sharded) -> Sharded | str:
     result = None
     for k, size in enumerate(out_shape):
         need, taken = size, []
-        # An S factor of local size 1 still stands for P global rows: it joins the
-        # output dim being filled rather than vanishing.
-        while factors and (need > 1 or (factors[0][0] == "S" and factors[0][1] == 1)):
+        # Does this output dim take (part of) the shard although its local size is filled?  With the global
+        # shape known, exactly when its global size differs; without, an S factor of local size 1 still
+        # stands for P global rows and joins the output dim being filled rather than vanishing.
+        joins = (out_global[k] != size) if out_global is not None else (bool(factors) and factors[0][1] == 1)
+        while factors and (need > 1 or (factors[0][0] == "S" and joins)):
             kind, local, glob = factors[0]
             if need % local == 0:
                 taken.append(factors.pop(0))
@@ -128,7 +133,9 @@ class Reshape(LayoutRule):
         if s is None:
             return None
         in_shape = _check_traced_size(node, ctx, src, s)
-        out = reshape_sharding(in_shape, list(example_value(node).shape), s)
+        glob = node.meta.get(GLOBAL_VALUE) if ctx.global_view else None
+        out_global = list(glob.shape) if isinstance(glob, torch.Tensor) else None
+        out = reshape_sharding(in_shape, list(example_value(node).shape), s, out_global)
         if isinstance(out, str):
             ctx.refuse(
                 node,

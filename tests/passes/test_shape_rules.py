@@ -132,6 +132,20 @@ def test_reshape_factor_arithmetic():
     assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)  # would cut H unevenly
 
 
+def test_a_window_split_with_one_window_per_rank_keeps_the_shard_on_the_window_index():
+    """Swin's window partition of 4 rows in windows of 2 on 2 ranks: each rank's 2 rows are one window, so
+    the local output dim of the window index has size 1.  From local sizes alone the shard went to the
+    rows inside the window (dim 2, "2 of 4 rows" of a dim of size 2), and FuXi's window attention was then
+    refused as a product of two sharded operands; the global shape says the size-1 dim holds the shard."""
+    s = Sharded(1, 2, 4)
+    local_in, local_out, global_out = [1, 2, 8, 16], [1, 1, 2, 4, 2, 16], [1, 2, 2, 4, 2, 16]
+    assert reshape_sharding(local_in, local_out, s, global_out) == Sharded(1, 1, 2)
+    assert reshape_sharding([1, 4, 8, 16], [1, 2, 2, 4, 2, 16], Sharded(1, 4, 8), global_out) == Sharded(1, 2, 4)
+    # and back: the window index of local size 1 merges with the rows inside it, not with the batch before
+    back = reshape_sharding(local_out, local_in, Sharded(1, 1, 2), [1, 4, 8, 16])
+    assert back == Sharded(1, 2, 4)
+
+
 @pytest.mark.parametrize(
     "fn, want",
     [
