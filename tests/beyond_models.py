@@ -109,3 +109,26 @@ class ContractScatter(nn.Module):
 
     def forward(self, x):  # [B, C, T], T sharded
         return x + torch.relu(x) @ self.mix
+
+
+class LongRangeWindows(nn.Module):
+    """CrossFormer's long-distance attention, written out: the map cut into windows whose rows are strided
+    over the whole map (``(l1 h) (l2 w) -> (b h w) c l1 l2``, the window's rows ``l1`` outside), a 1x1
+    conv for q, k, v, attention per window by ``einsum``, and back, with a residual."""
+
+    def __init__(self, channels: int = 4, heads: int = 2, window: int = 2):
+        super().__init__()
+        self.heads, self.window = heads, window
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        s, h, w = self.window, H // self.window, W // self.window
+        t = x.reshape(B, C, s, h, s, w).permute(0, 3, 5, 1, 2, 4).reshape(B * h * w, C, s, s)
+        q, k, v = self.qkv(t).chunk(3, dim=1)
+        q, k, v = (u.reshape(B * h * w, self.heads, C // self.heads, s * s).transpose(-2, -1) for u in (q, k, v))
+        attn = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        y = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(-2, -1).reshape(B * h * w, C, s, s)
+        y = self.out(y).reshape(B, h, w, C, s, s).permute(0, 3, 4, 1, 5, 2).reshape(B, C, H, W)
+        return x + y

@@ -14,12 +14,17 @@
   compiled region): one all_to_all_single.
 * :func:`slice_rows` and :func:`set_rows` read and write a slice of the sharded dim in
   global rows: each rank touches the selected rows it holds (no communication).
+* :func:`regroup` gives a sharded tensor another set of rows per rank along the same
+  dim (an interleaved shard, each rank holding a slice of every window, back to one
+  block per rank): one all_to_all_single of the rows that change rank.
 * :func:`sum_partial` and :func:`scatter_partial` turn a partial sum
   (:class:`fxhalo.layout.Partial`) into its total: replicated (an all-reduce), or
   sharded (a reduce-scatter, for the rows each rank goes on with).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +42,8 @@ __all__ = [
     "move_shard",
     "sum_partial",
     "scatter_partial",
+    "regroup",
+    "regroup_plan",
 ]
 
 
@@ -174,3 +181,33 @@ def _item_of_dim(items, dim: int) -> int:
             return i
         seen += 1
     raise IndexError(f"the index has no item for dim {dim}")
+
+
+def regroup_plan(src_rows, dst_rows, rank: int):
+    """For :func:`regroup`: from every rank's global rows before (``src_rows[r]``, in local order) and
+    after (``dst_rows[r]``), what this rank sends (per destination, its local row indices, in the
+    destination's order), how many rows it receives from each rank, and the order that puts the rows
+    received (by source rank) into its own new order."""
+    where = {row: i for i, row in enumerate(src_rows[rank])}
+    send = tuple(tuple(where[row] for row in dst if row in where) for dst in dst_rows)
+    mine = set(dst_rows[rank])
+    received = [row for src in src_rows for row in sorted((r for r in src if r in mine), key=dst_rows[rank].index)]
+    counts = tuple(sum(1 for r in src if r in mine) for src in src_rows)
+    at = {row: i for i, row in enumerate(received)}
+    return send, counts, tuple(at[row] for row in dst_rows[rank])
+
+
+def regroup(input: torch.Tensor, send: tuple, counts: tuple, order: tuple, *, axes: tuple[ShardAxis, ...]):
+    """The rows of ``input`` along ``axes``' dim regrouped between ranks (:func:`regroup_plan`'s
+    ``send``, ``counts``, ``order``): one ``all_to_all_single``; the rows a rank keeps travel no wire."""
+    dim, group_name, _ = one_axis(axes)
+    x = input.movedim(dim, 0)
+    flat = [i for rows in send for i in rows]
+    pieces = x.index_select(0, torch.tensor(flat, dtype=torch.long, device=x.device))
+    row = math.prod(x.shape[1:])
+    got = torch.ops._c10d_functional.all_to_all_single(
+        pieces.reshape(-1), [c * row for c in counts], [len(rows) * row for rows in send], group_name
+    )
+    got = torch.ops._c10d_functional.wait_tensor(got).view(sum(counts), *x.shape[1:])
+    out = got.index_select(0, torch.tensor(order, dtype=torch.long, device=x.device))
+    return out.movedim(0, dim)

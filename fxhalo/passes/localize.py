@@ -111,7 +111,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
 
 
 def _decide(node, ctx, mode, propagate):
-    _localize_shape_args(node)
+    _localize_shape_args(node, ctx, mode)
     _align_operands(node, ctx, mode)
     _shard_assigned_target(node, ctx, mode)
     _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
@@ -157,7 +157,7 @@ def _input_layout(node, ctx: PassContext):
 # -- step 2: shape arguments ------------------------------------------------------------------
 
 
-def _localize_shape_args(node) -> None:
+def _localize_shape_args(node, ctx, mode) -> None:
     key = (node.op, node.target)
     if key not in _RESHAPES | _UNFLATTENS | _EXPANDS or not node.args:
         return
@@ -172,6 +172,10 @@ def _localize_shape_args(node) -> None:
         local_out[s.dim + len(g_out) - len(g_in)] = s.local
     else:
         whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
+        if not isinstance(whole, str) and _straddles(s, g_out[whole.dim], ctx):
+            s = _regroup_for_split(node, src, s, g_out[whole.dim], ctx, mode)
+            src = node.args[0]
+            whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
         if isinstance(whole, str) or (g_out[whole.dim] * s.local) % n:
             return  # the reshape rule refuses it, with the local sizes
         local_out[whole.dim] = g_out[whole.dim] * s.local // n
@@ -183,13 +187,39 @@ def _localize_shape_args(node) -> None:
         node.args, node.kwargs = (src, tuple(local_out)), {}
 
 
+def _straddles(s: Sharded, outer: int, ctx) -> bool:
+    """A reshape splits the sharded dim into ``outer`` blocks (and the rows inside each), and some rank's
+    rows cross a block's edge: no layout of the split holds them (long-range windows, ``(l1 h)`` with the
+    window's rows ``l1`` outside, on more ranks than windows rows)."""
+    n = int(s.global_length)
+    if not s.contiguous or outer <= 1 or outer >= n or n % outer:
+        return False
+    block = n // outer
+    return block >= ctx.domain.size and any(a % block or b % block for a, b in ctx.domain.partition(s.global_length))
+
+
+def _regroup_for_split(node, src, s: Sharded, outer: int, ctx, mode) -> Sharded:
+    """Before such a reshape: the rows regrouped so that each rank holds the same slice of every block
+    (:func:`fxhalo.ops.moves.regroup`, one all_to_all_single); the split then puts the shard on the rows
+    inside the blocks.  Returns the new (interleaved) layout of ``node``'s input."""
+    n = int(s.global_length)
+    block = n // outer
+    a, b = ctx.domain.partition(block)[ctx.domain.rank]
+    layout = Sharded(s.dim, outer * (b - a), n, outer)
+    plan = moves.regroup_plan(_block_rows(s, ctx), _interleaved_rows(layout, ctx), ctx.domain.rank)
+    axes = ctx.domain.kernel_axes(s.dim, s.global_length)
+    node.replace_input_with(src, _insert_move(node, src, moves.regroup, (src, *plan), axes, layout, mode))
+    return layout
+
+
 # -- step 3: operands that disagree on the sharded dim -----------------------------------------
 
 
 def _align_operands(node, ctx, mode) -> None:
     """Before an elementwise op or a ``cat``: every operand that spans the sharded dim takes the
-    partition of the largest sharded operand (a replicated one is sliced, a sharded one split
-    another way has its rows moved)."""
+    partition of the largest sharded operand, a contiguous one first (a replicated one is sliced, a
+    sharded one split another way has its rows moved, one sharded along another dim has its shard
+    moved, an interleaved one is regrouped)."""
     rule = rules.lookup(node)
     if not isinstance(rule, (Elementwise, Cat)):
         return
@@ -197,7 +227,7 @@ def _align_operands(node, ctx, mode) -> None:
     sharded = [a for a in inputs if isinstance(sharding_of(a), Sharded)]
     if not sharded:
         return
-    target_node = max(sharded, key=lambda a: math.prod(global_shape(a)))
+    target_node = max(sharded, key=lambda a: (math.prod(global_shape(a)), sharding_of(a).contiguous))
     t = sharding_of(target_node)
     if not t.contiguous:
         return
@@ -215,10 +245,28 @@ def _align_operands(node, ctx, mode) -> None:
             kernel, args, axes = moves.scatter_partial, (a,), ctx.domain.kernel_axes(dim, t.global_length)
         elif isinstance(s, Sharded) and s.dim == dim and s.contiguous and _lengths(s, ctx) != want:
             kernel, args, axes = moves.repartition, (a, want), ctx.domain.kernel_axes(dim, s.global_length)
+        elif isinstance(s, Sharded) and s.dim != dim and s.contiguous:  # sharded along another dim: move it
+            kernel, args, axes = moves.move_shard, (a, dim, want), ctx.domain.kernel_axes(s.dim, s.global_length)
+        elif isinstance(s, Sharded) and s.dim == dim and not s.contiguous and int(s.global_length) == n:
+            # interleaved (each rank a slice of every window): the rows regrouped into t's blocks
+            plan = moves.regroup_plan(_interleaved_rows(s, ctx), _block_rows(t, ctx), ctx.domain.rank)
+            kernel, args, axes = moves.regroup, (a, *plan), ctx.domain.kernel_axes(dim, s.global_length)
         else:
             continue
         layout = Sharded(dim, t.local, t.global_length)
         node.replace_input_with(a, _insert_move(node, a, kernel, args, axes, layout, mode))
+
+
+def _block_rows(s: Sharded, ctx) -> list[list[int]]:
+    """Every rank's global rows under a contiguous layout: one block each."""
+    return [list(range(a, b)) for a, b in ctx.domain.partition(s.global_length)]
+
+
+def _interleaved_rows(s: Sharded, ctx) -> list[list[int]]:
+    """Every rank's global rows, in local order, under a layout interleaved ``s.outer`` times: the same
+    slice of each of the ``outer`` blocks (the balanced partition of a block)."""
+    block = int(s.global_length) // s.outer
+    return [[k * block + j for k in range(s.outer) for j in range(a, b)] for a, b in ctx.domain.partition(block)]
 
 
 def _insert_move(node, a, kernel, args, axes, layout: Sharded, mode):

@@ -26,6 +26,7 @@ import operator
 import torch
 
 from ..layout import PARTIAL, Sharded, example_value, sharding_of
+from ..layout import split as layout_split
 from ..ops import contract
 from . import Decision, KernelCall, Rule, register, register_op
 
@@ -172,6 +173,9 @@ class EinsumRule(Rule):
         letters = {terms[i][s.dim] for i, s in sharded}
         first = sharded[0][1]
         if len(letters) != 1 or not all(isinstance(s, Sharded) and s.same_layout(first) for _, s in sharded):
+            moved = self._on_carrier(node, ctx, terms, out_terms, values, layouts)
+            if moved is not None:
+                return moved
             ctx.refuse(
                 node,
                 "takes operands sharded along different indices or partitions: "
@@ -195,7 +199,7 @@ class EinsumRule(Rule):
                 )
             narrow.append(pos)
         contracts = index not in out_terms
-        out = PARTIAL if contracts else Sharded(out_terms.index(index), first.local, first.global_length)
+        out = PARTIAL if contracts else first.moved(out_terms.index(index))
         if not contracts and all(n is None for n in narrow):
             return Decision(out)
         equation, narrow = node.args[0], tuple(narrow)
@@ -204,6 +208,48 @@ class EinsumRule(Rule):
             return KernelCall(contract.product, ("einsum", self._operands(node), narrow), {"prefix": (equation,)})
 
         return Decision(out, call, first)
+
+    def _on_carrier(self, node, ctx, terms, out_terms, values, layouts) -> Decision | None:
+        """Operands sharded along different indices (queries ``i`` and keys ``j`` of attention inside each
+        window): each moves its shard onto an index that every operand and the output share (the
+        windows), where the product is local; ``None`` when no index can carry it."""
+        sharded = [(t, s) for t, s in zip(terms, layouts) if s is not None]
+        if any(not isinstance(s, Sharded) or not s.contiguous or t.count(t[s.dim]) > 1 for t, s in sharded):
+            return None
+
+        def global_size(t, v, s, c):
+            return int(s.global_length) if s is not None and t[s.dim] == c else v.shape[t.index(c)]
+
+        def stays(t, s, c, n):  # already sharded along c, split as the carrier will be
+            return s is not None and t[s.dim] == c and ctx.domain.lengths(s.global_length) == ctx.domain.lengths(n)
+
+        # The fewest moves, then the leftmost index of the output (the batch, the windows: heads or
+        # features would put the shard where the next op mixes them).
+        best = None
+        for c in out_terms:
+            if not all(t.count(c) == 1 for t in terms):
+                continue
+            sizes = {global_size(t, v, s, c) for t, v, s in zip(terms, values, layouts)}
+            if len(sizes) != 1 or (n := sizes.pop()) < ctx.domain.size:
+                continue
+            key = (sum(stays(t, s, c, n) for t, s in sharded), -out_terms.index(c), n, c)
+            best = max(best, key) if best is not None else key
+        if best is None:
+            return None
+        *_, n, c = best
+        lengths = tuple(ctx.domain.lengths(n))
+        moves = tuple(
+            None if s is None or stays(t, s, c, n) else (s.dim, t.index(c), tuple(ctx.domain.lengths(s.global_length)))
+            for t, s in zip(terms, layouts)
+        )
+        narrow = tuple(t.index(c) if s is None else None for t, s in zip(terms, layouts))
+        equation = node.args[0]
+
+        def call(node) -> KernelCall:
+            args = ("einsum", self._operands(node), moves, narrow, lengths)
+            return KernelCall(contract.product_on_carrier, args, {"prefix": (equation,)})
+
+        return Decision(layout_split(out_terms.index(c), n, ctx.domain), call, sharded[0][1])
 
 
 register(EinsumRule(), torch.einsum, torch.functional.einsum)

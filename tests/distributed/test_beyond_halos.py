@@ -21,6 +21,8 @@ graph (``check_many_global_view``):
 - contractions of the shard: a token-mixing MLP (``Linear`` over the tokens), an
   ``einsum``/``matmul`` basis transform over the latitude, a chain of products summed once
   and a partial sum reduce-scattered onto the sharded input (tests/beyond_models.py);
+- CrossFormer's long-range windows (each window's rows strided over the map): the queries and
+  keys moved onto the window index for the products, or the rows regrouped before the split;
 - ``fxhalo.redistribute(x, dim)`` on DomainTensors, in a model and eagerly;
 - an FFT with no dim to carry the shard is refused on every rank.
 
@@ -35,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.beyond_models import ContractChain, ContractScatter, FNOBlock, TokenAttention
+from tests.beyond_models import ContractChain, ContractScatter, FNOBlock, LongRangeWindows, TokenAttention
 from tests.harness import check_many_global_view, failed_by_world_size, spawned_once
 from tests.passes.graphs import Lambda
 
@@ -247,6 +249,9 @@ def _cases(P):
     cases["einsum and matmul contracting the shard"] = (LegendreLike(4 * P + 1), field, None)
     cases["products contracting the shard, summed once"] = (ContractChain(4 * P + 1), tokens, None)
     cases["a partial sum reduce-scattered"] = (ContractScatter(4 * P + 1), tokens, None)
+    # 12 rows in 2 strided windows of 6: whole window rows per rank on 2 ranks (the products move the shard
+    # onto the windows), rows regrouped before the split on 3 and 4
+    cases["long-range windows (CrossFormer)"] = (LongRangeWindows(), torch.randn(1, 4, 12, 4), None)
     if P == 3:  # 3 ranks (an odd count) on a fifth of the cases, to keep the suite's time
         cases = {name: case for i, (name, case) in enumerate(cases.items()) if i % 5 == 0 or "fno" in name}
     if P == 4:

@@ -214,3 +214,25 @@ def test_matmul_contracting_the_shard_of_both_operands_sums_once():
     assert changed == 1 and contract.product in targets(gm)
     out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
     assert sharding_of(out) is None  # replicated after the sum
+
+
+def test_einsum_along_an_interleaved_batch_keeps_it_interleaved():
+    """Windows merged under the batch interleave each rank's rows (outer=2); an einsum per window keeps that
+    layout.  Its output was recorded as one contiguous block, which the ops after it (a reshape back to the
+    rows, an alignment) would then have read as the wrong rows."""
+    fn = Lambda(lambda x: torch.einsum("bi,bi->b", x.reshape(16, 6), x.reshape(16, 6)))
+    assert output_sharding(fn, torch.randn(2, 8, 6), shard_dim=1) == [Sharded(0, 16, 64, outer=2)]
+
+
+def test_einsum_of_operands_sharded_along_different_indices_moves_them_onto_a_shared_one():
+    """Queries and keys sharded along their tokens (i and j): both move onto the windows (b, the leftmost
+    index every operand and the output share), where the product is local.  It was refused."""
+    from fxhalo.ops import contract
+
+    gm, changed = passes_on(
+        Lambda(lambda x: torch.einsum("bhid,bhjd->bhij", x, x * 2)), torch.randn(4, 3, 8, 6), shard_dim=2
+    )
+    (node,) = [n for n in gm.graph.nodes if n.target is contract.product_on_carrier]
+    assert changed == 1 and node.args[2] == ((2, 0, (8, 8, 8, 8)), (2, 0, (8, 8, 8, 8)))
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    assert sharding_of(out) == Sharded(0, 1, 4)
