@@ -299,6 +299,21 @@ def failed_by_world_size(per_rank: list, world_size: int) -> list:
     ]
 
 
+def by_world_size(rank: int, world_size: int, sizes, run_group) -> dict:
+    """``{P: run_group(P, group)}`` for each rank count ``P`` of ``sizes``, run by the first ``P`` ranks of a
+    spawn of ``world_size`` on a group of their own (the whole world for the largest); the other ranks
+    wait at a barrier.  Every rank makes every group, as ``new_group`` requires."""
+    import torch.distributed as dist
+
+    out = {}
+    for P in sizes:
+        group = dist.new_group(list(range(P))) if P < world_size else None
+        if rank < P:
+            out[P] = run_group(P, group)
+        dist.barrier()
+    return out
+
+
 _SPAWNED: dict = {}
 
 

@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.beyond_models import ContractChain, ContractScatter, FNOBlock, LongRangeWindows, TokenAttention
-from tests.harness import check_many_global_view, failed_by_world_size, spawned_once
+from tests.harness import by_world_size, check_many_global_view, failed_by_world_size, spawned_once
 from tests.passes.graphs import Lambda
 
 WORLD_SIZES = (2, 3, 4)
@@ -275,23 +274,19 @@ def _cases(P):
 
 
 def _run(rank, world_size):
-    out = {}
-    for P in WORLD_SIZES:
-        group = dist.new_group(list(range(P))) if P < world_size else None
-        if rank < P:
-            cases, field, image = _cases(P)
-            # One compiled graph for every case (compiling is what costs time); a failing batch
-            # falls back to one graph per case, so a failure still names its case.
-            checks = check_many_global_view(list(cases.values()), group=group)
-            res = dict(zip(cases, checks))
-            res["attention with dropout: refused"] = {"refused": (_refused_dropout(group, image), 0.0)}
-            res["fxhalo.redistribute eagerly"] = _eager_redistribute(group, field)
-            res["fft over every dim, nothing to carry the shard: refused"] = {
-                "refused": (_refused_without_carrier(group), 0.0)
-            }
-            out[P] = {name: {k: ok for k, (ok, _) in checks.items()} for name, checks in res.items()}
-        dist.barrier()
-    return out
+    return by_world_size(rank, world_size, WORLD_SIZES, _check)
+
+
+def _check(P, group):
+    cases, field, image = _cases(P)
+    # One compiled graph for every case (compiling is what costs time); a failing batch
+    # falls back to one graph per case, so a failure still names its case.
+    checks = check_many_global_view(list(cases.values()), group=group)
+    res = dict(zip(cases, checks))
+    res["attention with dropout: refused"] = {"refused": (_refused_dropout(group, image), 0.0)}
+    res["fxhalo.redistribute eagerly"] = _eager_redistribute(group, field)
+    res["fft over every dim, nothing to carry the shard: refused"] = {"refused": (_refused_without_carrier(group), 0.0)}
+    return {name: {k: ok for k, (ok, _) in checks.items()} for name, checks in res.items()}
 
 
 @pytest.mark.timeout(430)

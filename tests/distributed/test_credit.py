@@ -26,9 +26,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.harness import check_many_global_view, failed_by_world_size, spawned_once
+from tests.harness import by_world_size, check_many_global_view, failed_by_world_size, spawned_once
 
 WORLD_SIZES = (2, 4)
 
@@ -109,20 +108,18 @@ def _run(rank, world_size):
     from tests import credit_standin
 
     credit_standin.install()
-    out = {}
-    for P in WORLD_SIZES:
-        group = dist.new_group(list(range(P))) if P < world_size else None
-        if rank < P:
-            torch.manual_seed(0)
-            models = _models()
-            cases = [(model, x, None) for model, x in models.values()]
-            checks = check_many_global_view(cases, group=group, shard_dim=3)
-            for name, c in zip(models, checks):
-                for param in INERT.get(name, ()):  # exactly zero on one device too, up to rounding
-                    c["grad_" + param] = (_tiny(models[name][0].get_parameter(param).grad), 0.0)
-            out[P] = {name: {k: ok for k, (ok, _) in c.items()} for name, c in zip(models, checks)}
-        dist.barrier()
-    return out
+    return by_world_size(rank, world_size, WORLD_SIZES, _check)
+
+
+def _check(P, group):
+    torch.manual_seed(0)
+    models = _models()
+    cases = [(model, x, None) for model, x in models.values()]
+    checks = check_many_global_view(cases, group=group, shard_dim=3)
+    for name, c in zip(models, checks):
+        for param in INERT.get(name, ()):  # exactly zero on one device too, up to rounding
+            c["grad_" + param] = (_tiny(models[name][0].get_parameter(param).grad), 0.0)
+    return {name: {k: ok for k, (ok, _) in c.items()} for name, c in zip(models, checks)}
 
 
 @pytest.mark.timeout(600)
