@@ -249,7 +249,7 @@ def _align_operands(node, ctx, mode) -> None:
             kernel, args, axes = moves.move_shard, (a, dim, want), ctx.domain.kernel_axes(s.dim, s.global_length)
         elif isinstance(s, Sharded) and s.dim == dim and not s.contiguous and int(s.global_length) == n:
             if s.lengths is not None:
-                continue  # a slice per block split by an explicit partition: _interleaved_rows knows the balanced
+                continue  # slices split by an explicit partition: _interleaved_rows assumes the balanced one
             # interleaved (each rank a slice of every window): the rows regrouped into t's blocks
             plan = moves.regroup_plan(_interleaved_rows(s, ctx), _block_rows(t, ctx), ctx.domain.rank)
             kernel, args, axes = moves.regroup, (a, *plan), ctx.domain.kernel_axes(dim, s.global_length)

@@ -70,11 +70,13 @@ def reshape_sharding(in_shape, out_shape, s: Sharded, out_global=None) -> Sharde
     result = None
     for k, size in enumerate(out_shape):
         need, taken = size, []
-        # Does this output dim take (part of) the shard although its local size is filled?  With the global
-        # shape known, exactly when its global size differs; without, an S factor of local size 1 still
-        # stands for P global rows and joins the output dim being filled rather than vanishing.
-        joins = (out_global[k] != size) if out_global is not None else (bool(factors) and factors[0][1] == 1)
-        while factors and (need > 1 or (factors[0][0] == "S" and joins)):
+        # Does the S factor join this output dim although its local size is filled?  With the global shape
+        # known, exactly when the dim's global size differs; without, when the S factor has local size 1
+        # (it still stands for P global rows, and joins the dim being filled rather than vanishing).
+        sharded_dim = out_global is not None and out_global[k] != size
+        while factors and (
+            need > 1 or (factors[0][0] == "S" and (sharded_dim if out_global is not None else factors[0][1] == 1))
+        ):
             kind, local, glob = factors[0]
             if need % local == 0:
                 taken.append(factors.pop(0))

@@ -130,6 +130,8 @@ def test_reshape_factor_arithmetic():
     assert reshape_sharding([2, 6, 4], [2, 24], s) == Sharded(1, 24, 96)  # merged with W
     assert reshape_sharding([2, 24], [2, 8, 3], Sharded(1, 24, 96)) == Sharded(1, 8, 32)  # and split again
     assert isinstance(reshape_sharding([2, 6, 4], [2, 4, 6], s), str)  # would cut H unevenly
+    # one row per rank merged under the dim before it: the size-1 shard joins the dim being filled
+    assert reshape_sharding([4, 1], [4], Sharded(1, 1, 4)) == Sharded(0, 4, 16, outer=4)
 
 
 def test_a_window_split_with_one_window_per_rank_keeps_the_shard_on_the_window_index():
