@@ -1,7 +1,8 @@
-"""The multi-rank test harness: fxhalo.launch.run_ranks plus the comparison the tests share.
+"""The multi-rank test harness: ranks to run on, plus the comparison the tests share.
 
-``run_ranks(fn, world_size, *args)`` spawns ``world_size`` gloo ranks with a
-process-group timeout and a hard deadline (see :mod:`fxhalo.launch`);
+``run_ranks(fn, world_size, *args)`` runs ``fn`` on ``world_size`` spawned gloo ranks with
+a process-group timeout and a hard deadline, kept alive from test to test
+(:mod:`tests.rank_pool`);
 ``close(got, want)`` applies the project's fp32 tolerances.
 """
 
@@ -12,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from fxhalo.launch import run_ranks
+from tests.rank_pool import run_ranks
 
 __all__ = [
     "run_ranks",

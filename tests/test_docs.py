@@ -31,7 +31,7 @@ import textwrap
 
 import pytest
 
-from tests.harness import run_ranks
+from fxhalo.launch import run_ranks  # fresh ranks: the blocks patch torch.distributed and fxhalo.backend
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
