@@ -41,8 +41,9 @@ from .domain import Domain
 from .errors import FxHaloError
 from .layout import Sharded, sharding_of
 from .log import log_rewrite
+from .mesh import MeshDomain, mesh_domain
 from .passes import PassContext, known_layouts
-from .passes.agreement import check_agreement, fingerprint, gather_input_lengths
+from .passes.agreement import check_agreement, fingerprint, gather_input_lengths, gather_mesh_input_lengths
 from .passes.pipeline import run_pipeline
 from .passes.propagate import local_input_lengths
 from .tensor import DomainSpec, DomainTensor, wrap_local
@@ -58,7 +59,9 @@ class DomainParallelBackend:
 
     * ``group``: process group, group name, ``DeviceMesh`` or ``(mesh, axis)``; default WORLD.
     * ``mesh_axis``: the domain axis when ``group`` is a multi-dim ``DeviceMesh``.
-    * ``shard_dim``: the sharded tensor dim of activations (default 2, negative counts from the end).
+    * ``shard_dim``: the sharded tensor dim of activations (default 2, negative counts from the end), or
+      a tuple of dims, one per axis of a ``DeviceMesh`` ``group``, in mesh-axis order: a 2-D (or 3-D)
+      domain (:mod:`fxhalo.mesh`).
     * ``compiler``: the inner compiler, ``"inductor"`` (default), ``"aot_eager"``, ``"eager"`` or a callable.
     * ``input_shard_dims``: per forward-argument override of the input rule, e.g.
       ``{"mask": None}`` (replicated) or ``{"lat_weights": 0}``.
@@ -74,7 +77,7 @@ class DomainParallelBackend:
     """
 
     group: Any = None
-    shard_dim: int = 2
+    shard_dim: int | tuple[int, ...] = 2
     compiler: str | Callable = "inductor"
     input_shard_dims: Mapping[str, int | None] = dataclasses.field(default_factory=dict)
     mesh_axis: str | int | None = None
@@ -87,8 +90,11 @@ class DomainParallelBackend:
             raise FxHaloError(f"unknown compiler {self.compiler!r}; use one of {COMPILERS} or a callable")
         if self.fallback not in (None, "gather"):
             raise FxHaloError(f"unknown fallback {self.fallback!r}; use None (refuse) or 'gather'")
-        if not isinstance(self.shard_dim, int):
-            raise FxHaloError(f"shard_dim must be an int, got {self.shard_dim!r}")
+        dims = self.shard_dim if isinstance(self.shard_dim, (tuple, list)) else (self.shard_dim,)
+        if not dims or not all(isinstance(d, int) for d in dims):
+            raise FxHaloError(f"shard_dim must be an int or a tuple of ints (one per axis), got {self.shard_dim!r}")
+        if isinstance(self.shard_dim, list):  # frozen: set through object.__setattr__
+            object.__setattr__(self, "shard_dim", tuple(dims))
 
     @property
     def __name__(self) -> str:  # torch.compile names the backend after this
@@ -97,11 +103,20 @@ class DomainParallelBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         if any(isinstance(x, DomainTensor) for x in example_inputs):
             return self._global_view(gm, example_inputs)
+        shard_dim = self.shard_dim
+        if isinstance(shard_dim, tuple):
+            if len(shard_dim) > 1 or _is_mesh(self.group):
+                return self._on_mesh(gm, example_inputs)
+            (shard_dim,) = shard_dim
         if self.group is None and not dist.is_initialized():
             return _inner(self.compiler)(gm, example_inputs)  # one process: the whole tensor is local
-        domain = Domain.from_group(self.group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
+        domain = Domain.from_group(self.group, shard_dim=shard_dim, mesh_axis=self.mesh_axis)
         if domain.size == 1:
             return _inner(self.compiler)(gm, example_inputs)
+        return self._plain(gm, example_inputs, domain)
+
+    def _plain(self, gm: torch.fx.GraphModule, example_inputs, domain: Domain, mesh: MeshDomain | None = None):
+        """Compile a graph of local slabs (not DomainTensors) on ``domain``, or on the whole of ``mesh``."""
         ctx, local, error = None, None, None
         try:
             ctx = PassContext(
@@ -111,12 +126,16 @@ class DomainParallelBackend:
                 known_inputs=known_layouts.known(gm, example_inputs),
                 grad_sync=self.grad_sync,
                 fuse_exchanges=self.fuse_exchanges,
+                mesh=mesh,
             )
             local = local_input_lengths(gm, ctx)
         except Exception as e:  # every rank must learn of it before anyone runs a collective
             error = e
         try:
-            ctx.input_lengths = gather_input_lengths(domain, local, error)
+            if mesh is not None and len(mesh.axes) > 1:
+                ctx.input_lengths = gather_mesh_input_lengths(mesh, local, error)
+            else:
+                ctx.input_lengths = gather_input_lengths(domain, local, error)
         except FxHaloError as e:
             return _refused(e)
 
@@ -126,6 +145,24 @@ class DomainParallelBackend:
             return fingerprint(gm), known_layouts.recording(compile_local(self.compiler, gm, example_inputs), gm)
 
         return _agreed(domain, build)
+
+    def _on_mesh(self, gm: torch.fx.GraphModule, example_inputs):
+        """A domain of several mesh axes (:mod:`fxhalo.mesh`): the plain path, along every axis."""
+        try:
+            mesh = mesh_domain(self.group, self.shard_dim, self.mesh_axis)
+        except FxHaloError as e:  # the same on every rank: it depends only on the options
+            return _refused(e)
+        if any(isinstance(x, DomainTensor) for x in example_inputs):
+            return _refused(
+                FxHaloError(
+                    "DomainTensors on a mesh of several axes are not supported yet: they carry one sharded dim. "
+                    "Remedy: pass each rank's local block as a plain tensor with options={'group': mesh, "
+                    f"'shard_dim': {self.shard_dim}}}"
+                )
+            )
+        if mesh.whole.size == 1:
+            return _inner(self.compiler)(gm, example_inputs)
+        return self._plain(gm, example_inputs, mesh.whole if len(mesh.axes) > 1 else mesh.axes[0], mesh)
 
     def _global_view(self, gm: torch.fx.GraphModule, example_inputs):
         """Compile a graph Dynamo traced on DomainTensors: partition it, compile the local program,
@@ -154,6 +191,13 @@ class DomainParallelBackend:
             return fingerprint(gm), global_view_function(known_layouts.recording(compiled, gm), outputs)
 
         return _agreed(domain, build)
+
+
+def _is_mesh(group) -> bool:
+    """A ``DeviceMesh``, or a ``(mesh, axes)`` pair."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return isinstance(group[0] if isinstance(group, tuple) and len(group) == 2 else group, DeviceMesh)
 
 
 def _agreed(domain: Domain, build: Callable) -> Callable:

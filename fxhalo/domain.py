@@ -28,7 +28,17 @@ import torch.distributed._functional_collectives  # noqa: F401  (registers autog
 
 from .errors import FxHaloError
 
-__all__ = ["Domain", "Partitioned", "resolve_group", "shard", "gather", "all_gather_rows", "check_partition"]
+__all__ = [
+    "Domain",
+    "Partitioned",
+    "resolve_group",
+    "shard",
+    "gather",
+    "all_gather_rows",
+    "check_partition",
+    "several_axes",
+    "takes_several_axes",
+]
 
 
 class Partitioned(int):
@@ -120,7 +130,7 @@ class ShardAxis(NamedTuple):
     process group, and the dim's global length (``None``: the kernel asks the group).
 
     Every kernel of :mod:`fxhalo.ops` takes ``axes``, a tuple of these, one per sharded
-    mesh axis (one today).  A named tuple, so that the rewritten graph's code prints it.
+    mesh axis it communicates along.  A named tuple, so that the rewritten graph's code prints it.
     """
 
     dim: int
@@ -130,11 +140,35 @@ class ShardAxis(NamedTuple):
 
 
 def one_axis(axes) -> ShardAxis:
-    """The one sharded axis of ``axes``: every kernel of today handles one."""
+    """The one sharded axis of ``axes``, for a kernel that communicates along one mesh axis."""
     if len(axes) != 1:
         raise FxHaloError(f"this kernel handles one sharded mesh axis, got {len(axes)}: {tuple(axes)}")
-    dim, group_name, length = axes[0]
-    return ShardAxis(dim, group_name, as_length(length))  # a tuple of lengths -> Partitioned
+    return each_axis(axes)[0]
+
+
+def each_axis(axes) -> tuple[ShardAxis, ...]:
+    """``axes`` with every length as a length value (a tuple of lengths -> :class:`Partitioned`)."""
+    return tuple(ShardAxis(dim, group_name, as_length(length)) for dim, group_name, length in axes)
+
+
+def several_axes(kernel=None, *, when=None):
+    """Mark ``kernel`` as one that communicates along several mesh axes in one call (``axes`` of more
+    than one :class:`ShardAxis`); the propagation refuses to hand any other kernel more than one.
+
+    ``when(args, kwargs)``: for a kernel that does so for some settings only, whether these
+    (the call's arguments, ``axes`` aside) are such; the others are refused too."""
+
+    def mark(fn):
+        fn.fxhalo_several_axes = when or (lambda args, kwargs: True)
+        return fn
+
+    return mark if kernel is None else mark(kernel)
+
+
+def takes_several_axes(kernel, args=(), kwargs=None) -> bool:
+    """Can ``kernel(*args, **kwargs)`` communicate along several mesh axes (:func:`several_axes`)?"""
+    accepts = getattr(kernel, "fxhalo_several_axes", None)
+    return accepts is not None and accepts(tuple(args), dict(kwargs or {}))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,7 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
+from .mesh import one_axis_only
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
@@ -119,6 +120,7 @@ def explain(
     if unknown:
         raise FxHaloError(f"unknown domain_parallel option(s) {unknown}")
     settings = DomainParallelBackend(**options)  # validates them as the backend would
+    one_axis_only(settings.shard_dim, "fxhalo.explain")
     with _domain(settings, world_size, rank) as domain:
         if global_view:
             local_inputs = tuple(meta_domain_tensor(x, domain, partition) for x in local_inputs)

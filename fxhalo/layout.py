@@ -1,6 +1,6 @@
 """How a value in the graph is laid out over the domain: a :class:`Layout`, one entry per mesh axis.
 
-The domain is a mesh of one or more axes (one today).  Along each mesh axis a
+The domain is a mesh of one or more axes (:mod:`fxhalo.mesh`).  Along each mesh axis a
 value is sharded, splitting one tensor dim over that axis's ranks
 (:class:`Sharded`), replicated (``None``), or a partial sum that the axis's ranks
 add up to (:class:`Partial`, after a product that contracts the sharded dim).  The propagation pass stores a
@@ -10,14 +10,18 @@ layout per item); rules and later passes read it from there.
 
 Words: an *axis* is a mesh axis, a *dim* a tensor dim.
 
-The rules of today handle values sharded over one mesh axis; they read a layout
-through :func:`sharding_of`, the one-axis view: the :class:`Sharded` entry (or
-``None`` when the value is replicated), and return their output in the same view,
-which the propagation pass turns back into a :class:`Layout` (:func:`as_layout`).
+The rules read a layout through :func:`sharding_of`, the one-axis view: the
+:class:`Sharded` entry (or ``None`` when the value is replicated), and return their
+output in the same view, which the propagation pass turns back into a :class:`Layout`
+(:func:`as_layout`).  On a domain of several mesh axes the propagation asks each rule
+once per axis, inside :func:`axis_view`, where the one-axis view is that axis's entry
+(:mod:`fxhalo.passes.propagate`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import torch
@@ -33,6 +37,7 @@ __all__ = [
     "Partial",
     "Sharded",
     "as_layout",
+    "axis_view",
     "example_value",
     "is_tensor_node",
     "layout_of",
@@ -138,7 +143,11 @@ class Layout:
         return any(a is not None for a in self.axes)
 
     def one_axis(self) -> Sharded | Partial | None:
-        """The entry of the one sharded (or partial) mesh axis (``None``: replicated on every axis)."""
+        """The entry of the one sharded (or partial) mesh axis (``None``: replicated on every axis); inside
+        :func:`axis_view`, the entry of that axis."""
+        axis = _AXIS.get()
+        if axis is not None:
+            return self.axes[axis]
         sharded = [a for a in self.axes if a is not None]
         if len(sharded) > 1:
             raise NotImplementedError(f"a value sharded over several mesh axes ({self}) needs a multi-axis rule")
@@ -146,6 +155,21 @@ class Layout:
 
     def __str__(self) -> str:
         return ", ".join("R" if a is None else str(a) for a in self.axes)
+
+
+#: the mesh axis whose entry :meth:`Layout.one_axis` answers with, inside :func:`axis_view`
+_AXIS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fxhalo_axis_view", default=None)
+
+
+@contextlib.contextmanager
+def axis_view(axis: int):
+    """Within the block, every layout reads as its entry for mesh ``axis`` (:func:`sharding_of` too): a
+    rule asked inside it decides along that axis alone."""
+    token = _AXIS.set(axis)
+    try:
+        yield
+    finally:
+        _AXIS.reset(token)
 
 
 class Items(tuple):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
+from .mesh import one_axis_only
 from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import decision_of
@@ -78,6 +79,9 @@ def validate(
     ``partition`` (every rank's length; default balanced).  DomainTensor inputs are
     checked that way too, on the meta device.
     """
+    one_axis_only(shard_dim, "fxhalo.validate")
+    if isinstance(shard_dim, tuple):
+        (shard_dim,) = shard_dim
     if world_size is None:
         if group is None and not dist.is_initialized():
             raise FxHaloError("fxhalo.validate needs world_size=... when no process group is initialised")

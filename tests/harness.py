@@ -22,6 +22,8 @@ __all__ = [
     "check_against_one_device",
     "check_many_against_one_device",
     "check_global_view",
+    "check_many_on_mesh",
+    "mesh_block",
     "batches_of",
 ]
 
@@ -325,3 +327,51 @@ def spawned_once(fn, world_size: int, timeout: float) -> list:
     if key not in _SPAWNED:
         _SPAWNED[key] = run_ranks(fn, world_size, timeout=timeout)
     return _SPAWNED[key]
+
+
+def mesh_block(x: torch.Tensor, mesh, shard_dims) -> torch.Tensor:
+    """This rank's block of the global ``x`` on a mesh of several domain axes: along each axis's dim, the rows
+    the partition rule gives this rank's coordinate on that axis (:mod:`fxhalo.mesh`)."""
+    for axis, d in zip(mesh.axes, shard_dims):
+        start, stop = axis.bounds(x.shape[d])
+        x = x.narrow(d, start, stop - start)
+    return x.contiguous()
+
+
+def check_many_on_mesh(cases, group, shard_dims, *, options=None) -> list:
+    """:func:`check_many_against_one_device` on a mesh of several domain axes: each rank passes its block
+    (:func:`mesh_block`) of every case's input as a plain tensor, with ``options={"group": group,
+    "shard_dim": shard_dims}``.  Returns one ``{check: (ok, max_err)}`` per case; if the batch raises, each
+    case runs on its own, and one that raises gets ``{"error": (False, message)}``."""
+    from fxhalo.mesh import mesh_domain
+
+    mesh = mesh_domain(group, shard_dims)
+    settings = {"group": group, "shard_dim": tuple(shard_dims), "compiler": "aot_eager", **(options or {})}
+
+    def run(batch_cases):
+        refs = [_one_device(model, x, seed) for model, x, seed in batch_cases]
+        x_locals = [mesh_block(x, mesh, shard_dims).requires_grad_() for _, x, _ in batch_cases]
+        torch._dynamo.reset()
+        compiled = torch.compile(_Batch([m for m, _, _ in batch_cases]), backend="domain_parallel", options=settings)
+        ys = compiled(*x_locals)
+        torch.autograd.backward(list(ys), [mesh_block(g, mesh, shard_dims) for _, _, g, _ in refs])
+        out = []
+        for (model, _, _), x_local, y, (ref_in, ref, _, ref_grads) in zip(batch_cases, x_locals, ys, refs):
+            checks = {"out": close(y, mesh_block(ref.detach(), mesh, shard_dims))}
+            checks["grad_in"] = close(x_local.grad, mesh_block(ref_in.grad, mesh, shard_dims))
+            for (name, p), want in zip(model.named_parameters(), ref_grads):
+                checks["grad_" + name] = close_normwise(p.grad, want)  # grad_sync: summed over the whole domain
+            out.append(checks)
+        return out
+
+    try:
+        return run(cases)
+    except Exception:
+        results = []
+        for case in cases:
+            case[0].zero_grad(set_to_none=True)
+            try:
+                results.extend(run([case]))
+            except Exception as e:  # noqa: BLE001 - reported per case
+                results.append({"error": (False, f"{type(e).__name__}: {e}")})
+        return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Window, WindowPlan, plan_window
 from ..halo import Edge, assemble, halo_exchange
 from .rows import ints
@@ -78,13 +78,15 @@ def conv_plan(
     return sdim, plan_window(window, domain, n, edge, what)
 
 
-def _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim):
-    """The conv of an extended slab: its sharded dim is already padded (the halo), the others are not."""
+def _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims):
+    """The conv of an extended slab: its sharded dims (spatial indices ``sdims``) are already padded (the
+    halo), the others are not."""
     nd = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
     dilation_t = ints(dilation, nd)
     pads = list(explicit_padding(padding, kernel, dilation_t))
-    pads[sdim] = (0, 0)
+    for sdim in sdims:
+        pads[sdim] = (0, 0)
     symmetric = [min(lo, hi) for lo, hi in pads]
     extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, symmetric)]
     if any(lo or hi for lo, hi in extra):
@@ -93,6 +95,7 @@ def _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim):
     return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)
 
 
+@several_axes
 def conv(
     input,
     weight,
@@ -107,21 +110,28 @@ def conv(
     edge_value: float = 0.0,
     edge_extent: tuple[int, int] = (0, 0),
 ):
-    """``F.conv{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
+    """``F.conv{1,2,3}d`` of a slab sharded along each of ``axes`` (a dim and its group's ranks).
 
-    ``length`` is the input's global length along ``shard_dim`` (compiled graphs
+    Each axis's ``length`` is the input's global length along its dim (compiled graphs
     pass it; eager callers may leave it to :meth:`Domain.global_length`).
     The conv's own ``padding`` is zeros past the global edges.  A pad folded in
     from an ``F.pad`` just before the conv covers ``edge_extent`` rows on each side
     with ``edge_mode`` (``constant`` with ``edge_value``, ``reflect``,
     ``replicate`` or ``circular``); the conv's padding lies beyond it.
+
+    On several mesh axes the halo is exchanged one axis after the other, in mesh-axis
+    order, each exchange on the slab the ones before extended: the second moves the first's
+    halo rows along with its own, so the corner blocks arrive without any bookkeeping, and
+    every rank receives exactly the rows of its extended block that it lacks.
     """
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
-    x = halo_exchange(input, domain.dim_of(input.ndim), plan.halo, group_name, edge=edge)
-    return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim)
+    x, sdims = input, []
+    for shard_dim, group_name, length in each_axis(axes):
+        domain = Domain.from_group(group_name, shard_dim=shard_dim)
+        sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
+        x = halo_exchange(x, domain.dim_of(input.ndim), plan.halo, group_name, edge=edge)
+        sdims.append(sdim)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims)
 
 
 def conv_with_halo(
@@ -151,4 +161,4 @@ def conv_with_halo(
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
     x = assemble(input, received, domain.dim_of(input.ndim), plan.halo)
-    return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdim)
+    return _local_conv(x, weight, bias, stride, padding, dilation, groups, [sdim])

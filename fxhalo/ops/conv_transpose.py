@@ -29,7 +29,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
@@ -132,6 +132,7 @@ def _zeros_around(x: torch.Tensor, dim: int, before: int, after: int) -> torch.T
     return torch.cat(parts, dim)
 
 
+@several_axes
 def conv_transpose(
     input,
     weight,
@@ -144,32 +145,37 @@ def conv_transpose(
     *,
     axes: tuple[ShardAxis, ...],
 ):
-    """``F.conv_transpose{1,2,3}d`` of a slab sharded along ``shard_dim`` over ``group_name``'s ranks.
+    """``F.conv_transpose{1,2,3}d`` of a slab sharded along each of ``axes`` (a dim and its group's ranks).
 
     Gives this rank's rows of the one-device output (balanced partition of the global
-    output length).
+    output length) along each sharded dim.  On several mesh axes the halo is exchanged
+    one axis after the other, each exchange on the slab the ones before extended (the
+    corner blocks come along), and the output is cropped along each dim.
     """
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = weight.ndim - 2
     op = _CONV_T[nd]
-    dim = domain.dim_of(input.ndim)
-    sdim = spatial_index(input.ndim, nd, dim)
-    if sdim is None:  # batch sharded: each sample is local (the rule refuses channel sharding)
-        return op(input, weight, bias, stride, padding, output_padding, groups, dilation)
     k = tuple(weight.shape[2:])
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
-    plan = plan_conv_transpose(
-        TransposedDim(k[sdim], s[sdim], p[sdim], op_[sdim], d[sdim]),
-        domain,
-        domain.global_length(input.shape[dim], length),
-        f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})",
-    )
-    if plan.local:
-        return op(input, weight, bias, s, p, op_, groups, d)
-    x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)  # the input dilated by zeros
-    x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
-    pads = tuple(0 if i == sdim else v for i, v in enumerate(p))
-    out_pads = tuple(0 if i == sdim else v for i, v in enumerate(op_))
-    y = op(x, weight, bias, s, pads, out_pads, groups, d)
-    return y.narrow(dim, plan.crop, plan.m_local)
+    x, pads, out_pads, crops = input, list(p), list(op_), []
+    for shard_dim, group_name, length in each_axis(axes):
+        domain = Domain.from_group(group_name, shard_dim=shard_dim)
+        dim = domain.dim_of(input.ndim)
+        sdim = spatial_index(input.ndim, nd, dim)
+        if sdim is None:  # batch sharded: each sample is local (the rule refuses channel sharding)
+            continue
+        plan = plan_conv_transpose(
+            TransposedDim(k[sdim], s[sdim], p[sdim], op_[sdim], d[sdim]),
+            domain,
+            domain.global_length(input.shape[dim], length),
+            f"conv_transpose{nd}d (kernel {k}, stride {s}, padding {p}, output_padding {op_})",
+        )
+        if plan.local:
+            continue
+        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS)  # the input dilated by zeros
+        x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
+        pads[sdim] = out_pads[sdim] = 0
+        crops.append((dim, plan.crop, plan.m_local))
+    y = op(x, weight, bias, s, tuple(pads), tuple(out_pads), groups, d)
+    for dim, crop, m_local in crops:
+        y = y.narrow(dim, crop, m_local)
+    return y

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..domain import each_axis
+from ..mesh import whole_group
 from .collectives import all_reduce_sum, group_size
 
 __all__ = [
@@ -147,12 +149,20 @@ def global_moments_with_rows(
     return mean, m2, count, torch.cat(received, 0).movedim(0, dim)
 
 
-def global_count(x: torch.Tensor, dims: tuple[int, ...], dim: int, length: int | None) -> int | None:
-    """Elements per statistic of a reduction over ``dims`` of the global tensor, whose dim ``dim``
-    has ``length`` rows (``None`` when the length is not known)."""
-    if length is None:
+def global_count(x: torch.Tensor, dims: tuple[int, ...], lengths: dict[int, int | None]) -> int | None:
+    """Elements per statistic of a reduction over ``dims`` of the global tensor, whose sharded dims have
+    the global ``lengths`` (``{dim: length}``; ``None`` when a length is not known)."""
+    if any(lengths.get(d, 0) is None for d in dims):
         return None
-    return math.prod(length if d == dim else x.shape[d] for d in dims)
+    return math.prod(int(lengths[d]) if d in lengths else x.shape[d] for d in dims)
+
+
+def over_axes(axes, ndim: int, shift: int = 0) -> tuple[dict[int, int | None], str]:
+    """``({dim: global length}, group name)`` of statistics over the sharded dims of ``axes`` (kernel
+    ``axes=``) of an ``ndim``-D input, each dim moved by ``shift`` (a grouping inserts a dim before them),
+    and the group they are summed over: the axis's own, or the whole domain for several axes."""
+    axes = each_axis(axes)
+    return {a.dim % ndim + shift: a.global_length for a in axes}, whole_group(axes)
 
 
 def shifted_sums(x: torch.Tensor, dims: tuple[int, ...]):

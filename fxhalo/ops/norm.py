@@ -24,11 +24,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, one_axis, several_axes
 from ..geometry import Window, plan_window
 from ..halo import Edge
 from .collectives import all_reduce_sum
-from .moments import global_count, global_moments, global_moments_with_rows, normalize
+from .moments import global_count, global_moments, global_moments_with_rows, normalize, over_axes
 
 __all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm", "rms_norm"]
 
@@ -51,13 +51,14 @@ def _update_running(running, value, momentum: float) -> None:
         running.mul_(1 - momentum).add_(value.detach().reshape(running.shape).to(running.dtype), alpha=momentum)
 
 
+@several_axes
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axes: tuple[ShardAxis, ...]):
     """``F.group_norm`` whose per-sample statistics span the sharded (spatial) dim."""
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim, shift=1)  # grouping adds a dim before them
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
-    count = global_count(grouped, dims, shard_dim % input.ndim + 1, length)  # grouping adds a dim before it
+    count = global_count(grouped, dims, lengths)
     mean, m2, count = global_moments(grouped, dims, group_name, count)
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
     return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
@@ -108,6 +109,7 @@ def group_norm_exchange(
     return norm(input), norm(received)
 
 
+@several_axes
 def instance_norm(
     input,
     running_mean=None,
@@ -126,17 +128,18 @@ def instance_norm(
     communicated.  With it, running statistics (if given) move towards the batch
     mean of the per-instance means and unbiased variances, as torch does.
     """
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     if not use_input_stats:
         return F.instance_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = tuple(range(2, input.ndim))
-    count = global_count(input, dims, shard_dim % input.ndim, length)
+    count = global_count(input, dims, lengths)
     mean, m2, count = global_moments(input, dims, group_name, count)
     _update_running(running_mean, mean.mean(0), momentum)
     _update_running(running_var, (m2 / (count - 1)).mean(0), momentum)
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
+@several_axes
 def batch_norm(
     input,
     running_mean,
@@ -154,17 +157,18 @@ def batch_norm(
     In eval mode (``training=False``) the running statistics normalise and the op
     is local.
     """
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     dims = (0,) + tuple(range(2, input.ndim))
-    count = global_count(input, dims, shard_dim % input.ndim, length)
+    count = global_count(input, dims, lengths)
     mean, m2, count = global_moments(input, dims, group_name, count)
     _update_running(running_mean, mean, momentum)
     _update_running(running_var, m2 / (count - 1), momentum)
     return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
 
 
+@several_axes
 def layer_norm(
     input,
     normalized_shape,
@@ -180,13 +184,14 @@ def layer_norm(
     input, so that each rank applies its own rows of them; the rule refuses
     replicated ones.
     """
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
-    count = global_count(input, dims, shard_dim % input.ndim, length)
+    count = global_count(input, dims, lengths)
     mean, m2, count = global_moments(input, dims, group_name, count)
     return normalize(input, mean, m2 / count, eps, weight, bias)
 
 
+@several_axes
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, axes: tuple[ShardAxis, ...]):
     """``F.rms_norm`` whose ``normalized_shape`` covers the sharded dim: one all_reduce.
 
@@ -195,10 +200,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, axes: tuple[Shar
     ``length`` is not given), over the global count.  ``weight`` (shape
     ``normalized_shape``) must be sharded like the input, as for :func:`layer_norm`.
     """
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
     squares = input.double().square().sum(dims, keepdim=True)
-    count = global_count(input, dims, shard_dim % input.ndim, length)
+    count = global_count(input, dims, lengths)
     if count is None:  # the count travels with the sums: shards may differ in length
         local = math.prod(input.shape[d] for d in dims)
         packed = torch.cat([squares.reshape(-1), squares.new_full((1,), local)])

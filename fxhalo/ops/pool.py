@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
@@ -215,9 +215,11 @@ def _inner(x: torch.Tensor, dim: int) -> int:
     return inner
 
 
-def _max_pool(
-    nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
-):
+def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes):
+    axes = each_axis(axes)
+    if len(axes) > 1:
+        return _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mode, axes)
+    shard_dim, group_name, length = axes[0]
     domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
     op = _MAX[nd]
     stride = default_stride(stride, kernel_size)
@@ -250,50 +252,77 @@ def _max_pool(
     return values, global_indices(idx, _inner(x, dim), x.shape[dim], plan.n, plan.start)
 
 
-def _avg_pool(
-    nd,
-    input,
-    kernel_size,
-    stride,
-    padding,
-    ceil_mode,
-    count_include_pad,
-    divisor_override,
-    shard_dim,
-    group_name,
-    length,
-):
-    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+def _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mode, axes):
+    """A max pool's values on several sharded dims, without padding (:func:`_several_axes_max_pool`): one
+    ``-inf`` exchange per dim, each on the slab the ones before extended.  Without padding no window
+    starts before the tensor, so no fill row can be picked over a real one."""
+    stride = default_stride(stride, kernel_size)
+    k, s, d = ints(kernel_size, nd), ints(stride, nd), ints(dilation, nd)
+    x = input
+    for shard_dim, group_name, length in axes:
+        domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+        if sdim is None:
+            continue
+        plan = plan_pool(
+            PoolDim(k[sdim], s[sdim], 0, d[sdim], bool(ceil_mode)),
+            domain,
+            domain.global_length(input.shape[dim], length),
+            float("-inf"),
+            None,
+            f"max_pool{nd}d (kernel {k}, stride {s}, dilation {d})",
+        )
+        if not plan.local:
+            x = halo_exchange(x, dim, plan.halo, group_name, edge="-inf")
+    return _MAX[nd](x, k, s, 0, d, ceil_mode)
+
+
+def _several_axes_max_pool(args, kwargs) -> bool:
+    """Values only, and no padding: the case :func:`_max_pool_values` handles."""
+    padding, return_indices = args[3] if len(args) > 3 else 0, args[6] if len(args) > 6 else False
+    padding = padding if isinstance(padding, (tuple, list)) else (padding,)
+    return not return_indices and all(int(v) == 0 for v in padding)
+
+
+def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, axes):
     stride = default_stride(stride, kernel_size)
     extra = () if nd == 1 else (divisor_override,)  # avg_pool1d has no divisor_override
 
     def op(x, pads):
         return _AVG[nd](x, kernel_size, stride, pads, ceil_mode, count_include_pad, *extra)
 
-    if sdim is None:
-        return op(input, padding)
     k, s, p = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd)
-    plan = plan_pool(
-        PoolDim(k[sdim], s[sdim], p[sdim], 1, bool(ceil_mode)),
-        domain,
-        domain.global_length(input.shape[dim], length),
-        0.0,
-        bool(count_include_pad),
-        f"avg_pool{nd}d (kernel {k}, stride {s}, padding {p})",
-    )
-    if plan.local:
-        return op(input, p)
-    x = halo_exchange(input, dim, plan.halo, group_name, edge=_ZEROS)
-    out = op(x, tuple(0 if i == sdim else v for i, v in enumerate(p)))
-    if plan.rescale is not None and divisor_override is None:
-        # The local windows lie inside the slab and were divided by the full kernel.
-        out = out * along(plan.rescale, dim, out.ndim, out)
+    # One exchange per sharded dim, each on the slab the ones before extended (the corners come along).
+    # The local windows lie inside the slab and are divided by the full kernel along each exchanged dim;
+    # torch's divisor is a product of one count per dim, so each dim's correction multiplies in.
+    x, pads, rescales = input, list(p), []
+    for shard_dim, group_name, length in each_axis(axes):
+        domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+        if sdim is None:  # batch or channel sharded: every plane is pooled on its own rank
+            continue
+        plan = plan_pool(
+            PoolDim(k[sdim], s[sdim], p[sdim], 1, bool(ceil_mode)),
+            domain,
+            domain.global_length(input.shape[dim], length),
+            0.0,
+            bool(count_include_pad),
+            f"avg_pool{nd}d (kernel {k}, stride {s}, padding {p})",
+        )
+        if plan.local:
+            continue
+        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS)
+        pads[sdim] = 0
+        if plan.rescale is not None and divisor_override is None:
+            rescales.append((plan.rescale, dim))
+    out = op(x, tuple(pads))
+    for rescale, dim in rescales:
+        out = out * along(rescale, dim, out.ndim, out)
     return out
 
 
 # -- the public kernels, one per torch op ---------------------------------------------
 
 
+@several_axes(when=_several_axes_max_pool)
 def max_pool1d(
     input,
     kernel_size,
@@ -306,12 +335,10 @@ def max_pool1d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool1d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _max_pool(
-        1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
-    )
+    return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@several_axes(when=_several_axes_max_pool)
 def max_pool2d(
     input,
     kernel_size,
@@ -324,12 +351,10 @@ def max_pool2d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool2d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _max_pool(
-        2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
-    )
+    return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@several_axes(when=_several_axes_max_pool)
 def max_pool3d(
     input,
     kernel_size,
@@ -342,12 +367,10 @@ def max_pool3d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.max_pool3d`` of a slab sharded along ``shard_dim``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _max_pool(
-        3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, shard_dim, group_name, length
-    )
+    return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@several_axes
 def avg_pool1d(
     input,
     kernel_size,
@@ -359,12 +382,10 @@ def avg_pool1d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool1d`` of a slab sharded along ``shard_dim``."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _avg_pool(
-        1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, shard_dim, group_name, length
-    )
+    return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, axes)
 
 
+@several_axes
 def avg_pool2d(
     input,
     kernel_size,
@@ -377,22 +398,10 @@ def avg_pool2d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool2d`` of a slab sharded along ``shard_dim``."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _avg_pool(
-        2,
-        input,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        divisor_override,
-        shard_dim,
-        group_name,
-        length,
-    )
+    return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, axes)
 
 
+@several_axes
 def avg_pool3d(
     input,
     kernel_size,
@@ -405,17 +414,4 @@ def avg_pool3d(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.avg_pool3d`` of a slab sharded along ``shard_dim``."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _avg_pool(
-        3,
-        input,
-        kernel_size,
-        stride,
-        padding,
-        ceil_mode,
-        count_include_pad,
-        divisor_override,
-        shard_dim,
-        group_name,
-        length,
-    )
+    return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, axes)

@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, one_axis, several_axes
 from .collectives import all_gather_stacked, all_reduce_sum
-from .moments import _acc_dtype, _count, global_count, global_moments
+from .moments import _acc_dtype, _count, global_count, global_moments, over_axes
 
 __all__ = [
     "reduced_dims",
@@ -70,23 +70,25 @@ def _sum_dtype(x: torch.Tensor, dtype) -> torch.dtype:
     return x.dtype if x.dtype.is_floating_point or x.dtype.is_complex else torch.int64
 
 
+@several_axes
 def sum_(input, dim=None, keepdim=False, *, dtype=None, axes: tuple[ShardAxis, ...]):
-    """``torch.sum`` over ``dim`` (which includes ``shard_dim``): local sum, one all_reduce."""
-    shard_dim, group_name, length = one_axis(axes)
+    """``torch.sum`` over ``dim`` (which includes the sharded dims): local sum, one all_reduce."""
+    _, group_name = over_axes(axes, input.ndim)
     dims = reduced_dims(dim, input.ndim)
     out_dtype = _sum_dtype(input, dtype)
     local = input.sum(dims, keepdim=keepdim, dtype=_acc_dtype(out_dtype))
     return all_reduce_sum(local, group_name).to(out_dtype)
 
 
+@several_axes
 def mean(input, dim=None, keepdim=False, *, dtype=None, axes: tuple[ShardAxis, ...]):
     """``torch.mean``: the global sum over the global count (one all_reduce; it carries the count too
     when ``length`` is not given)."""
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     dims = reduced_dims(dim, input.ndim)
     out_dtype = dtype or input.dtype
     local = input.sum(dims, keepdim=keepdim, dtype=_acc_dtype(out_dtype))
-    count = global_count(input, dims, shard_dim % input.ndim, length)
+    count = global_count(input, dims, lengths)
     if count is None:
         total, count = _sum_with_count(local, _count(input, dims), group_name)
     else:
@@ -105,19 +107,21 @@ def _sum_with_count(local: torch.Tensor, count: int, group_name: str):
     return total[:-1].reshape(local.shape), total[-1]
 
 
+@several_axes
 def var(input, dim=None, correction=1, keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.var`` with ``correction`` (1 = unbiased), from :func:`global_moments`."""
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     dims = reduced_dims(dim, input.ndim)
-    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
+    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, lengths))
     return _squeeze(m2 / _degrees_of_freedom(count, correction), dims, keepdim).to(input.dtype)
 
 
+@several_axes
 def std(input, dim=None, correction=1, keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.std``: the square root of :func:`var`, taken in float64."""
-    shard_dim, group_name, length = one_axis(axes)
+    lengths, group_name = over_axes(axes, input.ndim)
     dims = reduced_dims(dim, input.ndim)
-    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, shard_dim % input.ndim, length))
+    _, m2, count = global_moments(input, dims, group_name, global_count(input, dims, lengths))
     return _squeeze((m2 / _degrees_of_freedom(count, correction)).sqrt(), dims, keepdim).to(input.dtype)
 
 

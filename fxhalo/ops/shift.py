@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
 from ..halo import Edge, HaloPlan, halo_exchange, plan_halo
 
@@ -75,34 +75,56 @@ def flip_plan(domain: Domain, n: int, what: str) -> HaloPlan:
     return plan_halo(part, tuple((n - e, n - c) for c, e in part), domain.rank)
 
 
+@several_axes
 def pad(input, pad, mode="constant", value=None, *, axes: tuple[ShardAxis, ...]):
-    """``F.pad`` of a slab sharded along ``shard_dim``: the sharded dim is padded at the global edges only."""
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    dim = domain.dim_of(input.ndim)
-    (lo, hi), rest = pad_entries(pad, input.ndim, dim)
+    """``F.pad`` of a slab sharded along each of ``axes``: a sharded dim is padded at the global edges only.
+
+    On several axes one exchange per axis, in order, each on the slab the ones before
+    padded: reflect, replicate and circular pads are separable, so the corners come out
+    as one device's."""
+    sharded = [(Domain.from_group(g, shard_dim=d), length) for d, g, length in each_axis(axes)]
+    rest, edges = [int(p) for p in pad], []
+    for domain, length in sharded:
+        dim = domain.dim_of(input.ndim)
+        (lo, hi), rest = pad_entries(rest, input.ndim, dim)
+        edges.append((domain, dim, length, lo, hi))
     # Pad the other dims first, so rows fetched from other ranks arrive padded.
     x = F.pad(input, rest, mode, value) if any(rest) else input
-    plan, _ = pad_plan(domain, domain.global_length(input.shape[dim], length), lo, hi, mode, value, "F.pad")
-    return halo_exchange(x, dim, plan, group_name)
+    for domain, dim, length, lo, hi in edges:
+        plan, _ = pad_plan(domain, domain.global_length(input.shape[dim], length), lo, hi, mode, value, "F.pad")
+        x = halo_exchange(x, dim, plan, domain.group_name)
+    return x
 
 
+@several_axes
 def roll(input, shifts, dims=(), *, axes: tuple[ShardAxis, ...]):
-    """``torch.roll`` of a slab sharded along ``shard_dim`` (``dims`` given, as the rule requires)."""
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    dim = domain.dim_of(input.ndim)
-    shift, other_s, other_d = roll_shift(shifts, dims, dim, input.ndim)
+    """``torch.roll`` of a slab sharded along each of ``axes`` (``dims`` given, as the rule requires)."""
+    sharded = [(Domain.from_group(g, shard_dim=d), length) for d, g, length in each_axis(axes)]
+    other_s = list(shifts) if isinstance(shifts, (tuple, list)) else [shifts]
+    other_d = list(dims) if isinstance(dims, (tuple, list)) else [dims]
+    moves = []
+    for domain, length in sharded:
+        dim = domain.dim_of(input.ndim)
+        shift, other_s, other_d = roll_shift(other_s, other_d, dim, input.ndim)
+        moves.append((domain, dim, length, shift))
     x = torch.roll(input, other_s, other_d) if other_d else input
-    plan = roll_plan(domain, domain.global_length(input.shape[dim], length), shift, "torch.roll")
-    return halo_exchange(x, dim, plan, group_name)
+    for domain, dim, length, shift in moves:
+        plan = roll_plan(domain, domain.global_length(input.shape[dim], length), shift, "torch.roll")
+        x = halo_exchange(x, dim, plan, domain.group_name)
+    return x
 
 
+@several_axes
 def flip(input, dims, *, axes: tuple[ShardAxis, ...]):
-    """``torch.flip`` of a slab sharded along ``shard_dim``, which is one of ``dims``."""
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    dim = domain.dim_of(input.ndim)
-    plan = flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip")
-    # Fetch the mirror rows, then flip every requested dim locally (the sharded one included).
-    return halo_exchange(input, dim, plan, group_name).flip(dims)
+    """``torch.flip`` of a slab sharded along each of ``axes``; the rule calls it when a flipped dim is sharded."""
+    x = input
+    flipped = {int(d) % input.ndim for d in dims}
+    for shard_dim, group_name, length in each_axis(axes):
+        domain = Domain.from_group(group_name, shard_dim=shard_dim)
+        dim = domain.dim_of(input.ndim)
+        if dim not in flipped:
+            continue
+        plan = flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip")
+        x = halo_exchange(x, dim, plan, group_name)  # fetch the mirror rows
+    # then flip every requested dim locally (the sharded ones included)
+    return x.flip(dims)

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..domain import Domain, check_partition
+from ..domain import Domain, ShardAxis, check_partition
 from ..errors import FxHaloError
-from ..layout import Sharded, example_value, sharding_of
+from ..layout import Layout, Sharded, example_value, layout_of
+from ..mesh import MeshDomain
 from .fuse import HALO_ROWS
 
 
@@ -34,9 +35,10 @@ def _shape(arg) -> str:
     # A symbolic size (Dynamo's automatic dynamic shapes, after a recompile) is named in the order
     # each rank's tracing met it, so its name differs between ranks that compiled the same thing.
     shape = ["sym" if isinstance(d, torch.SymInt) else str(d) for d in val.shape]
-    s = sharding_of(arg)
-    if isinstance(s, Sharded):
-        shape[s.dim] = f"{s.global_length}g"
+    layout = layout_of(arg)
+    for s in layout.axes if isinstance(layout, Layout) else ():
+        if isinstance(s, Sharded):
+            shape[s.dim] = f"{s.global_length}g"
     halo_dim = arg.meta.get(HALO_ROWS)
     if halo_dim is not None:  # received halo rows: edge ranks get fewer
         shape[halo_dim] = "halo"
@@ -86,18 +88,72 @@ def gather_input_lengths(domain: Domain, local: dict[str, int] | None, error: Ba
     return out
 
 
+def gather_mesh_input_lengths(mesh: MeshDomain, local: dict | None, error: BaseException | None) -> dict:
+    """:func:`gather_input_lengths` on a mesh of several axes: ``local`` holds, per sharded input, one local
+    length per axis (``None`` where the axis does not shard it); returns one global length per axis.
+
+    One all_gather_object over the whole domain.  Along each axis the blocks must follow
+    the partition rule, and every line of ranks along the axis must hold the same rows
+    (a grid of blocks): checked against the line through coordinate 0 of the other axes,
+    so that every rank raises the same error.
+    """
+    coords = tuple(a.rank for a in mesh.axes)
+    everyone = _everyone(mesh.whole, {"error": _error_text(error), "lengths": local, "coords": coords})
+    _raise_first_error(everyone, error)
+    names = [sorted(e["lengths"]) for e in everyone]
+    if any(n != names[0] for n in names):
+        raise FxHaloError(
+            f"ranks shard different graph inputs ({names}), which would hang the job; "
+            "every rank must run the same model on the same kind of inputs"
+        )
+    out = {}
+    for name in names[0]:
+        per_axis = []
+        for k, axis in enumerate(mesh.axes):
+            entries = [(e["coords"], e["lengths"][name][k]) for e in everyone]
+            if any(n is None for _, n in entries):
+                if any(n is not None for _, n in entries):
+                    raise FxHaloError(f"graph input '{name}' is sharded along mesh axis {k} on some ranks only")
+                per_axis.append(None)
+                continue
+            line = sorted((c[k], n) for c, n in entries if all(c[j] == 0 for j in range(len(coords)) if j != k))
+            length = sum(n for _, n in line)
+            want = axis.lengths(length)
+            for c, n in entries:
+                if n != want[c[k]]:
+                    raise FxHaloError(
+                        f"graph input '{name}': the rank at mesh coordinate {c} holds {n} rows along dim "
+                        f"{axis.shard_dim}, but the partition rule splits {length} rows over mesh axis {k}'s "
+                        f"{axis.size} ranks as {list(want)}; every rank at coordinate i of that axis holds block i. "
+                        "Shard each dim with fxhalo.Domain.bounds() of its axis."
+                    )
+            per_axis.append(length)
+        out[name] = tuple(per_axis)
+    return out
+
+
+def _axes_text(value):
+    """Kernel axes without their group names: ranks of different lines of a mesh name their axis groups
+    differently, and compile the same thing."""
+    if isinstance(value, tuple) and value and all(isinstance(a, ShardAxis) for a in value):
+        return tuple((a.dim, a.global_length) for a in value)
+    return value
+
+
 def fingerprint(gm: torch.fx.GraphModule) -> list[str]:
     """What this rank compiled: input global shapes and layouts, then every inserted kernel
     (each of which runs the graph's collectives) with its settings and input shapes."""
     out = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            s = sharding_of(n)
-            layout = f"sharded along dim {s.dim}" if isinstance(s, Sharded) else "replicated"
+            entries = layout_of(n).axes if isinstance(layout_of(n), Layout) else ()
+            dims = [s.dim for s in entries if isinstance(s, Sharded)]
+            layout = f"sharded along dims {dims}" if dims else "replicated"
             out.append(f"input {n.name} {_shape(n)} {layout}")
         elif n.op == "call_function" and getattr(n.target, "__module__", "").startswith("fxhalo."):
             shapes = [_shape(a) for a in n.all_input_nodes]
-            out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {shapes} {sorted(n.kwargs.items())}")
+            kwargs = sorted((k, _axes_text(v)) for k, v in n.kwargs.items())
+            out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {shapes} {kwargs}")
     return out
 
 

@@ -28,10 +28,16 @@ import operator
 import torch
 from torch.utils import _pytree as pytree
 
-from ..layout import LAYOUT, example_value, sharding_of
+from ..layout import LAYOUT, example_value, layout_of
 from ..ops import grad as grad_ops
 from .context import PassContext
 from .propagate import is_state
+
+
+def _sharded(node) -> bool:
+    """Sharded along some mesh axis (partial sums were summed before the outputs)."""
+    layout = layout_of(node)
+    return layout is not None and layout.is_sharded
 
 
 def _needs_grad(node) -> bool:
@@ -67,7 +73,7 @@ def sync_parameter_grads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     params = [
         n
         for n in graph.nodes
-        if n.op == "placeholder" and sharding_of(n) is None and is_state(n) and _needs_grad(n) and n.users
+        if n.op == "placeholder" and not _sharded(n) and is_state(n) and _needs_grad(n) and n.users
     ]
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1] if params else None
     buckets = _buckets(params)
@@ -91,7 +97,7 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     if ctx.grad_sync:
         changed += sync_parameter_grads(gm, ctx)
     for node in list(graph.nodes):
-        if node.op != "placeholder" or sharding_of(node) is not None:
+        if node.op != "placeholder" or _sharded(node):
             continue
         if is_state(node) or not _needs_grad(node) or not node.users:
             continue
@@ -107,7 +113,7 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     leaves, spec = pytree.tree_flatten(output.args[0])
     new_leaves = []
     for leaf in leaves:
-        if isinstance(leaf, torch.fx.Node) and sharding_of(leaf) is None and _needs_grad(leaf):
+        if isinstance(leaf, torch.fx.Node) and not _sharded(leaf) and _needs_grad(leaf):
             with graph.inserting_before(output):
                 wrapped = graph.call_function(
                     grad_ops.replicated_output, (leaf,), {"group_name": group, "size": ctx.domain.size}

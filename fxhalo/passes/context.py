@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from ..domain import Domain
 from ..errors import FxHaloError, describe_node
 from ..layout import example_value
+from ..mesh import MeshDomain
 
 
 @dataclasses.dataclass
@@ -28,6 +29,26 @@ class PassContext:
     fuse_exchanges: bool = True
     #: the graph was traced at global shapes on DomainTensor inputs (fxhalo.passes.localize)
     global_view: bool = False
+    #: the domain axes, when there are several (``domain`` is then the whole domain: every rank of them);
+    #: ``input_lengths`` then holds one global length per axis for each placeholder
+    mesh: MeshDomain | None = None
+
+    @property
+    def on_mesh(self) -> bool:
+        """Several domain axes: rules are asked once per axis (:mod:`fxhalo.passes.propagate`)."""
+        return self.mesh is not None and len(self.mesh.axes) > 1
+
+    def along(self, axis: int) -> PassContext:
+        """The context a rule sees when it decides along mesh ``axis`` alone: that axis's domain, its
+        input lengths and its entries of the per-input overrides."""
+        return dataclasses.replace(
+            self,
+            domain=self.mesh.axes[axis],
+            mesh=None,
+            input_shard_dims={k: None if v is None else v[axis] for k, v in self.input_shard_dims.items()},
+            known_inputs={k: v for k, v in self.known_inputs.items()},
+            input_lengths={k: v[axis] for k, v in self.input_lengths.items()},
+        )
 
     def refuse(self, node, problem: str, remedy: str):
         """Raise the :class:`FxHaloError` for a node fxhalo cannot handle."""

@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch.utils import _pytree as pytree
 
-from ..layout import sharding_of
+from ..layout import layout_of as node_layout
 
 # id(tensor) -> (weak reference, layout).  Not a WeakKeyDictionary: that compares live
 # keys with ==, which for tensors is elementwise.
@@ -49,7 +49,7 @@ def known(gm: torch.fx.GraphModule, example_inputs) -> dict[str, object]:
 def recording(compiled, gm: torch.fx.GraphModule):
     """Wrap ``compiled`` so that the tensors it returns carry their layouts to later graphs."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    layouts = [sharding_of(leaf) for leaf in pytree.tree_leaves(output.args[0])]
+    layouts = [node_layout(leaf) for leaf in pytree.tree_leaves(output.args[0])]
 
     def remember(outs):
         for value, layout in zip(pytree.tree_leaves(outs), layouts):

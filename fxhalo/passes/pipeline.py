@@ -42,12 +42,15 @@ def _rewrite(gm, example_inputs, ctx: PassContext, problems):
     return rewrite(gm, ctx)
 
 
+# The two fusions plan one axis's exchange; on a mesh of several axes the ops keep exchanging on their own.
+
+
 def _fold_pads(gm, example_inputs, ctx: PassContext, problems):
-    return fold_pads(gm, ctx)
+    return 0 if ctx.on_mesh else fold_pads(gm, ctx)
 
 
 def _fuse_norms(gm, example_inputs, ctx: PassContext, problems):
-    return fuse_norm_exchanges(gm, ctx) if ctx.fuse_exchanges else 0
+    return fuse_norm_exchanges(gm, ctx) if ctx.fuse_exchanges and not ctx.on_mesh else 0
 
 
 def _wrap(gm, example_inputs, ctx: PassContext, problems):

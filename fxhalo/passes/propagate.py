@@ -11,6 +11,17 @@ sharded dim leaves) stays partial through ops linear in it
 (:mod:`fxhalo.rules.partial`); before any other op, and before the graph's outputs,
 it is summed (:func:`sum_partials`, one all-reduce).  So the rules themselves only
 ever see sharded and replicated inputs.
+
+**Several mesh axes.**  Each axis shards a dim of its own, so a rule is asked once per
+axis, inside :func:`~fxhalo.layout.axis_view`, with that axis's one-axis
+:class:`~fxhalo.domain.Domain` (:meth:`PassContext.along`): it sees only that axis's
+entry of each layout, and decides as it would on a 1-D domain.  :func:`merge_axes`
+joins the answers: the layout is one entry per axis; a node that no axis rewrites is
+local; a node that one axis rewrites calls that axis's kernel, which treats the other
+axes' dims as the local blocks they are; a node that several axes rewrite needs the
+same kernel call from each, and a kernel that communicates along several axes at once
+(:func:`~fxhalo.domain.several_axes`), else it is refused.  Two axes whose entries
+land on one tensor dim are refused too (a reshape merging two sharded dims, say).
 """
 
 from __future__ import annotations
@@ -21,10 +32,23 @@ import re
 import torch
 
 from .. import rules
+from ..domain import takes_several_axes
 from ..errors import FxHaloError
-from ..layout import GLOBAL_VALUE, LAYOUT, Layout, Sharded, as_layout, example_value, sharding_of
+from ..layout import (
+    GLOBAL_VALUE,
+    LAYOUT,
+    Items,
+    Layout,
+    Partial,
+    Sharded,
+    as_layout,
+    axis_view,
+    example_value,
+    layout_of,
+    sharding_of,
+)
 from ..ops import moves
-from ..rules import DECISION, Decision
+from ..rules import DECISION, Decision, OnAxes
 from ..rules.fallback import GATHER_FALLBACK
 from ..rules.partial import KEEPS_PARTIAL, is_partial, keeps_partial
 from .context import PassContext
@@ -59,7 +83,8 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
     if not isinstance(val, torch.Tensor):
         return None
     if node.name in ctx.known_inputs:  # produced by an earlier graph: keep its layout
-        return ctx.known_inputs[node.name]
+        known = ctx.known_inputs[node.name]
+        return known.one_axis() if isinstance(known, Layout) else known
     full, root = input_name(node)
     overrides = ctx.input_shard_dims
     # A parameter or buffer of a module Dynamo keeps on its stack across a break
@@ -89,14 +114,36 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
     return Sharded(dim, local, ctx.input_lengths.get(node.name, local * ctx.domain.size))
 
 
-def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-    """This rank's local length of every sharded placeholder (before the global lengths are known)."""
+def input_layout(node, ctx: PassContext):
+    """A placeholder's layout: :func:`input_sharding` along each mesh axis."""
+    if not ctx.on_mesh:
+        return as_layout(input_sharding(node, ctx))
+    entries = []
+    for axis, domain in enumerate(ctx.mesh.axes):
+        if domain.size == 1:  # one rank along this axis holds the whole dim: nothing is split
+            entries.append(None)
+            continue
+        with axis_view(axis):
+            entries.append(input_sharding(node, ctx.along(axis)))
+    dims = [s.dim for s in entries if isinstance(s, Sharded)]
+    if len(set(dims)) != len(dims):
+        raise FxHaloError(
+            f"graph input '{input_name(node)[0]}' would be sharded along dim {dims[0]} by two mesh axes "
+            f"(shard_dim={ctx.mesh.shard_dims}); each mesh axis must shard a dim of its own"
+        )
+    return Layout(tuple(entries))
+
+
+def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict:
+    """This rank's local length of every sharded placeholder (before the global lengths are known); on a
+    mesh of several axes, a tuple of one local length per axis (``None`` where it is not sharded)."""
     out = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            s = input_sharding(node, ctx)
-            if isinstance(s, Sharded):
-                out[node.name] = s.local
+            layout = input_layout(node, ctx)
+            if layout.is_sharded:
+                lengths = tuple(s.local if isinstance(s, Sharded) else None for s in layout.axes)
+                out[node.name] = lengths if ctx.on_mesh else lengths[0]
     return out
 
 
@@ -113,13 +160,13 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
     for node in gm.graph.nodes:
         node.meta.pop(DECISION, None)
         if node.op == "placeholder":
-            s = input_sharding(node, ctx)
+            s = input_layout(node, ctx)
         elif node.op in ("get_attr", "output"):
             sum_partials(node, ctx)
             s = None
         else:
             try:
-                decision = _decide(node, ctx)
+                decision = _decide_on_mesh(node, ctx) if ctx.on_mesh else _decide(node, ctx)
             except FxHaloError as e:
                 if problems is None:
                     raise
@@ -136,17 +183,79 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
     return count
 
 
+def _decide_on_mesh(node, ctx: PassContext) -> Decision:
+    """The rule asked along each mesh axis in turn, the answers joined by :func:`merge_axes`."""
+    decisions = []
+    for axis in range(len(ctx.mesh.axes)):
+        with axis_view(axis):
+            decisions.append(_decide(node, ctx.along(axis)))
+    return merge_axes(node, ctx, decisions)
+
+
+def _entries(out) -> list:
+    """The one-axis entries of a rule's answer (each item's, for a tuple)."""
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
+    """One decision from one per mesh axis (see the module docstring)."""
+    outs = [d.out for d in decisions]
+    if any(isinstance(e, Partial) for out in outs for e in _entries(out)):
+        ctx.refuse(
+            node,
+            "leaves a partial sum (it contracts a sharded dim) on a mesh of several axes, "
+            "which fxhalo does not carry yet",
+            "contract a dim that no mesh axis shards, or shard one dim only (a one-axis group)",
+        )
+    if isinstance(outs[0], tuple):
+        out = Items(Layout(tuple(o[i] for o in outs)) for i in range(len(outs[0])))
+        per_value = [[o[i] for o in outs] for i in range(len(outs[0]))]
+    else:
+        out = Layout(tuple(outs))
+        per_value = [outs]
+    for entries in per_value:
+        dims = [s.dim for s in entries if isinstance(s, Sharded)]
+        if len(set(dims)) != len(dims):
+            ctx.refuse(
+                node,
+                "gives a value that two mesh axes would shard along one dim ("
+                + ", ".join(str(s) for s in entries)
+                + "): it merges or moves sharded dims together",
+                "keep the dims that different mesh axes shard apart (reshape only dims no axis shards), "
+                "or shard one dim only (a one-axis group)",
+            )
+    rewriting = [(axis, d) for axis, d in enumerate(decisions) if d.rewrites]
+    if not rewriting:
+        return Decision(out, rule=decisions[0].rule)
+    if len(rewriting) > 1:
+        # Built here only to compare them; the rewrite builds the call again from the node's arguments then.
+        calls = [d.call(node) for _, d in rewriting]
+        first = calls[0]
+        same = all(c.kernel is first.kernel and c.args == first.args and c.kwargs == first.kwargs for c in calls)
+        if not same or not takes_several_axes(first.kernel, first.args, first.kwargs):
+            ctx.refuse(
+                node,
+                f"needs communication along {len(rewriting)} mesh axes at once, which fxhalo does not do for "
+                "this op yet",
+                "shard only one of the dims this op reaches across (a one-axis group for this part of the "
+                "model), or gather it with fxhalo.gather() outside the compiled region",
+            )
+    layout = OnAxes(tuple((ctx.mesh.axes[axis], d.layout) for axis, d in rewriting))
+    first = rewriting[0][1]
+    return Decision(out, first.call, layout, first.plan, rule=first.rule)
+
+
 def _best_guess(node):
     """After a refusal: the first sharded input's layout, for each output (a tuple's items too, such as a
     sort's values and indices) that looks like it, so the ops after it are still checked."""
     out = example_value(node)
-    a = next((a for a in node.all_input_nodes if isinstance(sharding_of(a), Sharded)), None)
+    a = next((a for a in node.all_input_nodes if isinstance(layout_of(a), Layout) and layout_of(a).is_sharded), None)
     if a is None:
         return None
-    s, ndim = sharding_of(a), example_value(a).ndim
+    layout, ndim = layout_of(a), example_value(a).ndim
 
     def like(v):
-        return s if isinstance(v, torch.Tensor) and v.ndim == ndim else None
+        return layout if isinstance(v, torch.Tensor) and v.ndim == ndim else None
 
     return tuple(like(v) for v in out) if isinstance(out, (tuple, list)) else like(out)
 

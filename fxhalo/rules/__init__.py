@@ -43,6 +43,7 @@ __all__ = [
     "Decision",
     "KernelCall",
     "LayoutRule",
+    "OnAxes",
     "Rule",
     "all_rules",
     "bind",
@@ -124,15 +125,26 @@ class LayoutRule(Rule):
         return Decision(self.layout(node, ctx))
 
 
+@dataclasses.dataclass(frozen=True)
+class OnAxes:
+    """A :attr:`Decision.layout` on a mesh of several axes: for each axis the kernel communicates
+    along, in mesh-axis order, ``(that axis's Domain, the Sharded entry of its input)``."""
+
+    entries: tuple
+
+
 def replace_node(node, call: KernelCall, ctx, layout=None):
-    """Replace ``node`` by ``call``; with a ``layout``, tell the kernel where its input is sharded (``axes=``).
+    """Replace ``node`` by ``call``; with a ``layout``, tell the kernel where its input is sharded (``axes=``):
+    a :class:`~fxhalo.layout.Sharded` on the domain's one axis, or an :class:`OnAxes`.
 
     The new node takes over the old one's meta (its layout, decision, source line)
     and every use; the old node is erased.  Returns the new node.
     """
     graph = node.graph
     kwargs = dict(call.kwargs)
-    if layout is not None:
+    if isinstance(layout, OnAxes):
+        kwargs["axes"] = tuple(d.kernel_axes(s.dim, s.global_length)[0] for d, s in layout.entries)
+    elif layout is not None:
         kwargs["axes"] = ctx.domain.kernel_axes(layout.dim, layout.global_length)
     with graph.inserting_before(node):
         new = graph.call_function(call.kernel, tuple(call.args), kwargs)

@@ -35,7 +35,7 @@ import operator
 
 import torch
 
-from ..layout import PARTIAL, Partial, example_value, is_tensor_node, sharding_of
+from ..layout import PARTIAL, Layout, Partial, example_value, is_tensor_node, layout_of, sharding_of
 from . import Decision, Rule, lookup, spellings
 from .shape import Expand, GetItem, Narrow, Permute, Reshape, Squeeze, Unsqueeze
 
@@ -57,7 +57,11 @@ _LINEAR = _targets("linear")
 
 
 def is_partial(arg) -> bool:
-    return isinstance(sharding_of(arg), Partial)
+    """A partial sum along some mesh axis (the one of :func:`~fxhalo.layout.axis_view`, inside one)."""
+    layout = layout_of(arg)
+    if not isinstance(layout, Layout):
+        return False
+    return any(isinstance(a, Partial) for a in layout.axes) if len(layout.axes) > 1 else layout.one_axis() is PARTIAL
 
 
 def _numel(node) -> float:

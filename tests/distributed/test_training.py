@@ -175,25 +175,31 @@ def test_bf16_autocast_forward_within_bf16_tolerance(ranks):
 # -- data x domain ------------------------------------------------------------------
 
 
-def _ddp(rank, world_size):
-    """2 data x 2 domain ranks: DDP over the data axis, fxhalo over the domain axis."""
+def _ddp(rank, world_size, domain_axes):
+    """2 data x 2 domain ranks: DDP over the data axis, fxhalo over the domain axis; with ``("h", "w")``, a
+    data x H x W mesh of 2 x 2 x 1 whose domain shards dims 2 and 3 (fxhalo.mesh)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import fxhalo
+    from fxhalo.mesh import mesh_domain
     from fxhalo.models import SmallUNet
+    from tests.harness import mesh_block
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("data", "domain"))
+    shape = (2,) + (2, 1)[: len(domain_axes)]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("data", *domain_axes))
     data_rank = mesh.get_local_rank("data")
-    domain_group = mesh.get_group("domain")
+    shard_dims = (2, 3)[: len(domain_axes)]
+    domain = mesh_domain((mesh, domain_axes), shard_dims)
     torch.manual_seed(0)
     model = SmallUNet(width=8, groups=4)
     ref = SmallUNet(width=8, groups=4)
     ref.load_state_dict(model.state_dict())
-    compiled = torch.compile(
-        model, backend="domain_parallel", options={"group": (mesh, "domain"), "compiler": "aot_eager"}
-    )
+    if len(domain_axes) == 1:  # the 1-D spelling
+        options = {"group": (mesh, domain_axes[0]), "compiler": "aot_eager"}
+    else:
+        options = {"group": (mesh, domain_axes), "shard_dim": shard_dims, "compiler": "aot_eager"}
+    compiled = torch.compile(model, backend="domain_parallel", options=options)
     ddp = DDP(compiled, process_group=mesh.get_group("data"))
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
@@ -208,8 +214,8 @@ def _ddp(rank, world_size):
         ref_opt.zero_grad()
 
         mine = slice(2 * data_rank, 2 * data_rank + 2)
-        y = ddp(fxhalo.domain.shard(x[mine], 2, group=domain_group))
-        y.backward(fxhalo.domain.shard(grad_out[mine], 2, group=domain_group) * 2)  # DDP divides by 2 replicas
+        y = ddp(mesh_block(x[mine], domain, shard_dims))
+        y.backward(mesh_block(grad_out[mine], domain, shard_dims) * 2)  # DDP divides by 2 replicas
         opt.step()
         opt.zero_grad()
     mse = _params_mse(model, ref)
@@ -220,8 +226,9 @@ def _ddp(rank, world_size):
 
 
 @pytest.mark.timeout(400)
-def test_data_times_domain_mesh_with_ddp_matches_one_device_on_the_whole_batch():
-    for rank, res in enumerate(run_ranks(_ddp, 4, timeout=360)):
+@pytest.mark.parametrize("domain_axes", [("domain",), ("h", "w")], ids=["data_x_domain", "data_x_h_x_w"])
+def test_data_times_domain_mesh_with_ddp_matches_one_device_on_the_whole_batch(domain_axes):
+    for rank, res in enumerate(run_ranks(_ddp, 4, domain_axes, timeout=360)):
         worst = {name: v for name, v in res["mse"].items() if v[0] > 1e-6 or v[1] > 1e-6}
         assert not worst, (rank, worst)
         assert res["identical"], rank

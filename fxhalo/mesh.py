@@ -1,0 +1,128 @@
+"""A domain of several mesh axes: 2-D (and 3-D) domain decomposition over a ``DeviceMesh``.
+
+``options={"group": mesh, "shard_dim": (2, 3)}`` shards tensor dim 2 over the mesh's
+first axis and dim 3 over its second: the rank at mesh coordinate ``(i, j)`` holds
+block ``(i, j)``, rows by the partition rule over the first axis's ranks, columns over
+the second's.  ``group=(mesh, ("h", "w"))`` names the domain axes of a mesh that has
+others too (a data axis for DDP).
+
+Each domain axis is a one-axis :class:`~fxhalo.domain.Domain` (that axis's process
+group, this rank's coordinate along it, the tensor dim it splits), so that everything
+fxhalo knows about one sharded dim applies along each axis.  The *whole* domain, every
+rank of the domain axes, is one more group: the one a reduction over all the sharded
+dims sums over in one collective, the one ``grad_sync`` sums the weight gradients over,
+and the one the ranks agree over before any collective runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .domain import Domain, ShardAxis
+from .errors import FxHaloError
+
+__all__ = ["MeshDomain", "mesh_domain", "one_axis_only", "whole_group"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshDomain:
+    """The domain axes (one :class:`Domain` per mesh axis, in mesh-axis order) and the whole domain."""
+
+    axes: tuple[Domain, ...]
+    whole: Domain
+
+    @property
+    def shard_dims(self) -> tuple[int, ...]:
+        return tuple(a.shard_dim for a in self.axes)
+
+    def dims_of(self, ndim: int) -> tuple[int, ...]:
+        """The non-negative sharded dims of a tensor with ``ndim`` dims; two axes on one dim raise."""
+        dims = tuple(a.dim_of(ndim) for a in self.axes)
+        if len(set(dims)) != len(dims):
+            raise FxHaloError(
+                f"shard_dim={self.shard_dims} names one dim of a {ndim}-D tensor twice ({dims}); "
+                "each mesh axis must shard a dim of its own"
+            )
+        return dims
+
+
+#: (every axis's group name, in mesh-axis order) -> the whole domain's group name, on this rank
+_WHOLE: dict[tuple[str, ...], str] = {}
+
+
+def mesh_domain(group, shard_dims, mesh_axes=None) -> MeshDomain:
+    """The :class:`MeshDomain` of ``shard_dims`` (one tensor dim per domain axis) over a ``DeviceMesh``.
+
+    ``group`` is the mesh, or ``(mesh, axes)``; ``mesh_axes`` names the domain axes
+    (default: every axis of the mesh).  Raises :class:`FxHaloError` (on every rank
+    alike: it depends only on the arguments) for a group that is not a mesh, an axis
+    the mesh does not have or named twice, a dim named twice, or a number of dims that
+    differs from the number of axes.  Creates the whole domain's group on first use
+    (every rank must call it, as for any new group).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, tuple) and len(group) == 2 and mesh_axes is None:
+        group, mesh_axes = group
+    shard_dims = tuple(shard_dims)
+    if not isinstance(group, DeviceMesh):
+        raise FxHaloError(
+            f"shard_dim={shard_dims} shards {len(shard_dims)} dims, which needs a DeviceMesh with one axis per "
+            f"dim as the group, not {type(group).__name__}. Remedy: options={{'group': init_device_mesh('cpu', "
+            "(2, 2), mesh_dim_names=('h', 'w')), 'shard_dim': (2, 3)}"
+        )
+    names = tuple(group.mesh_dim_names or ())
+    if mesh_axes is None:
+        mesh_axes = names if names else tuple(range(group.ndim))
+    elif isinstance(mesh_axes, (str, int)):
+        mesh_axes = (mesh_axes,)
+    mesh_axes = tuple(mesh_axes)
+    for axis in mesh_axes:
+        if axis not in names and not (isinstance(axis, int) and 0 <= axis < group.ndim):
+            raise FxHaloError(f"mesh axis {axis!r} is not an axis of the group's DeviceMesh (its axes: {names})")
+    if len(set(mesh_axes)) != len(mesh_axes):
+        raise FxHaloError(f"the mesh axes {mesh_axes} name one axis twice; each domain axis shards one dim")
+    if len(shard_dims) != len(mesh_axes):
+        raise FxHaloError(
+            f"shard_dim={shard_dims} has {len(shard_dims)} dims for {len(mesh_axes)} domain mesh axes "
+            f"{mesh_axes}: give one tensor dim per domain axis, in mesh-axis order"
+        )
+    if len(set(shard_dims)) != len(shard_dims):
+        raise FxHaloError(f"shard_dim={shard_dims} names one dim twice; each mesh axis must shard a dim of its own")
+    if len(mesh_axes) > 1 and not names:
+        raise FxHaloError(
+            "a DeviceMesh without mesh_dim_names cannot be flattened into the whole domain's group. Remedy: "
+            "init_device_mesh(..., mesh_dim_names=('h', 'w'))"
+        )
+    axes = tuple(Domain.from_group(group, shard_dim=d, mesh_axis=a) for a, d in zip(mesh_axes, shard_dims))
+    if len(axes) == 1:
+        whole = axes[0]
+    else:
+        # DeviceMesh keeps a flattened mesh per name, so compiling again reuses the group.
+        sub = group[tuple(names[a] if isinstance(a, int) else a for a in mesh_axes)]
+        whole = Domain.from_group(sub._flatten().get_group(), shard_dim=shard_dims[0])
+    _WHOLE[tuple(a.group_name for a in axes)] = whole.group_name
+    return MeshDomain(axes, whole)
+
+
+def whole_group(axes: tuple[ShardAxis, ...]) -> str:
+    """The group over every rank of ``axes``' mesh axes (a kernel that reduces over all of them sums there)."""
+    if len(axes) == 1:
+        return axes[0][1]
+    key = tuple(a[1] for a in axes)
+    if key not in _WHOLE:
+        raise FxHaloError(
+            f"no domain of the mesh axes with groups {key} was set up on this rank; build it with "
+            "fxhalo.mesh.mesh_domain (the domain_parallel backend does) before calling the kernel"
+        )
+    return _WHOLE[key]
+
+
+def one_axis_only(shard_dim, tool: str) -> None:
+    """Refuse a domain of several mesh axes in a tool that does not describe one yet (explain, validate)."""
+    if isinstance(shard_dim, tuple) and len(shard_dim) > 1:
+        raise FxHaloError(
+            f"{tool} describes a domain of one mesh axis; shard_dim={shard_dim} shards several, which the "
+            "backend compiles but the tools do not report per axis yet. Remedy: explain one axis at a time "
+            "(shard_dim=one of them, group=(mesh, that axis)), or read the rewritten graph with TORCH_LOGS=+fxhalo"
+        )

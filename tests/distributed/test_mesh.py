@@ -1,0 +1,229 @@
+"""2-D domain decomposition: H and W sharded over a DeviceMesh, corners included (fxhalo.mesh).
+
+Every rank holds block (i, j) of each input, passes it as a plain tensor with
+``options={"group": mesh, "shard_dim": (2, 3)}``, and checks its block of the forward,
+its block of the input gradient and the whole weight gradients (summed over the whole
+domain by grad_sync) against one device on the full tensor.  One group of ranks per
+mesh shape: 2 x 2 (13 rows split 7 + 6) and 2 x 3 (10 columns split 4 + 3 + 3).
+The cases of one input rank are compiled as one graph.
+
+What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
+twice, a mesh axis that is not in the mesh, and an op that would need communication
+along both axes and has no kernel for it yet (padded max pooling and interpolation,
+as of now).  And a small UNet trains 10 SGD steps on each mesh as on one device.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.harness import check_many_on_mesh, run_ranks
+
+
+class PadThenConv(nn.Module):
+    """The periodic-longitude, pole-reflect case: circular along W, reflect along H, then a valid conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        x = F.pad(x, (1, 1, 0, 0), mode="circular")
+        x = F.pad(x, (0, 0, 1, 1), mode="reflect")
+        return self.conv(x)
+
+
+class Centered(nn.Module):
+    """A spatial mean over both sharded dims (one all-reduce over the whole domain), subtracted."""
+
+    def forward(self, x):
+        return x - x.mean((2, 3), keepdim=True) + x.var((2, 3), keepdim=True)
+
+
+class RollFlip(nn.Module):
+    def forward(self, x):
+        return torch.roll(x, (3, -2), (2, 3)).flip(3) * 2
+
+
+def _cases_2d():
+    """(name, model, input) of the 4-D cases; every spatial op reaches across both sharded dims."""
+
+    def x(c=2):
+        return torch.randn(2, c, 13, 10)
+
+    return [
+        ("conv3", nn.Conv2d(2, 3, 3, padding=1), x()),
+        ("conv5_stride2", nn.Conv2d(2, 3, 5, stride=2, padding=2), x()),
+        ("conv3_dilation2", nn.Conv2d(2, 3, 3, padding=2, dilation=2), x()),
+        ("conv4_stride2", nn.Conv2d(2, 3, 4, stride=2, padding=1), x()),
+        ("conv_same_even", nn.Conv2d(2, 3, (4, 2), padding="same"), x()),
+        ("conv1x3_and_3x1", nn.Sequential(nn.Conv2d(2, 3, (1, 3), padding=(0, 1)), nn.Conv2d(3, 2, (3, 1))), x()),
+        ("circular_w_reflect_h", PadThenConv(), x()),
+        ("conv_reflect_mode", nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), x()),
+        ("conv_circular_mode", nn.Conv2d(2, 3, 3, padding=2, padding_mode="circular"), x()),
+        ("group_norm", nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU()), x()),
+        ("instance_norm", nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.Conv2d(2, 2, 3, padding=1)), x()),
+        ("batch_norm", nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)), x()),
+        ("mean_var", Centered(), x()),
+        ("roll_flip", RollFlip(), x()),
+        ("max_pool", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2)), x()),
+        ("max_pool_k3s2", nn.MaxPool2d(3, 2), x()),
+        ("avg_pool_pad", nn.AvgPool2d(3, 2, 1, count_include_pad=False), x()),
+        ("avg_pool_ceil", nn.AvgPool2d(2, ceil_mode=True), x()),
+        ("conv_transpose_k4s2", nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), x()),
+        ("conv_transpose_k3s2", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), x()),
+    ]
+
+
+def _cases_3d():
+    """A 3-D volume sharded on 2 of its 3 spatial dims (D and H; W whole)."""
+    return [
+        ("conv3d", nn.Conv3d(2, 3, 3, padding=1), torch.randn(1, 2, 7, 9, 5)),
+        (
+            "conv3d_norm",
+            nn.Sequential(nn.Conv3d(2, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4)),
+            torch.randn(1, 2, 7, 9, 5),
+        ),
+    ]
+
+
+class SkipUNet(nn.Module):
+    """Two levels with a skip: conv, GroupNorm, a k4/s2 conv down, a k4/s2 transposed conv up, a cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU())
+        self.down = nn.Sequential(nn.Conv2d(4, 8, 4, stride=2, padding=1), nn.SiLU(), nn.AvgPool2d(3, 1, 1))
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)
+        self.out = nn.Conv2d(8, 1, 3, padding=1, padding_mode="circular")
+
+    def forward(self, x):
+        skip = self.enc(x)
+        return self.out(torch.cat([self.up(self.down(skip)), skip], 1))
+
+
+def _train(mesh, steps: int = 10) -> float:
+    """10 SGD steps (lr 1e-3) on per-step random inputs and output gradients, on the mesh and on one
+    device; the largest mean squared difference of a parameter, relative to its mean square."""
+    from fxhalo.mesh import mesh_domain
+    from tests.harness import mesh_block
+
+    torch.manual_seed(1)
+    ref = SkipUNet()
+    sharded = SkipUNet()
+    sharded.load_state_dict(ref.state_dict())
+    domain = mesh_domain(mesh, (2, 3))
+    compiled = torch.compile(
+        sharded, backend="domain_parallel", options={"group": mesh, "shard_dim": (2, 3), "compiler": "aot_eager"}
+    )
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(sharded.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x, g = torch.randn(2, 1, 16, 12), torch.randn(2, 1, 16, 12)
+        opt_ref.zero_grad()
+        ref(x).backward(g)
+        opt_ref.step()
+        opt.zero_grad()
+        compiled(mesh_block(x, domain, (2, 3))).backward(mesh_block(g, domain, (2, 3)))
+        opt.step()
+    worst = 0.0
+    for a, b in zip(ref.parameters(), sharded.parameters()):
+        worst = max(worst, float((a - b).pow(2).mean() / b.pow(2).mean().clamp_min(1e-12)))
+    return worst
+
+
+def _raises(fn) -> str:
+    import fxhalo
+
+    try:
+        fn()
+    except fxhalo.FxHaloError as e:
+        return "FxHaloError: " + str(e)
+    except Exception as e:  # pragma: no cover - reported by the test
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _refusals(mesh):
+    """What must raise, on every rank, before any collective."""
+    x = torch.randn(2, 2, 13, 10)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def compiled(**options):
+        torch._dynamo.reset()
+        return torch.compile(conv, backend="domain_parallel", options={"compiler": "aot_eager", **options})
+
+    def on_mesh(model):
+        torch._dynamo.reset()
+        options = {"group": mesh, "shard_dim": (2, 3), "compiler": "aot_eager"}
+        # 3 rows and columns a rank: windows straddle ranks along both dims
+        return lambda: torch.compile(model, backend="domain_parallel", options=options)(x[..., :3, :3].contiguous())
+
+    return {
+        "dims_for_axes": _raises(lambda: compiled(group=mesh, shard_dim=(2,))(x)),
+        "too_many_dims": _raises(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
+        "dim_twice": _raises(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
+        "unknown_axis": _raises(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
+        # padded max pooling and interpolation have no kernel for two axes yet
+        "padded_max_pool": _raises(on_mesh(nn.MaxPool2d(3, 2, 1))),
+        "interpolate": _raises(on_mesh(nn.Upsample(scale_factor=2, mode="bilinear"))),
+    }
+
+
+def _run(rank, world_size, shape):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("h", "w"))
+    out = {}
+    for make in (_cases_2d, _cases_3d):
+        torch.manual_seed(0)  # the same models and inputs on every rank
+        cases = make()
+        results = check_many_on_mesh([(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3))
+        out.update({name: {k: ok for k, (ok, _) in r.items()} for (name, _, _), r in zip(cases, results)})
+    return out, _refusals(mesh), _train(mesh)
+
+
+MESHES = [(2, 2), (2, 3)]
+
+
+@pytest.fixture(scope="module", params=MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def ranks(request):
+    return run_ranks(_run, request.param[0] * request.param[1], request.param, timeout=400)
+
+
+@pytest.mark.timeout(420)
+def test_every_case_matches_one_device_on_every_rank(ranks):
+    failures = [
+        (rank, name, checks)
+        for rank, (results, _, _) in enumerate(ranks)
+        for name, checks in results.items()
+        if not all(checks.values())
+    ]
+    assert not failures, failures[:6]
+    assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d())
+
+
+@pytest.mark.timeout(420)
+def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
+    assert all(worst <= 1e-6 for _, _, worst in ranks), [worst for _, _, worst in ranks]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("dims_for_axes", ["shard_dim=(2,)", "1 dims for 2 domain mesh axes"]),
+        ("too_many_dims", ["3 dims for 2"]),
+        ("dim_twice", ["names one dim twice"]),
+        ("unknown_axis", ["'depth'", "not an axis"]),
+        ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
+        ("interpolate", ["interpolate", "2 mesh axes", "Remedy"]),
+    ],
+)
+def test_bad_input_raises_on_every_rank(ranks, case, words):
+    for _, refusals, _ in ranks:
+        message = refusals[case]
+        assert message.startswith("FxHaloError"), message
+        for word in words:
+            assert word in message, message
