@@ -30,19 +30,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank, world_size, port, fn, args, results):
+def join_group(rank: int, world_size: int, port: int) -> None:
+    """What a spawned rank does first: one thread, no compile workers, and the gloo group on ``port``."""
     import torch.distributed as dist
 
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pools per rank
     torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
+
+
+def _child(rank, world_size, port, fn, args, results):
+    import torch.distributed as dist
+
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-        )
+        join_group(rank, world_size, port)
         # Plain bytes: through the queue, torch would send a tensor as a file descriptor that
         # the parent fetches from this process after it reported; a rank that has exited by
         # then leaves the parent with FileNotFoundError (seen under load).

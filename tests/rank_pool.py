@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import itertools
 import os
 import pickle
@@ -33,7 +34,7 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
-from fxhalo.launch import PG_TIMEOUT_S, _free_port
+from fxhalo.launch import _free_port, join_group
 
 __all__ = ["run_ranks", "shutdown"]
 
@@ -42,17 +43,7 @@ _DEFAULT_SEED = torch.initial_seed()
 
 
 def _rank_loop(rank, world_size, port, inbox, results):
-    import torch.distributed as dist
-
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no compile worker pools per rank
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
-    )
+    join_group(rank, world_size, port)
     environ = dict(os.environ)
     while True:
         job = inbox.get()
@@ -71,6 +62,12 @@ def _rank_loop(rank, world_size, port, inbox, results):
         finally:
             os.environ.clear()
             os.environ.update(environ)
+            # What the job left alive (modules, caches) would be scanned again by every garbage
+            # collection of the next jobs, which allocate a lot while compiling: collect it once,
+            # then take the survivors out of the collector's generations.
+            torch._dynamo.reset()
+            gc.collect()
+            gc.freeze()
 
 
 class _Pool:

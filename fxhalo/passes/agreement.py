@@ -66,13 +66,10 @@ def _error_text(error: BaseException | None) -> str | None:
     return f"{type(error).__name__}: {error}" if error is not None else None
 
 
-def gather_input_lengths(domain: Domain, local: dict[str, int] | None, error: BaseException | None) -> dict[str, int]:
-    """Global length of each sharded graph input, from every rank's ``local`` lengths (one all_gather_object).
-
-    Raises the same :class:`FxHaloError` on every rank if a rank failed, the ranks
-    shard different inputs, or an input's shards do not follow the partition rule.
-    """
-    everyone = _everyone(domain, {"error": _error_text(error), "lengths": local})
+def _sharded_inputs(domain: Domain, mine: dict, error: BaseException | None) -> tuple[list[dict], list[str]]:
+    """Every rank's ``mine`` (one all_gather_object), and the names of the sharded inputs, which every
+    rank must shard alike; raises the same error on every rank otherwise, or if a rank failed."""
+    everyone = _everyone(domain, mine)
     _raise_first_error(everyone, error)
     names = [sorted(e["lengths"]) for e in everyone]
     if any(n != names[0] for n in names):
@@ -80,8 +77,18 @@ def gather_input_lengths(domain: Domain, local: dict[str, int] | None, error: Ba
             f"ranks shard different graph inputs ({names}), which would hang the job; "
             "every rank must run the same model on the same kind of inputs"
         )
+    return everyone, names[0]
+
+
+def gather_input_lengths(domain: Domain, local: dict[str, int] | None, error: BaseException | None) -> dict[str, int]:
+    """Global length of each sharded graph input, from every rank's ``local`` lengths (one all_gather_object).
+
+    Raises the same :class:`FxHaloError` on every rank if a rank failed, the ranks
+    shard different inputs, or an input's shards do not follow the partition rule.
+    """
+    everyone, names = _sharded_inputs(domain, {"error": _error_text(error), "lengths": local}, error)
     out = {}
-    for name in names[0]:
+    for name in names:
         lengths = [e["lengths"][name] for e in everyone]
         check_partition(lengths, domain, f"graph input '{name}'")
         out[name] = sum(lengths)
@@ -98,16 +105,10 @@ def gather_mesh_input_lengths(mesh: MeshDomain, local: dict | None, error: BaseE
     so that every rank raises the same error.
     """
     coords = tuple(a.rank for a in mesh.axes)
-    everyone = _everyone(mesh.whole, {"error": _error_text(error), "lengths": local, "coords": coords})
-    _raise_first_error(everyone, error)
-    names = [sorted(e["lengths"]) for e in everyone]
-    if any(n != names[0] for n in names):
-        raise FxHaloError(
-            f"ranks shard different graph inputs ({names}), which would hang the job; "
-            "every rank must run the same model on the same kind of inputs"
-        )
+    mine = {"error": _error_text(error), "lengths": local, "coords": coords}
+    everyone, names = _sharded_inputs(mesh.whole, mine, error)
     out = {}
-    for name in names[0]:
+    for name in names:
         per_axis = []
         for k, axis in enumerate(mesh.axes):
             entries = [(e["coords"], e["lengths"][name][k]) for e in everyone]

@@ -26,7 +26,8 @@ graph (``check_many_global_view``):
 - ``fxhalo.redistribute(x, dim)`` on DomainTensors, in a model and eagerly;
 - an FFT with no dim to carry the shard is refused on every rank.
 
-Each case is compiled in the global view with ``aot_eager`` (``check_global_view``).
+Each case is compiled in the global view (``check_many_global_view``), with ``aot_eager`` on 2 ranks
+and ``eager`` on more (``tests.harness.sweep_compiler``).
 """
 
 from __future__ import annotations

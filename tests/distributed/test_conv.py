@@ -17,7 +17,7 @@ import pytest
 import torch
 from tabulate import tabulate
 
-from tests.harness import batches_of, run_ranks
+from tests.harness import batches_of, run_ranks, sweep_compiler
 
 N_CASES = 200
 
@@ -49,15 +49,14 @@ def _halo_outputs(gm) -> list[bool] | None:
 
 def _sweep(rank, world_size, n_cases, compiler, batch=BATCH):
     """Every case, in batches of cases of one shard dim: one compile per batch, a result per case."""
-    from torch._dynamo.backends.debugging import aot_eager
-
+    from fxhalo.backend import _inner
     from tests.distributed.conv_cases import random_cases, run_case, run_cases
 
     seen = {}
 
     def recording(gm, example_inputs):  # notes, per output, whether the pass inserted a halo kernel
         seen["rewritten"] = _halo_outputs(gm)
-        return (aot_eager if compiler == "aot_eager" else compiler)(gm, example_inputs)
+        return _inner(compiler)(gm, example_inputs)
 
     cases = random_cases(n_cases, world_size)
     results = [None] * len(cases)
@@ -109,7 +108,7 @@ def _table(world_size, per_rank):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_conv_matches_one_device(world_size):
-    per_rank = run_ranks(_sweep, world_size, N_CASES, "aot_eager", timeout=540)
+    per_rank = run_ranks(_sweep, world_size, N_CASES, sweep_compiler(world_size), timeout=540)
     print()
     print(_table(world_size, per_rank))
     n_multi_hop = sum(c["multi_hop"] and c["rewritten"] for c in per_rank[0])

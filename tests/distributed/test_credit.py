@@ -7,7 +7,8 @@ import (``xarray``, ``cftime``; ``torch-harmonics`` and ``timm`` without depende
 call.  Elsewhere the file is skipped when ``credit`` does not import.
 
 One spawn of 4 ranks; on groups of 2 and 4 ranks, each model, sharded along latitude
-(dim 3 of ``[B, C, T, H, W]``), compiled with ``aot_eager`` in the global view, against
+(dim 3 of ``[B, C, T, H, W]``), compiled in the global view (``aot_eager`` on 2 ranks, ``eager`` on 4:
+``tests.harness.sweep_compiler``), against
 one device: forward, input gradient and every weight gradient summed over the ranks.
 
 - CrossFormer (small: 64 x 32, four stages of one short- and one long-distance

@@ -23,23 +23,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.harness import check_global_view, close, close_normwise, run_ranks
+from tests.harness import check_global_view, close, close_normwise, raised, run_ranks
 from tests.models import GridModel, SkipUNet
 
 WORLD = 4
-
-
-def _raises(fn) -> str:
-    """The FxHaloError's message, or what happened instead."""
-    import fxhalo
-
-    try:
-        fn()
-    except fxhalo.FxHaloError as e:
-        return "FxHaloError: " + str(e)
-    except Exception as e:  # pragma: no cover - reported by the test
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 class BrokenModel(nn.Module):
@@ -183,17 +170,17 @@ def _run(rank, world):
     xg = fxhalo.shard(x45, 2)
     ex = fxhalo.explain(grid, xg)  # a real DomainTensor: explained on the meta device, nothing run
     out["explain_domain_tensor"] = (len(ex.problems), sorted({r.op for r in ex.rows}))
-    out["eager_sum"] = _raises(lambda: xg.sum())
-    out["eager_conv"] = _raises(lambda: F.conv2d(xg, torch.randn(2, 2, 3, 3)))
+    out["eager_sum"] = raised(lambda: xg.sum())
+    out["eager_conv"] = raised(lambda: F.conv2d(xg, torch.randn(2, 2, 3, 3)))
     out["eager_ok"] = (type(xg * 2).__name__, close((xg * 2).to_local(), xg.to_local() * 2))
     slab = xg.to_local()
-    out["bad_lengths"] = _raises(lambda: fxhalo.from_local(slab, 2, lengths=(10, 10, 10, 10)))
-    out["disagree_dim"] = _raises(lambda: fxhalo.from_local(slab.transpose(2, 3).contiguous(), 2 if rank else 3))
+    out["bad_lengths"] = raised(lambda: fxhalo.from_local(slab, 2, lengths=(10, 10, 10, 10)))
+    out["disagree_dim"] = raised(lambda: fxhalo.from_local(slab.transpose(2, 3).contiguous(), 2 if rank else 3))
     other = dist.new_group(list(range(world)))
-    out["disagree_group"] = _raises(lambda: fxhalo.from_local(slab, 2, group=other if rank else None))
+    out["disagree_group"] = raised(lambda: fxhalo.from_local(slab, 2, group=other if rank else None))
     xo = fxhalo.from_local(slab, 2, group=other)
     torch._dynamo.reset()
-    out["other_group"] = _raises(
+    out["other_group"] = raised(
         lambda: torch.compile(
             grid, backend="domain_parallel", options={"compiler": "aot_eager", "group": dist.group.WORLD}
         )(xo)

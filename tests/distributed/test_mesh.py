@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.harness import check_many_on_mesh, run_ranks
+from tests.harness import check_many_on_mesh, raised, run_ranks
 
 
 class PadThenConv(nn.Module):
@@ -133,18 +133,6 @@ def _train(mesh, steps: int = 10) -> float:
     return worst
 
 
-def _raises(fn) -> str:
-    import fxhalo
-
-    try:
-        fn()
-    except fxhalo.FxHaloError as e:
-        return "FxHaloError: " + str(e)
-    except Exception as e:  # pragma: no cover - reported by the test
-        return f"{type(e).__name__}: {e}"
-    return "no error"
-
-
 def _refusals(mesh):
     """What must raise, on every rank, before any collective."""
     x = torch.randn(2, 2, 13, 10)
@@ -161,13 +149,13 @@ def _refusals(mesh):
         return lambda: torch.compile(model, backend="domain_parallel", options=options)(x[..., :3, :3].contiguous())
 
     return {
-        "dims_for_axes": _raises(lambda: compiled(group=mesh, shard_dim=(2,))(x)),
-        "too_many_dims": _raises(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
-        "dim_twice": _raises(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
-        "unknown_axis": _raises(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
+        "dims_for_axes": raised(lambda: compiled(group=mesh, shard_dim=(2,))(x)),
+        "too_many_dims": raised(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
+        "dim_twice": raised(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
+        "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
         # padded max pooling and interpolation have no kernel for two axes yet
-        "padded_max_pool": _raises(on_mesh(nn.MaxPool2d(3, 2, 1))),
-        "interpolate": _raises(on_mesh(nn.Upsample(scale_factor=2, mode="bilinear"))),
+        "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
+        "interpolate": raised(on_mesh(nn.Upsample(scale_factor=2, mode="bilinear"))),
     }
 
 

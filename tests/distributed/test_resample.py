@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from tests.harness import batches_of, close, run_ranks
+from tests.harness import batches_of, close, run_ranks, sweep_compiler
 
 N_CASES = {2: 40, 3: 36, 4: 36}
 
@@ -30,15 +30,15 @@ N_CASES = {2: 40, 3: 36, 4: 36}
 BATCH = 25
 
 
-def _recording(seen):
-    """aot_eager, noting per graph output whether the pass inserted an fxhalo kernel."""
-    from torch._dynamo.backends.debugging import aot_eager
-
+def _recording(seen, world_size):
+    """The sweep's inner compiler (:func:`~tests.harness.sweep_compiler`), noting per graph output
+    whether the pass inserted an fxhalo kernel."""
+    from fxhalo.backend import _inner
     from tests.distributed.test_conv import _halo_outputs
 
     def compiler(gm, example_inputs):
         seen["kernel"] = _halo_outputs(gm)
-        return aot_eager(gm, example_inputs)
+        return _inner(sweep_compiler(world_size))(gm, example_inputs)
 
     return compiler
 
@@ -52,7 +52,7 @@ def _sweep(world_size, n_cases, batch=BATCH):
     results = [None] * len(cases)
     for chunk in batches_of(cases, batch):
         seen.clear()
-        rs = run_cases([cases[i] for i in chunk], world_size, _recording(seen), seeds=chunk)
+        rs = run_cases([cases[i] for i in chunk], world_size, _recording(seen, world_size), seeds=chunk)
         flags = seen.get("kernel")
         # one graph output per case, two with indices; the indices come from the same kernel
         widths = [1 + cases[i].returns_indices for i in chunk]
@@ -63,7 +63,7 @@ def _sweep(world_size, n_cases, batch=BATCH):
             kernels = []
             for i in chunk:
                 seen.clear()
-                run_case(cases[i], world_size, _recording(seen), seed=i)
+                run_case(cases[i], world_size, _recording(seen, world_size), seed=i)
                 kernels.append(any(seen.get("kernel", ())))
         for i, r, kernel in zip(chunk, rs, kernels):
             r.update(category=cases[i].category, kernel=kernel, case=repr(cases[i]))

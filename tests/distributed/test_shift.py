@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.harness import check_against_one_device, check_many_against_one_device, run_ranks
+from tests.harness import check_against_one_device, check_many_against_one_device, run_ranks, sweep_compiler
 from tests.models import WindowConvBlock
 
 N_CASES = 20  # per world size
@@ -91,7 +91,9 @@ def _sweep(world_size):
         model, channels = FAMILIES[family](rng, world_size, h)
         families.append(family)
         cases.append((model, torch.randn(2, channels, h * world_size, 6), i))
-    all_checks = check_many_against_one_device(cases, options={"compiler": "aot_eager"}, return_exceptions=True)
+    all_checks = check_many_against_one_device(
+        cases, options={"compiler": sweep_compiler(world_size)}, return_exceptions=True
+    )
     results = []
     for family, (model, _, _), checks in zip(families, cases, all_checks):
         if isinstance(checks, Exception):  # reported per case

@@ -23,10 +23,9 @@ one device on the concatenated batch.
 import pytest
 import torch
 
-from tests.harness import run_ranks
+from tests.harness import run_ranks, sweep_compiler
 
 STEPS, LR = 10, 1e-3
-OPTIONS = {"compiler": "aot_eager"}
 
 
 def _params_mse(model, ref):
@@ -61,11 +60,11 @@ def _train(world_size, height, skip, seed):
 
     graphs = []
 
-    def capture(gm, example_inputs):  # aot_eager, keeping the rewritten graph to count buckets
-        from torch._dynamo.backends.debugging import aot_eager
+    def capture(gm, example_inputs):  # the sweep's compiler, keeping the rewritten graph to count buckets
+        from fxhalo.backend import _inner
 
         graphs.append(gm)
-        return aot_eager(gm, example_inputs)
+        return _inner(sweep_compiler(world_size))(gm, example_inputs)
 
     model.compile(backend="domain_parallel", options={"compiler": capture})
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -108,7 +107,7 @@ def _autocast(world_size):
     torch.manual_seed(5)
     model = SmallUNet(width=8, groups=4)
     x = torch.randn(2, 1, 8 * world_size, 8)
-    compiled = torch.compile(model, backend="domain_parallel", options=OPTIONS)
+    compiled = torch.compile(model, backend="domain_parallel", options={"compiler": sweep_compiler(world_size)})
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(x)
         got = compiled(fxhalo.domain.shard(x, 2))

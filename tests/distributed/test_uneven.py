@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.distributed.resample_cases import Op
-from tests.harness import check_many_against_one_device, run_ranks
+from tests.harness import check_many_against_one_device, run_ranks, sweep_compiler
 
 
 def _cases():
@@ -63,7 +63,10 @@ def _run(rank, world_size, lengths):
                 names.append(name)
                 cases.append((model, torch.randn(2, 2, n, 5), i))
             all_checks = check_many_against_one_device(
-                cases, options={"compiler": "aot_eager"}, replicated_output=replicated_output, return_exceptions=True
+                cases,
+                options={"compiler": sweep_compiler(world_size)},
+                replicated_output=replicated_output,
+                return_exceptions=True,
             )
             for name, checks in zip(names, all_checks):
                 if isinstance(checks, Exception):  # reported per case
