@@ -66,3 +66,18 @@ def test_every_benchmark_model_runs_one_tiny_step():
         assert "fxhalo compiled (eager), 2 ranks" in text, text
         if rows["credit-2x1"].get("skipped"):
             assert "credit" in rows["credit-2x1"]["skipped"].lower(), rows["credit-2x1"]
+
+
+@pytest.mark.timeout(60)
+def test_the_mesh_minimum_matches_hand_arithmetic():
+    """benchmarks/mesh.py's minimum: a 3x3 conv on 8 x 8, blocks of 4 x 4 on a 2 x 2 mesh: each rank reads a
+    5 x 5 window inside the tensor and owns 16 of it, so 9 values come from others (forward only: the
+    data needs no gradient); as 8 x 2 strips on 4 x 1, 2 rows of 8 for the middle ranks, 1 for the ends."""
+    import torch
+    import torch.nn as nn
+
+    from benchmarks.mesh import minimum_halo_bytes
+
+    conv, x = nn.Conv2d(1, 1, 3, padding=1), torch.randn(1, 1, 8, 8)
+    assert minimum_halo_bytes(conv, x, (2, 2)) == 9 * 4
+    assert minimum_halo_bytes(conv, x, (4, 1)) == (1 + 2 + 2 + 1) * 8 * 4 / 4
