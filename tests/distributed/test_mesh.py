@@ -73,6 +73,8 @@ def _cases_2d():
         ("avg_pool_ceil", nn.AvgPool2d(2, ceil_mode=True), x()),
         ("conv_transpose_k4s2", nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), x()),
         ("conv_transpose_k3s2", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), x()),
+        # one axis communicates, through its 1-D kernel, while the other dim stays a sharded local block
+        ("bilinear_along_h_only", nn.Upsample(scale_factor=(2, 1), mode="bilinear"), x()),
     ]
 
 
@@ -156,6 +158,7 @@ def _refusals(mesh):
         # padded max pooling and interpolation have no kernel for two axes yet
         "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
         "interpolate": raised(on_mesh(nn.Upsample(scale_factor=2, mode="bilinear"))),
+        "adaptive_pool": raised(on_mesh(nn.AdaptiveAvgPool2d((4, 4)))),
     }
 
 
@@ -207,6 +210,7 @@ def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
         ("unknown_axis", ["'depth'", "not an axis"]),
         ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
         ("interpolate", ["interpolate", "2 mesh axes", "Remedy"]),
+        ("adaptive_pool", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )
 def test_bad_input_raises_on_every_rank(ranks, case, words):
