@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Unsplittable, split_rows
 from ..halo import HaloPlan, halo_exchange
 from .rows import along, halo_plan, spatial_index
@@ -229,11 +229,14 @@ def plan_interpolate(
     device: str,
     domain: Domain,
     what: str,
+    explicit: bool = False,
 ) -> InterpPlan:
+    """The plan of one rank; ``explicit``: always the gathered taps (no local shortcut), as a kernel that
+    resamples several sharded dims one after the other needs."""
     in_part, out_part = split_rows(domain, r.n_in, r.n_out, what)
     rows, weights = source_taps(mode, nd, sdim, r, align_corners, double, device)
     c, e = out_part[domain.rank]
-    if _is_local(mode, nd, sdim, r, align_corners, double, device, in_part, out_part, rows, weights):
+    if not explicit and _is_local(mode, nd, sdim, r, align_corners, double, device, in_part, out_part, rows, weights):
         return InterpPlan(r.n_in, r.n_out, (c, e), True, None)
     needs = tuple((int(rows[c0:e0].min()), int(rows[c0:e0].max()) + 1) for c0, e0 in out_part)
     start = needs[domain.rank][0]
@@ -263,18 +266,18 @@ def _is_identity(n: int, r: DimResize, align_corners: bool) -> bool:
     return int(r.n_out) == int(n) and (align_corners or r.scale is None or r.scale == 1.0)
 
 
-def _other_axes(x, dim, sdim, nd, size, scale_factor, recompute, mode, align_corners):
-    """Resample every spatial dim but the sharded one with torch's own op (the sharded
-    dim gets scale 1 or its current size, which torch treats as the identity)."""
+def _other_axes(x, sdims, nd, size, scale_factor, recompute, mode, align_corners):
+    """Resample every spatial dim but the sharded ones (spatial indices ``sdims``) with torch's own op
+    (a sharded dim gets scale 1 or its current size, which torch treats as the identity)."""
     spatial = list(x.shape[2:])
     others = [dim_resize(spatial[i], size, scale_factor, recompute, i, nd) for i in range(nd)]
-    if all(_is_identity(spatial[i], others[i], align_corners) for i in range(nd) if i != sdim):
+    if all(_is_identity(spatial[i], others[i], align_corners) for i in range(nd) if i not in sdims):
         return x
     align = align_corners if mode not in _NEAREST else None
     if size is not None or recompute:
-        sizes = [spatial[i] if i == sdim else others[i].n_out for i in range(nd)]
+        sizes = [spatial[i] if i in sdims else others[i].n_out for i in range(nd)]
         return F.interpolate(x, size=sizes, mode=mode, align_corners=align)
-    scales = [1.0 if i == sdim else float(_per_dim(scale_factor, nd)[i]) for i in range(nd)]
+    scales = [1.0 if i in sdims else float(_per_dim(scale_factor, nd)[i]) for i in range(nd)]
     return F.interpolate(x, scale_factor=scales, mode=mode, align_corners=align)
 
 
@@ -289,6 +292,38 @@ def _local_op(input, sdim, nd, plan, size, scale_factor, mode, align_corners, re
     return F.interpolate(input, size=sizes, mode=mode, align_corners=align)
 
 
+def _several_axes_interpolate(args, kwargs) -> bool:
+    """A scale factor (``size`` would give other sharded dims global lengths), a mode fxhalo splits, no
+    antialias, no recomputed scale: what :func:`_interpolate_on_axes` handles."""
+    size, mode = args[1], args[3]
+    recompute, antialias = args[5], args[6]
+    return size is None and mode in MODES and not antialias and not recompute
+
+
+def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
+    """:func:`interpolate` on several sharded dims: each resampled in turn from its gathered taps (one
+    exchange per axis, on the tensor the dims before resampled), then torch resamples the others.
+    Linear, cubic and nearest resampling are separable, so the dims may go one at a time."""
+    nd = input.ndim - 2
+    align = bool(align_corners) if mode not in _NEAREST else False
+    x, sdims = input, set()
+    for shard_dim, group_name, length in axes:
+        domain = Domain.from_group(group_name, shard_dim=shard_dim)
+        dim = domain.dim_of(input.ndim)
+        sdim = spatial_index(input.ndim, nd, dim)
+        if sdim is None:
+            continue
+        what = f"interpolate (mode {mode!r}, scale_factor {scale_factor})"
+        resize = dim_resize(domain.global_length(input.shape[dim], length), None, scale_factor, None, sdim, nd)
+        plan = plan_interpolate(
+            mode, nd, sdim, resize, align, input.dtype == torch.float64, input.device.type, domain, what, True
+        )
+        x = _resample_rows(halo_exchange(x, dim, plan.halo, group_name, edge="clamp"), dim, plan)
+        sdims.add(sdim)
+    return _other_axes(x, sdims, nd, None, scale_factor, None, mode, align)
+
+
+@several_axes(when=_several_axes_interpolate)
 def interpolate(
     input,
     size=None,
@@ -305,6 +340,8 @@ def interpolate(
     ``size`` along the sharded dim is the *global* output length.  ``antialias`` and
     modes other than :data:`MODES` are refused (raise :class:`~fxhalo.errors.FxHaloError`).
     """
+    if len(axes) > 1:
+        return _interpolate_on_axes(input, scale_factor, mode, align_corners, each_axis(axes))
     shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = input.ndim - 2
@@ -329,7 +366,7 @@ def interpolate(
     x = halo_exchange(input, dim, plan.halo, group_name, edge="clamp")  # source rows clamp at the edges
 
     def others(t):
-        return _other_axes(t, dim, sdim, nd, size, scale_factor, recompute_scale_factor, mode, align)
+        return _other_axes(t, {sdim}, nd, size, scale_factor, recompute_scale_factor, mode, align)
 
     if plan.rows[1] - plan.rows[0] <= x.shape[dim]:  # shrinking: the sharded dim first
         return others(_resample_rows(x, dim, plan))

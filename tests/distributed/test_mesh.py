@@ -9,8 +9,8 @@ The cases of one input rank are compiled as one graph.
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
-along both axes and has no kernel for it yet (padded max pooling and interpolation,
-as of now).  And a small UNet trains 10 SGD steps on each mesh as on one device.
+along both axes and has no kernel for it yet (padded max pooling, interpolation to a
+``size``, adaptive pooling, as of now).  And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
 import pytest
@@ -75,6 +75,9 @@ def _cases_2d():
         ("conv_transpose_k3s2", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), x()),
         # one axis communicates, through its 1-D kernel, while the other dim stays a sharded local block
         ("bilinear_along_h_only", nn.Upsample(scale_factor=(2, 1), mode="bilinear"), x()),
+        ("bilinear_x2", nn.Upsample(scale_factor=2, mode="bilinear"), x()),
+        ("bicubic_down_aligned", nn.Upsample(scale_factor=0.5, mode="bicubic", align_corners=True), x()),
+        ("nearest_x3", nn.Upsample(scale_factor=3, mode="nearest"), x()),
     ]
 
 
@@ -87,6 +90,7 @@ def _cases_3d():
             nn.Sequential(nn.Conv3d(2, 4, 3, stride=2, padding=1), nn.GroupNorm(2, 4)),
             torch.randn(1, 2, 7, 9, 5),
         ),
+        ("trilinear_x2", nn.Upsample(scale_factor=2, mode="trilinear"), torch.randn(1, 2, 7, 9, 5)),
     ]
 
 
@@ -157,7 +161,7 @@ def _refusals(mesh):
         "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
         # padded max pooling and interpolation have no kernel for two axes yet
         "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
-        "interpolate": raised(on_mesh(nn.Upsample(scale_factor=2, mode="bilinear"))),
+        "interpolate_to_a_size": raised(on_mesh(nn.Upsample(size=(12, 12), mode="bilinear"))),
         "adaptive_pool": raised(on_mesh(nn.AdaptiveAvgPool2d((4, 4)))),
     }
 
@@ -209,7 +213,7 @@ def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
         ("dim_twice", ["names one dim twice"]),
         ("unknown_axis", ["'depth'", "not an axis"]),
         ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
-        ("interpolate", ["interpolate", "2 mesh axes", "Remedy"]),
+        ("interpolate_to_a_size", ["interpolate", "2 mesh axes", "Remedy"]),
         ("adaptive_pool", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )
