@@ -41,6 +41,11 @@ class Centered(nn.Module):
         return x - x.mean((2, 3), keepdim=True) + x.var((2, 3), keepdim=True)
 
 
+class SumStd(nn.Module):
+    def forward(self, x):
+        return x * x.sum((2, 3), keepdim=True) + x.std((2, 3), keepdim=True)
+
+
 class RollFlip(nn.Module):
     def forward(self, x):
         return torch.roll(x, (3, -2), (2, 3)).flip(3) * 2
@@ -66,6 +71,7 @@ def _cases_2d():
         ("instance_norm", nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.Conv2d(2, 2, 3, padding=1)), x()),
         ("batch_norm", nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)), x()),
         ("mean_var", Centered(), x()),
+        ("sum_std", SumStd(), x()),
         ("roll_flip", RollFlip(), x()),
         ("max_pool", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2)), x()),
         ("max_pool_k3s2", nn.MaxPool2d(3, 2), x()),
