@@ -35,16 +35,6 @@ class MeshDomain:
     def shard_dims(self) -> tuple[int, ...]:
         return tuple(a.shard_dim for a in self.axes)
 
-    def dims_of(self, ndim: int) -> tuple[int, ...]:
-        """The non-negative sharded dims of a tensor with ``ndim`` dims; two axes on one dim raise."""
-        dims = tuple(a.dim_of(ndim) for a in self.axes)
-        if len(set(dims)) != len(dims):
-            raise FxHaloError(
-                f"shard_dim={self.shard_dims} names one dim of a {ndim}-D tensor twice ({dims}); "
-                "each mesh axis must shard a dim of its own"
-            )
-        return dims
-
 
 #: (every axis's group name, in mesh-axis order) -> the whole domain's group name, on this rank
 _WHOLE: dict[tuple[str, ...], str] = {}

@@ -38,6 +38,10 @@ class PassContext:
         """Several domain axes: rules are asked once per axis (:mod:`fxhalo.passes.propagate`)."""
         return self.mesh is not None and len(self.mesh.axes) > 1
 
+    def along_each_axis(self) -> list[PassContext]:
+        """:meth:`along` for every mesh axis, in order."""
+        return [self.along(axis) for axis in range(len(self.mesh.axes))]
+
     def along(self, axis: int) -> PassContext:
         """The context a rule sees when it decides along mesh ``axis`` alone: that axis's domain, its
         input lengths and its entries of the per-input overrides."""
@@ -46,7 +50,6 @@ class PassContext:
             domain=self.mesh.axes[axis],
             mesh=None,
             input_shard_dims={k: None if v is None else v[axis] for k, v in self.input_shard_dims.items()},
-            known_inputs={k: v for k, v in self.known_inputs.items()},
             input_lengths={k: v[axis] for k, v in self.input_lengths.items()},
         )
 

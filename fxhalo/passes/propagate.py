@@ -27,6 +27,7 @@ land on one tensor dim are refused too (a reshape merging two sharded dims, say)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import torch
@@ -114,17 +115,25 @@ def input_sharding(node, ctx: PassContext) -> Sharded | None:
     return Sharded(dim, local, ctx.input_lengths.get(node.name, local * ctx.domain.size))
 
 
-def input_layout(node, ctx: PassContext):
-    """A placeholder's layout: :func:`input_sharding` along each mesh axis."""
+def _per_axis(axis_ctxs: list[PassContext], decide) -> list:
+    """``decide(axis context)`` along each mesh axis, inside that axis's :func:`~fxhalo.layout.axis_view`."""
+    out = []
+    for axis, along in enumerate(axis_ctxs):
+        with axis_view(axis):
+            out.append(decide(along))
+    return out
+
+
+def input_layout(node, ctx: PassContext, axis_ctxs: list[PassContext] | None = None):
+    """A placeholder's layout: :func:`input_sharding` along each mesh axis (``axis_ctxs``:
+    :meth:`PassContext.along_each_axis`, when the caller has it already)."""
     if not ctx.on_mesh:
         return as_layout(input_sharding(node, ctx))
-    entries = []
-    for axis, domain in enumerate(ctx.mesh.axes):
-        if domain.size == 1:  # one rank along this axis holds the whole dim: nothing is split
-            entries.append(None)
-            continue
-        with axis_view(axis):
-            entries.append(input_sharding(node, ctx.along(axis)))
+
+    def sharding(along):  # one rank along an axis holds the whole dim: nothing is split
+        return None if along.domain.size == 1 else input_sharding(node, along)
+
+    entries = _per_axis(axis_ctxs or ctx.along_each_axis(), sharding)
     dims = [s.dim for s in entries if isinstance(s, Sharded)]
     if len(set(dims)) != len(dims):
         raise FxHaloError(
@@ -138,9 +147,10 @@ def local_input_lengths(gm: torch.fx.GraphModule, ctx: PassContext) -> dict:
     """This rank's local length of every sharded placeholder (before the global lengths are known); on a
     mesh of several axes, a tuple of one local length per axis (``None`` where it is not sharded)."""
     out = {}
+    axis_ctxs = ctx.along_each_axis() if ctx.on_mesh else None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            layout = input_layout(node, ctx)
+            layout = input_layout(node, ctx, axis_ctxs)
             if layout.is_sharded:
                 lengths = tuple(s.local if isinstance(s, Sharded) else None for s in layout.axes)
                 out[node.name] = lengths if ctx.on_mesh else lengths[0]
@@ -157,16 +167,20 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
     problem (``fxhalo.validate``).
     """
     count = 0
+    axis_ctxs = ctx.along_each_axis() if ctx.on_mesh else None  # made once, not per node
     for node in gm.graph.nodes:
         node.meta.pop(DECISION, None)
         if node.op == "placeholder":
-            s = input_layout(node, ctx)
+            s = input_layout(node, ctx, axis_ctxs)
         elif node.op in ("get_attr", "output"):
             sum_partials(node, ctx)
             s = None
         else:
             try:
-                decision = _decide_on_mesh(node, ctx) if ctx.on_mesh else _decide(node, ctx)
+                if ctx.on_mesh:
+                    decision = merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
+                else:
+                    decision = _decide(node, ctx)
             except FxHaloError as e:
                 if problems is None:
                     raise
@@ -181,15 +195,6 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
     return count
-
-
-def _decide_on_mesh(node, ctx: PassContext) -> Decision:
-    """The rule asked along each mesh axis in turn, the answers joined by :func:`merge_axes`."""
-    decisions = []
-    for axis in range(len(ctx.mesh.axes)):
-        with axis_view(axis):
-            decisions.append(_decide(node, ctx.along(axis)))
-    return merge_axes(node, ctx, decisions)
 
 
 def _entries(out) -> list:
