@@ -88,9 +88,12 @@ def redistribute_slabs(
     got = torch.ops._c10d_functional.wait_tensor(got)
     shape = list(moved[0].shape)
     shape[0], shape[d] = sum(src_lengths), dst_lengths[rank]
+    if count == 1:
+        return (got.view(shape).movedim(0, src_dim),)
     shape.insert(1, count)
-    got = got.view(shape)
-    return tuple(got.select(1, i).movedim(0, src_dim) for i in range(count))
+    # unbind, not a select per slab: the backward of unbind is one stack of the gradients into one
+    # buffer, where a select's is a zero-filled buffer of the whole received size per slab, summed.
+    return tuple(t.movedim(0, src_dim) for t in got.view(shape).unbind(1))
 
 
 def _send_buffer(moved, d: int, dst_lengths) -> torch.Tensor:

@@ -156,8 +156,13 @@ def _local_index(t: torch.Tensor, index, axes) -> tuple:
 
 def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
     """``input[index]`` where ``index`` slices the sharded dim in global rows: each rank keeps the selected
-    rows it holds (no communication; the output's partition is the count on every rank)."""
-    return input[_local_index(input, index, axes)]
+    rows it holds (no communication; the output's partition is the count on every rank).
+
+    A rank that holds none of the rows gets a fresh empty tensor, not an empty view: autograd
+    saves a view's whole base for the backward of ops that read it (an FNO's einsum on the
+    modes another rank holds would keep that rank's whole spectrum alive until backward)."""
+    out = input[_local_index(input, index, axes)]
+    return out.clone() if out.numel() == 0 else out
 
 
 def set_rows(target: torch.Tensor, index, value, *, axes: tuple[ShardAxis, ...]) -> None:

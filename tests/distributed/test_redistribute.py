@@ -10,6 +10,11 @@ builds the global tensor on every rank, takes this rank's slab along ``src_dim``
   upstream gradient's slab along ``src_dim``);
 - ``one collective``: exactly one all_to_all_single, sending ``(P-1)/P`` of the slab.
 
+Two memory properties ride along: several slabs moved in one collective (attention's q,
+k and v) take back their gradients in one buffer (the backward has no zero-filled buffer
+per slab), and a slice of global rows that a rank holds none of is a fresh empty tensor,
+not a view that would keep the rank's whole slab alive for autograd.
+
 The round trip of the seed's Hyena block rides on it: sequence-sharded ``[B, C, L]``
 -> ``seq_to_channels`` -> ``DistributedDepthwiseConv1d(x, cp_group)`` over the whole
 sequence -> ``channels_to_seq``, equal to one device, weight gradients included.
@@ -67,6 +72,58 @@ def _move_case(shape, src, dst, src_part, dtype, group, rank, P):
     }
 
 
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.name().split("::")[1].split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _several_slabs_case(group, rank, P):
+    """q, k and v moved H -> heads together: each equals its own move, and the backward gathers the three
+    gradients into one buffer (before: a zero-filled buffer of the whole received size per slab)."""
+    from fxhalo.domain import _balanced_partition
+    from fxhalo.redistribute import redistribute_slabs
+
+    g = torch.Generator().manual_seed(11)
+    shape = (2, 2 * P, 3 * P + 1, 4)  # [B, heads, tokens, head dim], tokens sharded
+    xs = [torch.randn(shape, generator=g) for _ in range(3)]
+    ups = [torch.randn(shape, generator=g) for _ in range(3)]
+    src = tuple(b - a for a, b in _balanced_partition(shape[2], P))
+    dst = tuple(b - a for a, b in _balanced_partition(shape[1], P))
+    a, n = _rows(src, rank)
+    c, m = _rows(dst, rank)
+    slabs = [x.narrow(2, a, n).clone().requires_grad_() for x in xs]
+    outs = redistribute_slabs(slabs, 2, 1, group.group_name, src, dst, rank)
+    with _Ops() as spy:
+        torch.autograd.backward(outs, [u.narrow(1, c, m) for u in ups])
+    return {
+        "outs": all(torch.equal(y, x.narrow(1, c, m)) for y, x in zip(outs, xs)),
+        "grads": all(torch.equal(s.grad, u.narrow(2, a, n)) for s, u in zip(slabs, ups)),
+        "one gradient buffer": "select_backward" not in spy.seen and "stack" in spy.seen,
+    }
+
+
+def _empty_slice_case(group, rank, P):
+    """x[:, 0:1] of rows sharded along dim 1: only rank 0 holds the row; elsewhere the result owns no
+    storage (before: an empty view of the whole slab)."""
+    from fxhalo.domain import ShardAxis
+    from fxhalo.ops.moves import slice_rows
+
+    lengths = tuple(2 for _ in range(P))
+    x = torch.arange(2.0 * 2 * P * 3).reshape(2, 2 * P, 3)
+    slab = x.narrow(1, 2 * rank, 2)
+    out = slice_rows(slab, (slice(None), slice(0, 1)), axes=(ShardAxis(1, group.group_name, lengths),))
+    want = x[:, 0:1] if rank == 0 else x[:, 0:0]
+    return {
+        "rows": torch.equal(out, want),
+        "no view of the slab": rank == 0 or out.untyped_storage().nbytes() == 0,
+    }
+
+
 def _hyena_round_trip(group, rank, P):
     """Sequence-sharded -> channels -> a long depthwise conv with cp_group -> sequence, against one device."""
     import fxhalo
@@ -115,6 +172,8 @@ def _run(rank, world_size):
                 part = part or [b - a for a, b in _balanced(shape[src], P)]
                 res[name] = _move_case(shape, src, dst, part, dtype, group, rank, P)
             res["hyena round trip"] = _hyena_round_trip(group, rank, P)
+            res["q, k, v in one move"] = _several_slabs_case(group, rank, P)
+            res["a slice of rows held elsewhere"] = _empty_slice_case(group, rank, P)
             out[P] = res
         dist.barrier()
     return out
