@@ -8,10 +8,16 @@ Spawns the ranks.  Each compiles the model with ``backend="domain_parallel"`` on
 DomainTensor of the input (sharded along H) and times forward + backward steps;
 rank 0 then runs the same model in one process (``torch.compile`` with the same inner
 compiler, on the whole input) while the others wait.  Per model it prints the median
-step time, the peak memory of one step per rank (the rise of the resident set over
-the step, Linux ``VmHWM``), its ratio to one process, and what ``fxhalo.explain``
-counts per step: collectives and bytes, and for the moves of the shard the analytic
-minimum (ratio 1.00: nothing beyond it).  Where torch cannot compile the one-process
+step time, the peak memory of one step per rank and its ratio to one process, and what
+``fxhalo.explain`` counts per step: collectives and bytes, and for the moves of the
+shard the analytic minimum (ratio 1.00: nothing beyond it).
+
+Peak memory is the rise of the resident set over one step (Linux ``VmHWM``), measured
+twice, in two spawns: ``RSS``, with glibc's allocator as it comes (it keeps freed blocks
+in its heap, so the figure moves by tens of MiB between runs and between ranks), and
+``live``, with every block of 128 KiB or more mapped on its own
+(:func:`benchmarks.run.map_large_blocks`), where the rise is the peak of live tensor
+bytes.  The step times come from the first spawn.  Where torch cannot compile the one-process
 model (the FNO under Inductor, in torch 2.13), that row's one-process columns are
 ``nan`` and the error is printed under it.
 
@@ -31,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fxhalo
-from benchmarks.run import _measure_memory
+from benchmarks.run import _measure_memory, map_large_blocks
 from fxhalo.launch import run_ranks
 
 
@@ -68,7 +74,9 @@ def _steps(fn, x, repeats: int) -> tuple[float, dict]:
     return statistics.median(times), _measure_memory(step)
 
 
-def _one(rank, world_size, name: str, compiler: str, repeats: int):
+def _one(rank, world_size, name: str, compiler: str, repeats: int, live: bool = False):
+    if live and not map_large_blocks():
+        raise RuntimeError("the live-bytes measure needs glibc's mallopt")
     make, shape = _models()[name]
     torch.manual_seed(0)
     model, x = make(), torch.randn(shape)
@@ -114,20 +122,23 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     print(f"{args.world_size} ranks (gloo, CPU), inner compiler {args.compiler}, median of {args.repeats} steps")
     head = (
-        f"{'model':10} {'ms/step P':>10} {'ms/step 1':>10} {'peak MiB/rank':>14} {'peak MiB 1':>11} "
-        f"{'ratio':>6} {'colls/step':>10} {'KiB/step':>9} {'moves':>6} {'move/min':>9}"
+        f"{'model':10} {'ms/step P':>10} {'ms/step 1':>10} {'RSS MiB/rank':>13} {'RSS MiB 1':>10} {'ratio':>6} "
+        f"{'live MiB/rank':>13} {'live MiB 1':>10} {'ratio':>6} {'colls/step':>10} {'KiB/step':>9} "
+        f"{'moves':>6} {'move/min':>9}"
     )
     print(head)
     for name in args.models.split(","):
         per_rank = run_ranks(_one, args.world_size, name, args.compiler, args.repeats, timeout=3000)
+        live = run_ranks(_one, args.world_size, name, args.compiler, 1, True, timeout=3000)
         r0 = per_rank[0]
-        peak = max(r["step_bytes"] for r in per_rank)
-        ratio = peak / r0["one_step_bytes"]
         move = r0["move_bytes"] / r0["move_minimum"] if r0["move_minimum"] else float("nan")
+        memory = ""
+        for runs in (per_rank, live):
+            peak, one = max(r["step_bytes"] for r in runs), runs[0]["one_step_bytes"]
+            memory += f" {peak / 2**20:13.1f} {one / 2**20:10.1f} {peak / one:6.2f}"
         print(
-            f"{name:10} {1e3 * max(r['time'] for r in per_rank):10.1f} {1e3 * r0['one_time']:10.1f} "
-            f"{peak / 2**20:14.1f} {r0['one_step_bytes'] / 2**20:11.1f} {ratio:6.2f} {r0['collectives']:10d} "
-            f"{r0['bytes'] / 1024:9.1f} {r0['moves']:6d} {move:9.2f}"
+            f"{name:10} {1e3 * max(r['time'] for r in per_rank):10.1f} {1e3 * r0['one_time']:10.1f}{memory} "
+            f"{r0['collectives']:10d} {r0['bytes'] / 1024:9.1f} {r0['moves']:6d} {move:9.2f}"
         )
         if "one_error" in r0:
             print(f"{'':10} one process failed to compile with {args.compiler}: {r0['one_error']}")

@@ -131,6 +131,23 @@ def _release_free_memory() -> None:
         pass
 
 
+#: glibc's mallopt parameter for the mmap threshold
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_blocks(threshold: int = 128 * 1024) -> bool:
+    """From now on, serve every block of ``threshold`` bytes or more by its own ``mmap`` (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold as blocks are freed),
+    so that freeing a tensor hands its pages back to the OS at once.  The rise of the resident set over a
+    step is then the peak of live tensor bytes (to a page), as ``max_memory_allocated`` is on a GPU,
+    instead of depending on what the heap kept from earlier frees.  Slower: every large allocation
+    faults in fresh pages.  False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def _measure_memory(step) -> dict:
     """Peak RSS during one step, and its rise over the RSS just before it."""
     _release_free_memory()
