@@ -44,6 +44,8 @@ __all__ = [
     "assemble",
     "needs_from_widths",
     "observe_halos",
+    "Fill",
+    "fills_of",
 ]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -344,20 +346,78 @@ def assemble(x: torch.Tensor, recv: torch.Tensor | None, dim: int, plan: HaloPla
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *, edge=None) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """Constant rows at the two ends of dim ``dim`` of a slab that an exchange along ``dim`` extended:
+    ``lo`` rows of ``lo_value`` first, ``hi`` rows of ``hi_value`` last (the padding past the global
+    edges).  A later exchange along another dim, between ranks that share this dim's block, need
+    not send them: the receiver makes them itself."""
+
+    dim: int
+    lo: int
+    lo_value: float
+    hi: int
+    hi_value: float
+
+    def strip(self, t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(self.dim, self.lo, t.shape[self.dim] - self.lo - self.hi)
+
+    def restore(self, t: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for rows, value in ((self.lo, self.lo_value), (None, None), (self.hi, self.hi_value)):
+            if rows is None:
+                parts.append(t)
+            elif rows:
+                shape = list(t.shape)
+                shape[self.dim] = rows
+                parts.append(t.new_full(shape, value))
+        return torch.cat(parts, self.dim) if len(parts) > 1 else t
+
+
+def fills_of(plan: HaloPlan, dim: int) -> tuple[Fill, ...]:
+    """The constant rows ``plan`` puts at the ends of ``dim`` (a :class:`Fill`), or ``()`` when none."""
+
+    def run(pieces) -> tuple[int, float]:
+        rows, value = 0, None
+        for p in pieces:
+            if p.kind != "fill" or (value is not None and p.value != value):
+                break
+            rows, value = rows + p.length, p.value
+        return rows, 0.0 if value is None else value
+
+    lo, lo_value = run(plan.pieces)
+    hi, hi_value = run(reversed(plan.pieces))
+    total = sum(p.length for p in plan.pieces)
+    if not (lo or hi) or lo + hi >= total:  # nothing to skip, or nothing but fill: keep it simple
+        return ()
+    return (Fill(dim, lo, lo_value, hi, hi_value),)
+
+
+def halo_exchange(
+    x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *, edge=None, fills: tuple[Fill, ...] = ()
+) -> torch.Tensor:
     """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
 
     One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
     communicated when no rank needs a remote row.  Differentiable.  ``edge`` only
     describes the fill past the global edges to the halo observers (:func:`observe_halos`);
     the plan already holds the rows.
+
+    ``fills``: constant rows along other dims that an earlier exchange (along another mesh
+    axis) put at the ends of ``x``, the same on every rank of this exchange's group (they
+    share that axis's block).  They stay home; the received rows get them back here.
     """
     if plan.is_identity:
         return x
     recv = None
     if plan.collective:
+        core = x
+        for fill in fills:
+            core = fill.strip(core)
         recv = torch.ops._c10d_functional.all_to_all_single(
-            send_buffer(x, dim, plan, edge), list(plan.recv_splits), list(plan.send_splits), group_name
+            send_buffer(core, dim, plan, edge), list(plan.recv_splits), list(plan.send_splits), group_name
         )
         recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
+        for fill in fills:  # in the order the exchanges made them, so the corners come out alike
+            recv = fill.restore(recv)
     return assemble(x, recv, dim, plan)

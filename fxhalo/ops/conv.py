@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Window, WindowPlan, plan_window
-from ..halo import Edge, assemble, halo_exchange
+from ..halo import Edge, assemble, fills_of, halo_exchange
 from .rows import ints
 from .shift import pad_entries
 
@@ -122,14 +122,18 @@ def conv(
     On several mesh axes the halo is exchanged one axis after the other, in mesh-axis
     order, each exchange on the slab the ones before extended: the second moves the first's
     halo rows along with its own, so the corner blocks arrive without any bookkeeping, and
-    every rank receives exactly the rows of its extended block that it lacks.
+    every rank receives exactly the rows of its extended block that it lacks.  The padding
+    rows an exchange put past the global edges stay home in the later ones
+    (:class:`fxhalo.halo.Fill`).
     """
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    x, sdims = input, []
+    x, sdims, fills = input, [], ()
     for shard_dim, group_name, length in each_axis(axes):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
-        x = halo_exchange(x, domain.dim_of(input.ndim), plan.halo, group_name, edge=edge)
+        dim = domain.dim_of(input.ndim)
+        x = halo_exchange(x, dim, plan.halo, group_name, edge=edge, fills=fills)
+        fills += fills_of(plan.halo, dim)
         sdims.append(sdim)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims)
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torch
 import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, halo_exchange
+from ..halo import Edge, Fill, HaloPlan, fills_of, halo_exchange
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = ["TransposedDim", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
@@ -118,20 +117,6 @@ def plan_conv_transpose(sdim: TransposedDim, domain: Domain, n: int, what: str) 
     return TransposedPlan(n, m, (c, e), False, halo_plan(in_part, needs, domain.rank), before, after, crop)
 
 
-def _zeros_around(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
-    if not before and not after:
-        return x
-    parts = []
-    for rows in (before, None, after):
-        if rows is None:
-            parts.append(x)
-        elif rows:
-            shape = list(x.shape)
-            shape[dim] = rows
-            parts.append(x.new_zeros(shape))
-    return torch.cat(parts, dim)
-
-
 @several_axes
 def conv_transpose(
     input,
@@ -156,7 +141,7 @@ def conv_transpose(
     op = _CONV_T[nd]
     k = tuple(weight.shape[2:])
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
-    x, pads, out_pads, crops = input, list(p), list(op_), []
+    x, pads, out_pads, crops, fills = input, list(p), list(op_), [], ()
     for shard_dim, group_name, length in each_axis(axes):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         dim = domain.dim_of(input.ndim)
@@ -171,8 +156,13 @@ def conv_transpose(
         )
         if plan.local:
             continue
-        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS)  # the input dilated by zeros
-        x = _zeros_around(x, dim, plan.zeros_before, plan.zeros_after)
+        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS, fills=fills)  # the input dilated by zeros
+        around = Fill(dim, plan.zeros_before, 0.0, plan.zeros_after, 0.0)
+        x = around.restore(x)
+        for fill in fills_of(plan.halo, dim):  # zeros past the global edges, then the zeros around
+            around = Fill(dim, fill.lo + around.lo, 0.0, fill.hi + around.hi, 0.0)
+        if around.lo or around.hi:
+            fills += (around,)
         pads[sdim] = out_pads[sdim] = 0
         crops.append((dim, plan.crop, plan.m_local))
     y = op(x, weight, bias, s, tuple(pads), tuple(out_pads), groups, d)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, halo_exchange
+from ..halo import Edge, HaloPlan, fills_of, halo_exchange
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = [
@@ -294,7 +294,7 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
     # One exchange per sharded dim, each on the slab the ones before extended (the corners come along).
     # The local windows lie inside the slab and are divided by the full kernel along each exchanged dim;
     # torch's divisor is a product of one count per dim, so each dim's correction multiplies in.
-    x, pads, rescales = input, list(p), []
+    x, pads, rescales, fills = input, list(p), [], ()
     for shard_dim, group_name, length in each_axis(axes):
         domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
         if sdim is None:  # batch or channel sharded: every plane is pooled on its own rank
@@ -309,7 +309,8 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
         )
         if plan.local:
             continue
-        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS)
+        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS, fills=fills)
+        fills += fills_of(plan.halo, dim)
         pads[sdim] = 0
         if plan.rescale is not None and divisor_override is None:
             rescales.append((plan.rescale, dim))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, halo_exchange, plan_halo
+from ..halo import Edge, HaloPlan, fills_of, halo_exchange, plan_halo
 
 __all__ = ["pad_entries", "pad_plan", "roll_shift", "roll_plan", "flip_plan", "pad", "roll", "flip"]
 
@@ -90,9 +90,11 @@ def pad(input, pad, mode="constant", value=None, *, axes: tuple[ShardAxis, ...])
         edges.append((domain, dim, length, lo, hi))
     # Pad the other dims first, so rows fetched from other ranks arrive padded.
     x = F.pad(input, rest, mode, value) if any(rest) else input
+    fills = ()
     for domain, dim, length, lo, hi in edges:
         plan, _ = pad_plan(domain, domain.global_length(input.shape[dim], length), lo, hi, mode, value, "F.pad")
-        x = halo_exchange(x, dim, plan, domain.group_name)
+        x = halo_exchange(x, dim, plan, domain.group_name, fills=fills)
+        fills += fills_of(plan, dim)
     return x
 
 

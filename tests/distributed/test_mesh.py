@@ -172,6 +172,41 @@ def _refusals(mesh):
     }
 
 
+def _received_by_a_padded_conv(mesh):
+    """Elements this rank receives for a 3x3 conv with zero padding 1 on its block (the conv kernel called
+    eagerly, as the graph calls it), and the minimum: a row of its block's width from each H neighbour, and a
+    column of its block's height plus the corner values from each W neighbour; the zero row past the global
+    edge is no one's to send (before: the W exchange carried it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fxhalo.domain import ShardAxis
+    from fxhalo.mesh import mesh_domain
+    from fxhalo.ops.conv import conv
+    from tests.harness import mesh_block
+
+    class Received(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops._c10d_functional.all_to_all_single.default:
+                send, out_splits, group = args[0], args[1], args[3]
+                own = torch.distributed.get_rank(torch.distributed.distributed_c10d._resolve_process_group(group))
+                type(self).elements += (sum(out_splits) - out_splits[own]) * send[0].numel()
+            return out
+
+    x = torch.randn(1, 2, 13, 10)
+    domain = mesh_domain(mesh, (2, 3))
+    block = mesh_block(x, domain, (2, 3))
+    axes = tuple(ShardAxis(d, mesh.get_group(a).group_name, x.shape[d]) for d, a in ((2, "h"), (3, "w")))
+    with Received():
+        conv(block, torch.randn(2, 2, 3, 3), None, 1, 1, axes=axes)
+    (h, w), (i, j) = block.shape[2:], mesh.get_coordinate()
+    up_down = (i > 0) + (i < mesh.shape[0] - 1)  # neighbours along each axis
+    left_right = (j > 0) + (j < mesh.shape[1] - 1)
+    return Received.elements, 2 * (up_down * w + left_right * (h + up_down))
+
+
 def _run(rank, world_size, shape):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -182,7 +217,7 @@ def _run(rank, world_size, shape):
         cases = make()
         results = check_many_on_mesh([(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3))
         out.update({name: {k: ok for k, (ok, _) in r.items()} for (name, _, _), r in zip(cases, results)})
-    return out, _refusals(mesh), _train(mesh)
+    return out, _refusals(mesh), _train(mesh), _received_by_a_padded_conv(mesh)
 
 
 MESHES = [(2, 2), (2, 3)]
@@ -197,7 +232,7 @@ def ranks(request):
 def test_every_case_matches_one_device_on_every_rank(ranks):
     failures = [
         (rank, name, checks)
-        for rank, (results, _, _) in enumerate(ranks)
+        for rank, (results, *_) in enumerate(ranks)
         for name, checks in results.items()
         if not all(checks.values())
     ]
@@ -207,7 +242,13 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
 
 @pytest.mark.timeout(420)
 def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
-    assert all(worst <= 1e-6 for _, _, worst in ranks), [worst for _, _, worst in ranks]
+    assert all(worst <= 1e-6 for _, _, worst, _ in ranks), [worst for _, _, worst, _ in ranks]
+
+
+@pytest.mark.timeout(420)
+def test_the_exchange_with_corners_sends_no_padding(ranks):
+    received = [r[3] for r in ranks]
+    assert all(got == minimum for got, minimum in received), received
 
 
 @pytest.mark.timeout(420)
@@ -224,7 +265,7 @@ def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
     ],
 )
 def test_bad_input_raises_on_every_rank(ranks, case, words):
-    for _, refusals, _ in ranks:
+    for _, refusals, *_ in ranks:
         message = refusals[case]
         assert message.startswith("FxHaloError"), message
         for word in words:
