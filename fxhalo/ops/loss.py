@@ -1,11 +1,11 @@
 """Losses over pixels: each rank sums its per-element loss, and one collective adds the sums.
 
 Every kernel has the signature of its ``torch.nn.functional`` namesake plus
-``shard_dim``, ``group_name`` and ``length``, and returns the loss replicated on
-every rank.  The forward is one ``all_reduce`` (:func:`fxhalo.ops.collectives.all_reduce_sum`)
-of the local sum and, for ``'mean'``, its denominator (the element count, or a
-data-dependent one such as ``sum(weight)``); the backward is the ``all_reduce`` that
-autograd derives from it.
+``axes``, and returns the loss replicated on every rank.  The forward is one
+``all_reduce`` (:func:`fxhalo.ops.collectives.all_reduce_sum`) of the local sum and,
+for ``'mean'``, its denominator (the element count, or a data-dependent one such as
+``sum(weight)``); the backward is the ``all_reduce`` that autograd derives from it.
+On several mesh axes the sums run over the whole domain (every rank of the axes).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..domain import ShardAxis, one_axis
+from ..domain import ShardAxis, several_axes
+from ..mesh import whole_group
 from .collectives import all_reduce_sum
 from .moments import _acc_dtype
 from .reduce import _sum_with_count
@@ -60,6 +61,7 @@ def _elementwise_loss(fn, input, target, reduction, weight, group_name, **option
     return _finish_loss(fn(input, target, reduction="none", **options), reduction, None, group_name)
 
 
+@several_axes
 def mse_loss(
     input,
     target,
@@ -71,11 +73,12 @@ def mse_loss(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.mse_loss`` over the whole domain ('mean': global sum over global count, or over ``sum(weight)``)."""
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.mse_loss, input, target, reduction, weight, group_name)
 
 
+@several_axes
 def l1_loss(
     input,
     target,
@@ -87,11 +90,12 @@ def l1_loss(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.l1_loss`` over the whole domain."""
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.l1_loss, input, target, reduction, weight, group_name)
 
 
+@several_axes
 def smooth_l1_loss(
     input,
     target,
@@ -103,11 +107,12 @@ def smooth_l1_loss(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.smooth_l1_loss`` over the whole domain."""
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise_loss(F.smooth_l1_loss, input, target, reduction, None, group_name, beta=beta)
 
 
+@several_axes
 def huber_loss(
     input,
     target,
@@ -118,7 +123,7 @@ def huber_loss(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.huber_loss`` over the whole domain."""
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     return _elementwise_loss(F.huber_loss, input, target, reduction, weight, group_name, delta=delta)
 
 
@@ -130,6 +135,7 @@ def _class_denominator(target, weight, ignore_index: int):
     return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
 
 
+@several_axes
 def cross_entropy(
     input,
     target,
@@ -149,7 +155,7 @@ def cross_entropy(
     count (probability targets); checked against torch for weights, ignore_index
     and label smoothing.  ``D`` is summed over ranks in the same all_reduce.
     """
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.cross_entropy(
         input, target, weight, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
@@ -159,6 +165,7 @@ def cross_entropy(
     return _finish_loss(pointwise, reduction, denominator, group_name)
 
 
+@several_axes
 def nll_loss(
     input,
     target,
@@ -171,7 +178,7 @@ def nll_loss(
     axes: tuple[ShardAxis, ...],
 ):
     """``F.nll_loss`` with class dim 1 and spatial targets, over the whole domain."""
-    shard_dim, group_name, length = one_axis(axes)
+    group_name = whole_group(axes)
     reduction = legacy_reduction(size_average, reduce, reduction)
     pointwise = F.nll_loss(input, target, weight, ignore_index=ignore_index, reduction="none")
     denominator = _class_denominator(target, weight, ignore_index) if reduction == "mean" else None

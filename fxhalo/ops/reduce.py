@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis, several_axes
+from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
+from ..mesh import whole_group
 from .collectives import all_gather_stacked, all_reduce_sum
 from .moments import _acc_dtype, _count, global_count, global_moments, over_axes
 
@@ -189,76 +190,76 @@ def _extreme(input, dim, keepdim, largest, group_name):
     return _squeeze(out, dims, keepdim)
 
 
+@several_axes
 def amax(input, dim=(), keepdim=False, *, axes: tuple[ShardAxis, ...]):
-    """``torch.amax`` over ``dim`` (which includes ``shard_dim``).
+    """``torch.amax`` over ``dim`` (which includes the sharded dim, or on a mesh every axis's).
 
     The gradient is split evenly over every element equal to the maximum, on every
     rank, as on one device: each rank sends its local maximum and how many
-    elements reach it (one all_gather).
+    elements reach it (one all_gather, over the whole domain on several axes).
     """
-    shard_dim, group_name, length = one_axis(axes)
-    return _extreme(input, dim, keepdim, True, group_name)
+    return _extreme(input, dim, keepdim, True, whole_group(axes))
 
 
+@several_axes
 def amin(input, dim=(), keepdim=False, *, axes: tuple[ShardAxis, ...]):
     """``torch.amin``; see :func:`amax`."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _extreme(input, dim, keepdim, False, group_name)
+    return _extreme(input, dim, keepdim, False, whole_group(axes))
 
 
-def _pool_dims(input, output_size, nd: int, shard_dim: int) -> tuple[int, tuple]:
-    """``(sharded spatial dim, output size per spatial dim)`` of an adaptive pool."""
+def _pool_sizes(input, output_size, nd: int) -> tuple:
+    """The output size per spatial dim of an adaptive pool (``None``: the input's)."""
     sizes = output_size if isinstance(output_size, (list, tuple)) else (output_size,) * nd
     spatial = input.shape[input.ndim - nd :]
-    sizes = tuple(spatial[i] if s is None else int(s) for i, s in enumerate(sizes))
-    return shard_dim - (input.ndim - nd), sizes
+    return tuple(spatial[i] if s is None else int(s) for i, s in enumerate(sizes))
 
 
+@several_axes
 def adaptive_avg_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...]):
-    """``F.adaptive_avg_pool{nd}d`` whose output has size 1 along ``shard_dim``.
+    """``F.adaptive_avg_pool{nd}d`` whose output has size 1 along each sharded dim.
 
     The global window mean is the mean of the ranks' local window means, weighted
-    by their rows: one all_reduce.
+    by their elements (rows, or rows times columns on a mesh): one all_reduce, over
+    the whole domain on several axes.
     """
-    shard_dim, group_name, length = one_axis(axes)
-    sdim, sizes = _pool_dims(input, output_size, nd, shard_dim)
-    rows = input.shape[shard_dim]
-    # The window along the sharded dim is every rank's whole shard: weight each local mean by its rows.
-    local = _AVG_POOL[nd](input.to(_acc_dtype(input.dtype)), sizes) * rows
-    total, count = _sum_with_count(local, rows, group_name)
+    sizes = _pool_sizes(input, output_size, nd)
+    block = math.prod(input.shape[a.dim] for a in each_axis(axes))
+    # The window along each sharded dim is every rank's whole block: weight each local mean by its size.
+    local = _AVG_POOL[nd](input.to(_acc_dtype(input.dtype)), sizes) * block
+    total, count = _sum_with_count(local, block, whole_group(axes))
     return (total / count).to(input.dtype)
 
 
+@several_axes
 def adaptive_max_pool(input, output_size, *, nd: int, axes: tuple[ShardAxis, ...]):
-    """``F.adaptive_max_pool{nd}d`` (no indices) whose output has size 1 along ``shard_dim``.
+    """``F.adaptive_max_pool{nd}d`` (no indices) whose output has size 1 along each sharded dim.
 
     Max pooling sends the whole gradient to the *first* maximum of its window in
     scan order, so each rank's candidate travels with its global flat position
     within the window's plane, and the smallest position among tied ranks wins.
     """
-    shard_dim, group_name, length = one_axis(axes)
-    sdim, sizes = _pool_dims(input, output_size, nd, shard_dim)
-    local, index = _MAX_POOL[nd](input, sizes, return_indices=True)
-    position = _global_position(index, input.shape[input.ndim - nd :], sdim, group_name, length)
-    return _pick_across_ranks(local, position, True, False, group_name)
+    local, index = _MAX_POOL[nd](input, _pool_sizes(input, output_size, nd), return_indices=True)
+    position = _global_position(index, input.shape[input.ndim - nd :], input.ndim - nd, axes)
+    return _pick_across_ranks(local, position, True, False, whole_group(axes))
 
 
-def _global_position(index, local_spatial, sdim: int, group_name: str, length: int | None):
-    """Local flat spatial indices -> flat indices in the global spatial plane."""
-    domain = Domain.from_group(group_name)
-    n = domain.global_length(local_spatial[sdim], length)
-    start = domain.bounds(n)[0]
-    global_spatial = list(local_spatial)
-    global_spatial[sdim] = n
+def _global_position(index, local_spatial, first_spatial: int, axes):
+    """Local flat spatial indices -> flat indices in the global spatial plane (every sharded dim of
+    ``axes`` offset by this rank's start along it)."""
+    global_spatial, starts = list(local_spatial), {}
+    for a in each_axis(axes):
+        domain = Domain.from_group(a.group_name)
+        sdim = a.dim % (first_spatial + len(local_spatial)) - first_spatial
+        n = domain.global_length(local_spatial[sdim], a.global_length)
+        global_spatial[sdim], starts[sdim] = n, domain.bounds(n)[0]
     coords, rest = [], index
     for size in reversed(local_spatial):
         coords.append(rest % size)
         rest = rest // size
     coords.reverse()
-    coords[sdim] = coords[sdim] + start
     flat = torch.zeros_like(index)
-    for c, size in zip(coords, global_spatial):
-        flat = flat * size + c
+    for sdim, (c, size) in enumerate(zip(coords, global_spatial)):
+        flat = flat * size + c + starts.get(sdim, 0)
     return flat
 
 

@@ -10,7 +10,8 @@ The cases of one input rank are compiled as one graph.
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
 along both axes and has no kernel for it yet (padded max pooling, interpolation to a
-``size``, adaptive pooling, as of now).  And a small UNet trains 10 SGD steps on each mesh as on one device.
+``size``, adaptive pooling to anything but one value along both dims, as of now).
+And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
 import pytest
@@ -51,6 +52,33 @@ class RollFlip(nn.Module):
         return torch.roll(x, (3, -2), (2, 3)).flip(3) * 2
 
 
+class Losses(nn.Module):
+    """Losses over both sharded dims (mse mean, l1 sum, cross-entropy on class-index targets made from the
+    input): one all-reduce over the whole domain each.  They scale the field, so that the checks see each
+    loss's value and gradient."""
+
+    def forward(self, x):
+        mse = F.mse_loss(x, torch.tanh(x))
+        l1 = F.l1_loss(x, x.sin(), reduction="sum")
+        ce = F.cross_entropy(x, (x.sum(1) > 0).long())
+        return x * (mse + 0.01 * l1 + ce)
+
+
+class Extremes(nn.Module):
+    """amax/amin over both sharded dims and the global adaptive pools (to 1 x 1)."""
+
+    def forward(self, x):
+        top = x.amax((2, 3), keepdim=True) - x.amin((-1, -2), keepdim=True)
+        return x * top + F.adaptive_avg_pool2d(x, 1) * F.adaptive_max_pool2d(x, (1, 1))
+
+
+class Softmaxes(nn.Module):
+    """Softmax along H and log-softmax along W: each along one axis's dim, by that axis's 1-D kernel."""
+
+    def forward(self, x):
+        return x.softmax(2) + F.log_softmax(x, dim=3)
+
+
 def _cases_2d():
     """(name, model, input) of the 4-D cases; every spatial op reaches across both sharded dims."""
 
@@ -73,6 +101,9 @@ def _cases_2d():
         ("mean_var", Centered(), x()),
         ("sum_std", SumStd(), x()),
         ("roll_flip", RollFlip(), x()),
+        ("losses", Losses(), x()),
+        ("amax_amin_global_pools", Extremes(), x()),
+        ("softmax_h_log_softmax_w", Softmaxes(), x()),
         ("max_pool", nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.MaxPool2d(2)), x()),
         ("max_pool_k3s2", nn.MaxPool2d(3, 2), x()),
         ("avg_pool_pad", nn.AvgPool2d(3, 2, 1, count_include_pad=False), x()),
@@ -169,6 +200,7 @@ def _refusals(mesh):
         "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
         "interpolate_to_a_size": raised(on_mesh(nn.Upsample(size=(12, 12), mode="bilinear"))),
         "adaptive_pool": raised(on_mesh(nn.AdaptiveAvgPool2d((4, 4)))),
+        "adaptive_pool_to_one_row": raised(on_mesh(nn.AdaptiveAvgPool2d((1, 4)))),
     }
 
 
@@ -262,6 +294,7 @@ def test_the_exchange_with_corners_sends_no_padding(ranks):
         ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
         ("interpolate_to_a_size", ["interpolate", "2 mesh axes", "Remedy"]),
         ("adaptive_pool", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
+        ("adaptive_pool_to_one_row", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )
 def test_bad_input_raises_on_every_rank(ranks, case, words):
