@@ -41,7 +41,7 @@ from .domain import Domain
 from .errors import FxHaloError
 from .layout import Sharded, sharding_of
 from .log import log_rewrite
-from .mesh import MeshDomain, mesh_domain
+from .mesh import MeshDomain, mesh_domain, on_several_axes
 from .passes import PassContext, known_layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths, gather_mesh_input_lengths
 from .passes.pipeline import run_pipeline
@@ -104,9 +104,9 @@ class DomainParallelBackend:
         if any(isinstance(x, DomainTensor) for x in example_inputs):
             return self._global_view(gm, example_inputs)
         shard_dim = self.shard_dim
+        if on_several_axes(shard_dim, self.group):
+            return self._on_mesh(gm, example_inputs)
         if isinstance(shard_dim, tuple):
-            if len(shard_dim) > 1 or _is_mesh(self.group):
-                return self._on_mesh(gm, example_inputs)
             (shard_dim,) = shard_dim
         if self.group is None and not dist.is_initialized():
             return _inner(self.compiler)(gm, example_inputs)  # one process: the whole tensor is local
@@ -191,13 +191,6 @@ class DomainParallelBackend:
             return fingerprint(gm), global_view_function(known_layouts.recording(compiled, gm), outputs)
 
         return _agreed(domain, build)
-
-
-def _is_mesh(group) -> bool:
-    """A ``DeviceMesh``, or a ``(mesh, axes)`` pair."""
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return isinstance(group[0] if isinstance(group, tuple) and len(group) == 2 else group, DeviceMesh)
 
 
 def _agreed(domain: Domain, build: Callable) -> Callable:

@@ -65,6 +65,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import math
 import sys
 
 import torch
@@ -75,7 +76,7 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
-from .mesh import one_axis_only
+from .mesh import MeshDomain, mesh_domain, on_several_axes
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
@@ -120,7 +121,14 @@ def explain(
     if unknown:
         raise FxHaloError(f"unknown domain_parallel option(s) {unknown}")
     settings = DomainParallelBackend(**options)  # validates them as the backend would
-    one_axis_only(settings.shard_dim, "fxhalo.explain")
+    if on_several_axes(settings.shard_dim, settings.group):
+        if global_view:
+            raise FxHaloError(
+                "fxhalo.explain(global_view=True) on a mesh of several axes: the global view (DomainTensors) does "
+                "not run on a mesh yet. Remedy: explain one rank's local block (global_view=False)"
+            )
+        with _mesh(settings, world_size, rank) as mesh:
+            return _explain(model, tuple(as_meta(x) for x in local_inputs), mesh.whole, settings, mesh)
     with _domain(settings, world_size, rank) as domain:
         if global_view:
             local_inputs = tuple(meta_domain_tensor(x, domain, partition) for x in local_inputs)
@@ -164,7 +172,47 @@ def _domain(settings, world_size: int | None, rank: int | None):
         sys.excepthook = excepthook
 
 
-def _explain(model, local_inputs, domain: Domain, settings) -> Explanation:
+@contextlib.contextmanager
+def _mesh(settings, world_size, rank: int | None):
+    """The :class:`~fxhalo.mesh.MeshDomain` to explain: the options' mesh inside a process group, or a
+    mesh of shape ``world_size`` over torch's fake process group (no process group)."""
+    if settings.group is not None or dist.is_initialized():
+        mesh = mesh_domain(settings.group, settings.shard_dim, settings.mesh_axis)
+        asked = (tuple(world_size) if world_size is not None else mesh.shape, mesh.whole.rank if rank is None else rank)
+        if asked != (mesh.shape, mesh.whole.rank):
+            raise FxHaloError(
+                f"inside an initialised process group fxhalo.explain describes this process: rank "
+                f"{mesh.whole.rank} of the {mesh.shape} mesh, not world_size={world_size}, rank={rank}"
+            )
+        yield mesh
+        return
+    dims = settings.shard_dim
+    if not (
+        isinstance(world_size, tuple)
+        and len(world_size) == len(dims)
+        and all(isinstance(n, int) and n >= 1 for n in world_size)
+    ):
+        raise FxHaloError(
+            f"fxhalo.explain with shard_dim={dims} and no process group needs the mesh's shape as world_size, "
+            f"one size per sharded dim (e.g. world_size={tuple(2 for _ in dims)}), not {world_size!r}"
+        )
+    rank = 0 if rank is None else rank
+    total = math.prod(world_size)
+    if not 0 <= rank < total:
+        raise FxHaloError(f"fxhalo.explain: rank {rank} is not a rank of a {world_size} mesh")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    excepthook = sys.excepthook
+    dist.init_process_group("fake", rank=rank, world_size=total)
+    try:
+        names = tuple(f"dim{d}" for d in dims)  # the report names each axis by the dim it shards
+        yield mesh_domain(init_device_mesh("cpu", world_size, mesh_dim_names=names), dims)
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = excepthook
+
+
+def _explain(model, local_inputs, domain: Domain, settings, mesh: MeshDomain | None = None) -> Explanation:
     parts: list[Part] = []
     notes: list[str] = []
     grad = torch.is_grad_enabled()
@@ -172,7 +220,7 @@ def _explain(model, local_inputs, domain: Domain, settings) -> Explanation:
     def capture(gm: torch.fx.GraphModule, example_inputs):
         index = len(parts)
         try:
-            part = _explain_graph(gm, example_inputs, domain, settings, index, grad)
+            part = _explain_graph(gm, example_inputs, domain, settings, index, grad, mesh)
         except Exception as e:  # a bug in a pass: a row says so, and the trace goes on
             part = Part(
                 index, None, [measure.problem_row(index, "<graph>", "", "", _first_line(e))], collections.Counter()
@@ -190,10 +238,12 @@ def _explain(model, local_inputs, domain: Domain, settings) -> Explanation:
         notes.append("world size 1: the backend hands each graph to the inner compiler unchanged")
     if not parts:
         notes.append("Dynamo captured no graph (the model ran eagerly; nothing to rewrite)")
+    if mesh is not None:
+        return Explanation(world_size=mesh.shape, rank=domain.rank, shard_dim=mesh.shard_dims, parts=parts, notes=notes)
     return Explanation(world_size=domain.size, rank=domain.rank, shard_dim=domain.shard_dim, parts=parts, notes=notes)
 
 
-def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, grad: bool) -> Part:
+def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, grad: bool, mesh=None) -> Part:
     """Rewrite a copy of ``gm`` as the backend would for ``domain`` and measure its collectives.
 
     The backend's passes run with every refusal collected: the refused nodes are left
@@ -209,7 +259,7 @@ def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, gra
         if measure.is_call(n):
             n.meta[measure.ORIGIN] = (n.name, measure.spelled(n))
     problems: list = []
-    ctx = _context(domain, settings, gm, example_inputs)
+    ctx = _context(domain, settings, gm, example_inputs, mesh)
     example_inputs = [getattr(x, "_local", x) for x in example_inputs]  # DomainTensors: their slabs
     run_pipeline(graph, example_inputs, ctx, problems=problems)
     refused = [(node, err) for node, err in problems if node is not None]
@@ -217,7 +267,7 @@ def _explain_graph(gm, example_inputs, domain: Domain, settings, index: int, gra
     rows: list[Row] = []
     if not failed:
         try:
-            rows = measure.measure_rows(graph, index, grad, domain.size)
+            rows = measure.measure_rows(graph, index, grad, domain.size, mesh.labels() if mesh else None)
         except Exception as e:
             failed.append(e)
     if failed:  # a refusal upstream can leave shapes the rest cannot be planned with
@@ -243,7 +293,7 @@ def _first_line(e: BaseException) -> FxHaloError:
     return FxHaloError(f"{type(e).__name__}: {text[0] if text else ''}")
 
 
-def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
+def _context(domain: Domain, settings, gm, example_inputs, mesh=None) -> PassContext:
     """The backend's PassContext, without the compile-time all_gather of the inputs' lengths.
 
     A placeholder whose global length the context does not know is taken to be
@@ -264,5 +314,6 @@ def _context(domain: Domain, settings, gm, example_inputs) -> PassContext:
         dict(settings.input_shard_dims),
         settings.fallback,
         known_inputs=known_layouts.known(gm, example_inputs),
+        mesh=mesh,
         **extra,
     )

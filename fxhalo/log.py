@@ -38,11 +38,16 @@ def log_rewrite(gm: torch.fx.GraphModule, ctx: PassContext) -> None:
     try:
         compile_id = torch._guards.CompileContext.current_compile_id()
         label = f"graph {compile_id}" if compile_id is not None else "graph"
-        part = Part(
-            0, gm, measure.measure_rows(gm, 0, torch.is_grad_enabled(), ctx.domain.size), measure.local_nodes(gm)
-        )
+        mesh = ctx.mesh if ctx.on_mesh else None
+        labels = mesh.labels() if mesh else None
+        rows = measure.measure_rows(gm, 0, torch.is_grad_enabled(), ctx.domain.size, labels)
+        part = Part(0, gm, rows, measure.local_nodes(gm))
         ex = Explanation(
-            world_size=ctx.domain.size, rank=ctx.domain.rank, shard_dim=ctx.domain.shard_dim, parts=[part], notes=[]
+            world_size=mesh.shape if mesh else ctx.domain.size,
+            rank=ctx.domain.rank,
+            shard_dim=mesh.shard_dims if mesh else ctx.domain.shard_dim,
+            parts=[part],
+            notes=[],
         )
         log.info("fxhalo rewrote %s: forward %s", label, totals(ex.forward()))
         if log.isEnabledFor(logging.DEBUG):

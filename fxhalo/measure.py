@@ -21,10 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .domain import one_axis, resolve_group
+from .domain import each_axis, resolve_group
 from .errors import _public_name, user_source
 from .halo import Edge, observe_halos
-from .layout import Sharded, sharding_of
+from .layout import Items, Layout, Sharded, layout_of
 from .ops import grad as _grad_ops
 from .redistribute import observe_moves
 from .report import Collective, Row
@@ -56,11 +56,19 @@ def problem_row(index: int, node: str, op: str, source: str, error: BaseExceptio
     return Row(index, node, op, "", source, dim, error=str(error) or type(error).__name__)
 
 
-def sharding_dim(node) -> int | None:
+def _entries(arg) -> list:
+    """Every mesh axis's entry of ``arg``'s layout (an item's too, for a tuple-valued node)."""
+    layout = layout_of(arg)
+    layouts = list(layout) if isinstance(layout, Items) else [layout]
+    return [e for lay in layouts if isinstance(lay, Layout) for e in lay.axes if e is not None]
+
+
+def sharding_dim(node) -> int | tuple[int, ...] | None:
+    """The sharded dim of the node or of its first sharded input; on several mesh axes, one per axis."""
     for a in (node, *node.all_input_nodes):
-        s = sharding_of(a)
-        if isinstance(s, Sharded):
-            return s.dim
+        dims = tuple(e.dim for e in _entries(a) if isinstance(e, Sharded))
+        if dims:
+            return dims[0] if len(dims) == 1 else dims
     return None
 
 
@@ -149,13 +157,23 @@ def local_nodes(graph, skip=()) -> collections.Counter:
             continue
         if n.target is operator.getitem and _is_kernel(n.args[0]):
             continue  # one output of a kernel that returns several
-        if sharding_of(n) is not None or any(sharding_of(a) is not None for a in n.all_input_nodes):
+        if _entries(n) or any(_entries(a) for a in n.all_input_nodes):
             local[_origin(n)[1] if ORIGIN in n.meta else spelled(n)] += 1
     return local
 
 
-def measure_rows(graph, index: int, grad: bool, size: int) -> list[Row]:
-    seen = _measure(graph, grad, size)
+def _dims_of(node):
+    """The sharded dim a kernel was told (``axes=``), a tuple of them on several mesh axes, or the layout's."""
+    if "axes" not in node.kwargs:
+        return sharding_dim(node)
+    dims = tuple(a.dim for a in each_axis(node.kwargs["axes"]))
+    return dims[0] if len(dims) == 1 else dims
+
+
+def measure_rows(graph, index: int, grad: bool, size: int, axis_labels=None) -> list[Row]:
+    """One row per kernel of ``graph``.  ``axis_labels`` (group name -> label; on a mesh of several
+    axes, :meth:`fxhalo.mesh.MeshDomain.labels`) marks each collective with the axis it runs along."""
+    seen = _measure(graph, grad, size, axis_labels or {})
     rows = []
     for n in graph.graph.nodes:
         if not _is_kernel(n):
@@ -172,7 +190,7 @@ def measure_rows(graph, index: int, grad: bool, size: int) -> list[Row]:
                 op,
                 _kernel_name(n.target),
                 where(n),
-                one_axis(n.kwargs["axes"]).dim if "axes" in n.kwargs else sharding_dim(n),
+                _dims_of(n),
                 halos,
                 edge_name(exchanges[0][1]) if exchanges else "",
                 calls,
@@ -206,9 +224,10 @@ class _Watch(TorchFunctionMode):
     :func:`fxhalo.halo.observe_halos`.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, axis_labels: dict[str, str]):
         super().__init__()
         self.size = size  # the domain's, for collectives whose arguments do not say
+        self.axis_labels = axis_labels
         self.node: str | None = None
         self.calls: dict[str, list[Collective]] = collections.defaultdict(list)
         self.halos: dict[str, list] = collections.defaultdict(list)
@@ -243,7 +262,12 @@ class _Watch(TorchFunctionMode):
         elif kind in ("all_gather", "reduce_scatter"):
             size = next((int(a) for a in args[1:] if isinstance(a, int)), 1)
             received = sent * size if kind == "all_gather" else sent // max(size, 1)
-        self.calls[self.node].append(Collective(kind, sent, received, needs_grad, size))
+        self.calls[self.node].append(Collective(kind, sent, received, needs_grad, size, self.axis_of(args, kwargs)))
+
+    def axis_of(self, args, kwargs) -> str:
+        """The label of the group a collective names (its last text argument: the group's name)."""
+        names = [a for a in (*args, *kwargs.values()) if isinstance(a, str)]
+        return self.axis_labels.get(names[-1], "") if names else ""
 
 
 class _Measure(torch.fx.Interpreter):
@@ -260,19 +284,20 @@ class _Measure(torch.fx.Interpreter):
             tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             if any(t.requires_grad for t in tensors):
                 nbytes = sum(_nbytes(t) for t in tensors)
+                axis = self.watch.axis_of((), kwargs)
                 self.watch.backward_only[n.name].append(
-                    Collective("all_reduce", nbytes, nbytes, False, self.watch.size)
+                    Collective("all_reduce", nbytes, nbytes, False, self.watch.size, axis)
                 )
         return super().run_node(n)
 
 
-def _measure(graph: torch.fx.GraphModule, grad: bool, size: int) -> _Watch:
+def _measure(graph: torch.fx.GraphModule, grad: bool, size: int, axis_labels: dict[str, str]) -> _Watch:
     """Run ``graph`` once on its fake example values, recording what the kernels communicate.
 
     Functional collectives on fake tensors only compute metadata, so this is safe
     inside a real process group too.
     """
-    watch = _Watch(size)
+    watch = _Watch(size, axis_labels)
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
     fakes = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
     modes = [a.fake_mode for a in fakes if isinstance(a, FakeTensor)]

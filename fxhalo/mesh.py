@@ -21,7 +21,7 @@ import dataclasses
 from .domain import Domain, ShardAxis
 from .errors import FxHaloError
 
-__all__ = ["MeshDomain", "mesh_domain", "one_axis_only", "whole_group"]
+__all__ = ["MeshDomain", "mesh_domain", "whole_group", "is_mesh", "on_several_axes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,24 @@ class MeshDomain:
 
     axes: tuple[Domain, ...]
     whole: Domain
+    #: the domain axes' names on the mesh (or their indices, as text), for reports
+    names: tuple[str, ...] = ()
 
     @property
     def shard_dims(self) -> tuple[int, ...]:
         return tuple(a.shard_dim for a in self.axes)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(a.size for a in self.axes)
+
+    def labels(self) -> dict[str, str]:
+        """Group name -> what a report calls it: the axis's name, and ``"whole"`` for the whole domain."""
+        names = self.names or tuple(f"dim {d}" for d in self.shard_dims)
+        out = {a.group_name: name for a, name in zip(self.axes, names)}
+        if len(self.axes) > 1:
+            out[self.whole.group_name] = "whole"
+        return out
 
 
 #: (every axis's group name, in mesh-axis order) -> the whole domain's group name, on this rank
@@ -92,7 +106,7 @@ def mesh_domain(group, shard_dims, mesh_axes=None) -> MeshDomain:
         sub = group[tuple(names[a] if isinstance(a, int) else a for a in mesh_axes)]
         whole = Domain.from_group(sub._flatten().get_group(), shard_dim=shard_dims[0])
     _WHOLE[tuple(a.group_name for a in axes)] = whole.group_name
-    return MeshDomain(axes, whole)
+    return MeshDomain(axes, whole, tuple(str(names[a]) if isinstance(a, int) and names else str(a) for a in mesh_axes))
 
 
 def whole_group(axes: tuple[ShardAxis, ...]) -> str:
@@ -108,11 +122,14 @@ def whole_group(axes: tuple[ShardAxis, ...]) -> str:
     return _WHOLE[key]
 
 
-def one_axis_only(shard_dim, tool: str) -> None:
-    """Refuse a domain of several mesh axes in a tool that does not describe one yet (explain, validate)."""
-    if isinstance(shard_dim, tuple) and len(shard_dim) > 1:
-        raise FxHaloError(
-            f"{tool} describes a domain of one mesh axis; shard_dim={shard_dim} shards several, which the "
-            "backend compiles but the tools do not report per axis yet. Remedy: explain one axis at a time "
-            "(shard_dim=one of them, group=(mesh, that axis)), or read the rewritten graph with TORCH_LOGS=+fxhalo"
-        )
+def is_mesh(group) -> bool:
+    """A ``DeviceMesh``, or a ``(mesh, axes)`` pair."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return isinstance(group[0] if isinstance(group, tuple) and len(group) == 2 else group, DeviceMesh)
+
+
+def on_several_axes(shard_dim, group) -> bool:
+    """Do ``shard_dim`` and ``group`` make a domain of mesh axes (several dims, or a tuple on a mesh),
+    the case the backend, explain and validate take through :func:`mesh_domain`?"""
+    return isinstance(shard_dim, tuple) and (len(shard_dim) > 1 or is_mesh(group))

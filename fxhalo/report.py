@@ -31,21 +31,28 @@ class Collective:
     received: int  # received by this rank, per call
     requires_grad: bool  # autograd will run its backward
     group_size: int = 1
+    #: on a mesh of several axes, the one it runs along (the axis's name), or "whole" (every rank of the
+    #: domain axes); "" on a one-axis domain
+    axis: str = ""
 
     def backward(self) -> Collective | None:
         """The collective autograd runs for this one in the backward (the module's convention)."""
         if not self.requires_grad:
             return None
+        size, axis = self.group_size, self.axis
         if self.kind == "all_to_all":
-            return Collective("all_to_all", self.received, self.bytes, False, self.group_size)
+            return Collective("all_to_all", self.received, self.bytes, False, size, axis)
         if self.kind == "all_reduce":
-            return Collective("all_reduce", self.bytes, self.bytes, False, self.group_size)
+            return Collective("all_reduce", self.bytes, self.bytes, False, size, axis)
         if self.kind == "all_gather":
-            full = self.bytes * self.group_size
-            return Collective("reduce_scatter", full, self.bytes, False, self.group_size)
+            return Collective("reduce_scatter", self.bytes * size, self.bytes, False, size, axis)
         if self.kind == "reduce_scatter":
-            return Collective("all_gather", self.received, self.bytes, False, self.group_size)
+            return Collective("all_gather", self.received, self.bytes, False, size, axis)
         return None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}[{self.axis}]" if self.axis else self.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +64,9 @@ class Row:
     op: str  # the op as the user's code spelled it (torch.conv2d, torch.nn.functional.group_norm, ...)
     kernel: str  # the fxhalo kernel that replaced it ("" for a refusal)
     source: str  # file:line in the user's code
-    shard_dim: int | None
-    halo: tuple[tuple[int, int], ...] = ()  # (lo, hi) rows of each halo exchange, fill rows included
+    shard_dim: int | tuple[int, ...] | None  # a tuple: the dims of a kernel along several mesh axes
+    #: (lo, hi) rows of each halo exchange, fill rows included; on several axes one per axis, in order
+    halo: tuple[tuple[int, int], ...] = ()
     edge: str = ""
     collectives: tuple[Collective, ...] = ()
     backward: tuple[Collective, ...] = ()
@@ -106,7 +114,8 @@ class Part:
 class Explanation:
     """What the backend does for one rank: :attr:`table`, :attr:`graph`, :attr:`summary`, :meth:`to_dict`."""
 
-    def __init__(self, *, world_size: int, rank: int, shard_dim: int, parts: list[Part], notes: list[str]):
+    def __init__(self, *, world_size, rank: int, shard_dim, parts: list[Part], notes: list[str]):
+        # on a mesh of several domain axes: world_size is the mesh's shape, shard_dim one dim per axis
         self.world_size, self.rank, self.shard_dim = world_size, rank, shard_dim
         self._parts = parts
         self.notes = notes
@@ -170,7 +179,7 @@ class Explanation:
                 r.node,
                 r.op,
                 r.source or "-",
-                "-" if r.shard_dim is None else r.shard_dim,
+                _dims(r.shard_dim),
                 ", ".join(f"{lo}/{hi}" for lo, hi in r.halo) or "-",
                 r.edge or "-",
                 "REFUSED" if r.refused else _kinds(r),
@@ -199,14 +208,17 @@ class Explanation:
     def summary(self) -> str:
         """Collectives and bytes per forward (and per backward when anything requires grad)."""
         graphs = len(self._parts)
-        lines = [
-            f"rank {self.rank} of {self.world_size}, shard_dim {self.shard_dim}, "
-            f"{graphs} graph{'s' if graphs != 1 else ''}"
-        ]
+        size = self.world_size
+        of = " x ".join(map(str, size)) + " mesh" if isinstance(size, tuple) else f"{size}"
+        lines = [f"rank {self.rank} of {of}, shard_dim {self.shard_dim}, {graphs} graph{'s' if graphs != 1 else ''}"]
         lines.append("forward:  " + totals(self.forward()))
         back = self.backward()
         if back:
             lines.append("backward: " + totals(back))
+        axes = list(dict.fromkeys(c.axis for c in self.forward() + back if c.axis))
+        for axis in axes:  # on a mesh: what runs along each axis, forward and backward together
+            along = [c for c in self.forward() + back if c.axis == axis]
+            lines.append(f"  along {axis}: " + totals(along, per="forward + backward"))
         problems = self.problems
         if problems:
             lines.append(
@@ -250,13 +262,19 @@ def _minimum(row: Row) -> str:
 
 def _kinds(row: Row) -> str:
     if row.collectives:
-        return "+".join(c.kind for c in row.collectives)
+        return "+".join(c.label for c in row.collectives)
     if row.backward:  # a gradient sync: nothing in the forward
-        return "backward " + "+".join(c.kind for c in row.backward)
+        return "backward " + "+".join(c.label for c in row.backward)
     return "none"
 
 
-def totals(calls: list[Collective]) -> str:
+def _dims(shard_dim) -> str:
+    if shard_dim is None:
+        return "-"
+    return ",".join(map(str, shard_dim)) if isinstance(shard_dim, tuple) else str(shard_dim)
+
+
+def totals(calls: list[Collective], per: str = "call") -> str:
     if not calls:
         return "no collectives"
     by_kind: dict[str, list[int]] = {}
@@ -267,7 +285,7 @@ def totals(calls: list[Collective]) -> str:
     kinds = ", ".join(f"{n} x {kind} ({_human(b)})" for kind, (n, b) in by_kind.items())
     total = sum(c.bytes for c in calls)
     return (
-        f"{len(calls)} collective{'s' if len(calls) != 1 else ''} per call: {kinds}; {_human(total)} sent by this rank"
+        f"{len(calls)} collective{'s' if len(calls) != 1 else ''} per {per}: {kinds}; {_human(total)} sent by this rank"
     )
 
 

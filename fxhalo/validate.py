@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
-from .mesh import one_axis_only
+from .mesh import MeshDomain, mesh_domain, on_several_axes
 from .passes import PassContext
 from .passes.pipeline import run_pipeline
-from .rules import decision_of
+from .rules import OnAxes, decision_of
 from .rules.conv import ConvRule
 from .tensor import DomainTensor, as_meta, meta_domain_tensor
 from .tracing import trace_once
@@ -79,18 +80,26 @@ def validate(
     ``partition`` (every rank's length; default balanced).  DomainTensor inputs are
     checked that way too, on the meta device.
     """
-    one_axis_only(shard_dim, "fxhalo.validate")
-    if isinstance(shard_dim, tuple):
+    mesh = None
+    if on_several_axes(shard_dim, group):
+        if global_view or any(isinstance(x, DomainTensor) for x in _as_args(example_local_input)):
+            raise FxHaloError(
+                "fxhalo.validate(global_view=True) on a mesh of several axes: the global view (DomainTensors) does "
+                "not run on a mesh yet. Remedy: validate one rank's local block (global_view=False)"
+            )
+        mesh = _mesh(group, tuple(shard_dim), world_size, rank)
+        shard_dim, world_size, rank = mesh.whole.shard_dim, mesh.whole.size, mesh.whole.rank
+    elif isinstance(shard_dim, tuple):
         (shard_dim,) = shard_dim
     if world_size is None:
         if group is None and not dist.is_initialized():
             raise FxHaloError("fxhalo.validate needs world_size=... when no process group is initialised")
         pg = resolve_group(group)
         world_size, rank = dist.get_world_size(pg), dist.get_rank(pg) if rank is None else rank
-    args = example_local_input if isinstance(example_local_input, tuple) else (example_local_input,)
+    args = _as_args(example_local_input)
     given = [x for x in args if isinstance(x, DomainTensor)]  # DomainTensors: checked, never run
     group_name = given[0].spec.group_name if given else "fxhalo-validate"
-    domain = Domain(group_name, 0 if rank is None else rank, world_size, shard_dim)
+    domain = mesh.whole if mesh is not None else Domain(group_name, 0 if rank is None else rank, world_size, shard_dim)
     global_view = global_view or bool(given)
     if global_view:
         args = tuple(as_meta(meta_domain_tensor(x, domain, partition)) for x in args)
@@ -99,7 +108,7 @@ def validate(
     def capture(gm, example_inputs):
         # keeps running the unrewritten code (a copy: the global view's pass edits the graph)
         original = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph) if global_view else gm.graph)
-        ctx = PassContext(domain, dict(input_shard_dims or {}), fallback, global_view=global_view)
+        ctx = PassContext(domain, dict(input_shard_dims or {}), fallback, global_view=global_view, mesh=mesh)
         example_inputs = [getattr(x, "_local", x) for x in example_inputs]
         refused: list = []
         run_pipeline(gm, example_inputs, ctx, problems=refused, stop_after="propagate_sharding")
@@ -115,23 +124,62 @@ def validate(
     return problems
 
 
+def _as_args(example_local_input) -> tuple:
+    return example_local_input if isinstance(example_local_input, tuple) else (example_local_input,)
+
+
+def _mesh(group, shard_dims: tuple[int, ...], world_size, rank) -> MeshDomain:
+    """The mesh to validate on: ``group``'s (a ``DeviceMesh``, inside a process group), or one of shape
+    ``world_size`` simulated without any (``rank``: the flat rank, row-major as a ``DeviceMesh`` numbers
+    them)."""
+    if group is not None or dist.is_initialized():
+        return mesh_domain(group, shard_dims)
+    if not (
+        isinstance(world_size, tuple)
+        and len(world_size) == len(shard_dims)
+        and all(isinstance(n, int) and n >= 1 for n in world_size)
+    ):
+        raise FxHaloError(
+            f"fxhalo.validate with shard_dim={shard_dims} and no process group needs the mesh's shape as "
+            f"world_size, one size per sharded dim (e.g. world_size={tuple(2 for _ in shard_dims)}), not {world_size!r}"
+        )
+    rank = 0 if rank is None else rank
+    if not 0 <= rank < math.prod(world_size):
+        raise FxHaloError(f"fxhalo.validate: rank {rank} is not a rank of a {world_size} mesh")
+    coords, rest = [], rank
+    for n in reversed(world_size):
+        coords.append(rest % n)
+        rest //= n
+    axes = tuple(
+        Domain(f"fxhalo-validate-dim{d}", c, n, d) for d, c, n in zip(shard_dims, reversed(coords), world_size)
+    )
+    whole = Domain("fxhalo-validate", rank, math.prod(world_size), shard_dims[0])
+    return MeshDomain(axes, whole, tuple(f"dim{d}" for d in shard_dims))
+
+
 def _wide_halos(gm: torch.fx.GraphModule) -> list[Problem]:
-    """Halos wider than a shard, from the conv rule's decisions."""
+    """Halos wider than a shard, from the conv rule's decisions (on a mesh, each axis's)."""
     found = []
     for node in gm.graph.nodes:
         decision = decision_of(node)
         if decision is None or not isinstance(decision.rule, ConvRule) or not decision.rewrites:
             continue
-        window = decision.plan
-        if window.reach > window.shard:
-            found.append(
-                Problem(
-                    "wide halo",
-                    describe_node(node),
-                    user_source(node),
-                    f"{describe_node(node)} needs a halo of {window.reach} rows, wider than the "
-                    f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
-                    "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it.",
+        if isinstance(decision.layout, OnAxes):
+            windows = [
+                (f" along dim {s.dim}", plan) for (_, s), plan in zip(decision.layout.entries, decision.layout.plans)
+            ]
+        else:
+            windows = [("", decision.plan)]
+        for along, window in windows:
+            if window.reach > window.shard:
+                found.append(
+                    Problem(
+                        "wide halo",
+                        describe_node(node),
+                        user_source(node),
+                        f"{describe_node(node)} needs a halo of {window.reach} rows{along}, wider than the "
+                        f"{window.shard}-row shards: the rows come from ranks beyond the neighbour (supported, "
+                        "but each extra hop adds traffic). Use fewer ranks or a larger input to avoid it.",
+                    )
                 )
-            )
     return found

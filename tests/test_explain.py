@@ -39,6 +39,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxhalo
 from fxhalo.explain import _with_grad
@@ -511,3 +512,74 @@ def test_a_chain_of_products_contracting_the_shard_costs_one_sum():
         sending = [r for r in ex.rows if r.collectives]
         assert [r.op for r in sending] == [kernel] and [c.kind for c in sending[0].collectives] == [kind]
     assert sending[0].bytes_sent == sending[0].minimum == 2 * 3 * (19 - 6) * 4  # all rows but its own 6
+
+
+def _mesh_model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.Conv2d(4, 1, 3, padding=1)
+    )
+
+
+@pytest.mark.timeout(120)
+def test_a_mesh_reports_each_axis_and_the_minimum():
+    """On a 2 x 2 mesh (no process group: torch's fake one), rank 3's 8 x 6 block of a 2-channel field.
+    A 3x3 conv with zero padding exchanges along H first, 1 row of 6 columns from its H neighbour (rank 1),
+    then along W the 8 + 1 rows of the H-extended block, 1 column from its W neighbour (rank 2): the zero
+    row past the global edge stays home.  The GroupNorm sums over the whole domain."""
+    hook = sys.excepthook
+    ex = fxhalo.explain(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 2), rank=3, shard_dim=(2, 3))
+    assert not dist.is_initialized() and sys.excepthook is hook
+    assert (ex.world_size, ex.rank, ex.shard_dim) == ((2, 2), 3, (2, 3))
+    conv1, norm, conv2 = [r for r in ex.rows if r.op != "ops.grad.synced_params"]
+    assert conv1.shard_dim == (2, 3) and conv1.halo == ((1, 1), (1, 1))
+    assert [(c.kind, c.axis, c.bytes) for c in conv1.collectives] == [
+        ("all_to_all", "dim2", 1 * 2 * 6 * 4),  # one row of 2 channels x 6 columns, fp32
+        ("all_to_all", "dim3", 1 * 2 * (8 + 1) * 4),  # one column of the 8 rows and the corner row
+    ]
+    assert [(c.kind, c.axis) for c in norm.collectives] == [("all_reduce", "whole")]
+    assert "all_to_all[dim2]+all_to_all[dim3]" in ex.table and "rank 3 of 2 x 2 mesh" in ex.summary
+    assert "along dim2:" in ex.summary and "along whole:" in ex.summary
+    assert json.dumps(ex.to_dict())  # the axes travel in the JSON too
+
+
+@pytest.mark.timeout(120)
+def test_a_mesh_needs_its_shape_and_a_real_mesh_is_used_inside_a_group():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    x = torch.randn(1, 2, 8, 6)
+    with pytest.raises(fxhalo.FxHaloError, match=r"world_size=\(2, 2\)"):
+        fxhalo.explain(_mesh_model(), x, world_size=4, shard_dim=(2, 3))
+    with pytest.raises(fxhalo.FxHaloError, match="rank 4"):
+        fxhalo.explain(_mesh_model(), x, world_size=(2, 2), rank=4, shard_dim=(2, 3))
+    dist.init_process_group("fake", rank=2, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("lat", "lon"))
+        ex = fxhalo.explain(_mesh_model(), x, group=mesh, shard_dim=(2, 3))
+        assert (ex.world_size, ex.rank) == ((2, 2), 2)
+        assert {c.axis for r in ex.rows for c in r.collectives} == {"lat", "lon", "whole"}
+        with pytest.raises(fxhalo.FxHaloError, match="describes this process"):
+            fxhalo.explain(_mesh_model(), x, group=mesh, shard_dim=(2, 3), world_size=(4, 1))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_validate_on_a_mesh_reports_per_axis():
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 9, padding=4)
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(self.conv(x), (4, 4))
+
+    problems = fxhalo.validate(Wide(), torch.randn(1, 1, 3, 16), world_size=(2, 2), rank=1, shard_dim=(2, 3))
+    kinds = sorted((p.kind, p.op.split("'")[1]) for p in problems)
+    assert [k for k, _ in kinds] == ["refused", "wide halo"], problems
+    wide = next(p for p in problems if p.kind == "wide halo")
+    assert "4 rows along dim 2, wider than the 3-row shards" in wide.message  # W's 16 columns are wide enough
+    refused = next(p for p in problems if p.kind == "refused")
+    assert "2 mesh axes" in refused.message
+    assert fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 3), rank=5, shard_dim=(2, 3)) == []
+    with pytest.raises(fxhalo.FxHaloError, match="world_size"):
+        fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=6, shard_dim=(2, 3))

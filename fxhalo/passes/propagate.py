@@ -245,7 +245,9 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
                 "shard only one of the dims this op reaches across (a one-axis group for this part of the "
                 "model), or gather it with fxhalo.gather() outside the compiled region",
             )
-    layout = OnAxes(tuple((ctx.mesh.axes[axis], d.layout) for axis, d in rewriting))
+    layout = OnAxes(
+        tuple((ctx.mesh.axes[axis], d.layout) for axis, d in rewriting), tuple(d.plan for _, d in rewriting)
+    )
     first = rewriting[0][1]
     return Decision(out, first.call, layout, first.plan, rule=first.rule)
 

@@ -128,9 +128,11 @@ class LayoutRule(Rule):
 @dataclasses.dataclass(frozen=True)
 class OnAxes:
     """A :attr:`Decision.layout` on a mesh of several axes: for each axis the kernel communicates
-    along, in mesh-axis order, ``(that axis's Domain, the Sharded entry of its input)``."""
+    along, in mesh-axis order, ``(that axis's Domain, the Sharded entry of its input)``; ``plans``: each
+    axis's :attr:`Decision.plan`, in the same order (what :func:`fxhalo.validate` reads per axis)."""
 
     entries: tuple
+    plans: tuple = ()
 
 
 def replace_node(node, call: KernelCall, ctx, layout=None):
