@@ -45,7 +45,6 @@ __all__ = [
     "needs_from_widths",
     "observe_halos",
     "Fill",
-    "fills_of",
 ]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -124,6 +123,12 @@ class HaloPlan:
     recv_splits: tuple[int, ...]
     pieces: tuple[Piece, ...]
     collective: bool
+    #: what the plan was made from (:func:`plan_halo`'s arguments): every rank's rows, every rank's needed
+    #: range and the edge, so that the exchange of a block on several mesh axes (:mod:`fxhalo.block_halo`)
+    #: can work out what the other ranks of the axis need too
+    partition: tuple[tuple[int, int], ...] = ()
+    needs: tuple[tuple[int, int], ...] = ()
+    edge: Edge = Edge()
 
     @property
     def rows_sent(self) -> int:
@@ -274,6 +279,9 @@ def plan_halo(
         recv_splits=tuple(recv_splits),
         pieces=tuple(pieces),
         collective=collective,
+        partition=tuple(partition),
+        needs=tuple(needs),
+        edge=edge,
     )
 
 
@@ -348,10 +356,9 @@ def assemble(x: torch.Tensor, recv: torch.Tensor | None, dim: int, plan: HaloPla
 
 @dataclasses.dataclass(frozen=True)
 class Fill:
-    """Constant rows at the two ends of dim ``dim`` of a slab that an exchange along ``dim`` extended:
-    ``lo`` rows of ``lo_value`` first, ``hi`` rows of ``hi_value`` last (the padding past the global
-    edges).  A later exchange along another dim, between ranks that share this dim's block, need
-    not send them: the receiver makes them itself."""
+    """Constant rows at the two ends of dim ``dim``: ``lo`` rows of ``lo_value`` first, ``hi`` rows of
+    ``hi_value`` last (the zeros a transposed conv puts around its input's block, the padding an
+    exchange puts past the global edges)."""
 
     dim: int
     lo: int
@@ -374,50 +381,21 @@ class Fill:
         return torch.cat(parts, self.dim) if len(parts) > 1 else t
 
 
-def fills_of(plan: HaloPlan, dim: int) -> tuple[Fill, ...]:
-    """The constant rows ``plan`` puts at the ends of ``dim`` (a :class:`Fill`), or ``()`` when none."""
-
-    def run(pieces) -> tuple[int, float]:
-        rows, value = 0, None
-        for p in pieces:
-            if p.kind != "fill" or (value is not None and p.value != value):
-                break
-            rows, value = rows + p.length, p.value
-        return rows, 0.0 if value is None else value
-
-    lo, lo_value = run(plan.pieces)
-    hi, hi_value = run(reversed(plan.pieces))
-    total = sum(p.length for p in plan.pieces)
-    if not (lo or hi) or lo + hi >= total:  # nothing to skip, or nothing but fill: keep it simple
-        return ()
-    return (Fill(dim, lo, lo_value, hi, hi_value),)
-
-
-def halo_exchange(
-    x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *, edge=None, fills: tuple[Fill, ...] = ()
-) -> torch.Tensor:
+def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *, edge=None) -> torch.Tensor:
     """Build this rank's extended slab of ``x`` along ``dim`` according to ``plan``.
 
     One ``_c10d_functional.all_to_all_single`` carries every halo row; nothing is
     communicated when no rank needs a remote row.  Differentiable.  ``edge`` only
     describes the fill past the global edges to the halo observers (:func:`observe_halos`);
-    the plan already holds the rows.
-
-    ``fills``: constant rows along other dims that an earlier exchange (along another mesh
-    axis) put at the ends of ``x``, the same on every rank of this exchange's group (they
-    share that axis's block).  They stay home; the received rows get them back here.
+    the plan already holds the rows.  (Several dims at once, a block's halo on a mesh:
+    :func:`fxhalo.block_halo.block_exchange`.)
     """
     if plan.is_identity:
         return x
     recv = None
     if plan.collective:
-        core = x
-        for fill in fills:
-            core = fill.strip(core)
         recv = torch.ops._c10d_functional.all_to_all_single(
-            send_buffer(core, dim, plan, edge), list(plan.recv_splits), list(plan.send_splits), group_name
+            send_buffer(x, dim, plan, edge), list(plan.recv_splits), list(plan.send_splits), group_name
         )
         recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
-        for fill in fills:  # in the order the exchanges made them, so the corners come out alike
-            recv = fill.restore(recv)
     return assemble(x, recv, dim, plan)

@@ -17,6 +17,9 @@ and the one the ranks agree over before any collective runs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+
+import torch.distributed as dist
 
 from .domain import Domain, ShardAxis
 from .errors import FxHaloError
@@ -52,6 +55,8 @@ class MeshDomain:
 
 #: (every axis's group name, in mesh-axis order) -> the whole domain's group name, on this rank
 _WHOLE: dict[tuple[str, ...], str] = {}
+#: the whole domain's group name -> the mesh coordinates of each of its ranks, in its rank order
+_COORDS: dict[str, tuple[tuple[int, ...], ...]] = {}
 
 
 def mesh_domain(group, shard_dims, mesh_axes=None) -> MeshDomain:
@@ -104,7 +109,10 @@ def mesh_domain(group, shard_dims, mesh_axes=None) -> MeshDomain:
     else:
         # DeviceMesh keeps a flattened mesh per name, so compiling again reuses the group.
         sub = group[tuple(names[a] if isinstance(a, int) else a for a in mesh_axes)]
-        whole = Domain.from_group(sub._flatten().get_group(), shard_dim=shard_dims[0])
+        pg = sub._flatten().get_group()
+        whole = Domain.from_group(pg, shard_dim=shard_dims[0])
+        at = {int(g): c for c, g in zip(itertools.product(*map(range, sub.mesh.shape)), sub.mesh.flatten().tolist())}
+        _COORDS[whole.group_name] = tuple(at[g] for g in dist.get_process_group_ranks(pg))
     _WHOLE[tuple(a.group_name for a in axes)] = whole.group_name
     return MeshDomain(axes, whole, tuple(str(names[a]) if isinstance(a, int) and names else str(a) for a in mesh_axes))
 
@@ -120,6 +128,11 @@ def whole_group(axes: tuple[ShardAxis, ...]) -> str:
             "fxhalo.mesh.mesh_domain (the domain_parallel backend does) before calling the kernel"
         )
     return _WHOLE[key]
+
+
+def whole_coords(axes: tuple[ShardAxis, ...]) -> tuple[tuple[int, ...], ...]:
+    """The mesh coordinates (along ``axes``, in order) of each rank of their whole group, in its rank order."""
+    return _COORDS[whole_group(axes)]
 
 
 def is_mesh(group) -> bool:

@@ -523,22 +523,21 @@ def _mesh_model():
 @pytest.mark.timeout(120)
 def test_a_mesh_reports_each_axis_and_the_minimum():
     """On a 2 x 2 mesh (no process group: torch's fake one), rank 3's 8 x 6 block of a 2-channel field.
-    A 3x3 conv with zero padding exchanges along H first, 1 row of 6 columns from its H neighbour (rank 1),
-    then along W the 8 + 1 rows of the H-extended block, 1 column from its W neighbour (rank 2): the zero
-    row past the global edge stays home.  The GroupNorm sums over the whole domain."""
+    A 3x3 conv with zero padding needs 1 row of 6 columns from its H neighbour (rank 1), 1 column of 8 rows
+    from its W neighbour (rank 2) and the corner value from rank 0, in one all_to_all over the whole domain;
+    it sends as much (the neighbours' blocks are as large); the zero padding past the global edges is
+    never sent.  The GroupNorm sums over the whole domain."""
     hook = sys.excepthook
     ex = fxhalo.explain(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 2), rank=3, shard_dim=(2, 3))
     assert not dist.is_initialized() and sys.excepthook is hook
     assert (ex.world_size, ex.rank, ex.shard_dim) == ((2, 2), 3, (2, 3))
     conv1, norm, conv2 = [r for r in ex.rows if r.op != "ops.grad.synced_params"]
     assert conv1.shard_dim == (2, 3) and conv1.halo == ((1, 1), (1, 1))
-    assert [(c.kind, c.axis, c.bytes) for c in conv1.collectives] == [
-        ("all_to_all", "dim2", 1 * 2 * 6 * 4),  # one row of 2 channels x 6 columns, fp32
-        ("all_to_all", "dim3", 1 * 2 * (8 + 1) * 4),  # one column of the 8 rows and the corner row
-    ]
+    row, column, corner = 1 * 2 * 6 * 4, 8 * 2 * 1 * 4, 2 * 4  # 2 channels, fp32
+    assert [(c.kind, c.axis, c.bytes) for c in conv1.collectives] == [("all_to_all", "whole", row + column + corner)]
     assert [(c.kind, c.axis) for c in norm.collectives] == [("all_reduce", "whole")]
-    assert "all_to_all[dim2]+all_to_all[dim3]" in ex.table and "rank 3 of 2 x 2 mesh" in ex.summary
-    assert "along dim2:" in ex.summary and "along whole:" in ex.summary
+    assert "all_to_all[whole]" in ex.table and "rank 3 of 2 x 2 mesh" in ex.summary
+    assert "along whole:" in ex.summary
     assert json.dumps(ex.to_dict())  # the axes travel in the JSON too
 
 
@@ -556,7 +555,9 @@ def test_a_mesh_needs_its_shape_and_a_real_mesh_is_used_inside_a_group():
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("lat", "lon"))
         ex = fxhalo.explain(_mesh_model(), x, group=mesh, shard_dim=(2, 3))
         assert (ex.world_size, ex.rank) == ((2, 2), 2)
-        assert {c.axis for r in ex.rows for c in r.collectives} == {"lat", "lon", "whole"}
+        assert {c.axis for r in ex.rows for c in r.collectives} == {"whole"}
+        lines = fxhalo.explain(nn.Conv2d(2, 2, (3, 1), padding=(1, 0)), x, group=mesh, shard_dim=(2, 3))
+        assert [c.axis for r in lines.rows for c in r.collectives] == ["lat"]  # a halo along H only
         with pytest.raises(fxhalo.FxHaloError, match="describes this process"):
             fxhalo.explain(_mesh_model(), x, group=mesh, shard_dim=(2, 3), world_size=(4, 1))
     finally:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Window, WindowPlan, plan_window
-from ..halo import Edge, assemble, fills_of, halo_exchange
+from ..halo import Edge, assemble
 from .rows import ints
 from .shift import pad_entries
 
@@ -119,22 +120,19 @@ def conv(
     with ``edge_mode`` (``constant`` with ``edge_value``, ``reflect``,
     ``replicate`` or ``circular``); the conv's padding lies beyond it.
 
-    On several mesh axes the halo is exchanged one axis after the other, in mesh-axis
-    order, each exchange on the slab the ones before extended: the second moves the first's
-    halo rows along with its own, so the corner blocks arrive without any bookkeeping, and
-    every rank receives exactly the rows of its extended block that it lacks.  The padding
-    rows an exchange put past the global edges stay home in the later ones
-    (:class:`fxhalo.halo.Fill`).
+    On several mesh axes the block's halo, corners included, arrives in one collective
+    over the whole domain (:mod:`fxhalo.block_halo`): every rank receives exactly the
+    values of its extended block that it lacks, and the padding past the global edges is
+    never sent.
     """
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    x, sdims, fills = input, [], ()
-    for shard_dim, group_name, length in each_axis(axes):
+    exchanges, sdims = {}, []
+    for a, (shard_dim, group_name, length) in enumerate(each_axis(axes)):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
-        dim = domain.dim_of(input.ndim)
-        x = halo_exchange(x, dim, plan.halo, group_name, edge=edge, fills=fills)
-        fills += fills_of(plan.halo, dim)
+        exchanges[a] = (domain.dim_of(input.ndim), plan.halo, edge)
         sdims.append(sdim)
+    x = exchange_on_axes(input, axes, exchanges)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims)
 
 

@@ -28,9 +28,10 @@ import functools
 
 import torch.nn.functional as F
 
+from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, Fill, HaloPlan, fills_of, halo_exchange
+from ..halo import Edge, Fill, HaloPlan
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = ["TransposedDim", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
@@ -133,16 +134,16 @@ def conv_transpose(
     """``F.conv_transpose{1,2,3}d`` of a slab sharded along each of ``axes`` (a dim and its group's ranks).
 
     Gives this rank's rows of the one-device output (balanced partition of the global
-    output length) along each sharded dim.  On several mesh axes the halo is exchanged
-    one axis after the other, each exchange on the slab the ones before extended (the
-    corner blocks come along), and the output is cropped along each dim.
+    output length) along each sharded dim.  On several mesh axes the block's halo comes
+    in one exchange (:mod:`fxhalo.block_halo`, corners included), and the output is
+    cropped along each dim.
     """
     nd = weight.ndim - 2
     op = _CONV_T[nd]
     k = tuple(weight.shape[2:])
     s, p, op_, d = ints(stride, nd), ints(padding, nd), ints(output_padding, nd), ints(dilation, nd)
-    x, pads, out_pads, crops, fills = input, list(p), list(op_), [], ()
-    for shard_dim, group_name, length in each_axis(axes):
+    pads, out_pads, crops, exchanges, around = list(p), list(op_), [], {}, []
+    for a, (shard_dim, group_name, length) in enumerate(each_axis(axes)):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         dim = domain.dim_of(input.ndim)
         sdim = spatial_index(input.ndim, nd, dim)
@@ -156,15 +157,13 @@ def conv_transpose(
         )
         if plan.local:
             continue
-        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS, fills=fills)  # the input dilated by zeros
-        around = Fill(dim, plan.zeros_before, 0.0, plan.zeros_after, 0.0)
-        x = around.restore(x)
-        for fill in fills_of(plan.halo, dim):  # zeros past the global edges, then the zeros around
-            around = Fill(dim, fill.lo + around.lo, 0.0, fill.hi + around.hi, 0.0)
-        if around.lo or around.hi:
-            fills += (around,)
+        exchanges[a] = (dim, plan.halo, _ZEROS)  # the input dilated by zeros
+        around.append(Fill(dim, plan.zeros_before, 0.0, plan.zeros_after, 0.0))
         pads[sdim] = out_pads[sdim] = 0
         crops.append((dim, plan.crop, plan.m_local))
+    x = exchange_on_axes(input, axes, exchanges)
+    for zeros in around:
+        x = zeros.restore(x)
     y = op(x, weight, bias, s, tuple(pads), tuple(out_pads), groups, d)
     for dim, crop, m_local in crops:
         y = y.narrow(dim, crop, m_local)

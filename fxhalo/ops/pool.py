@@ -32,9 +32,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, fills_of, halo_exchange
+from ..halo import Edge, HaloPlan, halo_exchange
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = [
@@ -254,12 +255,12 @@ def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, retu
 
 def _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mode, axes):
     """A max pool's values on several sharded dims, without padding (:func:`_several_axes_max_pool`): one
-    ``-inf`` exchange per dim, each on the slab the ones before extended.  Without padding no window
-    starts before the tensor, so no fill row can be picked over a real one."""
+    exchange of the block's halo (:mod:`fxhalo.block_halo`).  Without padding no window starts before
+    the tensor, so no fill row can be picked over a real one."""
     stride = default_stride(stride, kernel_size)
     k, s, d = ints(kernel_size, nd), ints(stride, nd), ints(dilation, nd)
-    x = input
-    for shard_dim, group_name, length in axes:
+    exchanges = {}
+    for a, (shard_dim, group_name, length) in enumerate(axes):
         domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
         if sdim is None:
             continue
@@ -272,8 +273,8 @@ def _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mod
             f"max_pool{nd}d (kernel {k}, stride {s}, dilation {d})",
         )
         if not plan.local:
-            x = halo_exchange(x, dim, plan.halo, group_name, edge="-inf")
-    return _MAX[nd](x, k, s, 0, d, ceil_mode)
+            exchanges[a] = (dim, plan.halo, "-inf")
+    return _MAX[nd](exchange_on_axes(input, axes, exchanges), k, s, 0, d, ceil_mode)
 
 
 def _several_axes_max_pool(args, kwargs) -> bool:
@@ -291,11 +292,11 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
         return _AVG[nd](x, kernel_size, stride, pads, ceil_mode, count_include_pad, *extra)
 
     k, s, p = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd)
-    # One exchange per sharded dim, each on the slab the ones before extended (the corners come along).
+    # One exchange for every sharded dim at once (fxhalo.block_halo: the corners come along).
     # The local windows lie inside the slab and are divided by the full kernel along each exchanged dim;
     # torch's divisor is a product of one count per dim, so each dim's correction multiplies in.
-    x, pads, rescales, fills = input, list(p), [], ()
-    for shard_dim, group_name, length in each_axis(axes):
+    pads, rescales, exchanges = list(p), [], {}
+    for a, (shard_dim, group_name, length) in enumerate(each_axis(axes)):
         domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
         if sdim is None:  # batch or channel sharded: every plane is pooled on its own rank
             continue
@@ -309,12 +310,11 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
         )
         if plan.local:
             continue
-        x = halo_exchange(x, dim, plan.halo, group_name, edge=_ZEROS, fills=fills)
-        fills += fills_of(plan.halo, dim)
+        exchanges[a] = (dim, plan.halo, _ZEROS)
         pads[sdim] = 0
         if plan.rescale is not None and divisor_override is None:
             rescales.append((plan.rescale, dim))
-    out = op(x, tuple(pads))
+    out = op(exchange_on_axes(input, axes, exchanges), tuple(pads))
     for rescale, dim in rescales:
         out = out * along(rescale, dim, out.ndim, out)
     return out

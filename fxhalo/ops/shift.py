@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, fills_of, halo_exchange, plan_halo
+from ..halo import Edge, HaloPlan, plan_halo
 
 __all__ = ["pad_entries", "pad_plan", "roll_shift", "roll_plan", "flip_plan", "pad", "roll", "flip"]
 
@@ -79,9 +80,9 @@ def flip_plan(domain: Domain, n: int, what: str) -> HaloPlan:
 def pad(input, pad, mode="constant", value=None, *, axes: tuple[ShardAxis, ...]):
     """``F.pad`` of a slab sharded along each of ``axes``: a sharded dim is padded at the global edges only.
 
-    On several axes one exchange per axis, in order, each on the slab the ones before
-    padded: reflect, replicate and circular pads are separable, so the corners come out
-    as one device's."""
+    On several axes one exchange of the block's halo (:mod:`fxhalo.block_halo`): reflect,
+    replicate and circular pads are separable, so each corner is the product of the axes'
+    images, as on one device."""
     sharded = [(Domain.from_group(g, shard_dim=d), length) for d, g, length in each_axis(axes)]
     rest, edges = [int(p) for p in pad], []
     for domain, length in sharded:
@@ -90,12 +91,11 @@ def pad(input, pad, mode="constant", value=None, *, axes: tuple[ShardAxis, ...])
         edges.append((domain, dim, length, lo, hi))
     # Pad the other dims first, so rows fetched from other ranks arrive padded.
     x = F.pad(input, rest, mode, value) if any(rest) else input
-    fills = ()
-    for domain, dim, length, lo, hi in edges:
+    exchanges = {}
+    for a, (domain, dim, length, lo, hi) in enumerate(edges):
         plan, _ = pad_plan(domain, domain.global_length(input.shape[dim], length), lo, hi, mode, value, "F.pad")
-        x = halo_exchange(x, dim, plan, domain.group_name, fills=fills)
-        fills += fills_of(plan, dim)
-    return x
+        exchanges[a] = (dim, plan, None)
+    return exchange_on_axes(x, axes, exchanges)
 
 
 @several_axes
@@ -110,23 +110,24 @@ def roll(input, shifts, dims=(), *, axes: tuple[ShardAxis, ...]):
         shift, other_s, other_d = roll_shift(other_s, other_d, dim, input.ndim)
         moves.append((domain, dim, length, shift))
     x = torch.roll(input, other_s, other_d) if other_d else input
-    for domain, dim, length, shift in moves:
-        plan = roll_plan(domain, domain.global_length(input.shape[dim], length), shift, "torch.roll")
-        x = halo_exchange(x, dim, plan, domain.group_name)
-    return x
+    exchanges = {}
+    for a, (domain, dim, length, shift) in enumerate(moves):
+        exchanges[a] = (
+            dim,
+            roll_plan(domain, domain.global_length(input.shape[dim], length), shift, "torch.roll"),
+            None,
+        )
+    return exchange_on_axes(x, axes, exchanges)
 
 
 @several_axes
 def flip(input, dims, *, axes: tuple[ShardAxis, ...]):
     """``torch.flip`` of a slab sharded along each of ``axes``; the rule calls it when a flipped dim is sharded."""
-    x = input
-    flipped = {int(d) % input.ndim for d in dims}
-    for shard_dim, group_name, length in each_axis(axes):
+    flipped, exchanges = {int(d) % input.ndim for d in dims}, {}
+    for a, (shard_dim, group_name, length) in enumerate(each_axis(axes)):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         dim = domain.dim_of(input.ndim)
-        if dim not in flipped:
-            continue
-        plan = flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip")
-        x = halo_exchange(x, dim, plan, group_name)  # fetch the mirror rows
+        if dim in flipped:  # fetch the mirror rows
+            exchanges[a] = (dim, flip_plan(domain, domain.global_length(input.shape[dim], length), "torch.flip"), None)
     # then flip every requested dim locally (the sharded ones included)
-    return x.flip(dims)
+    return exchange_on_axes(input, axes, exchanges).flip(dims)

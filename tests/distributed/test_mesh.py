@@ -301,7 +301,7 @@ def test_a_unet_trains_ten_sgd_steps_as_on_one_device(ranks):
 @pytest.mark.timeout(420)
 def test_torch_logs_describes_each_axis_on_rank_0(ranks):
     text = ranks[0][4]
-    assert "all_to_all[h]+all_to_all[w]" in text and "along w:" in text, text[-2000:]
+    assert "all_to_all[whole]" in text and "along whole:" in text, text[-2000:]
     assert all(r[4] == "" for r in ranks[1:])
 
 
