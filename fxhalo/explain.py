@@ -76,7 +76,7 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
-from .mesh import MeshDomain, mesh_domain, on_several_axes
+from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
@@ -187,19 +187,8 @@ def _mesh(settings, world_size, rank: int | None):
         yield mesh
         return
     dims = settings.shard_dim
-    if not (
-        isinstance(world_size, tuple)
-        and len(world_size) == len(dims)
-        and all(isinstance(n, int) and n >= 1 for n in world_size)
-    ):
-        raise FxHaloError(
-            f"fxhalo.explain with shard_dim={dims} and no process group needs the mesh's shape as world_size, "
-            f"one size per sharded dim (e.g. world_size={tuple(2 for _ in dims)}), not {world_size!r}"
-        )
-    rank = 0 if rank is None else rank
+    rank = simulated_rank(world_size, dims, rank, "fxhalo.explain")
     total = math.prod(world_size)
-    if not 0 <= rank < total:
-        raise FxHaloError(f"fxhalo.explain: rank {rank} is not a rank of a {world_size} mesh")
     from torch.distributed.device_mesh import init_device_mesh
 
     excepthook = sys.excepthook

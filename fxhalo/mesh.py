@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import torch.distributed as dist
 
 from .domain import Domain, ShardAxis
 from .errors import FxHaloError
 
-__all__ = ["MeshDomain", "mesh_domain", "whole_group", "is_mesh", "on_several_axes"]
+__all__ = ["MeshDomain", "mesh_domain", "whole_group", "whole_coords", "is_mesh", "on_several_axes", "simulated_rank"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,24 @@ def whole_group(axes: tuple[ShardAxis, ...]) -> str:
 def whole_coords(axes: tuple[ShardAxis, ...]) -> tuple[tuple[int, ...], ...]:
     """The mesh coordinates (along ``axes``, in order) of each rank of their whole group, in its rank order."""
     return _COORDS[whole_group(axes)]
+
+
+def simulated_rank(world_size, shard_dims, rank, tool: str) -> int:
+    """For a tool that simulates a mesh without a process group: check that ``world_size`` is the mesh's
+    shape (one size per sharded dim) and ``rank`` (default 0) a flat rank of it; returns the rank."""
+    if not (
+        isinstance(world_size, tuple)
+        and len(world_size) == len(shard_dims)
+        and all(isinstance(n, int) and n >= 1 for n in world_size)
+    ):
+        raise FxHaloError(
+            f"{tool} with shard_dim={shard_dims} and no process group needs the mesh's shape as world_size, one "
+            f"size per sharded dim (e.g. world_size={tuple(2 for _ in shard_dims)}), not {world_size!r}"
+        )
+    rank = 0 if rank is None else rank
+    if not 0 <= rank < math.prod(world_size):
+        raise FxHaloError(f"{tool}: rank {rank} is not a rank of a {world_size} mesh")
+    return rank
 
 
 def is_mesh(group) -> bool:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
-from .mesh import MeshDomain, mesh_domain, on_several_axes
+from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
 from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import OnAxes, decision_of
@@ -134,18 +134,7 @@ def _mesh(group, shard_dims: tuple[int, ...], world_size, rank) -> MeshDomain:
     them)."""
     if group is not None or dist.is_initialized():
         return mesh_domain(group, shard_dims)
-    if not (
-        isinstance(world_size, tuple)
-        and len(world_size) == len(shard_dims)
-        and all(isinstance(n, int) and n >= 1 for n in world_size)
-    ):
-        raise FxHaloError(
-            f"fxhalo.validate with shard_dim={shard_dims} and no process group needs the mesh's shape as "
-            f"world_size, one size per sharded dim (e.g. world_size={tuple(2 for _ in shard_dims)}), not {world_size!r}"
-        )
-    rank = 0 if rank is None else rank
-    if not 0 <= rank < math.prod(world_size):
-        raise FxHaloError(f"fxhalo.validate: rank {rank} is not a rank of a {world_size} mesh")
+    rank = simulated_rank(world_size, shard_dims, rank, "fxhalo.validate")
     coords, rest = [], rank
     for n in reversed(world_size):
         coords.append(rest % n)
