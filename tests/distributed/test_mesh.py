@@ -5,7 +5,9 @@ Every rank holds block (i, j) of each input, passes it as a plain tensor with
 its block of the input gradient and the whole weight gradients (summed over the whole
 domain by grad_sync) against one device on the full tensor.  One group of ranks per
 mesh shape: 2 x 2 (13 rows split 7 + 6) and 2 x 3 (10 columns split 4 + 3 + 3).
-The cases of one input rank are compiled as one graph.
+The cases of one input rank are compiled as one graph.  Besides the hand-picked cases,
+24 random convs per mesh (2-D, and 3-D on two of their dims; uneven sizes, every padding
+kind and mode, strides, dilations, groups).
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
@@ -129,6 +131,44 @@ def _cases_3d():
         ),
         ("trilinear_x2", nn.Upsample(scale_factor=2, mode="trilinear"), torch.randn(1, 2, 7, 9, 5)),
     ]
+
+
+def _random_convs(mesh_shape, n: int, seed: int = 0):
+    """``n`` random convs (2-D on H and W, or 3-D on D and H with W whole) whose global sizes split unevenly
+    over the mesh: kernels 1-5, strides 1-3, dilations 1-2, every padding kind and padding_mode, groups.
+    Kept when torch runs the conv on the whole input and on the smallest block (what Dynamo traces), and
+    the output has at least one row per rank along each sharded dim."""
+    import random
+
+    rng = random.Random(seed * 100 + mesh_shape[0] * 10 + mesh_shape[1])
+    cases = []
+    while len(cases) < n:
+        nd = rng.choice([2, 2, 2, 3])
+        kernel = tuple(rng.randint(1, 5) for _ in range(nd))
+        stride = tuple(rng.choice([1, 1, 2, 3]) for _ in range(nd))
+        dilation = tuple(rng.choice([1, 1, 2]) for _ in range(nd))
+        kind = rng.choice(["int", "tuple", "same", "valid"])
+        padding = {"same": "same", "valid": "valid", "int": rng.randint(0, 2)}.get(
+            kind, tuple(rng.randint(0, 2) for _ in range(nd))
+        )
+        stride = (1,) * nd if kind == "same" else stride
+        mode = rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"])
+        groups = rng.choice([1, 1, 2])
+        conv = (nn.Conv2d if nd == 2 else nn.Conv3d)(
+            2 * groups, 2 * rng.randint(1, 2), kernel, stride, padding, dilation, groups, rng.random() < 0.7, mode
+        )
+        spatial = [rng.randint(2 * p + 1, 13) for p in mesh_shape] + ([rng.randint(3, 5)] if nd == 3 else [])
+        x = torch.randn(rng.choice([1, 2]), 2 * groups, *spatial)
+        smallest = [length // p for length, p in zip(spatial, mesh_shape)] + spatial[2:]
+        try:
+            with torch.no_grad():
+                conv(torch.zeros(1, 2 * groups, *smallest))
+                out = conv(x)
+        except RuntimeError:
+            continue
+        if all(out.shape[2 + a] >= p for a, p in enumerate(mesh_shape)):
+            cases.append((f"random_conv_{len(cases)}", conv, x))
+    return cases
 
 
 class SkipUNet(nn.Module):
@@ -265,7 +305,7 @@ def _run(rank, world_size, shape):
 
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("h", "w"))
     out = {}
-    for make in (_cases_2d, _cases_3d):
+    for make in (_cases_2d, _cases_3d, lambda: _random_convs(shape, 24)):
         torch.manual_seed(0)  # the same models and inputs on every rank
         cases = make()
         results = check_many_on_mesh([(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3))
@@ -290,7 +330,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         if not all(checks.values())
     ]
     assert not failures, failures[:6]
-    assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d())
+    assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d()) + 24
 
 
 @pytest.mark.timeout(420)
