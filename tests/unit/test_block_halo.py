@@ -1,6 +1,6 @@
 """The block exchange on a mesh (fxhalo.block_halo) against indexing the global tensor, in one process.
 
-Every rank of a ``p x q`` mesh is a thread; the all_to_all is a stand-in that routes the
+Every rank of a ``p x q`` (or ``p x q x r``) mesh is a thread; the all_to_all is a stand-in that routes the
 threads' buffers by their split sizes (what the real collective does), so the planner and
 the assembly are checked without a process group, on many cases: uneven blocks, halos of
 different widths on each side and rank, halos wider than a neighbour's block (multi-hop),
@@ -14,6 +14,7 @@ when any axis's row is (fills of different values meeting in a corner are refuse
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import threading
 
@@ -69,7 +70,7 @@ def _reference(x, dims, needs, edges, coords):
 
 
 def _case(rng: random.Random):
-    shape = rng.choice([(2, 2), (2, 3), (3, 2), (3, 1), (1, 3)])
+    shape = rng.choice([(2, 2), (2, 3), (3, 2), (3, 1), (1, 3), (2, 2, 2), (1, 2, 3)])
     fill = rng.choice([0.0, 1.5])  # one fill value for every axis, as one op has
     lengths, parts, needs, edges = [], [], [], []
     for p in shape:
@@ -98,8 +99,8 @@ def _case(rng: random.Random):
 def test_block_exchange_matches_indexing_the_global_tensor(seed, monkeypatch):
     rng = random.Random(seed)
     shape, lengths, parts, needs, edges = _case(rng)
-    x = torch.arange(2.0 * lengths[0] * lengths[1]).reshape(2, *lengths) + 1  # [C, H, W]: no value is a fill
-    dims = (1, 2)
+    x = torch.arange(2.0 * math.prod(lengths)).reshape(2, *lengths) + 1  # [C, *spatial]: no value is a fill
+    dims = tuple(range(1, len(lengths) + 1))
     coords = tuple(itertools.product(*(range(p) for p in shape)))
     router = _Router(len(coords))
     monkeypatch.setattr(torch.ops._c10d_functional, "all_to_all_single", router)
