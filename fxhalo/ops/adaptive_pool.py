@@ -15,9 +15,10 @@ import functools
 
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..block_halo import exchange_on_axes
+from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import Unsplittable, split_rows
-from ..halo import HaloPlan, halo_exchange
+from ..halo import HaloPlan
 from .pool import _domain_and_dim, _inner, global_indices
 from .rows import ceil_div, halo_plan
 
@@ -85,56 +86,72 @@ def plan_adaptive(domain: Domain, n: int, m: int, what: str) -> AdaptivePlan:
     )
 
 
-def _adaptive_pool(nd, kind, input, output_size, return_indices, shard_dim, group_name, length):
-    domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+def _adaptive_pool(nd, kind, input, output_size, return_indices, axes):
+    """Each sharded dim planned on its own (its bins, and the halo they need on uneven shards), the halos
+    exchanged at once (one axis: the 1-D exchange; several: the block's, :mod:`fxhalo.block_halo`), then
+    torch's adaptive op with this rank's share of the output along each sharded dim: the bins of a 2-D or
+    3-D adaptive pool are products of the 1-D ones."""
     op = _ADAPTIVE_MAX[nd] if kind == "max" else _ADAPTIVE_AVG[nd]
     extra = (return_indices,) if kind == "max" else ()
-    if sdim is None:
-        return op(input, output_size, *extra)
     sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * nd
-    n = domain.global_length(input.shape[dim], length)
-    m = n if sizes[sdim] is None else int(sizes[sdim])  # None keeps the (global) input size
-    plan = plan_adaptive(domain, n, m, f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})")
-    x = input if plan.halo is None else halo_exchange(input, dim, plan.halo, group_name)
-    sizes[sdim] = plan.rows[1] - plan.rows[0]
+    what = f"adaptive_{kind}_pool{nd}d (output size {tuple(sizes)})"
+    exchanges, starts = {}, []
+    for a, (shard_dim, group_name, length) in enumerate(each_axis(axes)):
+        domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
+        if sdim is None:  # batch or channel sharded: every plane is pooled on its own rank
+            continue
+        n = domain.global_length(input.shape[dim], length)
+        m = n if sizes[sdim] is None else int(sizes[sdim])  # None keeps the (global) input size
+        plan = plan_adaptive(domain, n, m, what)
+        if plan.halo is not None:
+            exchanges[a] = (dim, plan.halo, None)
+        sizes[sdim] = plan.rows[1] - plan.rows[0]
+        starts.append((dim, n, plan.start))
+    x = exchange_on_axes(input, axes, exchanges)
     out = op(x, tuple(sizes), *extra)
-    if not (kind == "max" and return_indices):
+    if not (kind == "max" and return_indices) or not starts:
         return out
+    ((dim, n, start),) = starts  # indices on one sharded dim (several_axes refuses them on more)
     values, idx = out
-    return values, global_indices(idx, _inner(x, dim), x.shape[dim], n, plan.start)
+    return values, global_indices(idx, _inner(x, dim), x.shape[dim], n, start)
 
 
+def _values_only(args, kwargs) -> bool:
+    """Adaptive max pooling on several sharded dims: values only (indices would need every dim's offset)."""
+    return not (args[2] if len(args) > 2 else kwargs.get("return_indices", False))
+
+
+@several_axes
 def adaptive_avg_pool1d(input, output_size, *, axes: tuple[ShardAxis, ...]):
-    """``F.adaptive_avg_pool1d``; ``output_size`` along the sharded dim is the global length."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(1, "avg", input, output_size, False, shard_dim, group_name, length)
+    """``F.adaptive_avg_pool1d``; ``output_size`` along a sharded dim is the global length."""
+    return _adaptive_pool(1, "avg", input, output_size, False, axes)
 
 
+@several_axes
 def adaptive_avg_pool2d(input, output_size, *, axes: tuple[ShardAxis, ...]):
-    """``F.adaptive_avg_pool2d``; ``output_size`` along the sharded dim is the global length."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(2, "avg", input, output_size, False, shard_dim, group_name, length)
+    """``F.adaptive_avg_pool2d``; ``output_size`` along a sharded dim is the global length."""
+    return _adaptive_pool(2, "avg", input, output_size, False, axes)
 
 
+@several_axes
 def adaptive_avg_pool3d(input, output_size, *, axes: tuple[ShardAxis, ...]):
-    """``F.adaptive_avg_pool3d``; ``output_size`` along the sharded dim is the global length."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(3, "avg", input, output_size, False, shard_dim, group_name, length)
+    """``F.adaptive_avg_pool3d``; ``output_size`` along a sharded dim is the global length."""
+    return _adaptive_pool(3, "avg", input, output_size, False, axes)
 
 
+@several_axes(when=_values_only)
 def adaptive_max_pool1d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(1, "max", input, output_size, return_indices, shard_dim, group_name, length)
+    return _adaptive_pool(1, "max", input, output_size, return_indices, axes)
 
 
+@several_axes(when=_values_only)
 def adaptive_max_pool2d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(2, "max", input, output_size, return_indices, shard_dim, group_name, length)
+    return _adaptive_pool(2, "max", input, output_size, return_indices, axes)
 
 
+@several_axes(when=_values_only)
 def adaptive_max_pool3d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""
-    shard_dim, group_name, length = one_axis(axes)
-    return _adaptive_pool(3, "max", input, output_size, return_indices, shard_dim, group_name, length)
+    return _adaptive_pool(3, "max", input, output_size, return_indices, axes)
