@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import inspect
 
+from ..domain import Partitioned
 from ..errors import FxHaloError
 from ..geometry import Unsplittable
-from ..layout import example_value, sharding_of
+from ..layout import Sharded, example_value, sharding_of
 from ..ops import shift as shift_ops
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register_op
 from .resample import domain_for, require_contiguous, resized
@@ -169,11 +170,23 @@ class PixelShuffleRule(LayoutRule):
         m = s.global_length * num // den
         domain = domain_for(ctx, s)
         if not domain.rescales(s.global_length, m):
+            shards = domain.partition(s.global_length)
+            if any((b - a) % den for a, b in shards):
+                ctx.refuse(
+                    node,
+                    f"would split blocks of {den} rows along the sharded dim {s.dim} between ranks (shards {shards})",
+                    f"choose sizes that give every rank a multiple of {den} rows",
+                )
+            scaled = tuple((b - a) * num // den for a, b in shards)
+            if ctx.global_view:  # a DomainTensor carries any partition: each rank keeps its rows, scaled
+                return Sharded(s.dim, scaled[domain.rank], Partitioned(scaled))
             ctx.refuse(
                 node,
-                f"would split blocks of {den} along the sharded dim {s.dim} between ranks "
-                f"(shards {domain.partition(s.global_length)})",
-                f"choose a local size divisible by {den}",
+                f"turns the sharded dim's {int(s.global_length)} rows, split as {tuple(b - a for a, b in shards)}, "
+                f"into {m} rows split as {scaled}, not as the partition rule splits {m} rows "
+                f"({tuple(b - a for a, b in domain.partition(m))}) on local slabs",
+                "pass DomainTensors (the global view keeps each rank's rows, split as "
+                f"{scaled}), or give the sharded dim a length that the ranks split evenly",
             )
         return resized(s, m, ctx)
 

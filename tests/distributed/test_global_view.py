@@ -138,6 +138,10 @@ def _run(rank, world):
 
     torch.manual_seed(6)
     out["slices"] = check_global_view(Slices(), torch.randn(1, 2, 45, 8), lengths=(10, 3, 12, 20))
+    # a pixel shuffle keeps each rank's rows, doubled: 20, 6, 24, 40 of 90, not the balanced split (refused before)
+    torch.manual_seed(7)
+    shuffle = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(2, 2, 3, padding=1))
+    out["pixel_shuffle_arbitrary"] = check_global_view(shuffle, torch.randn(1, 2, 45, 6), lengths=(10, 3, 12, 20))
 
     # a graph break between two DomainTensor graphs
     torch._dynamo.reset()
@@ -201,6 +205,7 @@ MODEL_CASES = [
     "grid_arbitrary",
     "replicated_across_break",
     "slices",
+    "pixel_shuffle_arbitrary",
 ]
 
 

@@ -76,3 +76,11 @@ def test_global_view_validates_global_inputs():
     assert fxhalo.validate(SkipUNet(c=1, width=2, depth=4), x, world_size=4, global_view=True) == []
     problems = fxhalo.validate(SmallUNet(), x, world_size=4, global_view=True)
     assert [p.kind for p in problems] == ["trace"]
+
+
+def test_a_pixel_shuffle_of_uneven_shards_is_local_in_the_global_view():
+    """13 rows split 7 + 6 become 14 + 12 of 26 (each rank's rows doubled), which a DomainTensor carries;
+    before, the rule refused it, asking for 'a local size divisible by 1'."""
+    x = torch.empty(1, 8, 13, 10, device="meta")
+    assert fxhalo.validate(nn.PixelShuffle(2), x, world_size=2, global_view=True) == []
+    assert fxhalo.validate(nn.PixelShuffle(2), x, world_size=2, global_view=True, partition=(8, 5)) == []
