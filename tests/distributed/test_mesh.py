@@ -103,6 +103,11 @@ def _cases_2d():
         ("mean_var", Centered(), x()),
         ("sum_std", SumStd(), x()),
         ("roll_flip", RollFlip(), x()),
+        (  # local on even blocks: each rank's rows and columns halve, then double
+            "pixel_unshuffle_shuffle",
+            nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(8, 8, 3, padding=1), nn.PixelShuffle(2)),
+            torch.randn(1, 2, 12, 12),
+        ),
         ("losses", Losses(), x()),
         ("amax_amin_global_pools", Extremes(), x()),
         ("softmax_h_log_softmax_w", Softmaxes(), x()),
