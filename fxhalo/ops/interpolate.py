@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Unsplittable, split_rows
 from ..halo import HaloPlan, halo_exchange
@@ -301,13 +302,14 @@ def _several_axes_interpolate(args, kwargs) -> bool:
 
 
 def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
-    """:func:`interpolate` on several sharded dims: each resampled in turn from its gathered taps (one
-    exchange per axis, on the tensor the dims before resampled), then torch resamples the others.
-    Linear, cubic and nearest resampling are separable, so the dims may go one at a time."""
+    """:func:`interpolate` on several sharded dims: the taps of every sharded dim in one exchange (the
+    block's halo, :mod:`fxhalo.block_halo`), each sharded dim resampled from them in turn, then torch
+    resamples the others.  Linear, cubic and nearest resampling are separable, so the dims may go one
+    at a time."""
     nd = input.ndim - 2
     align = bool(align_corners) if mode not in _NEAREST else False
-    x, sdims = input, set()
-    for shard_dim, group_name, length in axes:
+    exchanges, resamples = {}, []
+    for a, (shard_dim, group_name, length) in enumerate(axes):
         domain = Domain.from_group(group_name, shard_dim=shard_dim)
         dim = domain.dim_of(input.ndim)
         sdim = spatial_index(input.ndim, nd, dim)
@@ -318,9 +320,12 @@ def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
         plan = plan_interpolate(
             mode, nd, sdim, resize, align, input.dtype == torch.float64, input.device.type, domain, what, True
         )
-        x = _resample_rows(halo_exchange(x, dim, plan.halo, group_name, edge="clamp"), dim, plan)
-        sdims.add(sdim)
-    return _other_axes(x, sdims, nd, None, scale_factor, None, mode, align)
+        exchanges[a] = (dim, plan.halo, "clamp")
+        resamples.append((dim, sdim, plan))
+    x = exchange_on_axes(input, axes, exchanges)
+    for dim, _, plan in resamples:
+        x = _resample_rows(x, dim, plan)
+    return _other_axes(x, {sdim for _, sdim, _ in resamples}, nd, None, scale_factor, None, mode, align)
 
 
 @several_axes(when=_several_axes_interpolate)
