@@ -7,7 +7,8 @@ domain by grad_sync) against one device on the full tensor.  One group of ranks 
 mesh shape: 2 x 2 (13 rows split 7 + 6) and 2 x 3 (10 columns split 4 + 3 + 3).
 The cases of one input rank are compiled as one graph.  Besides the hand-picked cases,
 24 random convs per mesh (2-D, and 3-D on two of their dims; uneven sizes, every padding
-kind and mode, strides, dilations, groups).
+kind and mode, strides, dilations, groups) and 12 random resampling and normalising layers
+(interpolations, avg, max and adaptive pools, GroupNorm / InstanceNorm / BatchNorm).
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
@@ -179,6 +180,53 @@ def _random_convs(mesh_shape, n: int, seed: int = 0):
     return cases
 
 
+def _random_resamples_and_norms(mesh_shape, n: int, seed: int = 0):
+    """``n`` random resampling and normalising layers on uneven 2-D fields: interpolations (every mode
+    fxhalo splits, scale factors up and down, align_corners either way), avg and max pools, adaptive pools,
+    and GroupNorm / InstanceNorm / BatchNorm after a conv.  Kept when torch runs them on the whole input and
+    on the smallest block, and the output has at least one row per rank along each sharded dim."""
+    import random
+
+    rng = random.Random(seed * 100 + mesh_shape[0] * 10 + mesh_shape[1] + 7)
+    cases = []
+    while len(cases) < n:
+        kind = rng.choice(["interpolate", "avg_pool", "max_pool", "adaptive", "norm"])
+        c = rng.choice([2, 4])
+        if kind == "interpolate":
+            mode = rng.choice(["nearest", "nearest-exact", "bilinear", "bicubic"])
+            scale = tuple(rng.choice([0.5, 1.5, 2.0, 3.0]) for _ in range(2))
+            align = rng.choice([None, True]) if mode in ("bilinear", "bicubic") else None
+            layer = nn.Upsample(scale_factor=scale, mode=mode, align_corners=align)
+        elif kind == "avg_pool":
+            k = rng.randint(2, 4)
+            layer = nn.AvgPool2d(k, rng.randint(1, k), rng.randint(0, k // 2), rng.random() < 0.5, rng.random() < 0.5)
+        elif kind == "max_pool":
+            k = rng.randint(2, 4)
+            layer = nn.MaxPool2d(k, rng.randint(1, k), 0, rng.choice([1, 2]), ceil_mode=rng.random() < 0.5)
+        elif kind == "adaptive":
+            size = (rng.randint(2, 6), rng.randint(3, 6))
+            layer = (nn.AdaptiveAvgPool2d if rng.random() < 0.5 else nn.AdaptiveMaxPool2d)(size)
+        else:
+            norm = rng.choice(
+                [nn.GroupNorm(rng.choice([1, 2]), c), nn.InstanceNorm2d(c, affine=True), nn.BatchNorm2d(c)]
+            )
+            layer = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), norm)
+        spatial = [rng.randint(2 * p + 1, 13) for p in mesh_shape]
+        if kind == "adaptive":  # bins that straddle ranks are refused unless an output size divides the input
+            spatial = [s * rng.randint(2, 3) for s in size]
+        x = torch.randn(rng.choice([1, 2]), c, *spatial)
+        smallest = [length // p for length, p in zip(spatial, mesh_shape)]
+        try:
+            with torch.no_grad():
+                layer(torch.zeros(1, c, *smallest))
+                out = layer(x)
+        except RuntimeError:
+            continue
+        if all(out.shape[2 + a] >= p for a, p in enumerate(mesh_shape)):
+            cases.append((f"random_{kind}_{len(cases)}", layer, x))
+    return cases
+
+
 class SkipUNet(nn.Module):
     """Two levels with a skip: conv, GroupNorm, a k4/s2 conv down, a k4/s2 transposed conv up, a cat."""
 
@@ -312,7 +360,12 @@ def _run(rank, world_size, shape):
 
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=("h", "w"))
     out = {}
-    for make in (_cases_2d, _cases_3d, lambda: _random_convs(shape, 24)):
+    for make in (
+        _cases_2d,
+        _cases_3d,
+        lambda: _random_convs(shape, 24),
+        lambda: _random_resamples_and_norms(shape, 12),
+    ):
         torch.manual_seed(0)  # the same models and inputs on every rank
         cases = make()
         results = check_many_on_mesh([(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3))
@@ -337,7 +390,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         if not all(checks.values())
     ]
     assert not failures, failures[:6]
-    assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d()) + 24
+    assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d()) + 24 + 12
 
 
 @pytest.mark.timeout(420)
