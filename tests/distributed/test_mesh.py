@@ -168,16 +168,24 @@ def _random_convs(mesh_shape, n: int, seed: int = 0):
         )
         spatial = [rng.randint(2 * p + 1, 13) for p in mesh_shape] + ([rng.randint(3, 5)] if nd == 3 else [])
         x = torch.randn(rng.choice([1, 2]), 2 * groups, *spatial)
-        smallest = [length // p for length, p in zip(spatial, mesh_shape)] + spatial[2:]
-        try:
-            with torch.no_grad():
-                conv(torch.zeros(1, 2 * groups, *smallest))
-                out = conv(x)
-        except RuntimeError:
-            continue
-        if all(out.shape[2 + a] >= p for a, p in enumerate(mesh_shape)):
+        if _runs_on_mesh(conv, x, mesh_shape):
             cases.append((f"random_conv_{len(cases)}", conv, x))
     return cases
+
+
+def _runs_on_mesh(layer, x, mesh_shape) -> bool:
+    """Does torch run ``layer`` on the whole ``x`` and on the smallest block (what Dynamo traces), and
+    does the output keep at least one row per rank along each sharded dim (dims 2, 3)?"""
+    smallest = list(x.shape[2:])
+    for a, p in enumerate(mesh_shape):
+        smallest[a] //= p
+    try:
+        with torch.no_grad():
+            layer(torch.zeros(1, x.shape[1], *smallest))
+            out = layer(x)
+    except RuntimeError:
+        return False
+    return all(out.shape[2 + a] >= p for a, p in enumerate(mesh_shape))
 
 
 def _random_resamples_and_norms(mesh_shape, n: int, seed: int = 0):
@@ -215,14 +223,7 @@ def _random_resamples_and_norms(mesh_shape, n: int, seed: int = 0):
         if kind == "adaptive":  # bins that straddle ranks are refused unless an output size divides the input
             spatial = [s * rng.randint(2, 3) for s in size]
         x = torch.randn(rng.choice([1, 2]), c, *spatial)
-        smallest = [length // p for length, p in zip(spatial, mesh_shape)]
-        try:
-            with torch.no_grad():
-                layer(torch.zeros(1, c, *smallest))
-                out = layer(x)
-        except RuntimeError:
-            continue
-        if all(out.shape[2 + a] >= p for a, p in enumerate(mesh_shape)):
+        if _runs_on_mesh(layer, x, mesh_shape):
             cases.append((f"random_{kind}_{len(cases)}", layer, x))
     return cases
 
