@@ -96,13 +96,10 @@ def plan_block(plans: tuple[HaloPlan, ...], whole_ranks: tuple[tuple[int, ...], 
     me = rank_of(tuple(p.rank for p in plans))
     runs = [[_runs_for(s, e, p.partition, p.edge) for s, e in p.needs] for p in plans]  # [axis][coordinate]
 
-    def product(coords) -> list[Cell]:
-        return _cells([runs[a][c] for a, c in enumerate(coords)], rank_of)
-
-    mine = product(whole_ranks[me])
+    products = [_cells([runs[a][c] for a, c in enumerate(coords)], rank_of) for coords in whole_ranks]
+    mine = products[me]
     send, send_cells, recv_cells, collective = [], [], [0] * len(whole_ranks), False
-    for dest, coords in enumerate(whole_ranks):
-        theirs = product(coords)
+    for dest, theirs in enumerate(products):
         remote = [c for c in theirs if c.kind == "row" and c.owner != dest]
         collective = collective or bool(remote)
         out = [c.rows for c in remote if c.owner == me] if dest != me else []
