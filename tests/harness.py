@@ -368,15 +368,16 @@ def mesh_block(x: torch.Tensor, mesh, shard_dims) -> torch.Tensor:
     return x.contiguous()
 
 
-def check_many_on_mesh(cases, group, shard_dims, *, options=None) -> list:
+def check_many_on_mesh(cases, group, shard_dims, *, options=None, compiler=None) -> list:
     """:func:`check_many_against_one_device` on a mesh of several domain axes: each rank passes its block
     (:func:`mesh_block`) of every case's input as a plain tensor, with ``options={"group": group,
     "shard_dim": shard_dims}``.  Returns one ``{check: (ok, max_err)}`` per case; if the batch raises, each
-    case runs on its own, and one that raises gets ``{"error": (False, message)}``."""
+    case runs on its own, and one that raises gets ``{"error": (False, message)}``.  The inner compiler is
+    :func:`sweep_compiler`'s for the whole domain's size unless ``compiler`` says otherwise."""
     from fxhalo.mesh import mesh_domain
 
     mesh = mesh_domain(group, shard_dims)
-    compiler = "aot_eager" if mesh.whole.size <= 4 else "eager"  # a 2 x 3 mesh: see sweep_compiler
+    compiler = compiler or sweep_compiler(mesh.whole.size)
     settings = {"group": group, "shard_dim": tuple(shard_dims), "compiler": compiler, **(options or {})}
 
     def run(batch_cases):

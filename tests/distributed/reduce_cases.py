@@ -12,9 +12,11 @@ device.  One row per op holds
 and a last row the parameters' gradients (each rank's partial gradient, summed
 over the ranks) and the buffers (running statistics).
 
-The inner compiler notes the fxhalo kernels in the rewritten graph and the
-collectives in AOTAutograd's forward and backward graphs, so the tests can
-assert one collective per op.
+The inner compiler notes the fxhalo kernels in the rewritten graph and, on 2 ranks,
+the collectives in AOTAutograd's forward and backward graphs, so the tests can
+assert one collective per op.  On 3 and 4 ranks it runs the rewritten graph eagerly
+(``sweep_compiler``): the count of collectives is the pass's decision, the same on any
+number of ranks, and AOTAutograd's trace was two thirds of the spawn's time.
 
 Spawning costs seconds per rank, so :func:`results` spawns 4 ranks once and runs
 every case on the first 2, 3 and 4 of them (process groups of those sizes; the
@@ -36,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxhalo
-from tests.harness import close, run_ranks
+from tests.harness import close, run_ranks, sweep_compiler
 
 _KERNEL_MODULES = ("fxhalo.ops.norm", "fxhalo.ops.reduce", "fxhalo.ops.loss")
 
@@ -50,8 +52,9 @@ def _collectives(gm) -> list[str]:
     return [n.split(".")[1] for n in names if n.startswith("_c10d_functional.") and "wait_tensor" not in n]
 
 
-def recording_compiler(log: dict):
-    """The inner compiler: ``aot_eager``, noting fxhalo's kernels and the collectives of its fw/bw graphs."""
+def recording_compiler(log: dict, inner: str = "aot_eager"):
+    """The inner compiler: ``aot_eager``, noting fxhalo's kernels and the collectives of its fw/bw graphs;
+    with ``inner="eager"``, the rewritten graph as it is, noting the kernels only."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.debugging import aot_eager
 
@@ -72,6 +75,8 @@ def recording_compiler(log: dict):
         log["buckets"] = log.get("buckets", 0) + sum(
             getattr(n.target, "__name__", "") == "synced_params" for n in gm.graph.nodes
         )
+        if inner == "eager":
+            return gm.forward
         return aot_eager(gm, example_inputs, fw_compiler=keep("fw"), bw_compiler=keep("bw"))
 
     return compile_fn
@@ -209,7 +214,7 @@ def run_case(case: Case, seed: int, group=None) -> dict:
         _apply(case.ops),
         backend="domain_parallel",
         options={
-            "compiler": recording_compiler(log),
+            "compiler": recording_compiler(log, sweep_compiler(dist.get_world_size(group))),
             "shard_dim": case.shard_dim,
             "input_shard_dims": input_shard_dims,
             "group": group,

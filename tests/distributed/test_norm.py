@@ -15,6 +15,8 @@ import pytest
 from tests.distributed.reduce_cases import failures, results
 
 WORLD_SIZES = [2, 3, 4]
+#: where the spawn counts AOTAutograd's collectives (``aot_eager``); 3 and 4 ranks run the graph eagerly
+COUNTED = [2]
 
 
 @pytest.mark.timeout(300)
@@ -35,7 +37,7 @@ def test_mean_1e3_std_1_stays_within_fp32_tolerance_of_float64(world_size):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", COUNTED)
 def test_one_collective_per_norm_in_the_forward(world_size):
     for case in results(world_size)[0]["norms"]:
         assert case["fw"] and len(case["fw"]) == len(case["kernels"]), case  # one collective per fxhalo kernel
@@ -56,6 +58,8 @@ def test_a_norm_and_the_next_convs_halo_share_one_exchange(world_size):
     assert all(r["fused"]["ok"] for r in per_rank), [r["fused"]["failed"][:6] for r in per_rank]
     assert case["kernels"].count("norm.group_norm_exchange") == 7, case["kernels"]
     assert case["kernels"].count("norm.group_norm") == 1  # the dropout one
+    if world_size not in COUNTED:
+        return
     # 7 fused exchanges, and the unfused norm's sum plus its conv's exchange
     assert len(case["fw"]) == 7 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
     assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case["bw"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed.reduce_cases import failures, results
+from tests.distributed.test_norm import COUNTED
 
 WORLD_SIZES = [2, 3, 4]
 
@@ -25,7 +26,7 @@ def test_reductions_softmax_and_losses_match_one_device(world_size):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", COUNTED)
 def test_one_collective_per_reduction(world_size):
     for case in results(world_size)[0]["reductions"]:
         assert case["fw"] and len(case["fw"]) == len(case["kernels"]), case
