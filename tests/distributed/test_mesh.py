@@ -372,9 +372,7 @@ def _run(rank, world_size, shape):
     ):
         torch.manual_seed(0)  # the same models and inputs on every rank
         cases = make()
-        results = check_many_on_mesh(
-            [(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3), compiler=compiler
-        )
+        results = check_many_on_mesh([(m, x, i) for i, (_, m, x) in enumerate(cases)], mesh, (2, 3), compiler=compiler)
         out.update({name: {k: ok for k, (ok, _) in r.items()} for (name, _, _), r in zip(cases, results)})
     return out, _refusals(mesh), _train(mesh), _received_by_a_padded_conv(mesh), _logged(mesh)
 
