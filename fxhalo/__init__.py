@@ -10,6 +10,7 @@
 from . import nn  # noqa: F401  (fxhalo.nn; not in __all__, where a star import would shadow torch.nn)
 from .backend import backend
 from .backend import register as _register_backend
+from .construct import from_dtensor, from_local, shard
 from .convert import convert_to_domain_parallel, validate_sharding_constraints
 from .depthwise import DistributedDepthwiseConv1d, DistributedDepthwiseConv2d
 from .domain import Domain
@@ -17,7 +18,7 @@ from .errors import FxHaloError
 from .explain import Explanation, explain
 from .halo import Edge, halo_exchange, plan_halo
 from .redistribute import channels_to_seq, redistribute, seq_to_channels
-from .tensor import DomainSpec, DomainTensor, from_dtensor, from_local, gather, shard
+from .tensor import DomainSpec, DomainTensor, MeshSpec, gather
 from .validate import Problem, validate
 
 __version__ = "0.1.0"
@@ -45,6 +46,7 @@ __all__ = [
     "channels_to_seq",
     "DomainTensor",
     "DomainSpec",
+    "MeshSpec",
     "from_local",
     "from_dtensor",
 ]

@@ -39,14 +39,14 @@ from torch.utils import _pytree as pytree
 
 from .domain import Domain
 from .errors import FxHaloError
-from .layout import Sharded, sharding_of
+from .layout import Layout, Sharded, layout_of
 from .log import log_rewrite
-from .mesh import MeshDomain, mesh_domain, on_several_axes
+from .mesh import MeshDomain, is_mesh, mesh_domain, mesh_of, on_several_axes
 from .passes import PassContext, known_layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths, gather_mesh_input_lengths
 from .passes.pipeline import run_pipeline
 from .passes.propagate import local_input_lengths
-from .tensor import DomainSpec, DomainTensor, wrap_local
+from .tensor import DomainSpec, DomainTensor, MeshSpec, wrap_local
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
 
@@ -152,14 +152,6 @@ class DomainParallelBackend:
             mesh = mesh_domain(self.group, self.shard_dim, self.mesh_axis)
         except FxHaloError as e:  # the same on every rank: it depends only on the options
             return _refused(e)
-        if any(isinstance(x, DomainTensor) for x in example_inputs):
-            return _refused(
-                FxHaloError(
-                    "DomainTensors on a mesh of several axes are not supported yet: they carry one sharded dim. "
-                    "Remedy: pass each rank's local block as a plain tensor with options={'group': mesh, "
-                    f"'shard_dim': {self.shard_dim}}}"
-                )
-            )
         if mesh.whole.size == 1:
             return _inner(self.compiler)(gm, example_inputs)
         return self._plain(gm, example_inputs, mesh.whole if len(mesh.axes) > 1 else mesh.axes[0], mesh)
@@ -167,11 +159,10 @@ class DomainParallelBackend:
     def _global_view(self, gm: torch.fx.GraphModule, example_inputs):
         """Compile a graph Dynamo traced on DomainTensors: partition it, compile the local program,
         and return a function of the DomainTensors (see the module docstring)."""
-        group = self.group
-        if group is None:  # no group in the options: the DomainTensors' own (when they agree on one)
-            names = {x._spec.group_name for x in example_inputs if isinstance(x, DomainTensor)}
-            group = names.pop() if len(names) == 1 else None
-        domain = Domain.from_group(group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis)
+        try:
+            domain, mesh = self._global_domain(example_inputs)
+        except FxHaloError as e:  # the same on every rank: it depends on the inputs' specs and the options
+            return _refused(e)
         local_inputs = [x._local if isinstance(x, DomainTensor) else x for x in example_inputs]
 
         def build():
@@ -181,9 +172,10 @@ class DomainParallelBackend:
                 grad_sync=self.grad_sync,
                 fuse_exchanges=self.fuse_exchanges,
                 global_view=True,
+                mesh=mesh,
             )
             transform(gm, local_inputs, ctx)
-            outputs = output_specs(gm, domain)
+            outputs = output_specs(gm, ctx)
             log_rewrite(gm, ctx)
             compiled = compile_local(self.compiler, gm, local_inputs)
             # A replicated output comes back as a plain tensor; a later graph (after a graph break) that
@@ -191,6 +183,30 @@ class DomainParallelBackend:
             return fingerprint(gm), global_view_function(known_layouts.recording(compiled, gm), outputs)
 
         return _agreed(domain, build)
+
+    def _global_domain(self, example_inputs) -> tuple[Domain, MeshDomain | None]:
+        """The domain of a global-view graph: the group of the options, else the DomainTensors' own (when
+        they agree on one); a mesh when they are split over several axes (``mesh``: its MeshDomain)."""
+        names = {x._spec.group_name for x in example_inputs if isinstance(x, DomainTensor)}
+        on_mesh = any(isinstance(x, DomainTensor) and not isinstance(x._spec, DomainSpec) for x in example_inputs)
+        if not on_mesh:
+            group = self.group if self.group is not None else (names.pop() if len(names) == 1 else None)
+            return Domain.from_group(group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis), None
+        if len(names) != 1:
+            raise FxHaloError(
+                f"the model's DomainTensor inputs are split over different domains (groups {sorted(names)}); a "
+                "compiled region runs on one. Remedy: make every input with fxhalo.from_local(..., group=mesh) "
+                "on the same mesh and mesh axes"
+            )
+        mesh = mesh_of(names.pop())
+        if self.group is not None and is_mesh(self.group):
+            given = mesh_domain(self.group, mesh.shard_dims, self.mesh_axis)
+            if given.whole.group_name != mesh.whole.group_name:
+                raise FxHaloError(
+                    "options={'group': ...} names another mesh (or other mesh axes) than the one the DomainTensor "
+                    "inputs are split over. Remedy: leave 'group' out; the DomainTensors carry their mesh"
+                )
+        return mesh.whole, mesh
 
 
 def _agreed(domain: Domain, build: Callable) -> Callable:
@@ -211,24 +227,29 @@ def _agreed(domain: Domain, build: Callable) -> Callable:
     return compiled
 
 
-def output_specs(gm: torch.fx.GraphModule, domain: Domain) -> list:
-    """For each output of the local program: the :class:`~fxhalo.tensor.DomainSpec` of a sharded one,
-    ``None`` for a replicated one (returned as a plain tensor, whole on every rank)."""
+def output_specs(gm: torch.fx.GraphModule, ctx: PassContext) -> list:
+    """For each output of the local program: the spec of a sharded one (a :class:`~fxhalo.tensor.DomainSpec`,
+    on a mesh a :class:`~fxhalo.tensor.MeshSpec`), ``None`` for a replicated one (returned as a plain
+    tensor, whole on every rank)."""
+    axes = ctx.mesh.axes if ctx.on_mesh else (ctx.domain,)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     specs = []
     for arg in pytree.tree_leaves(out_node.args[0]):
-        s = sharding_of(arg)
-        if not isinstance(s, Sharded):
+        layout = layout_of(arg)
+        entries = layout.axes if isinstance(layout, Layout) else (None,) * len(axes)
+        per_axis = []
+        for axis, s in zip(axes, entries):
+            if isinstance(s, Sharded) and not s.contiguous:
+                raise FxHaloError(
+                    f"the compiled graph returns '{arg.name}', whose shards are interleaved with another dim ({s}); "
+                    "a DomainTensor holds one block of rows per rank. Remedy: return the value before the reshape "
+                    "that merged the sharded dim under another dim, or reshape it back inside the model."
+                )
+            per_axis.append(DomainSpec(axis.group_name, s.dim, axis.lengths(s.global_length)) if s else None)
+        if not any(per_axis):
             specs.append(None)
-            continue
-        if not s.contiguous:
-            raise FxHaloError(
-                f"the compiled graph returns '{arg.name}', whose shards are interleaved with another dim ({s}); "
-                "a DomainTensor holds one block of rows per rank. Remedy: return the value before the reshape "
-                "that merged the sharded dim under another dim, or reshape it back inside the model."
-            )
-        lengths = domain.lengths(s.global_length)
-        specs.append(DomainSpec(domain.group_name, s.dim, lengths))
+        else:
+            specs.append(MeshSpec(ctx.domain.group_name, tuple(per_axis)) if ctx.on_mesh else per_axis[0])
     return specs
 
 

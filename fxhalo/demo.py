@@ -38,10 +38,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .construct import shard
 from .domain import Domain
 from .launch import run_ranks
 from .models import SmallUNet
-from .tensor import gather, shard
+from .tensor import gather
 
 #: parity verdict: the largest parameter difference allowed after training (fp32 sums in a
 #: different order drift by ~1e-7 per step; Adam's normalised steps can amplify that a little)

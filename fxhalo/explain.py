@@ -76,11 +76,11 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
-from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
+from .mesh import MeshDomain, mesh_domain, mesh_of, on_several_axes, simulated_rank
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
-from .tensor import as_meta, meta_domain_tensor
+from .tensor import DomainTensor, MeshSpec, as_meta, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Collective", "Row", "Explanation", "explain"]
@@ -121,11 +121,16 @@ def explain(
     if unknown:
         raise FxHaloError(f"unknown domain_parallel option(s) {unknown}")
     settings = DomainParallelBackend(**options)  # validates them as the backend would
+    on_mesh = {x.spec.group_name for x in local_inputs if isinstance(x, DomainTensor) and isinstance(x.spec, MeshSpec)}
+    if on_mesh:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
+        mesh = mesh_of(on_mesh.pop())
+        return _explain(model, tuple(as_meta(x) for x in local_inputs), mesh.whole, settings, mesh)
     if on_several_axes(settings.shard_dim, settings.group):
         if global_view:
             raise FxHaloError(
-                "fxhalo.explain(global_view=True) on a mesh of several axes: the global view (DomainTensors) does "
-                "not run on a mesh yet. Remedy: explain one rank's local block (global_view=False)"
+                "fxhalo.explain(global_view=True) on a mesh of several axes from plain tensors is not supported "
+                "yet. Remedy: pass the DomainTensors themselves (fxhalo.shard(x, shard_dim=(2, 3), group=mesh)) "
+                "inside the job, or explain one rank's local block (global_view=False)"
             )
         with _mesh(settings, world_size, rank) as mesh:
             return _explain(model, tuple(as_meta(x) for x in local_inputs), mesh.whole, settings, mesh)
@@ -294,10 +299,8 @@ def _context(domain: Domain, settings, gm, example_inputs, mesh=None) -> PassCon
         for name in ("grad_sync", "fuse_exchanges")
         if name in fields and hasattr(settings, name)
     }
-    from .tensor import DomainTensor
-
     if any(isinstance(x, DomainTensor) for x in example_inputs):  # traced at global shapes
-        return PassContext(domain, fallback=settings.fallback, global_view=True, **extra)
+        return PassContext(domain, fallback=settings.fallback, global_view=True, mesh=mesh, **extra)
     return PassContext(
         domain,
         dict(settings.input_shard_dims),

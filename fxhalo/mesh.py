@@ -25,7 +25,16 @@ import torch.distributed as dist
 from .domain import Domain, ShardAxis
 from .errors import FxHaloError
 
-__all__ = ["MeshDomain", "mesh_domain", "whole_group", "whole_coords", "is_mesh", "on_several_axes", "simulated_rank"]
+__all__ = [
+    "MeshDomain",
+    "mesh_domain",
+    "mesh_of",
+    "whole_group",
+    "whole_coords",
+    "is_mesh",
+    "on_several_axes",
+    "simulated_rank",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +124,26 @@ def mesh_domain(group, shard_dims, mesh_axes=None) -> MeshDomain:
         at = {int(g): c for c, g in zip(itertools.product(*map(range, sub.mesh.shape)), sub.mesh.flatten().tolist())}
         _COORDS[whole.group_name] = tuple(at[g] for g in dist.get_process_group_ranks(pg))
     _WHOLE[tuple(a.group_name for a in axes)] = whole.group_name
-    return MeshDomain(axes, whole, tuple(str(names[a]) if isinstance(a, int) and names else str(a) for a in mesh_axes))
+    labels = tuple(str(names[a]) if isinstance(a, int) and names else str(a) for a in mesh_axes)
+    domain = MeshDomain(axes, whole, labels)
+    if len(axes) > 1:
+        _MESHES[whole.group_name] = domain
+    return domain
+
+
+#: the whole domain's group name -> its MeshDomain (the last one built on this rank), for DomainTensors,
+#: which carry group names (fxhalo.tensor.MeshSpec)
+_MESHES: dict[str, MeshDomain] = {}
+
+
+def mesh_of(whole_group_name: str) -> MeshDomain:
+    """The :class:`MeshDomain` whose whole domain is ``whole_group_name`` (built by :func:`mesh_domain`)."""
+    if whole_group_name not in _MESHES:
+        raise FxHaloError(
+            f"no mesh domain with the whole group {whole_group_name!r} was set up on this rank; make the "
+            "DomainTensors with fxhalo.from_local(..., group=mesh) or fxhalo.shard(..., group=mesh)"
+        )
+    return _MESHES[whole_group_name]
 
 
 def whole_group(axes: tuple[ShardAxis, ...]) -> str:

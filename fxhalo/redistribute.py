@@ -153,7 +153,8 @@ def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int | None = None, grou
 
     Differentiable: the backward is the reverse move.
     """
-    from .tensor import DomainTensor, from_local
+    from .construct import from_local
+    from .tensor import DomainTensor
 
     if isinstance(x, DomainTensor):
         dim, lengths = src_dim % x.ndim, dst_lengths if dst_dim is None else dst_dim

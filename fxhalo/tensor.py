@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -32,7 +30,7 @@ from . import domain as _domain
 from .domain import Partitioned, all_gather_rows, balanced_lengths, resolve_group
 from .errors import FxHaloError
 
-__all__ = ["DomainSpec", "DomainTensor", "from_local", "shard", "gather", "gather_domain_tensor", "from_dtensor"]
+__all__ = ["DomainSpec", "MeshSpec", "DomainTensor", "gather", "gather_domain_tensor", "wrap_local"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +59,54 @@ class DomainSpec:
         start = sum(self.lengths[:rank])
         return start, start + self.lengths[rank]
 
+    @property
+    def axis_specs(self) -> tuple[DomainSpec, ...]:
+        """One spec per sharded mesh axis: this one (:class:`fxhalo.tensor.MeshSpec` has several)."""
+        return (self,)
+
+    @property
+    def shard_dim(self) -> int:
+        return self.dim
+
+    @property
+    def partition(self) -> tuple[int, ...]:
+        return self.lengths
+
     def __str__(self) -> str:
         return f"Shard(dim={self.dim}, partition={list(self.lengths)}, group={self.group_name!r})"
+
+
+def global_shape_of(local_shape, spec) -> tuple[int, ...]:
+    """The global shape of a slab of ``local_shape`` laid out as ``spec`` (one axis or several)."""
+    shape = list(local_shape)
+    for a in spec.axis_specs:
+        shape[a.dim] = a.global_length
+    return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """How a DomainTensor is split over the domain axes of a mesh whose whole domain is ``group_name``:
+    per axis (mesh-axis order), a :class:`~fxhalo.tensor.DomainSpec` or ``None`` (whole along it)."""
+
+    group_name: str
+    axes: tuple[DomainSpec | None, ...]
+
+    @property
+    def axis_specs(self) -> tuple[DomainSpec, ...]:
+        return tuple(a for a in self.axes if a is not None)
+
+    @property
+    def shard_dim(self) -> tuple[int, ...]:
+        return tuple(a.dim for a in self.axis_specs)
+
+    @property
+    def partition(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(a.lengths for a in self.axis_specs)
+
+    def __str__(self) -> str:
+        parts = ", ".join("R" if a is None else f"dim {a.dim}: {list(a.lengths)}" for a in self.axes)
+        return f"Shard(mesh axes: {parts}; group={self.group_name!r})"
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -116,10 +160,7 @@ class DomainTensor(torch.Tensor):
     def __new__(
         cls, local: torch.Tensor, spec: DomainSpec, shape=None, requires_grad: bool = False, device=None, strides=None
     ):
-        if shape is None:
-            shape = list(local.shape)
-            shape[spec.dim] = spec.global_length
-        shape = tuple(shape)
+        shape = global_shape_of(local.shape, spec) if shape is None else tuple(shape)
         return torch.Tensor._make_wrapper_subclass(
             cls,
             shape,
@@ -151,13 +192,14 @@ class DomainTensor(torch.Tensor):
         return self._spec
 
     @property
-    def partition(self) -> tuple[int, ...]:
-        """Every rank's length along the sharded dim."""
-        return self._spec.lengths
+    def partition(self):
+        """Every rank's length along the sharded dim (on a mesh: a tuple of them per sharded axis)."""
+        return self._spec.partition
 
     @property
-    def shard_dim(self) -> int:
-        return self._spec.dim
+    def shard_dim(self):
+        """The sharded dim (on a mesh: one per sharded axis, in mesh-axis order)."""
+        return self._spec.shard_dim
 
     def to_local(self) -> torch.Tensor:
         """This rank's slab (differentiable: its gradient flows back to this DomainTensor)."""
@@ -294,114 +336,6 @@ def _static(x: DomainTensor) -> DomainTensor:
     return x
 
 
-def from_local(
-    x_local: torch.Tensor,
-    shard_dim: int = 2,
-    group=None,
-    lengths=None,
-    *,
-    like: DomainTensor | None = None,
-    run_check: bool = True,
-) -> DomainTensor:
-    """Wrap this rank's slab ``x_local`` of a global tensor sharded along ``shard_dim`` over ``group``.
-
-    ``lengths`` lists every rank's length along ``shard_dim`` (any partition);
-    ``None`` asks the group.  ``like=`` takes another DomainTensor's group, dim and
-    partition.  With ``run_check`` (the default; always when ``lengths`` is
-    ``None``) one small all-gather over the default group checks that every rank agrees
-    on the group, the dim, the other dims and the lengths, and every rank raises
-    :class:`FxHaloError` together otherwise (so every rank of the job calls it together).
-    Differentiable: the gradient of the DomainTensor flows to ``x_local``.
-    """
-    if like is not None:
-        group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
-    pg = resolve_group(group)
-    dim = shard_dim + x_local.ndim if shard_dim < 0 else shard_dim
-    if not 0 <= dim < x_local.ndim:
-        raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x_local.ndim}-D tensor")
-    size, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    if lengths is not None:
-        lengths = tuple(int(n) for n in lengths)
-    if run_check or lengths is None:
-        lengths = _agreed_lengths(x_local, dim, lengths, pg, size)
-    elif len(lengths) != size or lengths[rank] != x_local.shape[dim]:
-        raise FxHaloError(
-            f"fxhalo.from_local: lengths {list(lengths)} do not fit this rank ({rank} of {size}), "
-            f"which holds {x_local.shape[dim]} rows along dim {dim}"
-        )
-    return wrap_local(x_local, DomainSpec(pg.group_name, dim, lengths))
-
-
-def _agreed_lengths(x_local, dim, lengths, pg, size) -> tuple[int, ...]:
-    """Every rank's length along ``dim``, after checking (one all-gather) that the ranks agree.
-
-    The all-gather runs over the default group, which every rank joins, not over ``pg``:
-    ranks that passed different groups would otherwise each wait in a collective of their
-    own.  Each rank then checks the members of its group: the same group, dim, other dims
-    and lengths.  (So every rank of the job calls ``from_local`` together, as in SPMD
-    training; ``run_check=False`` with ``lengths`` skips the check.)
-    """
-    members = dist.get_process_group_ranks(pg)
-    others = [n for d, n in enumerate(x_local.shape) if d != dim]
-    mine = [
-        _digest(members, pg.group_name),
-        dim,
-        x_local.ndim,
-        x_local.shape[dim],
-        math.prod(others),
-        _digest(others),
-        -1 if lengths is None else _digest(lengths),
-    ]
-    got = [torch.zeros(len(mine), dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(got, torch.tensor(mine, dtype=torch.int64))
-    rows = [got[r].tolist() for r in members]
-    found = tuple(r[3] for r in rows)
-    problems = []
-    strangers = [q for q, r in zip(members, rows) if r[0] != mine[0]]
-    if strangers:
-        problems.append(f"ranks {strangers} of this rank's group passed another process group")
-    elif len({(r[1], r[2]) for r in rows}) != 1:
-        problems.append(f"the ranks shard different dims or ranks of tensor: (dim, ndim) = {[r[1:3] for r in rows]}")
-    elif len({(r[4], r[5]) for r in rows}) != 1:
-        problems.append("the ranks' slabs differ in a dim that is not sharded")
-    elif lengths is not None and (len({r[6] for r in rows}) != 1 or lengths != found):
-        problems.append(f"the lengths given, {list(lengths)}, are not the lengths the ranks hold, {list(found)}")
-    if problems:
-        raise FxHaloError("fxhalo.from_local: " + "; ".join(problems) + ". Every rank raises this.")
-    return found
-
-
-def _digest(*values) -> int:
-    """A hash that is the same in every process (``hash`` of a str is salted per process)."""
-    return zlib.crc32(repr(values).encode())
-
-
-def shard(
-    x: torch.Tensor, shard_dim: int = 2, group=None, lengths=None, *, like: DomainTensor | None = None
-) -> DomainTensor:
-    """The DomainTensor of a global tensor ``x`` every rank holds: each rank keeps its rows.
-
-    ``lengths`` picks the partition (default balanced: the first ``N % P`` ranks hold one
-    extra row); ``like=`` takes another DomainTensor's group, dim and partition, to slice a
-    target as the model's output is split.  No communication; differentiable (each rank's
-    slab's gradient flows to its rows of ``x``).  ``fxhalo.shard(x).to_local()`` is the plain
-    slab the plain path and the eager modules take (:func:`fxhalo.domain.shard`).
-    """
-    if like is not None:
-        group, shard_dim, lengths = like._spec.group_name, like._spec.dim, like._spec.lengths
-    pg = resolve_group(group)
-    size, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    dim = shard_dim + x.ndim if shard_dim < 0 else shard_dim
-    if not 0 <= dim < x.ndim:
-        raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x.ndim}-D tensor")
-    lengths = balanced_lengths(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
-    if len(lengths) != size or sum(lengths) != x.shape[dim] or min(lengths) < 0:
-        raise FxHaloError(f"fxhalo.shard: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks")
-    spec = DomainSpec(pg.group_name, dim, lengths)
-    start, stop = spec.bounds(rank)
-    return wrap_local(x.narrow(dim, start, stop - start).contiguous(), spec)
-
-
 def gather(y: torch.Tensor, shard_dim: int = 2, group=None) -> torch.Tensor:
     """The whole tensor, on every rank (differentiable): of a DomainTensor (which carries its dim,
     group and partition), or of plain slabs sharded along ``shard_dim`` by the balanced rule
@@ -418,34 +352,25 @@ def gather_domain_tensor(x: DomainTensor) -> torch.Tensor:
 
 
 class _Gather(torch.autograd.Function):
+    """Along each sharded axis in turn (one all-gather per axis; a mesh's second gathers whole rows of
+    the first's blocks)."""
+
     @staticmethod
     def forward(ctx, x, spec):
         ctx.spec = spec
-        pg = resolve_group(spec.group_name)
-        ctx.rank = dist.get_rank(pg)
-        if len(spec.lengths) == 1:
-            return x._local.clone()
-        return all_gather_rows(x._local, spec.dim, spec.lengths, spec.group_name).contiguous()
+        ctx.ranks = [dist.get_rank(resolve_group(a.group_name)) for a in spec.axis_specs]
+        out = x._local
+        for a in spec.axis_specs:
+            if len(a.lengths) > 1:
+                out = all_gather_rows(out, a.dim, a.lengths, a.group_name)
+        return out.contiguous() if out is not x._local else out.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        a, b = ctx.spec.bounds(ctx.rank)
-        return DomainTensor(grad.narrow(ctx.spec.dim, a, b - a).contiguous(), ctx.spec), None
-
-
-def from_dtensor(dt) -> DomainTensor:
-    """A DomainTensor of a DTensor sharded along one tensor dim of a 1-D mesh (``Shard(d)``), no copy.
-
-    DTensor splits like ``torch.chunk``: the lengths are asked from the group.
-    """
-    from torch.distributed.tensor import Shard
-
-    placements = dt.placements
-    if len(placements) != 1 or not isinstance(placements[0], Shard):
-        raise FxHaloError(
-            f"fxhalo.from_dtensor takes a DTensor sharded along one dim of a 1-D mesh, got placements {placements}"
-        )
-    return from_local(dt.to_local(), placements[0].dim, dt.device_mesh.get_group())
+        for a, rank in zip(ctx.spec.axis_specs, ctx.ranks):
+            start, stop = a.bounds(rank)
+            grad = grad.narrow(a.dim, start, stop - start)
+        return DomainTensor(grad.contiguous(), ctx.spec), None
 
 
 def to_dtensor(x: DomainTensor, mesh=None):
@@ -454,6 +379,11 @@ def to_dtensor(x: DomainTensor, mesh=None):
     from torch.distributed.tensor import DTensor, Shard
 
     spec = x._spec
+    if not isinstance(spec, DomainSpec):
+        raise FxHaloError(
+            f"fxhalo.to_dtensor takes a DomainTensor sharded along one dim; this one is split over a mesh ({spec}). "
+            "Remedy: DTensor.from_local(x.to_local(), mesh, [Shard(d) for d in x.shard_dim], shape=x.shape)"
+        )
     pg = resolve_group(spec.group_name)
     chunks = [len(c) for c in torch.arange(spec.global_length).chunk(len(spec.lengths))]
     chunks += [0] * (len(spec.lengths) - len(chunks))

@@ -84,8 +84,9 @@ def validate(
     if on_several_axes(shard_dim, group):
         if global_view or any(isinstance(x, DomainTensor) for x in _as_args(example_local_input)):
             raise FxHaloError(
-                "fxhalo.validate(global_view=True) on a mesh of several axes: the global view (DomainTensors) does "
-                "not run on a mesh yet. Remedy: validate one rank's local block (global_view=False)"
+                "fxhalo.validate(global_view=True) on a mesh of several axes is not supported yet (the global view "
+                "runs on a mesh, but validate does not simulate it). Remedy: validate one rank's local block "
+                "(global_view=False), or call fxhalo.explain(model, x) on the mesh DomainTensors inside the job"
             )
         mesh = _mesh(group, tuple(shard_dim), world_size, rank)
         shard_dim, world_size, rank = mesh.whole.shard_dim, mesh.whole.size, mesh.whole.rank

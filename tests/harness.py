@@ -159,13 +159,12 @@ def check_global_view(
 
     ref_in, ref, grad_out, ref_grads = _one_device(model, x, seed)
     x_local, x_global = _domain_input(x, shard_dim, lengths, group)
-    options = {"compiler": sweep_compiler(torch.distributed.get_world_size(group)), **(options or {})}
+    options = {"compiler": sweep_compiler(_world_size(group)), **(options or {})}
     y = torch.compile(model, backend="domain_parallel", options=options, fullgraph=fullgraph)(x_global)
     if not isinstance(y, fxhalo.DomainTensor):
         raise AssertionError(f"the output is a {type(y).__name__}, not a DomainTensor")
-    rank = torch.distributed.get_rank(group)
-    y.to_local().backward(_rows(grad_out, y, rank))
-    return _global_checks(model, y, x_local, x_global, (ref_in, ref, grad_out, ref_grads), rank)
+    y.to_local().backward(_rows(grad_out, y))
+    return _global_checks(model, y, x_local, x_global, (ref_in, ref, grad_out, ref_grads))
 
 
 def _domain_input(x, shard_dim, lengths, group):
@@ -178,18 +177,30 @@ def _domain_input(x, shard_dim, lengths, group):
     return x_local, fxhalo.from_local(x_local, shard_dim, group, lengths=whole.partition, run_check=group is None)
 
 
-def _rows(t: torch.Tensor, like, rank: int) -> torch.Tensor:
-    """The rows of the global ``t`` that ``rank`` holds of the DomainTensor ``like``."""
-    a, b = like.spec.bounds(rank)
-    return t.narrow(like.spec.dim, a, b - a)
+def _rows(t: torch.Tensor, like) -> torch.Tensor:
+    """The rows of the global ``t`` that this rank holds of the DomainTensor ``like`` (its block, on a mesh:
+    along each sharded axis, the rows of this rank's coordinate)."""
+    from fxhalo.domain import resolve_group
+
+    for a in like.spec.axis_specs:
+        start, stop = a.bounds(torch.distributed.get_rank(resolve_group(a.group_name)))
+        t = t.narrow(a.dim, start, stop - start)
+    return t
 
 
-def _global_checks(model, y, x_local, x_global, reference, rank: int) -> dict:
+def _world_size(group) -> int:
+    """The ranks of ``group``: a process group (``None``: WORLD) or a ``DeviceMesh``."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return group.size() if isinstance(group, DeviceMesh) else torch.distributed.get_world_size(group)
+
+
+def _global_checks(model, y, x_local, x_global, reference) -> dict:
     """``{check: (ok, max_err)}`` of a backward-run global-view output ``y`` against one device's ``reference``
     (``(input, output, upstream gradient, weight gradients)``, as :func:`_one_device` returns)."""
     ref_in, ref, _, ref_grads = reference
-    checks = {"out": close(y.to_local(), _rows(ref.detach(), y, rank))}
-    checks["grad_in"] = close(x_local.grad, _rows(ref_in.grad, x_global, rank))
+    checks = {"out": close(y.to_local(), _rows(ref.detach(), y))}
+    checks["grad_in"] = close(x_local.grad, _rows(ref_in.grad, x_global))
     for (name, p), want in zip(model.named_parameters(), ref_grads):
         if want is None:  # a parameter the forward never reads: no gradient here either (or zeros)
             checks["grad_" + name] = (p.grad is None or not p.grad.any(), 0.0)
@@ -286,7 +297,7 @@ def check_many_against_one_device(
     return results
 
 
-def check_many_global_view(cases, *, group=None, options=None, shard_dim: int = 2) -> list[dict]:
+def check_many_global_view(cases, *, group=None, options=None, shard_dim: int | tuple = 2) -> list[dict]:
     """:func:`check_global_view` for many independent ``(model, x, lengths)`` cases, compiled as ONE graph.
 
     One Dynamo trace and one backend compile cover every case (compiling is what costs time
@@ -299,16 +310,15 @@ def check_many_global_view(cases, *, group=None, options=None, shard_dim: int = 
     refs = [_one_device(model, x, 0) for model, x, _ in cases]
     inputs = [_domain_input(x, shard_dim, lengths, group) for _, x, lengths in cases]
     torch._dynamo.reset()
-    compiler = sweep_compiler(torch.distributed.get_world_size(group))
+    compiler = sweep_compiler(_world_size(group))
     compiled = torch.compile(
         _Batch([m for m, _, _ in cases]),
         backend="domain_parallel",
         options={"compiler": compiler, **(options or {})},
     )
-    rank = torch.distributed.get_rank(group)
     try:
         ys = compiled(*(x_global for _, x_global in inputs))
-        ups = [_rows(grad_out, y, rank) for y, (_, _, grad_out, _) in zip(ys, refs)]
+        ups = [_rows(grad_out, y) for y, (_, _, grad_out, _) in zip(ys, refs)]
         torch.autograd.backward([y.to_local() for y in ys], ups)
     except Exception:
         return [
@@ -316,7 +326,7 @@ def check_many_global_view(cases, *, group=None, options=None, shard_dim: int = 
             for m, x, lengths in cases
         ]
     return [
-        _global_checks(model, y, x_local, x_global, ref, rank)
+        _global_checks(model, y, x_local, x_global, ref)
         for (model, _, _), y, (x_local, x_global), ref in zip(cases, ys, inputs, refs)
     ]
 

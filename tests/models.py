@@ -44,3 +44,19 @@ class GridModel(nn.Module):
         y = F.gelu(self.lift(torch.cat([x, gy, gx], 1)))
         y = F.interpolate(self.down(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.proj(y) * torch.cos(gy)
+
+
+class NormsOverBoth(nn.Module):
+    """LayerNorm over (C, H, W) and RMSNorm over (H, W), at the global sizes, after a conv."""
+
+    def __init__(self, c, h, w):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.ln = nn.LayerNorm([c, h, w])
+        self.rms = nn.RMSNorm([h, w])
+        with torch.no_grad():  # affine terms away from (1, 0), so their effect and gradients show
+            for p in (self.ln.weight, self.ln.bias, self.rms.weight):
+                p.add_(0.3 * torch.randn_like(p))
+
+    def forward(self, x):
+        return self.rms(self.ln(self.conv(x)))

@@ -294,18 +294,16 @@ def _local_op(input, sdim, nd, plan, size, scale_factor, mode, align_corners, re
 
 
 def _several_axes_interpolate(args, kwargs) -> bool:
-    """A scale factor (``size`` would give other sharded dims global lengths), a mode fxhalo splits, no
-    antialias, no recomputed scale: what :func:`_interpolate_on_axes` handles."""
-    size, mode = args[1], args[3]
-    recompute, antialias = args[5], args[6]
-    return size is None and mode in MODES and not antialias and not recompute
+    """A mode fxhalo splits, without antialias: what :func:`_interpolate_on_axes` handles."""
+    mode, antialias = args[3], args[6]
+    return mode in MODES and not antialias
 
 
-def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
+def _interpolate_on_axes(input, size, scale_factor, mode, align_corners, recompute, axes):
     """:func:`interpolate` on several sharded dims: the taps of every sharded dim in one exchange (the
     block's halo, :mod:`fxhalo.block_halo`), each sharded dim resampled from them in turn, then torch
     resamples the others.  Linear, cubic and nearest resampling are separable, so the dims may go one
-    at a time."""
+    at a time.  A ``size`` is global along every sharded dim, as in 1-D."""
     nd = input.ndim - 2
     align = bool(align_corners) if mode not in _NEAREST else False
     exchanges, resamples = {}, []
@@ -315,8 +313,8 @@ def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
         sdim = spatial_index(input.ndim, nd, dim)
         if sdim is None:
             continue
-        what = f"interpolate (mode {mode!r}, scale_factor {scale_factor})"
-        resize = dim_resize(domain.global_length(input.shape[dim], length), None, scale_factor, None, sdim, nd)
+        what = f"interpolate (mode {mode!r}, size {size}, scale_factor {scale_factor})"
+        resize = dim_resize(domain.global_length(input.shape[dim], length), size, scale_factor, recompute, sdim, nd)
         plan = plan_interpolate(
             mode, nd, sdim, resize, align, input.dtype == torch.float64, input.device.type, domain, what, True
         )
@@ -325,7 +323,7 @@ def _interpolate_on_axes(input, scale_factor, mode, align_corners, axes):
     x = exchange_on_axes(input, axes, exchanges)
     for dim, _, plan in resamples:
         x = _resample_rows(x, dim, plan)
-    return _other_axes(x, {sdim for _, sdim, _ in resamples}, nd, None, scale_factor, None, mode, align)
+    return _other_axes(x, {sdim for _, sdim, _ in resamples}, nd, size, scale_factor, recompute, mode, align)
 
 
 @several_axes(when=_several_axes_interpolate)
@@ -346,7 +344,9 @@ def interpolate(
     modes other than :data:`MODES` are refused (raise :class:`~fxhalo.errors.FxHaloError`).
     """
     if len(axes) > 1:
-        return _interpolate_on_axes(input, scale_factor, mode, align_corners, each_axis(axes))
+        return _interpolate_on_axes(
+            input, size, scale_factor, mode, align_corners, recompute_scale_factor, each_axis(axes)
+        )
     shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     nd = input.ndim - 2

@@ -133,11 +133,13 @@ def gather_mesh_input_lengths(mesh: MeshDomain, local: dict | None, error: BaseE
     return out
 
 
-def _axes_text(value):
-    """Kernel axes without their group names: ranks of different lines of a mesh name their axis groups
-    differently, and compile the same thing."""
+def _axes_text(key, value):
+    """Kernel axes and groups without their group names: ranks of different lines of a mesh name their axis
+    groups differently, and compile the same thing (a group is compared by its size)."""
     if isinstance(value, tuple) and value and all(isinstance(a, ShardAxis) for a in value):
         return tuple((a.dim, a.global_length) for a in value)
+    if key == "group_name" and isinstance(value, str):
+        return f"a group of {dist.get_world_size(dist.distributed_c10d._resolve_process_group(value))} ranks"
     return value
 
 
@@ -153,7 +155,7 @@ def fingerprint(gm: torch.fx.GraphModule) -> list[str]:
             out.append(f"input {n.name} {_shape(n)} {layout}")
         elif n.op == "call_function" and getattr(n.target, "__module__", "").startswith("fxhalo."):
             shapes = [_shape(a) for a in n.all_input_nodes]
-            kwargs = sorted((k, _axes_text(v)) for k, v in n.kwargs.items())
+            kwargs = sorted((k, _axes_text(k, v)) for k, v in n.kwargs.items())
             out.append(f"{n.target.__module__}.{n.target.__name__} {n.name} {shapes} {kwargs}")
     return out
 

@@ -12,7 +12,9 @@ After::
     return (loss_1, y)
 
 and likewise ``replicated_input`` after each replicated activation input that
-requires grad.  With ``grad_sync`` (the default) the parameters that require grad
+requires grad.  On a mesh, a value sharded along some axes and whole along another
+(a zonal mean: sharded along H, whole along W) is replicated over that axis's ranks,
+and gets the same treatment over that axis's group.  With ``grad_sync`` (the default) the parameters that require grad
 are read through :func:`fxhalo.ops.grad.synced_params`, in buckets of at most
 :data:`BUCKET_BYTES` of one dtype, so that their gradients leave the backward
 summed over the domain group: one all_reduce per bucket.  Buckets are filled
@@ -28,7 +30,8 @@ import operator
 import torch
 from torch.utils import _pytree as pytree
 
-from ..layout import LAYOUT, example_value, layout_of
+from ..errors import FxHaloError
+from ..layout import LAYOUT, Layout, example_value, layout_of
 from ..ops import grad as grad_ops
 from .context import PassContext
 from .propagate import is_state
@@ -91,19 +94,40 @@ def sync_parameter_grads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     return len(buckets)
 
 
+def _copies(node, ctx: PassContext) -> tuple[str, int] | None:
+    """``(group, ranks)`` of the ranks that hold the same copy of ``node``'s value: the whole domain for a
+    replicated value; on a mesh, for a value sharded along some axes only, the ranks of the others (the
+    group of the one such axis; two of three is refused).  ``None`` for a value no two ranks share."""
+    layout = layout_of(node)
+    if not _sharded(node):
+        return ctx.domain.group_name, ctx.domain.size
+    if not ctx.on_mesh or not isinstance(layout, Layout):
+        return None
+    whole = [axis for axis, e in zip(ctx.mesh.axes, layout.axes) if e is None and axis.size > 1]
+    if not whole:
+        return None
+    if len(whole) > 1:
+        raise FxHaloError(
+            f"graph input or output '{node.name}' is sharded along one axis of a 3-D mesh and whole along two "
+            "(its gradient would be summed over a group fxhalo does not make). Remedy: shard it along every "
+            "axis, or along none"
+        )
+    return whole[0].group_name, whole[0].size
+
+
 def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     graph, changed = gm.graph, 0
-    group = ctx.domain.group_name
     if ctx.grad_sync:
         changed += sync_parameter_grads(gm, ctx)
     for node in list(graph.nodes):
-        if node.op != "placeholder" or _sharded(node):
+        if node.op != "placeholder" or is_state(node) or not _needs_grad(node) or not node.users:
             continue
-        if is_state(node) or not _needs_grad(node) or not node.users:
+        copies = _copies(node, ctx)
+        if copies is None:
             continue
         users = list(node.users)
         with graph.inserting_after(node):
-            new = graph.call_function(grad_ops.replicated_input, (node,), {"group_name": group})
+            new = graph.call_function(grad_ops.replicated_input, (node,), {"group_name": copies[0]})
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", LAYOUT)})
         for user in users:
             user.replace_input_with(node, new)
@@ -113,10 +137,11 @@ def wrap_replicated_boundaries(gm: torch.fx.GraphModule, ctx: PassContext) -> in
     leaves, spec = pytree.tree_flatten(output.args[0])
     new_leaves = []
     for leaf in leaves:
-        if isinstance(leaf, torch.fx.Node) and not _sharded(leaf) and _needs_grad(leaf):
+        copies = _copies(leaf, ctx) if isinstance(leaf, torch.fx.Node) and _needs_grad(leaf) else None
+        if copies is not None:
             with graph.inserting_before(output):
                 wrapped = graph.call_function(
-                    grad_ops.replicated_output, (leaf,), {"group_name": group, "size": ctx.domain.size}
+                    grad_ops.replicated_output, (leaf,), {"group_name": copies[0], "size": copies[1]}
                 )
             wrapped.meta.update({k: v for k, v in leaf.meta.items() if k in ("val", "example_value", LAYOUT)})
             new_leaves.append(wrapped)

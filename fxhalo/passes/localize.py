@@ -56,12 +56,14 @@ from ..layout import (
     as_layout,
     example_value,
     is_tensor_node,
+    layout_of,
     sharding_of,
 )
 from ..layout import split as layout_split
 from ..ops import moves
 from ..rules import DECISION
 from ..rules.local import Elementwise
+from ..rules.norm import Norm
 from ..rules.shape import Cat, assigned_dim, reshape_sharding
 from .context import PassContext
 
@@ -83,6 +85,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
     from . import propagate
 
     mode = _fake_mode(gm)
+    axis_ctxs = ctx.along_each_axis() if ctx.on_mesh else None  # made once, not per node
     count = 0
     for node in list(gm.graph.nodes):
         node.meta.pop(DECISION, None)
@@ -95,7 +98,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
             node.meta[GLOBAL_VALUE] = example_value(node)
             _set_value(node, _plain(example_value(node)))
             try:
-                out = _decide(node, ctx, mode, propagate)
+                out = _decide(node, ctx, mode, axis_ctxs)
             except FxHaloError as e:
                 if problems is None:
                     raise
@@ -103,6 +106,8 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
                 out = propagate._best_guess(node)
             _set_value(node, _local_value(node, out, mode))
         layout = as_layout(out)
+        if ctx.on_mesh and layout == Layout.replicated():  # replicated along every mesh axis
+            layout = Layout.replicated(len(ctx.mesh.axes))
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
         if node.op in ("call_function", "call_method") and not layout.is_sharded:
@@ -110,19 +115,25 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
     return count
 
 
-def _decide(node, ctx, mode, propagate):
+def _decide(node, ctx, mode, axis_ctxs):
+    from .propagate import decide_node
+
     _localize_shape_args(node, ctx, mode)
-    _align_operands(node, ctx, mode)
-    _shard_assigned_target(node, ctx, mode)
+    if ctx.on_mesh:
+        _align_operands_on_mesh(node, ctx, mode)
+    else:
+        _align_operands(node, ctx, mode)
+        _shard_assigned_target(node, ctx, mode)
     _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
     try:
-        decision = propagate._decide(node, ctx)
+        decision = decide_node(node, ctx, axis_ctxs)
     except FxHaloError as e:
-        if not isinstance(e, TooShort) and not isinstance(e.__context__, TooShort):
+        too_short = isinstance(e, TooShort) or isinstance(e.__context__, TooShort)
+        if not too_short or ctx.on_mesh:  # on a mesh, no gathered computation yet: the refusal stands
             raise
         _gather_sharded_inputs(node, ctx, mode)
         _set_value(node, _run_fake(node, mode, fallback=_plain(node.meta[GLOBAL_VALUE])))
-        decision = propagate._decide(node, ctx)
+        decision = decide_node(node, ctx, axis_ctxs)
     node.meta[DECISION] = decision
     return decision.out
 
@@ -137,6 +148,17 @@ def _input_layout(node, ctx: PassContext):
     if not isinstance(val, DomainTensor):
         return None  # parameters, buffers and plain tensors: replicated, as the user passed them whole
     spec = val.spec
+    mode = _fake_mode(node.graph.owning_module)
+    if ctx.on_mesh:  # the backend checked that every input is split over this mesh
+        node.meta[GLOBAL_VALUE] = val
+        out = Layout(
+            tuple(
+                None if a is None else Sharded(a.dim, a.lengths[axis.rank], a.length())
+                for a, axis in zip(spec.axes, ctx.mesh.axes)
+            )
+        )
+        _set_value(node, _localized(val, val._local, out, mode))
+        return out
     if spec.group_name != ctx.domain.group_name or len(spec.lengths) != ctx.domain.size:
         raise FxHaloError(
             f"graph input '{node.name}' is a DomainTensor over group {spec.group_name!r} "
@@ -149,7 +171,6 @@ def _input_layout(node, ctx: PassContext):
     # Dynamo fakes a DomainTensor that has a grad_fn through an op on it, which yields a global-shaped
     # inner value; the local value follows from the spec either way.
     # (fxhalo.explain's slabs are meta tensors standing for tensors on the DomainTensor's device)
-    mode = _fake_mode(node.graph.owning_module)
     _set_value(node, _localized(val, val._local, Layout((out,)), mode))
     return out
 
@@ -162,17 +183,19 @@ def _localize_shape_args(node, ctx, mode) -> None:
     if key not in _RESHAPES | _UNFLATTENS | _EXPANDS or not node.args:
         return
     src = node.args[0]
-    s = sharding_of(src)
+    layout = layout_of(src)
     g_in, g_out = global_shape(src), global_shape(node)
-    if not isinstance(s, Sharded) or g_in is None or g_out is None:
+    entries = [s for s in layout.axes if isinstance(s, Sharded)] if isinstance(layout, Layout) else []
+    if not entries or g_in is None or g_out is None:
         return
-    n = int(s.global_length)
     local_out = list(g_out)
-    if key in _EXPANDS:
-        local_out[s.dim + len(g_out) - len(g_in)] = s.local
-    else:
+    for s in entries:  # each mesh axis's sharded dim, in turn
+        n = int(s.global_length)
+        if key in _EXPANDS:
+            local_out[s.dim + len(g_out) - len(g_in)] = s.local
+            continue
         whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
-        if not isinstance(whole, str) and _straddles(s, g_out[whole.dim], ctx):
+        if not ctx.on_mesh and not isinstance(whole, str) and _straddles(s, g_out[whole.dim], ctx):
             s = _regroup_for_split(node, src, s, g_out[whole.dim], ctx, mode)
             src = node.args[0]
             whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
@@ -215,19 +238,31 @@ def _regroup_for_split(node, src, s: Sharded, outer: int, ctx, mode) -> Sharded:
 # -- step 3: operands that disagree on the sharded dim -----------------------------------------
 
 
-def _align_operands(node, ctx, mode) -> None:
-    """Before an elementwise op or a ``cat``: every operand that spans the sharded dim takes the
-    partition of the largest sharded operand, a contiguous one first (a replicated one is sliced, a
-    sharded one split another way has its rows moved, one sharded along another dim has its shard
-    moved, an interleaved one is regrouped)."""
+def _operands_to_align(node) -> tuple:
+    """``(the operand the others follow, or None for the largest sharded one; the operands)``: every tensor
+    operand of an elementwise op or a ``cat``; the affine weight and bias of a layer or RMS norm, which have
+    the normalised (global) shape and follow the input (``nn.LayerNorm([C, H, W])``: each rank applies
+    its rows of them)."""
     rule = rules.lookup(node)
-    if not isinstance(rule, (Elementwise, Cat)):
-        return
-    inputs = [a for a in node.all_input_nodes if is_tensor_node(a)]
+    if isinstance(rule, (Elementwise, Cat)):
+        return None, [a for a in node.all_input_nodes if is_tensor_node(a)]
+    if isinstance(rule, Norm) and rule.affine_normalized:
+        args = rule.bound(node)
+        return args["input"], [args[p] for p in ("weight", "bias") if is_tensor_node(args.get(p))]
+    return None, []
+
+
+def _align_operands(node, ctx, mode) -> None:
+    """Before an elementwise op, a ``cat`` or a layer norm's affine terms: every operand that spans the
+    sharded dim takes the partition of the largest sharded operand, a contiguous one first (a replicated
+    one is sliced, a sharded one split another way has its rows moved, one sharded along another dim has
+    its shard moved, an interleaved one is regrouped)."""
+    target_node, inputs = _operands_to_align(node)
     sharded = [a for a in inputs if isinstance(sharding_of(a), Sharded)]
-    if not sharded:
+    if target_node is None and sharded:
+        target_node = max(sharded, key=lambda a: (math.prod(global_shape(a)), sharding_of(a).contiguous))
+    if not inputs or not isinstance(sharding_of(target_node), Sharded):
         return
-    target_node = max(sharded, key=lambda a: (math.prod(global_shape(a)), sharding_of(a).contiguous))
     t = sharding_of(target_node)
     if not t.contiguous:
         return
@@ -259,6 +294,61 @@ def _align_operands(node, ctx, mode) -> None:
         node.replace_input_with(a, _insert_move(node, a, kernel, args, axes, layout, mode))
 
 
+def _align_operands_on_mesh(node, ctx, mode) -> None:
+    """:func:`_align_operands` on a mesh of several axes: along each axis that shards the largest operand,
+    a replicated operand that spans that dim is sliced to this rank's rows (``own_rows`` along the axis),
+    and one whose rows are split another way along it has them moved (``repartition`` along the axis: the
+    other axes' dims are local blocks to it); an operand sharded along another dim is refused (no moves of
+    the shard between dims on a mesh yet)."""
+    target_node, inputs = _operands_to_align(node)
+    sharded = [a for a in inputs if isinstance(layout_of(a), Layout) and layout_of(a).is_sharded]
+    if target_node is None and sharded:
+        target_node = max(sharded, key=lambda a: math.prod(global_shape(a)))
+    if not inputs or not isinstance(layout_of(target_node), Layout) or not layout_of(target_node).is_sharded:
+        return
+    target, t_shape = layout_of(target_node), global_shape(target_node)
+    if any(isinstance(t, Sharded) and not t.contiguous for t in target.axes):
+        return
+    for a in inputs:
+        shape, layout = global_shape(a), layout_of(a)
+        entries = list(layout.axes) if isinstance(layout, Layout) else [None] * len(target.axes)
+        moved = a
+        for axis, t in enumerate(target.axes):
+            pos = t.dim - len(t_shape) if isinstance(t, Sharded) else 0  # broadcasting aligns dims from the right
+            if not isinstance(t, Sharded) or shape is None or len(shape) < -pos or shape[pos] != int(t.global_length):
+                continue
+            dim, e, along = len(shape) + pos, entries[axis], ctx.mesh.axes[axis]
+            if e is None and int(t.global_length) > 1:
+                entries[axis] = Sharded(dim, t.local, t.global_length)
+                axes = along.kernel_axes(dim, t.global_length)
+                moved = _insert_move(node, moved, moves.own_rows, (moved,), axes, Layout(tuple(entries)), mode)
+            elif _split_alike(e, t, dim, along):
+                continue
+            elif _split_alike(e, t, dim, along, lengths=False):  # rows split another way along this axis:
+                entries[axis] = Sharded(dim, t.local, t.global_length)  # moved there (that axis's 1-D kernel)
+                want, axes = along.lengths(t.global_length), along.kernel_axes(dim, e.global_length)
+                moved = _insert_move(node, moved, moves.repartition, (moved, want), axes, Layout(tuple(entries)), mode)
+            elif e is not None:
+                ctx.refuse(
+                    node,
+                    f"meets operands that mesh axis {ctx.mesh.labels()[along.group_name]} splits along different "
+                    f"dims ('{a.name}': {e}; '{target_node.name}': {t}), and fxhalo does not move a shard from one "
+                    "dim to another on a mesh yet",
+                    "split both operands along the same dims (fxhalo.from_local(..., like=x)), or shard one dim "
+                    "only (a one-axis group)",
+                )
+        if moved is not a:
+            node.replace_input_with(a, moved)
+
+
+def _split_alike(e, t: Sharded, dim: int, along, lengths: bool = True) -> bool:
+    """Is ``e`` split along ``dim`` as ``t`` is over the axis domain ``along``: the same rows on each rank
+    (``lengths=False``: a contiguous split of the same dim, whatever the lengths)?"""
+    if not (isinstance(e, Sharded) and e.dim == dim and e.contiguous):
+        return False
+    return not lengths or along.lengths(e.global_length) == along.lengths(t.global_length)
+
+
 def _block_rows(s: Sharded, ctx) -> list[list[int]]:
     """Every rank's global rows under a contiguous layout: one block each."""
     return [list(range(a, b)) for a, b in ctx.domain.partition(s.global_length)]
@@ -271,17 +361,25 @@ def _interleaved_rows(s: Sharded, ctx) -> list[list[int]]:
     return [[k * block + j for k in range(s.outer) for j in range(a, b)] for a, b in ctx.domain.partition(block)]
 
 
-def _insert_move(node, a, kernel, args, axes, layout: Sharded, mode):
-    """Insert ``kernel(*args, axes=axes)`` before ``node`` as the moved version of its input ``a``."""
+def _insert_move(node, a, kernel, args, axes, layout: Sharded | Layout, mode):
+    """Insert ``kernel(*args, axes=axes)`` before ``node`` as the moved version of its input ``a``, laid
+    out as ``layout`` (one axis's entry, or a mesh's whole layout)."""
     with node.graph.inserting_before(node):
         moved = node.graph.call_function(kernel, args, {"axes": axes})
     _copy_source(moved, node)
     moved.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
-    moved.meta[LAYOUT] = Layout((layout,))
-    local = list(global_shape(a))
-    local[layout.dim] = layout.local
-    _set_value(moved, _empty(local, example_value(a), mode))
+    moved.meta[LAYOUT] = layout if isinstance(layout, Layout) else Layout((layout,))
+    _set_value(moved, _empty(_local_shape(global_shape(a), moved.meta[LAYOUT]), example_value(a), mode))
     return moved
+
+
+def _local_shape(shape, layout: Layout) -> list[int]:
+    """The global ``shape`` with each sharded dim at this rank's length (every mesh axis's)."""
+    local = list(shape)
+    for s in layout.axes:
+        if isinstance(s, Sharded):
+            local[s.dim] = s.local
+    return local
 
 
 def _shard_assigned_target(node, ctx, mode) -> None:
@@ -487,10 +585,7 @@ def _localized(glob, current, layout, mode):
     """
     if not isinstance(glob, torch.Tensor):
         return current
-    s = layout.one_axis() if isinstance(layout, Layout) else None
-    shape = list(glob.shape)
-    if isinstance(s, Sharded):
-        shape[s.dim] = s.local
+    shape = _local_shape(glob.shape, layout) if isinstance(layout, Layout) else list(glob.shape)
     if isinstance(current, torch.Tensor) and (
         list(current.shape),
         current.dtype,

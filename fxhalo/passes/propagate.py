@@ -177,10 +177,7 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
             s = None
         else:
             try:
-                if ctx.on_mesh:
-                    decision = merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
-                else:
-                    decision = _decide(node, ctx)
+                decision = decide_node(node, ctx, axis_ctxs)
             except FxHaloError as e:
                 if problems is None:
                     raise
@@ -195,6 +192,14 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
     return count
+
+
+def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> Decision:
+    """``node``'s decision: its rule's, or on a mesh of several axes (``axis_ctxs``:
+    :meth:`PassContext.along_each_axis`) the rule's along each axis, merged (:func:`merge_axes`)."""
+    if ctx.on_mesh:
+        return merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
+    return _decide(node, ctx)
 
 
 def _entries(out) -> list:

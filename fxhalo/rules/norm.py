@@ -66,6 +66,15 @@ class Norm(Rule):
         # weight and bias have the normalised shape (layer and RMS norm), not one value per channel
         self._affine_normalized = affine_normalized
 
+    @property
+    def affine_normalized(self) -> bool:
+        """Weight and bias have the normalised shape (layer and RMS norm), not one value per channel."""
+        return self._affine_normalized
+
+    def bound(self, node) -> dict:
+        """The node's arguments by the op's parameter names."""
+        return bind(self._sig, node)
+
     def decide(self, node, ctx) -> Decision:
         a = bind(self._sig, node)
         s = sharding_of(a["input"])

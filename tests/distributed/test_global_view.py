@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.harness import check_global_view, close, close_normwise, raised, run_ranks
-from tests.models import GridModel, SkipUNet
+from tests.models import GridModel, NormsOverBoth, SkipUNet
 
 WORLD = 4
 
@@ -143,6 +143,13 @@ def _run(rank, world):
     shuffle = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.PixelShuffle(2), nn.Conv2d(2, 2, 3, padding=1))
     out["pixel_shuffle_arbitrary"] = check_global_view(shuffle, torch.randn(1, 2, 45, 6), lengths=(10, 3, 12, 20))
 
+    # nn.LayerNorm([C, H, W]) and nn.RMSNorm([H, W]) at global sizes, with their affine weights: each rank
+    # applies its rows of them (refused before: a replicated weight spanning the sharded dim)
+    torch.manual_seed(8)
+    out["layer_norm_affine_arbitrary"] = check_global_view(
+        NormsOverBoth(2, 45, 6), torch.randn(1, 2, 45, 6), lengths=(10, 3, 12, 20)
+    )
+
     # a graph break between two DomainTensor graphs
     torch._dynamo.reset()
     torch.manual_seed(4)
@@ -206,6 +213,7 @@ MODEL_CASES = [
     "replicated_across_break",
     "slices",
     "pixel_shuffle_arbitrary",
+    "layer_norm_affine_arbitrary",
 ]
 
 

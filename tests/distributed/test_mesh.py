@@ -12,8 +12,8 @@ kind and mode, strides, dilations, groups) and 12 random resampling and normalis
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
-along both axes and has no kernel for it yet (padded max pooling, interpolation to a
-``size``, adaptive pooling to one value along one sharded dim only, as of now).
+along both axes and has no kernel for it yet (padded max pooling, adaptive pooling to one
+value along one sharded dim only, as of now).
 And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
@@ -126,6 +126,9 @@ def _cases_2d():
         ("bilinear_x2", nn.Upsample(scale_factor=2, mode="bilinear"), x()),
         ("bicubic_down_aligned", nn.Upsample(scale_factor=0.5, mode="bicubic", align_corners=True), x()),
         ("nearest_x3", nn.Upsample(scale_factor=3, mode="nearest"), x()),
+        # a size is global along both sharded dims (refused before: the kernel took scale factors only)
+        ("bilinear_to_size", nn.Upsample(size=(20, 23), mode="bilinear"), x()),
+        ("bicubic_to_size_down", nn.Upsample(size=(9, 7), mode="bicubic"), x()),
     ]
 
 
@@ -293,9 +296,8 @@ def _refusals(mesh):
         "too_many_dims": raised(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
         "dim_twice": raised(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
         "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
-        # padded max pooling and interpolation have no kernel for two axes yet
+        # padded max pooling has no kernel for two axes yet
         "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
-        "interpolate_to_a_size": raised(on_mesh(nn.Upsample(size=(12, 12), mode="bilinear"))),
         "adaptive_pool_to_one_row": raised(on_mesh(nn.AdaptiveAvgPool2d((1, 4)))),
     }
 
@@ -424,7 +426,6 @@ def test_the_exchange_with_corners_sends_no_padding(ranks):
         ("dim_twice", ["names one dim twice"]),
         ("unknown_axis", ["'depth'", "not an axis"]),
         ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
-        ("interpolate_to_a_size", ["interpolate", "2 mesh axes", "Remedy"]),
         ("adaptive_pool_to_one_row", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )

@@ -1,0 +1,259 @@
+"""The global view on a mesh: DomainTensors split over two mesh axes (``fxhalo.construct``).
+
+Each rank makes its DomainTensor of the global input with ``fxhalo.shard(x, shard_dim=(2, 3),
+group=mesh)`` (or ``from_local`` with explicit partitions per axis, or ``from_dtensor`` of a DTensor
+sharded on both mesh axes); Dynamo traces the model at global shapes and the backend partitions it
+over the whole mesh.  Against one device, every rank: its block of the output (a DomainTensor,
+split over both axes or, after a mean over one sharded dim, over the other only), its block of
+the input gradient, and every weight gradient (summed over the whole domain).  One group of 2 x 2
+ranks under ``aot_eager`` and one of 2 x 3 run eagerly.  What it adds to ``test_mesh.py``:
+``nn.LayerNorm`` and ``nn.RMSNorm`` whose ``normalized_shape`` covers both sharded dims (global
+sizes in the model's code), a grid built from ``x.shape`` (sliced to each rank's block on both
+axes), outputs split over one axis only, and refusals on every rank.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.distributed.test_mesh import SkipUNet
+from tests.harness import check_many_global_view, raised, run_ranks
+from tests.models import NormsOverBoth
+
+
+class Grid(nn.Module):
+    """A field built from ``x.shape`` (global sizes: whole on every rank, then sliced to its block)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, padding_mode="circular")
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        grid = torch.linspace(0, 1, h)[:, None] * torch.linspace(-1, 1, w)[None, :]
+        return self.conv(x * grid) + x.mean(dim=(2, 3), keepdim=True)
+
+
+class MeanOverW(nn.Module):
+    """A zonal mean: the output is split along H only (whole along the W axis)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=3)
+
+
+class Sum2(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+def _cases():
+    torch.manual_seed(0)  # the same models and inputs on every rank
+    return [
+        ("skip_unet", SkipUNet(), torch.randn(2, 1, 16, 12), None),
+        ("norms_over_both", NormsOverBoth(2, 13, 10), torch.randn(2, 2, 13, 10), None),
+        ("norms_custom_partition", NormsOverBoth(2, 13, 11), torch.randn(1, 2, 13, 11), ((9, 4), None)),
+        ("grid_from_shape", Grid(2), torch.randn(1, 2, 13, 10), None),
+        ("mean_over_w", MeanOverW(2), torch.randn(2, 2, 13, 10), None),
+        # a size= in the model's code is global on both dims
+        ("upsample_to_size", nn.Upsample(size=(20, 14), mode="bilinear"), torch.randn(1, 2, 13, 10), None),
+        ("pool_to_size", nn.AdaptiveAvgPool2d((4, 5)), torch.randn(1, 2, 12, 10), None),
+    ]
+
+
+def _partition(lengths, x, mesh_shape):
+    """Explicit partitions per axis (``None`` entries: balanced), for ``fxhalo.shard``."""
+    from fxhalo.domain import balanced_lengths
+
+    if lengths is None:
+        return None
+    return tuple(
+        balanced_lengths(x.shape[2 + a], n) if ls is None else ls for a, (ls, n) in enumerate(zip(lengths, mesh_shape))
+    )
+
+
+def _from_dtensor(mesh) -> dict:
+    """A DTensor sharded along H and W over the mesh, compiled through fxhalo.from_dtensor: the output's
+    block and the gathered output against one device."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import fxhalo
+
+    torch.manual_seed(3)
+    conv, x = nn.Conv2d(2, 2, 3, padding=1), torch.randn(1, 2, 9, 7)
+    dt = distribute_tensor(x, mesh, [Shard(2), Shard(3)])
+    torch._dynamo.reset()
+    y = torch.compile(conv, backend="domain_parallel", options={"compiler": "eager"})(fxhalo.from_dtensor(dt))
+    ref = conv(x)
+    return {
+        "shard_dim": y.shard_dim == (2, 3),
+        "gathered": torch.allclose(fxhalo.gather(y), ref, atol=1e-5, rtol=1e-4),
+        "block": torch.allclose(
+            y.to_local(), distribute_tensor(ref.detach(), mesh, [Shard(2), Shard(3)]).to_local(), atol=1e-5, rtol=1e-4
+        ),
+    }
+
+
+def _zonal_mean_on_blocks(mesh) -> dict:
+    """The plain path (each rank's block as a plain tensor): a zonal mean's output is split along H only and
+    whole along W, so the W axis's ranks hold the same rows; its gradient must count once (before the fix,
+    each copy's gradient was summed: twice the input and weight gradients on a 2 x 2 mesh)."""
+    from fxhalo.mesh import mesh_domain
+    from tests.harness import close, close_normwise, mesh_block
+
+    torch.manual_seed(4)
+    model, x = MeanOverW(2), torch.randn(2, 2, 13, 10)
+    ref_in = x.clone().requires_grad_()
+    ref = model(ref_in)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    domain = mesh_domain(mesh, (2, 3))
+    block = mesh_block(x, domain, (2, 3)).requires_grad_()
+    torch._dynamo.reset()
+    options = {"group": mesh, "shard_dim": (2, 3), "compiler": "eager"}
+    y = torch.compile(model, backend="domain_parallel", options=options)(block)
+    start, stop = domain.axes[0].bounds(13)
+    y.backward(g[..., start:stop])
+    checks = {"out": close(y, ref[..., start:stop].detach())[0]}
+    checks["grad_in"] = close(block.grad, mesh_block(ref_in.grad, domain, (2, 3)))[0]
+    for (name, p), want in zip(model.named_parameters(), ref_grads):
+        checks["grad_" + name] = close_normwise(p.grad, want)[0]
+    return checks
+
+
+def _explained(mesh) -> dict:
+    """fxhalo.explain on mesh DomainTensors (this rank's block, nothing run): one collective over the
+    whole domain per norm, the conv's block halo in one, the weights sliced to this rank's rows locally."""
+    import fxhalo
+
+    torch.manual_seed(0)
+    x = fxhalo.shard(torch.randn(2, 2, 13, 10), shard_dim=(2, 3), group=mesh)
+    ex = fxhalo.explain(NormsOverBoth(2, 13, 10), x)
+    rows = {r.node: (r.op, [c.label for c in r.collectives]) for r in ex.rows}
+    return {
+        "problems": len(ex.problems),
+        "norms": sorted(c for op, cs in rows.values() if "norm" in op for c in cs),
+        "conv": rows["conv2d"][1],
+        "slices": sorted({len(cs) for op, cs in rows.values() if op.endswith("own_rows")}),
+    }
+
+
+def _compiled(model):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="domain_parallel", options={"compiler": "eager"})
+
+
+def _partitions_differ(mesh) -> dict:
+    """``x + y`` where y's rows are split another way along H: y's rows move to x's partition along the
+    h axis (that axis's repartition), forward and backward."""
+    import fxhalo
+
+    torch.manual_seed(5)
+    x, y = torch.randn(1, 2, 13, 10), torch.randn(1, 2, 13, 10)
+    a = fxhalo.shard(x, shard_dim=(2, 3), group=mesh)
+    b = fxhalo.shard(y, shard_dim=(2, 3), group=mesh, lengths=((9, 4), None))
+    a_local, b_local = a.to_local().detach().requires_grad_(), b.to_local().detach().requires_grad_()
+    a, b = fxhalo.from_local(a_local, like=a), fxhalo.from_local(b_local, like=b)
+    out = _compiled(Sum2())(a, b)
+    whole = fxhalo.gather(out)
+    whole.pow(2).sum().backward()
+    want = 2 * (x + y)
+    return {
+        "out": torch.allclose(whole, x + y, atol=1e-6),
+        "grad_a": torch.allclose(a_local.grad, fxhalo.shard(want, like=a).to_local(), atol=1e-5),
+        "grad_b": torch.allclose(b_local.grad, fxhalo.shard(want, like=b).to_local(), atol=1e-5),
+    }
+
+
+def _refusals(mesh) -> dict:
+    import fxhalo
+
+    x = torch.randn(1, 2, 13, 13)
+    a = fxhalo.shard(x, shard_dim=(2, 3), group=mesh)
+    other_dims = fxhalo.shard(x, shard_dim=(3, 2), group=mesh)  # H over the w axis, W over the h axis
+    return {
+        "shard_on_other_dims": raised(lambda: _compiled(Sum2())(a, other_dims)),
+        "one_axis_and_mesh": raised(lambda: _compiled(Sum2())(a, fxhalo.shard(x, shard_dim=2, group=(mesh, "h")))),
+    }
+
+
+def _run(rank, world_size, shape):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("h", "w"))
+    cases = _cases()
+    checks = check_many_global_view(
+        [(m, x, _partition(ls, x, shape)) for _, m, x, ls in cases],
+        group=mesh,
+        shard_dim=(2, 3),
+        options={"compiler": "aot_eager" if shape == (2, 2) else "eager"},
+    )
+    results = {name: {k: ok for k, (ok, _) in c.items()} for (name, *_), c in zip(cases, checks)}
+    extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
+    extra["partitions_differ"] = _partitions_differ(mesh)
+    return results, extra, _refusals(mesh), _explained(mesh)
+
+
+MESHES = [(2, 2), (2, 3)]
+
+
+@pytest.fixture(scope="module", params=MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def ranks(request):
+    return run_ranks(_run, request.param[0] * request.param[1], request.param, timeout=300)
+
+
+@pytest.mark.timeout(320)
+def test_every_case_matches_one_device_on_every_rank(ranks):
+    failures = [
+        (rank, name, checks)
+        for rank, (results, *_) in enumerate(ranks)
+        for name, checks in results.items()
+        if not all(checks.values())
+    ]
+    assert not failures, failures[:6]
+    assert len(ranks[0][0]) == len(_cases())
+
+
+@pytest.mark.timeout(320)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "zonal_mean_on_blocks",  # an output split along one axis counts its gradient once (plain blocks)
+        "dtensor",  # a DTensor sharded on both mesh axes, through fxhalo.from_dtensor
+        "partitions_differ",  # operands split differently along an axis: rows moved along that axis
+    ],
+)
+def test_more_cases_match_one_device(ranks, case):
+    assert all(all(r[1][case].values()) for r in ranks), [r[1][case] for r in ranks]
+
+
+@pytest.mark.timeout(320)
+def test_explain_describes_mesh_domain_tensors(ranks):
+    for *_, explained in ranks:
+        assert explained == {
+            "problems": 0,
+            "norms": ["all_to_all[whole]", "all_to_all[whole]"],
+            "conv": ["all_to_all[whole]"],
+            "slices": [0],  # the affine weights sliced to this rank's block: no collective
+        }, explained
+
+
+@pytest.mark.timeout(320)
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("shard_on_other_dims", ["add", "mesh axis h splits along different dims", "Remedy"]),
+        ("one_axis_and_mesh", ["different domains", "Remedy"]),
+    ],
+)
+def test_bad_input_raises_on_every_rank(ranks, case, words):
+    for _, _, refusals, *_ in ranks:
+        message = refusals[case]
+        assert message.startswith("FxHaloError"), message
+        for word in words:
+            assert word in message, message
