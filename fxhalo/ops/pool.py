@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ def _inner(x: torch.Tensor, dim: int) -> int:
 def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes):
     axes = each_axis(axes)
     if len(axes) > 1:
-        return _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mode, axes)
+        return _max_pool_on_axes(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
     shard_dim, group_name, length = axes[0]
     domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
     op = _MAX[nd]
@@ -253,35 +254,47 @@ def _max_pool(nd, input, kernel_size, stride, padding, dilation, ceil_mode, retu
     return values, global_indices(idx, _inner(x, dim), x.shape[dim], plan.n, plan.start)
 
 
-def _max_pool_values(nd, input, kernel_size, stride, padding, dilation, ceil_mode, axes):
-    """A max pool's values on several sharded dims, without padding (:func:`_several_axes_max_pool`): one
-    exchange of the block's halo (:mod:`fxhalo.block_halo`).  Without padding no window starts before
-    the tensor, so no fill row can be picked over a real one."""
+def _max_pool_on_axes(nd, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes):
+    """A max pool on several sharded dims: one exchange of the block's halo (:mod:`fxhalo.block_halo`),
+    fill past the global edges ``-inf`` along every dim, then torch's op without padding along the
+    exchanged dims.  The 1-D corrections apply dim by dim: a window whose real cells are all ``-inf``
+    picks its first cell, a fill one where the block's halo begins before the tensor, while torch picks
+    (and sends the gradient to) its first real cell; and the indices become global, each sharded dim
+    moved by its block's first row."""
     stride = default_stride(stride, kernel_size)
-    k, s, d = ints(kernel_size, nd), ints(stride, nd), ints(dilation, nd)
-    exchanges = {}
+    k, s, p, d = ints(kernel_size, nd), ints(stride, nd), ints(padding, nd), ints(dilation, nd)
+    exchanges, plans = {}, []
     for a, (shard_dim, group_name, length) in enumerate(axes):
         domain, dim, sdim = _domain_and_dim(input, nd, shard_dim, group_name)
         if sdim is None:
             continue
         plan = plan_pool(
-            PoolDim(k[sdim], s[sdim], 0, d[sdim], bool(ceil_mode)),
+            PoolDim(k[sdim], s[sdim], p[sdim], d[sdim], bool(ceil_mode)),
             domain,
             domain.global_length(input.shape[dim], length),
             float("-inf"),
             None,
-            f"max_pool{nd}d (kernel {k}, stride {s}, dilation {d})",
+            f"max_pool{nd}d (kernel {k}, stride {s}, padding {p}, dilation {d})",
         )
         if not plan.local:
             exchanges[a] = (dim, plan.halo, "-inf")
-    return _MAX[nd](exchange_on_axes(input, axes, exchanges), k, s, 0, d, ceil_mode)
-
-
-def _several_axes_max_pool(args, kwargs) -> bool:
-    """Values only, and no padding: the case :func:`_max_pool_values` handles."""
-    padding, return_indices = args[3] if len(args) > 3 else 0, args[6] if len(args) > 6 else False
-    padding = padding if isinstance(padding, (tuple, list)) else (padding,)
-    return not return_indices and all(int(v) == 0 for v in padding)
+        plans.append((dim, sdim, plan))
+    x = exchange_on_axes(input, axes, exchanges)
+    pads = tuple(0 if any(i == sdim and not plan.local for _, sdim, plan in plans) else v for i, v in enumerate(p))
+    fixes = [(dim, plan) for dim, _, plan in plans if plan.first_real is not None]
+    if not return_indices and not fixes:
+        return _MAX[nd](x, k, s, pads, d, ceil_mode)
+    values, idx = _MAX[nd](x, k, s, pads, d, ceil_mode, True)
+    for dim, plan in fixes:
+        values, idx = _first_real_cells(x, dim, nd, values, idx, plan.start, plan.first_real)
+    if not return_indices:
+        return values
+    space = list(x.shape)  # the index space, each sharded dim made global in turn
+    for dim, _, plan in plans:
+        inner = math.prod(space[dim + 1 :])
+        idx = global_indices(idx, inner, space[dim], plan.n, plan.start)
+        space[dim] = plan.n
+    return values, idx
 
 
 def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, axes):
@@ -323,7 +336,7 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
 # -- the public kernels, one per torch op ---------------------------------------------
 
 
-@several_axes(when=_several_axes_max_pool)
+@several_axes
 def max_pool1d(
     input,
     kernel_size,
@@ -339,7 +352,7 @@ def max_pool1d(
     return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
-@several_axes(when=_several_axes_max_pool)
+@several_axes
 def max_pool2d(
     input,
     kernel_size,
@@ -355,7 +368,7 @@ def max_pool2d(
     return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
-@several_axes(when=_several_axes_max_pool)
+@several_axes
 def max_pool3d(
     input,
     kernel_size,

@@ -12,8 +12,8 @@ kind and mode, strides, dilations, groups) and 12 random resampling and normalis
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
-along both axes and has no kernel for it yet (padded max pooling, adaptive pooling to one
-value along one sharded dim only, as of now).
+along both axes and has no kernel for it yet (adaptive pooling to one value along one
+sharded dim only, as of now).
 And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
@@ -82,6 +82,26 @@ class Softmaxes(nn.Module):
         return x.softmax(2) + F.log_softmax(x, dim=3)
 
 
+class MaxPoolIndices(nn.Module):
+    """A max pool's values scaled by a function of its indices: wrong indices change the output."""
+
+    def __init__(self, *args):
+        super().__init__()
+        self.pool = nn.MaxPool2d(*args, return_indices=True)
+
+    def forward(self, x):
+        values, indices = self.pool(x)
+        return values * (indices % 7 + 1)
+
+
+def _minus_inf_corner(x):
+    """``x`` with its first 3 rows and columns ``-inf``: windows there read nothing but ``-inf`` and pad."""
+    x = x.clone()
+    x[..., :3, :] = float("-inf")
+    x[..., :, :3] = float("-inf")
+    return x
+
+
 def _cases_2d():
     """(name, model, input) of the 4-D cases; every spatial op reaches across both sharded dims."""
 
@@ -126,6 +146,12 @@ def _cases_2d():
         ("bilinear_x2", nn.Upsample(scale_factor=2, mode="bilinear"), x()),
         ("bicubic_down_aligned", nn.Upsample(scale_factor=0.5, mode="bicubic", align_corners=True), x()),
         ("nearest_x3", nn.Upsample(scale_factor=3, mode="nearest"), x()),
+        # padding and indices (refused before): -inf fill past both global edges, the picks of all -inf
+        # windows moved to their first real cell, the indices global
+        ("max_pool_padded", nn.MaxPool2d(3, 2, 1), x()),
+        ("max_pool_padded_dilated_ceil", nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True), x()),
+        ("max_pool_indices", MaxPoolIndices(3, 2, 1), x()),
+        ("max_pool_indices_minus_inf_corner", MaxPoolIndices(3, 2, 1), _minus_inf_corner(x())),
         # a size is global along both sharded dims (refused before: the kernel took scale factors only)
         ("bilinear_to_size", nn.Upsample(size=(20, 23), mode="bilinear"), x()),
         ("bicubic_to_size_down", nn.Upsample(size=(9, 7), mode="bicubic"), x()),
@@ -213,7 +239,8 @@ def _random_resamples_and_norms(mesh_shape, n: int, seed: int = 0):
             layer = nn.AvgPool2d(k, rng.randint(1, k), rng.randint(0, k // 2), rng.random() < 0.5, rng.random() < 0.5)
         elif kind == "max_pool":
             k = rng.randint(2, 4)
-            layer = nn.MaxPool2d(k, rng.randint(1, k), 0, rng.choice([1, 2]), ceil_mode=rng.random() < 0.5)
+            s, p, d = rng.randint(1, k), rng.randint(0, k // 2), rng.choice([1, 2])
+            layer = nn.MaxPool2d(k, s, p, d, ceil_mode=rng.random() < 0.5)
         elif kind == "adaptive":
             size = (rng.randint(2, 6), rng.randint(3, 6))
             layer = (nn.AdaptiveAvgPool2d if rng.random() < 0.5 else nn.AdaptiveMaxPool2d)(size)
@@ -296,8 +323,7 @@ def _refusals(mesh):
         "too_many_dims": raised(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
         "dim_twice": raised(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
         "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
-        # padded max pooling has no kernel for two axes yet
-        "padded_max_pool": raised(on_mesh(nn.MaxPool2d(3, 2, 1))),
+        # adaptive pooling to one value along one sharded dim has no kernel for two axes yet
         "adaptive_pool_to_one_row": raised(on_mesh(nn.AdaptiveAvgPool2d((1, 4)))),
     }
 
@@ -425,7 +451,6 @@ def test_the_exchange_with_corners_sends_no_padding(ranks):
         ("too_many_dims", ["3 dims for 2"]),
         ("dim_twice", ["names one dim twice"]),
         ("unknown_axis", ["'depth'", "not an axis"]),
-        ("padded_max_pool", ["max_pool2d", "2 mesh axes", "Remedy"]),
         ("adaptive_pool_to_one_row", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )
