@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from tests.distributed.test_mesh import SkipUNet
-from tests.harness import check_many_global_view, raised, run_ranks
+from tests.harness import check_global_view, check_many_global_view, raised, run_ranks
 from tests.models import NormsOverBoth
 
 
@@ -43,6 +43,20 @@ class MeanOverW(nn.Module):
 
     def forward(self, x):
         return self.conv(x).mean(dim=3)
+
+
+class ZonalAcrossBreak(nn.Module):
+    """A zonal mean (split along H, whole along W) crosses a graph break as a DomainTensor and scales the
+    field in the next graph: its gradient there is each W rank's share, summed over the w axis."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        zonal = self.a(x).mean(dim=3, keepdim=True)
+        torch._dynamo.graph_break()
+        return self.b(x * zonal)
 
 
 class Sum2(nn.Module):
@@ -196,6 +210,12 @@ def _run(rank, world_size, shape):
     results = {name: {k: ok for k, (ok, _) in c.items()} for (name, *_), c in zip(cases, checks)}
     extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
     extra["partitions_differ"] = _partitions_differ(mesh)
+    # on its own: a graph break inside the batch's generator would leave the later cases to run eagerly
+    torch.manual_seed(6)
+    zonal = check_global_view(
+        ZonalAcrossBreak(2), torch.randn(1, 2, 13, 10), shard_dim=(2, 3), group=mesh, fullgraph=False
+    )
+    extra["zonal_across_a_graph_break"] = {k: ok for k, (ok, _) in zonal.items()}
     return results, extra, _refusals(mesh), _explained(mesh)
 
 
@@ -226,6 +246,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         "zonal_mean_on_blocks",  # an output split along one axis counts its gradient once (plain blocks)
         "dtensor",  # a DTensor sharded on both mesh axes, through fxhalo.from_dtensor
         "partitions_differ",  # operands split differently along an axis: rows moved along that axis
+        "zonal_across_a_graph_break",  # a value whole along W crosses a break: its gradient summed over W
     ],
 )
 def test_more_cases_match_one_device(ranks, case):

@@ -9,7 +9,9 @@ session that has them runs it.  One spawned group of 4 ranks:
 - MONAI ``UNet`` (strided convs, residual units, PReLU) on 44 rows;
 - diffusers ``UNet2DModel`` without attention on 44 rows split ``[10, 3, 12, 19]``;
 - diffusers ``UNet2DModel`` with attention blocks on 36 rows split ``[10, 3, 12, 11]``:
-  the attention runs over the sharded H*W tokens (the heads kernel or gathered keys).
+  the attention runs over the sharded H*W tokens (the heads kernel or gathered keys);
+- on a 2 x 2 mesh (H and W sharded): BasicUNet 2-D, UNet and UNet2DModel without
+  attention, exact; with attention refused by name (its tokens merge two sharded dims).
 
 The models run in float64: their convs keep a bias before each InstanceNorm or GroupNorm,
 whose true gradient is zero, so in fp32 its computed value is rounding noise on one
@@ -20,7 +22,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tests.harness import check_global_view, run_ranks
+from tests.harness import check_global_view, raised, run_ranks
 
 monai = pytest.importorskip("monai")
 diffusers = pytest.importorskip("diffusers")
@@ -82,6 +84,44 @@ def _run(rank, world):
     out["diffusers_attention"] = check_global_view(
         Diffusion(True).double(), torch.randn(2, 2, 36, 16, dtype=f64), lengths=(10, 3, 12, 11)
     )
+    out.update(_on_a_mesh())
+    return out
+
+
+def _on_a_mesh() -> dict:
+    """The same models on a 2 x 2 mesh, H and W sharded (fxhalo.shard(x, shard_dim=(2, 3), group=mesh));
+    diffusers' attention merges H and W into one token dim, which a mesh refuses (two axes on one dim)."""
+    from monai.networks.nets import BasicUNet, UNet
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fxhalo
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("h", "w"))
+    f64, out = torch.float64, {}
+    torch.manual_seed(0)
+    out["mesh_monai_basicunet_2d"] = check_global_view(
+        BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).double(),
+        torch.randn(2, 1, 45, 36, dtype=f64),
+        shard_dim=(2, 3),
+        group=mesh,
+        fullgraph=False,
+    )
+    out["mesh_monai_unet"] = check_global_view(
+        UNet(
+            spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+        ).double(),
+        torch.randn(2, 1, 44, 36, dtype=f64),
+        shard_dim=(2, 3),
+        group=mesh,
+    )
+    out["mesh_diffusers_unet2d"] = check_global_view(
+        Diffusion(False).double(), torch.randn(2, 2, 44, 20, dtype=f64), shard_dim=(2, 3), group=mesh
+    )
+    x = fxhalo.shard(torch.randn(2, 2, 36, 20, dtype=f64), shard_dim=(2, 3), group=mesh)
+    torch._dynamo.reset()
+    out["mesh_diffusers_attention_refused"] = raised(
+        lambda: torch.compile(Diffusion(True).double(), backend="domain_parallel", options={"compiler": "eager"})(x)
+    )
     return out
 
 
@@ -92,9 +132,26 @@ def results():
 
 @pytest.mark.timeout(630)
 @pytest.mark.parametrize(
-    "case", ["monai_basicunet_2d", "monai_basicunet_3d", "monai_unet", "diffusers_unet2d", "diffusers_attention"]
+    "case",
+    [
+        "monai_basicunet_2d",
+        "monai_basicunet_3d",
+        "monai_unet",
+        "diffusers_unet2d",
+        "diffusers_attention",
+        "mesh_monai_basicunet_2d",
+        "mesh_monai_unet",
+        "mesh_diffusers_unet2d",
+    ],
 )
 def test_third_party_model_matches_one_device(results, case):
     for rank, out in enumerate(results):
         bad = {k: err for k, (ok, err) in out[case].items() if not ok}
         assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.timeout(630)
+def test_attention_over_both_sharded_dims_is_refused_by_name_on_a_mesh(results):
+    for out in results:
+        message = out["mesh_diffusers_attention_refused"]
+        assert message.startswith("FxHaloError") and "view" in message and "attention_processor.py" in message, message
