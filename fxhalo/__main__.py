@@ -5,11 +5,13 @@
     python -m fxhalo explain fxhalo.models:small_unet --input-shape 1,1,128,128 --world-size 4
     python -m fxhalo explain tests/models.py:small_unet --input-shape 1,4,128,128 --world-size 8 \\
         --rank 3 -k in_channels=4 --json
+    python -m fxhalo explain fxhalo.models:small_unet --input-shape 1,1,128,128 --world-size 2x2 --shard-dim 2,3
 
 ``explain`` builds the model from ``MODULE:FACTORY`` (a dotted module or a ``.py``
 file, and a function or class in it, called with the ``-k`` keyword arguments),
 makes a random input of the *global* ``--input-shape``, keeps rank ``--rank``'s
-slab of it along ``--shard-dim``, and prints :func:`fxhalo.explain` for that rank.
+slab of it along ``--shard-dim`` (on a mesh, ``--world-size 2x2 --shard-dim 2,3``: its
+block), and prints :func:`fxhalo.explain` for that rank.
 One process, no process group.  The exit status is 1 when the backend would
 refuse the model, so the command can guard a CI job.
 
@@ -74,14 +76,21 @@ def load_factory(spec: str):
         raise FxHaloError(f"{module_name} has no attribute {attr!r}") from None
 
 
-def _local_slab(shape: tuple[int, ...], shard_dim: int, world_size: int, rank: int) -> tuple[int, ...]:
-    dim = shard_dim + len(shape) if shard_dim < 0 else shard_dim
-    if not 0 <= dim < len(shape):
-        raise FxHaloError(f"--shard-dim {shard_dim} does not exist on the {len(shape)}-D input {shape}")
-    if shape[dim] % world_size:
-        raise FxHaloError(f"the input's dim {dim} ({shape[dim]}) does not split evenly over {world_size} ranks")
+def _local_slab(shape: tuple[int, ...], shard_dims: tuple[int, ...], mesh: tuple[int, ...]) -> tuple[int, ...]:
+    """The local block's shape: each of ``shard_dims`` split evenly over its mesh axis's ranks."""
+    if len(shard_dims) != len(mesh):
+        raise FxHaloError(
+            f"--shard-dim {','.join(map(str, shard_dims))} names {len(shard_dims)} dims for a mesh of "
+            f"{len(mesh)} axes (--world-size {'x'.join(map(str, mesh))}): give one dim per axis"
+        )
     local = list(shape)
-    local[dim] //= world_size
+    for shard_dim, size in zip(shard_dims, mesh):
+        dim = shard_dim + len(shape) if shard_dim < 0 else shard_dim
+        if not 0 <= dim < len(shape):
+            raise FxHaloError(f"--shard-dim {shard_dim} does not exist on the {len(shape)}-D input {shape}")
+        if shape[dim] % size:
+            raise FxHaloError(f"the input's dim {dim} ({shape[dim]}) does not split evenly over {size} ranks")
+        local[dim] //= size
     return tuple(local)
 
 
@@ -92,21 +101,23 @@ def _explain_command(args) -> int:
     if not isinstance(model, torch.nn.Module) and not callable(model):
         raise FxHaloError(f"{args.target} returned {type(model).__name__}, not a module")
     dtype = getattr(torch, args.dtype)
-    local = _local_slab(args.input_shape, args.shard_dim, args.world_size, args.rank)
+    local = _local_slab(args.input_shape, args.shard_dim, args.world_size)
     x = torch.randn(local, dtype=dtype)
     if isinstance(model, torch.nn.Module):
         model = model.to(dtype)
-    options = {"shard_dim": args.shard_dim}
+    one_axis = len(args.world_size) == 1  # else a mesh: one dim per axis (docs/mesh.md)
+    options = {"shard_dim": args.shard_dim[0] if one_axis else args.shard_dim}
     if args.fallback:
         options["fallback"] = args.fallback
+    world_size = args.world_size[0] if one_axis else args.world_size
     with torch.set_grad_enabled(not args.no_grad):
-        ex = fxhalo.explain(model, x, world_size=args.world_size, rank=args.rank, **options)
+        ex = fxhalo.explain(model, x, world_size=world_size, rank=args.rank, **options)
     if args.json:
         print(json.dumps(ex.to_dict(), indent=2))
     else:
         print(
             f"{args.target}: global input {tuple(args.input_shape)}, local input {local} on rank "
-            f"{args.rank} of {args.world_size}\n"
+            f"{args.rank} of {'x'.join(map(str, args.world_size))}\n"
         )
         print(ex)
         if args.graph and ex.graph is not None:
@@ -132,9 +143,14 @@ def main(argv=None) -> int:
         required=True,
         help="GLOBAL input shape, e.g. 1,4,128,128; each rank gets 1/world-size of it along --shard-dim",
     )
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--shard-dim", type=int, default=2)
+    p.add_argument(
+        "--world-size",
+        type=_ints,
+        required=True,
+        help="ranks, or a mesh's shape such as 2x2 (then --shard-dim names one dim per axis, e.g. 2,3)",
+    )
+    p.add_argument("--rank", type=int, default=0, help="the rank (on a mesh: flat, row-major)")
+    p.add_argument("--shard-dim", type=_ints, default=(2,), help="the sharded dim, or one per mesh axis: 2,3")
     p.add_argument(
         "-k",
         "--kwarg",

@@ -584,3 +584,22 @@ def test_validate_on_a_mesh_reports_per_axis():
     assert fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 3), rank=5, shard_dim=(2, 3)) == []
     with pytest.raises(fxhalo.FxHaloError, match="world_size"):
         fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=6, shard_dim=(2, 3))
+
+
+@pytest.mark.timeout(120)
+def test_cli_explains_a_block_of_a_mesh(capsys):
+    """``--world-size 2x2 --shard-dim 2,3``: rank 3's 8 x 6 block of a 16 x 12 field; the first conv (1
+    channel, fp32) sends its H neighbour a row of 6 (24 B), its W neighbour a column of 8 (32 B) and the
+    corner (4 B) in one all_to_all over the whole domain.  A dim count that differs from the mesh's axes
+    exits with status 2 and says so."""
+    from fxhalo.__main__ import main
+
+    argv = ["explain", "fxhalo.models:small_unet", "--input-shape", "1,1,16,12", "--world-size", "2x2"]
+    assert main([*argv, "--shard-dim", "2,3", "--rank", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "local input (1, 1, 8, 6) on rank 3 of 2x2" in out and "rank 3 of 2 x 2 mesh" in out
+    conv = next(line for line in out.splitlines() if line.startswith("conv2d "))
+    assert "all_to_all[whole]" in conv and conv.split()[-1] == "60", conv
+    assert not dist.is_initialized()
+    assert main([*argv, "--shard-dim", "2"]) == 2
+    assert "names 1 dims for a mesh of 2 axes" in capsys.readouterr().err
