@@ -128,8 +128,7 @@ def _decide(node, ctx, mode, axis_ctxs):
     try:
         decision = decide_node(node, ctx, axis_ctxs)
     except FxHaloError as e:
-        too_short = isinstance(e, TooShort) or isinstance(e.__context__, TooShort)
-        if not too_short or ctx.on_mesh:  # on a mesh, no gathered computation yet: the refusal stands
+        if not isinstance(e, TooShort) and not isinstance(e.__context__, TooShort):
             raise
         _gather_sharded_inputs(node, ctx, mode)
         _set_value(node, _run_fake(node, mode, fallback=_plain(node.meta[GLOBAL_VALUE])))
@@ -295,50 +294,57 @@ def _align_operands(node, ctx, mode) -> None:
 
 
 def _align_operands_on_mesh(node, ctx, mode) -> None:
-    """:func:`_align_operands` on a mesh of several axes: along each axis that shards the largest operand,
-    a replicated operand that spans that dim is sliced to this rank's rows (``own_rows`` along the axis),
-    and one whose rows are split another way along it has them moved (``repartition`` along the axis: the
-    other axes' dims are local blocks to it); an operand sharded along another dim is refused (no moves of
-    the shard between dims on a mesh yet)."""
+    """:func:`_align_operands` on a mesh of several axes, each axis on its own: along an axis, every
+    operand follows the largest one that axis shards (contiguously); a replicated operand that spans that
+    dim is sliced to this rank's rows (``own_rows`` along the axis), and one whose rows are split another
+    way along it has them moved (``repartition`` along the axis: the other axes' dims are local blocks to
+    it); an operand the axis shards along another dim is refused (no moves of the shard between dims on a
+    mesh yet)."""
     target_node, inputs = _operands_to_align(node)
-    sharded = [a for a in inputs if isinstance(layout_of(a), Layout) and layout_of(a).is_sharded]
-    if target_node is None and sharded:
-        target_node = max(sharded, key=lambda a: math.prod(global_shape(a)))
-    if not inputs or not isinstance(layout_of(target_node), Layout) or not layout_of(target_node).is_sharded:
-        return
-    target, t_shape = layout_of(target_node), global_shape(target_node)
-    if any(isinstance(t, Sharded) and not t.contiguous for t in target.axes):
-        return
-    for a in inputs:
-        shape, layout = global_shape(a), layout_of(a)
-        entries = list(layout.axes) if isinstance(layout, Layout) else [None] * len(target.axes)
-        moved = a
-        for axis, t in enumerate(target.axes):
-            pos = t.dim - len(t_shape) if isinstance(t, Sharded) else 0  # broadcasting aligns dims from the right
-            if not isinstance(t, Sharded) or shape is None or len(shape) < -pos or shape[pos] != int(t.global_length):
+    moved = {a: a for a in inputs}
+    for axis, along in enumerate(ctx.mesh.axes):
+
+        def entry(a, axis=axis):
+            layout = layout_of(moved.get(a, a))  # a norm's input leads, and is not moved
+            return layout.axes[axis] if isinstance(layout, Layout) else None
+
+        lead = target_node
+        if lead is None:
+            candidates = [a for a in inputs if isinstance(entry(a), Sharded) and entry(a).contiguous]
+            lead = max(candidates, key=lambda a: math.prod(global_shape(a)), default=None)
+        t = entry(lead) if lead is not None else None
+        if not isinstance(t, Sharded) or not t.contiguous:
+            continue
+        t_shape = global_shape(lead)
+        pos = t.dim - len(t_shape)  # broadcasting aligns dims from the right
+        for a in inputs:
+            shape = global_shape(a)
+            if a is lead or shape is None or len(shape) < -pos or shape[pos] != int(t.global_length):
                 continue
-            dim, e, along = len(shape) + pos, entries[axis], ctx.mesh.axes[axis]
+            dim, e = len(shape) + pos, entry(a)
+            layout = layout_of(moved[a])
+            entries = list(layout.axes) if isinstance(layout, Layout) else [None] * len(ctx.mesh.axes)
+            entries[axis] = Sharded(dim, t.local, t.global_length)
             if e is None and int(t.global_length) > 1:
-                entries[axis] = Sharded(dim, t.local, t.global_length)
                 axes = along.kernel_axes(dim, t.global_length)
-                moved = _insert_move(node, moved, moves.own_rows, (moved,), axes, Layout(tuple(entries)), mode)
-            elif _split_alike(e, t, dim, along):
-                continue
-            elif _split_alike(e, t, dim, along, lengths=False):  # rows split another way along this axis:
-                entries[axis] = Sharded(dim, t.local, t.global_length)  # moved there (that axis's 1-D kernel)
+                moved[a] = _insert_move(node, moved[a], moves.own_rows, (moved[a],), axes, Layout(tuple(entries)), mode)
+            elif _split_alike(e, t, dim, along, lengths=False) and not _split_alike(e, t, dim, along):
                 want, axes = along.lengths(t.global_length), along.kernel_axes(dim, e.global_length)
-                moved = _insert_move(node, moved, moves.repartition, (moved, want), axes, Layout(tuple(entries)), mode)
-            elif e is not None:
+                moved[a] = _insert_move(
+                    node, moved[a], moves.repartition, (moved[a], want), axes, Layout(tuple(entries)), mode
+                )
+            elif e is not None and not _split_alike(e, t, dim, along):
                 ctx.refuse(
                     node,
                     f"meets operands that mesh axis {ctx.mesh.labels()[along.group_name]} splits along different "
-                    f"dims ('{a.name}': {e}; '{target_node.name}': {t}), and fxhalo does not move a shard from one "
+                    f"dims ('{a.name}': {e}; '{lead.name}': {t}), and fxhalo does not move a shard from one "
                     "dim to another on a mesh yet",
                     "split both operands along the same dims (fxhalo.from_local(..., like=x)), or shard one dim "
                     "only (a one-axis group)",
                 )
-        if moved is not a:
-            node.replace_input_with(a, moved)
+    for a, m in moved.items():
+        if m is not a:
+            node.replace_input_with(a, m)
 
 
 def _split_alike(e, t: Sharded, dim: int, along, lengths: bool = True) -> bool:
@@ -464,51 +470,75 @@ def _lengths(s: Sharded, ctx) -> tuple[int, ...]:
 # -- step 5: too short to shard --------------------------------------------------------------
 
 
+def _axis_domains(ctx) -> tuple:
+    """The one-axis domain of each mesh axis (a 1-D domain: itself)."""
+    return ctx.mesh.axes if ctx.on_mesh else (ctx.domain,)
+
+
 def _gather_sharded_inputs(node, ctx, mode) -> None:
+    """Step 5: each sharded input of ``node`` gathered whole (one all-gather per sharded mesh axis), so
+    that ``node`` computes replicated; the gathered value carries ``(axis, dim)`` pairs under
+    ``GATHERED``."""
+    domains = _axis_domains(ctx)
     for a in list(node.all_input_nodes):
-        s = sharding_of(a)
-        if not isinstance(s, Sharded):
+        layout = layout_of(a)
+        if not isinstance(layout, Layout) or not any(isinstance(s, Sharded) for s in layout.axes):
             continue
-        with node.graph.inserting_before(node):
-            whole = node.graph.call_function(
-                moves.all_rows, (a,), {"axes": ctx.domain.kernel_axes(s.dim, s.global_length)}
-            )
-        _copy_source(whole, node)
-        whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
-        whole.meta[LAYOUT] = Layout.replicated()
-        whole.meta[GATHERED] = s.dim
-        _set_value(whole, _localized(whole.meta[GLOBAL_VALUE], None, Layout.replicated(), mode))
+        whole, entries, gathered = a, list(layout.axes), []
+        for axis, (s, domain) in enumerate(zip(layout.axes, domains)):
+            if not isinstance(s, Sharded):
+                continue
+            with node.graph.inserting_before(node):
+                whole = node.graph.call_function(
+                    moves.all_rows, (whole,), {"axes": domain.kernel_axes(s.dim, s.global_length)}
+                )
+            _copy_source(whole, node)
+            entries[axis] = None
+            gathered.append((axis, s.dim))
+            whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
+            whole.meta[LAYOUT] = Layout(tuple(entries))
+            _set_value(whole, _localized(whole.meta[GLOBAL_VALUE], None, whole.meta[LAYOUT], mode))
+        whole.meta[GATHERED] = tuple(gathered)
         node.replace_input_with(a, whole)
 
 
-#: node.meta key: the tensor dim a replicated value was gathered along (step 5), while it is too short
+#: node.meta key: ``((mesh axis, tensor dim), ...)`` a replicated value was gathered along (step 5), while
+#: it is too short for that axis's ranks
 GATHERED = "fxhalo_gathered_dim"
 
 
 def _shard_again_where_it_grows(node, ctx, mode) -> int:
     """After step 5: a replicated value computed from gathered rows is sharded again (balanced, a free
-    slice) as soon as its dim is long enough for every rank to hold a row; until then it carries the
-    dim under ``GATHERED``.  Returns 1 when it inserted the slice."""
-    dims = {a.meta[GATHERED] for a in node.all_input_nodes if GATHERED in a.meta}
+    slice) along each gathered mesh axis as soon as its dim is long enough for every rank of that axis to
+    hold a row; until then it carries the pair under ``GATHERED``.  Returns 1 when it inserted a slice."""
+    found = {a.meta[GATHERED] for a in node.all_input_nodes if GATHERED in a.meta}
     shape = global_shape(node)
-    if len(dims) != 1 or shape is None:
+    if len(found) != 1 or shape is None:
         return 0
-    dim = dims.pop()
-    if dim >= len(shape) or shape[dim] <= 1:
-        return 0
-    if shape[dim] < ctx.domain.size:
-        node.meta[GATHERED] = dim
-        return 0
+    domains, current, keep = _axis_domains(ctx), node, []
+    entries = list(Layout.replicated(len(domains)).axes)
     users = list(node.users)
-    with node.graph.inserting_after(node):
-        sliced = node.graph.call_function(moves.own_rows, (node,), {"axes": ctx.domain.kernel_axes(dim, shape[dim])})
-    _copy_source(sliced, node)
-    sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
-    layout = Sharded(dim, ctx.domain.local_length(shape[dim]), shape[dim])
-    sliced.meta[LAYOUT] = Layout((layout,))
-    _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, Layout((layout,)), mode))
+    for axis, dim in found.pop():
+        if dim >= len(shape) or shape[dim] <= 1:
+            continue  # the dim is gone (a reduction): nothing to shard again
+        domain = domains[axis]
+        if shape[dim] < domain.size:
+            keep.append((axis, dim))
+            continue
+        with node.graph.inserting_after(current):
+            sliced = node.graph.call_function(moves.own_rows, (current,), {"axes": domain.kernel_axes(dim, shape[dim])})
+        _copy_source(sliced, node)
+        entries[axis] = Sharded(dim, domain.local_length(shape[dim]), shape[dim])
+        sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
+        sliced.meta[LAYOUT] = Layout(tuple(entries))
+        _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, sliced.meta[LAYOUT], mode))
+        current = sliced
+    if keep:
+        current.meta[GATHERED] = tuple(keep)
+    if current is node:
+        return 0
     for user in users:
-        user.replace_input_with(node, sliced)
+        user.replace_input_with(node, current)
     return 1
 
 

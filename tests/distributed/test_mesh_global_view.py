@@ -6,7 +6,7 @@ sharded on both mesh axes); Dynamo traces the model at global shapes and the bac
 over the whole mesh.  Against one device, every rank: its block of the output (a DomainTensor,
 split over both axes or, after a mean over one sharded dim, over the other only), its block of
 the input gradient, and every weight gradient (summed over the whole domain).  One group of 2 x 2
-ranks under ``aot_eager`` and one of 2 x 3 run eagerly.  What it adds to ``test_mesh.py``:
+ranks, the batch of cases under ``aot_eager``.  What it adds to ``test_mesh.py``:
 ``nn.LayerNorm`` and ``nn.RMSNorm`` whose ``normalized_shape`` covers both sharded dims (global
 sizes in the model's code), a grid built from ``x.shape`` (sliced to each rank's block on both
 axes), outputs split over one axis only, and refusals on every rank.
@@ -19,6 +19,7 @@ import torch.nn as nn
 from tests.distributed.test_mesh import SkipUNet
 from tests.harness import check_global_view, check_many_global_view, raised, run_ranks
 from tests.models import NormsOverBoth
+from tests.models import SkipUNet as DeepUNet
 
 
 class Grid(nn.Module):
@@ -205,7 +206,7 @@ def _run(rank, world_size, shape):
         [(m, x, _partition(ls, x, shape)) for _, m, x, ls in cases],
         group=mesh,
         shard_dim=(2, 3),
-        options={"compiler": "aot_eager" if shape == (2, 2) else "eager"},
+        options={"compiler": "aot_eager"},
     )
     results = {name: {k: ok for k, (ok, _) in c.items()} for (name, *_), c in zip(cases, checks)}
     extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
@@ -216,10 +217,19 @@ def _run(rank, world_size, shape):
         ZonalAcrossBreak(2), torch.randn(1, 2, 13, 10), shard_dim=(2, 3), group=mesh, fullgraph=False
     )
     extra["zonal_across_a_graph_break"] = {k: ok for k, (ok, _) in zonal.items()}
+    # a bottleneck of 1 x 2 (11 x 20 after three 2x2 max pools) is too short for the h axis's 2 ranks:
+    # computed replicated, then sliced again along each axis as the decoder grows it (float64: norms over
+    # a few elements make the model ill-conditioned, see test_global_view.py)
+    torch.manual_seed(7)
+    x = torch.randn(1, 2, 11, 20, dtype=torch.float64)
+    deep = check_global_view(DeepUNet(width=2, depth=3).double(), x, shard_dim=(2, 3), group=mesh)
+    extra["unet_bottleneck_replicated"] = {k: ok for k, (ok, _) in deep.items()}
     return results, extra, _refusals(mesh), _explained(mesh)
 
 
-MESHES = [(2, 2), (2, 3)]
+#: 2 x 2 only: the plain path's uneven 2 x 3 mesh runs in test_mesh.py, and this file's cases split H
+#: unevenly (7 + 6, and 9 + 4 given as lengths); a 2 x 3 leg took 50 s of the suite's budget
+MESHES = [(2, 2)]
 
 
 @pytest.fixture(scope="module", params=MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -247,6 +257,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         "dtensor",  # a DTensor sharded on both mesh axes, through fxhalo.from_dtensor
         "partitions_differ",  # operands split differently along an axis: rows moved along that axis
         "zonal_across_a_graph_break",  # a value whole along W crosses a break: its gradient summed over W
+        "unet_bottleneck_replicated",  # too short for the axes' ranks: gathered, computed whole, sliced again
     ],
 )
 def test_more_cases_match_one_device(ranks, case):
