@@ -331,6 +331,17 @@ def check_many_global_view(cases, *, group=None, options=None, shard_dim: int | 
     ]
 
 
+def failed_cases(per_rank: list) -> list:
+    """``(rank, case, checks)`` of every case that failed a check, from ranks that each return
+    ``({case: {check: ok}}, ...)``."""
+    return [
+        (rank, name, checks)
+        for rank, (results, *_) in enumerate(per_rank)
+        for name, checks in results.items()
+        if not all(checks.values())
+    ]
+
+
 def failed_by_world_size(per_rank: list, world_size: int) -> list:
     """``(rank, case, checks)`` of every case that failed a check on a ``world_size``-rank group, from a
     spawn whose ranks return ``{world_size: {case: {check: ok}}}`` (ranks past the group return none)."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.harness import check_many_on_mesh, raised, run_ranks
+from tests.harness import check_many_on_mesh, failed_cases, raised, run_ranks
 
 
 class PadThenConv(nn.Module):
@@ -415,12 +415,7 @@ def ranks(request):
 
 @pytest.mark.timeout(420)
 def test_every_case_matches_one_device_on_every_rank(ranks):
-    failures = [
-        (rank, name, checks)
-        for rank, (results, *_) in enumerate(ranks)
-        for name, checks in results.items()
-        if not all(checks.values())
-    ]
+    failures = failed_cases(ranks)
     assert not failures, failures[:6]
     assert len(ranks[0][0]) == len(_cases_2d()) + len(_cases_3d()) + 24 + 12
 

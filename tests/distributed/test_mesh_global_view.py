@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from tests.distributed.test_mesh import SkipUNet
-from tests.harness import check_global_view, check_many_global_view, raised, run_ranks
+from tests.harness import check_global_view, check_many_global_view, failed_cases, raised, run_ranks
 from tests.models import NormsOverBoth
 from tests.models import SkipUNet as DeepUNet
 
@@ -227,24 +227,16 @@ def _run(rank, world_size, shape):
     return results, extra, _refusals(mesh), _explained(mesh)
 
 
-#: 2 x 2 only: the plain path's uneven 2 x 3 mesh runs in test_mesh.py, and this file's cases split H
-#: unevenly (7 + 6, and 9 + 4 given as lengths); a 2 x 3 leg took 50 s of the suite's budget
-MESHES = [(2, 2)]
-
-
-@pytest.fixture(scope="module", params=MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-def ranks(request):
-    return run_ranks(_run, request.param[0] * request.param[1], request.param, timeout=300)
+@pytest.fixture(scope="module")
+def ranks():
+    """2 x 2 only: the plain path's uneven 2 x 3 mesh runs in test_mesh.py, and these cases split H unevenly
+    (7 + 6, and 9 + 4 given as lengths); a 2 x 3 leg took 50 s of the suite's budget."""
+    return run_ranks(_run, 4, (2, 2), timeout=300)
 
 
 @pytest.mark.timeout(320)
 def test_every_case_matches_one_device_on_every_rank(ranks):
-    failures = [
-        (rank, name, checks)
-        for rank, (results, *_) in enumerate(ranks)
-        for name, checks in results.items()
-        if not all(checks.values())
-    ]
+    failures = failed_cases(ranks)
     assert not failures, failures[:6]
     assert len(ranks[0][0]) == len(_cases())
 

@@ -55,14 +55,29 @@ class Diffusion(nn.Module):
         return self.unet(x, torch.tensor([10, 500])).sample
 
 
+def _monai_unet():
+    """MONAI's UNet: strided convs, residual units, PReLU."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
+    ).double()
+
+
+def _monai_basicunet_2d():
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).double()
+
+
 def _run(rank, world):
-    from monai.networks.nets import BasicUNet, UNet
+    from monai.networks.nets import BasicUNet
 
     out = {}
     torch.manual_seed(0)
     f64 = torch.float64
     out["monai_basicunet_2d"] = check_global_view(
-        BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).double(),
+        _monai_basicunet_2d(),
         torch.randn(2, 1, 45, 32, dtype=f64),
         lengths=(10, 3, 12, 20),
         fullgraph=False,  # a graph break per decoder stage (torch.jit.isinstance)
@@ -73,9 +88,7 @@ def _run(rank, world):
         fullgraph=False,
     )
     out["monai_unet"] = check_global_view(
-        UNet(
-            spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
-        ).double(),
+        _monai_unet(),
         torch.randn(2, 1, 44, 32, dtype=f64),
     )
     out["diffusers_unet2d"] = check_global_view(
@@ -91,7 +104,6 @@ def _run(rank, world):
 def _on_a_mesh() -> dict:
     """The same models on a 2 x 2 mesh, H and W sharded (fxhalo.shard(x, shard_dim=(2, 3), group=mesh));
     diffusers' attention merges H and W into one token dim, which a mesh refuses (two axes on one dim)."""
-    from monai.networks.nets import BasicUNet, UNet
     from torch.distributed.device_mesh import init_device_mesh
 
     import fxhalo
@@ -100,16 +112,14 @@ def _on_a_mesh() -> dict:
     f64, out = torch.float64, {}
     torch.manual_seed(0)
     out["mesh_monai_basicunet_2d"] = check_global_view(
-        BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).double(),
+        _monai_basicunet_2d(),
         torch.randn(2, 1, 45, 36, dtype=f64),
         shard_dim=(2, 3),
         group=mesh,
         fullgraph=False,
     )
     out["mesh_monai_unet"] = check_global_view(
-        UNet(
-            spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1
-        ).double(),
+        _monai_unet(),
         torch.randn(2, 1, 44, 36, dtype=f64),
         shard_dim=(2, 3),
         group=mesh,
