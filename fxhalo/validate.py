@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
-from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
+from .mesh import MeshDomain, mesh_domain, mesh_of, on_several_axes, simulated_rank
 from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import OnAxes, decision_of
 from .rules.conv import ConvRule
-from .tensor import DomainTensor, as_meta, meta_domain_tensor
+from .tensor import DomainTensor, MeshSpec, as_meta, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Problem", "validate"]
@@ -78,15 +78,24 @@ def validate(
     With ``global_view=True`` the example input is the *global* one (a meta tensor
     will do), checked as the backend would compile the model on DomainTensors split as
     ``partition`` (every rank's length; default balanced).  DomainTensor inputs are
-    checked that way too, on the meta device.
+    checked that way too, on the meta device; DomainTensors split over a mesh (inside the
+    job that made them) are checked on that mesh, for this rank.
     """
     mesh = None
-    if on_several_axes(shard_dim, group):
+    on_mesh = {
+        x.spec.group_name
+        for x in _as_args(example_local_input)
+        if isinstance(x, DomainTensor) and isinstance(x.spec, MeshSpec)
+    }
+    if on_mesh:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
+        mesh = mesh_of(on_mesh.pop())
+        shard_dim, world_size, rank = mesh.whole.shard_dim, mesh.whole.size, mesh.whole.rank
+    elif on_several_axes(shard_dim, group):
         if global_view or any(isinstance(x, DomainTensor) for x in _as_args(example_local_input)):
             raise FxHaloError(
-                "fxhalo.validate(global_view=True) on a mesh of several axes is not supported yet (the global view "
-                "runs on a mesh, but validate does not simulate it). Remedy: validate one rank's local block "
-                "(global_view=False), or call fxhalo.explain(model, x) on the mesh DomainTensors inside the job"
+                "fxhalo.validate(global_view=True) on a mesh of several axes from a global tensor is not supported "
+                "yet. Remedy: pass the DomainTensors themselves (fxhalo.shard(x, shard_dim=(2, 3), group=mesh)) "
+                "inside the job, or validate one rank's local block (global_view=False)"
             )
         mesh = _mesh(group, tuple(shard_dim), world_size, rank)
         shard_dim, world_size, rank = mesh.whole.shard_dim, mesh.whole.size, mesh.whole.rank

@@ -143,14 +143,19 @@ def _zonal_mean_on_blocks(mesh) -> dict:
 
 def _explained(mesh) -> dict:
     """fxhalo.explain on mesh DomainTensors (this rank's block, nothing run): one collective over the
-    whole domain per norm, the conv's block halo in one, the weights sliced to this rank's rows locally."""
+    whole domain per norm, the conv's block halo in one, the weights sliced to this rank's rows locally;
+    fxhalo.validate: nothing wrong there, and the add of operands sharded along different dims refused."""
     import fxhalo
 
     torch.manual_seed(0)
     x = fxhalo.shard(torch.randn(2, 2, 13, 10), shard_dim=(2, 3), group=mesh)
     ex = fxhalo.explain(NormsOverBoth(2, 13, 10), x)
     rows = {r.node: (r.op, [c.label for c in r.collectives]) for r in ex.rows}
+    square = fxhalo.shard(torch.randn(1, 2, 13, 13), shard_dim=(2, 3), group=mesh)
+    other_dims = fxhalo.shard(torch.randn(1, 2, 13, 13), shard_dim=(3, 2), group=mesh)
     return {
+        "validate_ok": fxhalo.validate(NormsOverBoth(2, 13, 10), x),
+        "validate_refused": [(p.kind, p.op.split(" at ")[0]) for p in fxhalo.validate(Sum2(), (square, other_dims))],
         "problems": len(ex.problems),
         "norms": sorted(c for op, cs in rows.values() if "norm" in op for c in cs),
         "conv": rows["conv2d"][1],
@@ -257,9 +262,11 @@ def test_more_cases_match_one_device(ranks, case):
 
 
 @pytest.mark.timeout(320)
-def test_explain_describes_mesh_domain_tensors(ranks):
+def test_explain_and_validate_describe_mesh_domain_tensors(ranks):
     for *_, explained in ranks:
         assert explained == {
+            "validate_ok": [],
+            "validate_refused": [("refused", "node 'add' (operator.add)")],
             "problems": 0,
             "norms": ["all_to_all[whole]", "all_to_all[whole]"],
             "conv": ["all_to_all[whole]"],
