@@ -174,13 +174,15 @@ def test_bf16_autocast_forward_within_bf16_tolerance(ranks):
 # -- data x domain ------------------------------------------------------------------
 
 
-def _ddp(rank, world_size, domain_axes):
+def _ddp(rank, world_size, domain_axes, global_view=False):
     """2 data x 2 domain ranks: DDP over the data axis, fxhalo over the domain axis; with ``("h", "w")``, a
-    data x H x W mesh of 2 x 2 x 1 whose domain shards dims 2 and 3 (fxhalo.mesh)."""
+    data x H x W mesh of 2 x 2 x 1 whose domain shards dims 2 and 3 (fxhalo.mesh); with ``global_view``,
+    the blocks passed as DomainTensors (``fxhalo.from_local(..., group=(mesh, ("h", "w")))``)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import fxhalo
     from fxhalo.mesh import mesh_domain
     from fxhalo.models import SmallUNet
     from tests.harness import mesh_block
@@ -198,6 +200,8 @@ def _ddp(rank, world_size, domain_axes):
         options = {"group": (mesh, domain_axes[0]), "compiler": "aot_eager"}
     else:
         options = {"group": (mesh, domain_axes), "shard_dim": shard_dims, "compiler": "aot_eager"}
+    if global_view:  # the DomainTensors carry the mesh
+        options = {"compiler": "aot_eager"}
     compiled = torch.compile(model, backend="domain_parallel", options=options)
     ddp = DDP(compiled, process_group=mesh.get_group("data"))
     opt = torch.optim.SGD(ddp.parameters(), lr=LR)
@@ -213,7 +217,11 @@ def _ddp(rank, world_size, domain_axes):
         ref_opt.zero_grad()
 
         mine = slice(2 * data_rank, 2 * data_rank + 2)
-        y = ddp(mesh_block(x[mine], domain, shard_dims))
+        block = mesh_block(x[mine], domain, shard_dims)
+        if global_view:
+            block = fxhalo.from_local(block, shard_dims, (mesh, domain_axes))
+        y = ddp(block)
+        y = y.to_local() if global_view else y
         y.backward(mesh_block(grad_out[mine], domain, shard_dims) * 2)  # DDP divides by 2 replicas
         opt.step()
         opt.zero_grad()
@@ -225,9 +233,13 @@ def _ddp(rank, world_size, domain_axes):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("domain_axes", [("domain",), ("h", "w")], ids=["data_x_domain", "data_x_h_x_w"])
-def test_data_times_domain_mesh_with_ddp_matches_one_device_on_the_whole_batch(domain_axes):
-    for rank, res in enumerate(run_ranks(_ddp, 4, domain_axes, timeout=360)):
+@pytest.mark.parametrize(
+    "domain_axes, global_view",
+    [(("domain",), False), (("h", "w"), False), (("h", "w"), True)],
+    ids=["data_x_domain", "data_x_h_x_w", "data_x_h_x_w_domain_tensors"],
+)
+def test_data_times_domain_mesh_with_ddp_matches_one_device_on_the_whole_batch(domain_axes, global_view):
+    for rank, res in enumerate(run_ranks(_ddp, 4, domain_axes, global_view, timeout=360)):
         worst = {name: v for name, v in res["mse"].items() if v[0] > 1e-6 or v[1] > 1e-6}
         assert not worst, (rank, worst)
         assert res["identical"], rank
