@@ -389,6 +389,17 @@ def mesh_block(x: torch.Tensor, mesh, shard_dims) -> torch.Tensor:
     return x.contiguous()
 
 
+def _output_block(t: torch.Tensor, y: torch.Tensor, mesh, shard_dims) -> torch.Tensor:
+    """This rank's block of the global output ``t``, cut along the sharded dims where the local output ``y``
+    is shorter than ``t`` only: a dim pooled to one value is whole on every rank (before, every rank but the
+    first got an empty gradient there, raised in its backward alone, and left the others waiting)."""
+    for axis, d in zip(mesh.axes, shard_dims):
+        if y.shape[d] != t.shape[d]:
+            start, stop = axis.bounds(t.shape[d])
+            t = t.narrow(d, start, stop - start)
+    return t.contiguous()
+
+
 def check_many_on_mesh(cases, group, shard_dims, *, options=None, compiler=None) -> list:
     """:func:`check_many_against_one_device` on a mesh of several domain axes: each rank passes its block
     (:func:`mesh_block`) of every case's input as a plain tensor, with ``options={"group": group,
@@ -407,10 +418,10 @@ def check_many_on_mesh(cases, group, shard_dims, *, options=None, compiler=None)
         torch._dynamo.reset()
         compiled = torch.compile(_Batch([m for m, _, _ in batch_cases]), backend="domain_parallel", options=settings)
         ys = compiled(*x_locals)
-        torch.autograd.backward(list(ys), [mesh_block(g, mesh, shard_dims) for _, _, g, _ in refs])
+        torch.autograd.backward(list(ys), [_output_block(g, y, mesh, shard_dims) for y, (_, _, g, _) in zip(ys, refs)])
         out = []
         for (model, _, _), x_local, y, (ref_in, ref, _, ref_grads) in zip(batch_cases, x_locals, ys, refs):
-            checks = {"out": close(y, mesh_block(ref.detach(), mesh, shard_dims))}
+            checks = {"out": close(y, _output_block(ref.detach(), y, mesh, shard_dims))}
             checks["grad_in"] = close(x_local.grad, mesh_block(ref_in.grad, mesh, shard_dims))
             for (name, p), want in zip(model.named_parameters(), ref_grads):
                 checks["grad_" + name] = close_normwise(p.grad, want)  # grad_sync: summed over the whole domain

@@ -116,6 +116,40 @@ def _adaptive_pool(nd, kind, input, output_size, return_indices, axes):
     return values, global_indices(idx, _inner(x, dim), x.shape[dim], n, start)
 
 
+@several_axes
+def adaptive_pool_dim_by_dim(input, output_size, *, nd: int, kind: str, axes: tuple[ShardAxis, ...]):
+    """An adaptive pool (values) over several sharded dims, some pooled to one value along their dim
+    and some to windows: one spatial dim at a time, the innermost first.  A dim pooled to one value
+    along a sharded dim is a reduction over that axis's ranks (:func:`fxhalo.ops.reduce.adaptive_avg_pool`
+    / ``adaptive_max_pool``), a windowed sharded dim that axis's 1-D kernel, any other dim torch's op.
+
+    The bins are products of 1-D bins, so the average of the averages over each dim is the bin's
+    average.  For the maximum, innermost first gives torch's tie rule: each row's first maximum, then
+    the first row whose maximum is the bin's, is the bin's first maximum in scan order."""
+    from . import reduce as reduce_ops  # reduce's kernels are the reductions' (no cycle at import)
+
+    sizes = list(output_size) if isinstance(output_size, (tuple, list)) else [output_size] * nd
+    sharded = {}
+    for axis in each_axis(axes):
+        _, _, sdim = _domain_and_dim(input, nd, axis.dim, axis.group_name)
+        if sdim is not None:
+            sharded[sdim] = axis
+    x = input
+    for sdim in reversed(range(nd)):
+        if sizes[sdim] is None:
+            continue
+        step = tuple(sizes[sdim] if i == sdim else None for i in range(nd))
+        axis = sharded.get(sdim)
+        if axis is None:
+            x = (_ADAPTIVE_MAX if kind == "max" else _ADAPTIVE_AVG)[nd](x, step)
+        elif int(sizes[sdim]) == 1:
+            reduce = reduce_ops.adaptive_max_pool if kind == "max" else reduce_ops.adaptive_avg_pool
+            x = reduce(x, step, nd=nd, axes=(axis,))
+        else:
+            x = _adaptive_pool(nd, kind, x, step, False, (axis,))
+    return x
+
+
 def _values_only(args, kwargs) -> bool:
     """Adaptive max pooling on several sharded dims: values only (indices would need every dim's offset)."""
     return not (args[2] if len(args) > 2 else kwargs.get("return_indices", False))

@@ -237,12 +237,17 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     rewriting = [(axis, d) for axis, d in enumerate(decisions) if d.rewrites]
     if not rewriting:
         return Decision(out, rule=decisions[0].rule)
+    call = rewriting[0][1].call
     if len(rewriting) > 1:
         # Built here only to compare them; the rewrite builds the call again from the node's arguments then.
         calls = [d.call(node) for _, d in rewriting]
         first = calls[0]
         same = all(c.kernel is first.kernel and c.args == first.args and c.kwargs == first.kwargs for c in calls)
-        if not same or not takes_several_axes(first.kernel, first.args, first.kwargs):
+        # a rule whose axes chose different kernels may know one that does them all (adaptive pools)
+        combined = getattr(decisions[0].rule, "on_several_axes", lambda node: None)(node)
+        if combined is not None and not same:
+            call = combined
+        elif not same or not takes_several_axes(first.kernel, first.args, first.kwargs):
             ctx.refuse(
                 node,
                 f"needs communication along {len(rewriting)} mesh axes at once, which fxhalo does not do for "
@@ -254,7 +259,7 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
         tuple((ctx.mesh.axes[axis], d.layout) for axis, d in rewriting), tuple(d.plan for _, d in rewriting)
     )
     first = rewriting[0][1]
-    return Decision(out, first.call, layout, first.plan, rule=first.rule)
+    return Decision(out, call, layout, first.plan, rule=first.rule)
 
 
 def _best_guess(node):

@@ -182,6 +182,21 @@ class AdaptivePoolRule(ResampleRule):
             )
         return Decision(None, self._to_one_call, s)
 
+    def on_several_axes(self, node):
+        """On a mesh whose axes decided differently (one dim pooled to one value, a reduction; another to
+        windows): the call of the kernel that pools dim by dim over all of them
+        (:func:`fxhalo.ops.adaptive_pool.adaptive_pool_dim_by_dim`); ``None`` for indices."""
+        a = bind(self.signature, node)
+        if self.indices or a["return_indices"]:
+            return None
+
+        def call(node) -> KernelCall:
+            args = bind(self.signature, node)
+            kwargs = {"nd": self.nd, "kind": self.kind}
+            return KernelCall(adaptive_ops.adaptive_pool_dim_by_dim, (args["input"], args["output_size"]), kwargs)
+
+        return call
+
     def _to_one(self, a, s: Sharded) -> bool:
         sdim = s.dim - (example_value(a["input"]).ndim - self.nd)
         sizes = a["output_size"]

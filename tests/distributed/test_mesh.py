@@ -12,8 +12,7 @@ kind and mode, strides, dilations, groups) and 12 random resampling and normalis
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
 twice, a mesh axis that is not in the mesh, and an op that would need communication
-along both axes and has no kernel for it yet (adaptive pooling to one value along one
-sharded dim only, as of now).
+along both axes and has no kernel for it yet (an adaptive max pool's indices, as of now).
 And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
@@ -94,6 +93,11 @@ class MaxPoolIndices(nn.Module):
         return values * (indices % 7 + 1)
 
 
+def _ties():
+    """Small integers on a 12 x 10 field: many tied maxima in every pooling window."""
+    return torch.randint(0, 3, (2, 2, 12, 10)).float()
+
+
 def _minus_inf_corner(x):
     """``x`` with its first 3 rows and columns ``-inf``: windows there read nothing but ``-inf`` and pad."""
     x = x.clone()
@@ -152,6 +156,11 @@ def _cases_2d():
         ("max_pool_padded_dilated_ceil", nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True), x()),
         ("max_pool_indices", MaxPoolIndices(3, 2, 1), x()),
         ("max_pool_indices_minus_inf_corner", MaxPoolIndices(3, 2, 1), _minus_inf_corner(x())),
+        # pooled to one value along one sharded dim and to windows along the other (refused before): dim by
+        # dim, innermost first; small integers make ties, which go to the first maximum as on one device
+        ("adaptive_avg_to_1x5", nn.AdaptiveAvgPool2d((1, 5)), x()),
+        ("adaptive_max_to_1x5_ties", nn.AdaptiveMaxPool2d((1, 5)), _ties()),
+        ("adaptive_max_to_4x1_ties", nn.AdaptiveMaxPool2d((4, 1)), _ties()),
         # a size is global along both sharded dims (refused before: the kernel took scale factors only)
         ("bilinear_to_size", nn.Upsample(size=(20, 23), mode="bilinear"), x()),
         ("bicubic_to_size_down", nn.Upsample(size=(9, 7), mode="bicubic"), x()),
@@ -323,8 +332,8 @@ def _refusals(mesh):
         "too_many_dims": raised(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
         "dim_twice": raised(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
         "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
-        # adaptive pooling to one value along one sharded dim has no kernel for two axes yet
-        "adaptive_pool_to_one_row": raised(on_mesh(nn.AdaptiveAvgPool2d((1, 4)))),
+        # an adaptive max pool's indices have no kernel for two axes yet
+        "adaptive_max_pool_indices": raised(on_mesh(nn.AdaptiveMaxPool2d((4, 3), return_indices=True))),
     }
 
 
@@ -446,7 +455,7 @@ def test_the_exchange_with_corners_sends_no_padding(ranks):
         ("too_many_dims", ["3 dims for 2"]),
         ("dim_twice", ["names one dim twice"]),
         ("unknown_axis", ["'depth'", "not an axis"]),
-        ("adaptive_pool_to_one_row", ["adaptive_avg_pool2d", "2 mesh axes", "Remedy"]),
+        ("adaptive_max_pool_indices", ["adaptive_max_pool2d", "2 mesh axes", "Remedy"]),
     ],
 )
 def test_bad_input_raises_on_every_rank(ranks, case, words):
