@@ -572,7 +572,8 @@ def test_validate_on_a_mesh_reports_per_axis():
             self.conv = torch.nn.Conv2d(1, 2, 9, padding=4)
 
         def forward(self, x):
-            return F.adaptive_avg_pool2d(self.conv(x), (1, 4))  # one row along H, windows along W: refused
+            # an adaptive max pool's indices on two sharded dims: refused (its values run)
+            return F.adaptive_max_pool2d(self.conv(x), (4, 4), return_indices=True)[0]
 
     problems = fxhalo.validate(Wide(), torch.randn(1, 1, 3, 16), world_size=(2, 2), rank=1, shard_dim=(2, 3))
     kinds = sorted((p.kind, p.op.split("'")[1]) for p in problems)
