@@ -41,12 +41,12 @@ from .domain import Domain
 from .errors import FxHaloError
 from .layout import Layout, Sharded, layout_of
 from .log import log_rewrite
-from .mesh import MeshDomain, is_mesh, mesh_domain, mesh_of, on_several_axes
+from .mesh import MeshDomain, is_mesh, mesh_domain, on_several_axes
 from .passes import PassContext, known_layouts
 from .passes.agreement import check_agreement, fingerprint, gather_input_lengths, gather_mesh_input_lengths
 from .passes.pipeline import run_pipeline
 from .passes.propagate import local_input_lengths
-from .tensor import DomainSpec, DomainTensor, MeshSpec, wrap_local
+from .tensor import DomainSpec, DomainTensor, MeshSpec, input_mesh, wrap_local
 
 __all__ = ["DomainParallelBackend", "backend", "domain_parallel", "register"]
 
@@ -187,18 +187,11 @@ class DomainParallelBackend:
     def _global_domain(self, example_inputs) -> tuple[Domain, MeshDomain | None]:
         """The domain of a global-view graph: the group of the options, else the DomainTensors' own (when
         they agree on one); a mesh when they are split over several axes (``mesh``: its MeshDomain)."""
-        names = {x._spec.group_name for x in example_inputs if isinstance(x, DomainTensor)}
-        on_mesh = any(isinstance(x, DomainTensor) and not isinstance(x._spec, DomainSpec) for x in example_inputs)
-        if not on_mesh:
+        mesh = input_mesh(example_inputs)
+        if mesh is None:
+            names = {x._spec.group_name for x in example_inputs if isinstance(x, DomainTensor)}
             group = self.group if self.group is not None else (names.pop() if len(names) == 1 else None)
             return Domain.from_group(group, shard_dim=self.shard_dim, mesh_axis=self.mesh_axis), None
-        if len(names) != 1:
-            raise FxHaloError(
-                f"the model's DomainTensor inputs are split over different domains (groups {sorted(names)}); a "
-                "compiled region runs on one. Remedy: make every input with fxhalo.from_local(..., group=mesh) "
-                "on the same mesh and mesh axes"
-            )
-        mesh = mesh_of(names.pop())
         if self.group is not None and is_mesh(self.group):
             given = mesh_domain(self.group, mesh.shard_dims, self.mesh_axis)
             if given.whole.group_name != mesh.whole.group_name:

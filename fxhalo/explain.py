@@ -76,11 +76,11 @@ from .backend import DomainParallelBackend
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
-from .mesh import MeshDomain, mesh_domain, mesh_of, on_several_axes, simulated_rank
+from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
 from .passes import PassContext, known_layouts
 from .passes.pipeline import run_pipeline
 from .report import Collective, Explanation, Part, Row
-from .tensor import DomainTensor, MeshSpec, as_meta, meta_domain_tensor
+from .tensor import DomainTensor, as_meta, input_mesh, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Collective", "Row", "Explanation", "explain"]
@@ -121,9 +121,8 @@ def explain(
     if unknown:
         raise FxHaloError(f"unknown domain_parallel option(s) {unknown}")
     settings = DomainParallelBackend(**options)  # validates them as the backend would
-    on_mesh = {x.spec.group_name for x in local_inputs if isinstance(x, DomainTensor) and isinstance(x.spec, MeshSpec)}
-    if on_mesh:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
-        mesh = mesh_of(on_mesh.pop())
+    mesh = input_mesh(local_inputs)
+    if mesh is not None:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
         return _explain(model, tuple(as_meta(x) for x in local_inputs), mesh.whole, settings, mesh)
     if on_several_axes(settings.shard_dim, settings.group):
         if global_view:

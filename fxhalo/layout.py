@@ -180,14 +180,14 @@ class Items(tuple):
         return any(item is not None and item.is_sharded for item in self)
 
 
-def as_layout(view):
+def as_layout(view, n_axes: int = 1):
     """A rule's one-axis answer as a layout: ``Sharded`` (or ``Partial``) -> on the (one) axis, ``None`` ->
-    replicated, a tuple -> :class:`Items`."""
+    replicated along each of the domain's ``n_axes`` mesh axes, a tuple -> :class:`Items`."""
     if isinstance(view, (Layout, Items)):
         return view
     if isinstance(view, tuple):
-        return Items(as_layout(v) for v in view)
-    return Layout.replicated() if view is None else Layout((view,))
+        return Items(as_layout(v, n_axes) for v in view)
+    return Layout.replicated(n_axes) if view is None else Layout((view,))
 
 
 def split(dim: int, length: int, domain, outer: int = 1) -> Sharded:

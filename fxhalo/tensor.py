@@ -29,8 +29,9 @@ from torch.utils import _pytree as pytree
 from . import domain as _domain
 from .domain import Partitioned, all_gather_rows, balanced_lengths, resolve_group
 from .errors import FxHaloError
+from .mesh import mesh_of
 
-__all__ = ["DomainSpec", "MeshSpec", "DomainTensor", "gather", "gather_domain_tensor", "wrap_local"]
+__all__ = ["DomainSpec", "MeshSpec", "DomainTensor", "gather", "gather_domain_tensor", "input_mesh", "wrap_local"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,6 +399,23 @@ def to_dtensor(x: DomainTensor, mesh=None):
 
 
 DomainTensor.to_dtensor = to_dtensor  # a method too, as DTensor users expect
+
+
+def input_mesh(args):
+    """The :class:`~fxhalo.mesh.MeshDomain` that the DomainTensors among ``args`` are split over, or ``None``
+    when none is split over a mesh.  Raises :class:`FxHaloError` when they are split over different
+    domains (two meshes, or a mesh and a one-axis group): a compiled region runs on one."""
+    mine = [x for x in args if isinstance(x, DomainTensor)]
+    if not any(isinstance(x._spec, MeshSpec) for x in mine):
+        return None
+    names = {x._spec.group_name for x in mine}
+    if len(names) != 1:
+        raise FxHaloError(
+            f"the model's DomainTensor inputs are split over different domains (groups {sorted(names)}); a "
+            "compiled region runs on one. Remedy: make every input with fxhalo.from_local(..., group=mesh) "
+            "on the same mesh and mesh axes"
+        )
+    return mesh_of(names.pop())
 
 
 def as_meta(x):

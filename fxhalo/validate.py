@@ -26,12 +26,12 @@ import torch.distributed as dist
 
 from .domain import Domain, resolve_group
 from .errors import FxHaloError, describe_node, user_source
-from .mesh import MeshDomain, mesh_domain, mesh_of, on_several_axes, simulated_rank
+from .mesh import MeshDomain, mesh_domain, on_several_axes, simulated_rank
 from .passes import PassContext
 from .passes.pipeline import run_pipeline
 from .rules import OnAxes, decision_of
 from .rules.conv import ConvRule
-from .tensor import DomainTensor, MeshSpec, as_meta, meta_domain_tensor
+from .tensor import DomainTensor, as_meta, input_mesh, meta_domain_tensor
 from .tracing import trace_once
 
 __all__ = ["Problem", "validate"]
@@ -81,14 +81,8 @@ def validate(
     checked that way too, on the meta device; DomainTensors split over a mesh (inside the
     job that made them) are checked on that mesh, for this rank.
     """
-    mesh = None
-    on_mesh = {
-        x.spec.group_name
-        for x in _as_args(example_local_input)
-        if isinstance(x, DomainTensor) and isinstance(x.spec, MeshSpec)
-    }
-    if on_mesh:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
-        mesh = mesh_of(on_mesh.pop())
+    mesh = input_mesh(_as_args(example_local_input))
+    if mesh is not None:  # DomainTensors split over a mesh, inside the job that made them: that mesh, this rank
         shard_dim, world_size, rank = mesh.whole.shard_dim, mesh.whole.size, mesh.whole.rank
     elif on_several_axes(shard_dim, group):
         if global_view or any(isinstance(x, DomainTensor) for x in _as_args(example_local_input)):

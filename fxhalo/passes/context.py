@@ -38,6 +38,11 @@ class PassContext:
         """Several domain axes: rules are asked once per axis (:mod:`fxhalo.passes.propagate`)."""
         return self.mesh is not None and len(self.mesh.axes) > 1
 
+    @property
+    def n_axes(self) -> int:
+        """The domain's mesh axes: every layout has one entry per axis."""
+        return len(self.mesh.axes) if self.on_mesh else 1
+
     def along_each_axis(self) -> list[PassContext]:
         """:meth:`along` for every mesh axis, in order."""
         return [self.along(axis) for axis in range(len(self.mesh.axes))]

@@ -105,9 +105,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
                 problems.append((node, e))
                 out = propagate._best_guess(node)
             _set_value(node, _local_value(node, out, mode))
-        layout = as_layout(out)
-        if ctx.on_mesh and layout == Layout.replicated():  # replicated along every mesh axis
-            layout = Layout.replicated(len(ctx.mesh.axes))
+        layout = as_layout(out, ctx.n_axes)
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
         if node.op in ("call_function", "call_method") and not layout.is_sharded:
@@ -322,18 +320,20 @@ def _align_operands_on_mesh(node, ctx, mode) -> None:
             if a is lead or shape is None or len(shape) < -pos or shape[pos] != int(t.global_length):
                 continue
             dim, e = len(shape) + pos, entry(a)
+            if _split_alike(e, t, dim, along):
+                continue
             layout = layout_of(moved[a])
             entries = list(layout.axes) if isinstance(layout, Layout) else [None] * len(ctx.mesh.axes)
             entries[axis] = Sharded(dim, t.local, t.global_length)
             if e is None and int(t.global_length) > 1:
                 axes = along.kernel_axes(dim, t.global_length)
                 moved[a] = _insert_move(node, moved[a], moves.own_rows, (moved[a],), axes, Layout(tuple(entries)), mode)
-            elif _split_alike(e, t, dim, along, lengths=False) and not _split_alike(e, t, dim, along):
+            elif _split_alike(e, t, dim, along, lengths=False):  # the same dim, other lengths
                 want, axes = along.lengths(t.global_length), along.kernel_axes(dim, e.global_length)
                 moved[a] = _insert_move(
                     node, moved[a], moves.repartition, (moved[a], want), axes, Layout(tuple(entries)), mode
                 )
-            elif e is not None and not _split_alike(e, t, dim, along):
+            elif e is not None:
                 ctx.refuse(
                     node,
                     f"meets operands that mesh axis {ctx.mesh.labels()[along.group_name]} splits along different "
@@ -516,7 +516,7 @@ def _shard_again_where_it_grows(node, ctx, mode) -> int:
     if len(found) != 1 or shape is None:
         return 0
     domains, current, keep = _axis_domains(ctx), node, []
-    entries = list(Layout.replicated(len(domains)).axes)
+    entries = [None] * len(domains)
     users = list(node.users)
     for axis, dim in found.pop():
         if dim >= len(shape) or shape[dim] <= 1:

@@ -188,7 +188,7 @@ def propagate_sharding(gm: torch.fx.GraphModule, ctx: PassContext, problems: lis
             else:
                 node.meta[DECISION] = decision
                 s = decision.out
-        layout = as_layout(s)
+        layout = as_layout(s, ctx.n_axes)
         node.meta[LAYOUT] = layout
         count += layout.is_sharded
     return count
@@ -243,11 +243,9 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
         calls = [d.call(node) for _, d in rewriting]
         first = calls[0]
         same = all(c.kernel is first.kernel and c.args == first.args and c.kwargs == first.kwargs for c in calls)
-        # a rule whose axes chose different kernels may know one that does them all (adaptive pools)
-        combined = getattr(decisions[0].rule, "on_several_axes", lambda node: None)(node)
-        if combined is not None and not same:
-            call = combined
-        elif not same or not takes_several_axes(first.kernel, first.args, first.kwargs):
+        if not same:  # a rule whose axes chose different kernels may know one that does them all (adaptive pools)
+            call = getattr(decisions[0].rule, "combined_call", lambda node: None)(node)
+        if call is None or (same and not takes_several_axes(first.kernel, first.args, first.kwargs)):
             ctx.refuse(
                 node,
                 f"needs communication along {len(rewriting)} mesh axes at once, which fxhalo does not do for "

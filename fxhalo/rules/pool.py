@@ -182,7 +182,7 @@ class AdaptivePoolRule(ResampleRule):
             )
         return Decision(None, self._to_one_call, s)
 
-    def on_several_axes(self, node):
+    def combined_call(self, node):
         """On a mesh whose axes decided differently (one dim pooled to one value, a reduction; another to
         windows): the call of the kernel that pools dim by dim over all of them
         (:func:`fxhalo.ops.adaptive_pool.adaptive_pool_dim_by_dim`); ``None`` for indices."""
