@@ -140,10 +140,7 @@ def shard(
     dim = shard_dim + x.ndim if shard_dim < 0 else shard_dim
     if not 0 <= dim < x.ndim:
         raise FxHaloError(f"shard_dim={shard_dim} does not exist on a {x.ndim}-D tensor")
-    lengths = balanced_lengths(x.shape[dim], size) if lengths is None else tuple(int(n) for n in lengths)
-    if len(lengths) != size or sum(lengths) != x.shape[dim] or min(lengths) < 0:
-        raise FxHaloError(f"fxhalo.shard: lengths {list(lengths)} do not split {x.shape[dim]} rows over {size} ranks")
-    spec = DomainSpec(pg.group_name, dim, lengths)
+    spec = DomainSpec(pg.group_name, dim, _shard_lengths(x.shape[dim], size, lengths))
     start, stop = spec.bounds(rank)
     return wrap_local(x.narrow(dim, start, stop - start).contiguous(), spec)
 
@@ -211,6 +208,15 @@ def from_local_on_mesh(x_local: torch.Tensor, shard_dim, group, lengths, like, r
     return wrap_local(x_local, MeshSpec(mesh.whole.group_name, tuple(axes)))
 
 
+def _shard_lengths(n: int, size: int, lengths) -> tuple[int, ...]:
+    """Every rank's length of ``n`` rows over ``size`` ranks for :func:`shard`: ``lengths`` checked, or the
+    balanced rule's."""
+    lengths = balanced_lengths(n, size) if lengths is None else tuple(int(v) for v in lengths)
+    if len(lengths) != size or sum(lengths) != n or min(lengths) < 0:
+        raise FxHaloError(f"fxhalo.shard: lengths {list(lengths)} do not split {n} rows over {size} ranks")
+    return lengths
+
+
 def shard_on_mesh(x: torch.Tensor, shard_dim, group, lengths, like) -> DomainTensor:
     """:func:`fxhalo.shard` with one dim per domain axis of a mesh: each rank keeps its block of ``x``."""
     mesh, dims, lengths = _mesh(group, shard_dim, lengths, like, x.ndim)
@@ -219,10 +225,7 @@ def shard_on_mesh(x: torch.Tensor, shard_dim, group, lengths, like) -> DomainTen
         if d is None:
             axes.append(None)
             continue
-        ls = balanced_lengths(x.shape[d], axis.size) if ls is None else tuple(int(n) for n in ls)
-        if len(ls) != axis.size or sum(ls) != x.shape[d] or min(ls) < 0:
-            raise FxHaloError(f"fxhalo.shard: lengths {list(ls)} do not split {x.shape[d]} rows over {axis.size} ranks")
-        spec = DomainSpec(axis.group_name, d, ls)
+        spec = DomainSpec(axis.group_name, d, _shard_lengths(x.shape[d], axis.size, ls))
         start, stop = spec.bounds(axis.rank)
         x = x.narrow(d, start, stop - start)
         axes.append(spec)
