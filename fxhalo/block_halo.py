@@ -135,6 +135,10 @@ def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks) -> 
     ``(dim, HaloPlan, edge)`` per axis (``edge`` only tells the halo observers), ``group_name`` the
     whole domain's group and ``whole_ranks`` its ranks' coordinates (:func:`plan_block`).
     Differentiable: autograd sends each halo value's gradient back to its owner."""
+    if x.is_complex():  # collectives take real tensors: exchange the real view (a trailing dim of 2)
+        exchanges = tuple((d % x.ndim, plan, edge) for d, plan, edge in exchanges)
+        real = block_exchange(torch.view_as_real(x.resolve_conj()), exchanges, group_name, whole_ranks)
+        return torch.view_as_complex(real)
     dims = tuple(d for d, _, _ in exchanges)
     for _, plan, edge in exchanges:
         if plan.collective:  # as the 1-D exchange tells its observers (an axis taking its own rows: never)

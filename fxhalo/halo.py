@@ -392,6 +392,9 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
     """
     if plan.is_identity:
         return x
+    if x.is_complex() and plan.collective:  # collectives take real tensors: exchange the real view
+        real = halo_exchange(torch.view_as_real(x.resolve_conj()), dim % x.ndim, plan, group_name, edge=edge)
+        return torch.view_as_complex(real)
     recv = None
     if plan.collective:
         recv = torch.ops._c10d_functional.all_to_all_single(

@@ -113,6 +113,8 @@ FFTS_2D = {
     "irfftn(rfftn) over H, W": lambda x: torch.fft.irfftn(torch.fft.rfftn(x, dim=(2, 3)), dim=(2, 3)),
     "fft of W only: local": lambda x: torch.fft.fft(x, dim=3).imag,
     "fftshift / ifftshift over H": lambda x: torch.fft.ifftshift(torch.fft.fftshift(x, dim=(2, 3)) * 2, dim=2),
+    # a complex value's halo travels as its real view (gloo's collectives take no complex tensors)
+    "fftshift of a complex spectrum over H": lambda x: _real(torch.fft.fftshift(torch.fft.fft(x, dim=3), dim=2)),
 }
 #: FFTs of a [B, C, L] signal sharded along L (the shard moves to the batch or the channels)
 FFTS_1D = {
