@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis
+from ..domain import Domain, ShardAxis, one_axis, several_axes
 
 __all__ = ["product", "product_on_carrier"]
 
@@ -37,14 +37,19 @@ __all__ = ["product", "product_on_carrier"]
 _PRODUCTS = {"einsum": torch.einsum, "matmul": torch.matmul, "linear": F.linear}
 
 
+@several_axes(when=lambda args, kwargs: kwargs.get("bias") is None)
 def product(name: str, operands, narrow: tuple, *, prefix: tuple = (), bias=None, axes: tuple[ShardAxis, ...]):
     """``_PRODUCTS[name](*prefix, *operands)`` on this rank's rows; ``narrow[i]``: the dim of replicated
     operand ``i`` to cut to this rank's rows (``None``: leave it).  With a ``bias`` the product contracts
-    the shard: rank 0's summand takes the bias."""
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    a, b = domain.bounds(length)
-    cut = [x if d is None else x.narrow(d, a, b - a) for x, d in zip(operands, narrow)]
+    the shard: rank 0's summand takes the bias.  On several mesh axes (no bias), ``narrow`` holds one such
+    tuple per axis of ``axes``: each axis cuts its own dims."""
+    per_axis = narrow if len(axes) > 1 else (narrow,)
+    cut = list(operands)
+    for axis, narrows in zip(axes, per_axis):
+        shard_dim, group_name, length = one_axis((axis,))
+        domain = Domain.from_group(group_name, shard_dim=shard_dim)
+        a, b = domain.bounds(length)
+        cut = [x if d is None else x.narrow(d, a, b - a) for x, d in zip(cut, narrows)]
     out = _PRODUCTS[name](*prefix, *cut)
     return out if bias is None else out + bias * float(domain.rank == 0)
 

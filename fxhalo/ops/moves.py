@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis
+from ..domain import Domain, Partitioned, ShardAxis, all_gather_rows, one_axis, several_axes
 from ..halo import halo_exchange
 from .collectives import all_reduce_sum
 from .rows import halo_plan
@@ -145,15 +145,17 @@ def rows_of_slice(sl: slice, partition) -> tuple[tuple[int, slice], ...]:
 
 
 def _local_index(t: torch.Tensor, index, axes) -> tuple:
-    """``index``, whose item for the sharded dim slices global rows, with that item made this rank's
-    slice of its own rows."""
-    _, _, domain, length = _domain(axes)
+    """``index``, whose items for the sharded dims (one per mesh axis of ``axes``) slice global rows, with
+    each such item made this rank's slice of its own rows."""
     items = list(expand_index(index, t.ndim))
-    at = _item_of_dim(items, domain.dim_of(t.ndim))
-    items[at] = rows_of_slice(items[at], domain.partition(length))[domain.rank][1]
+    for axis in axes:
+        _, _, domain, length = _domain((axis,))
+        at = _item_of_dim(items, domain.dim_of(t.ndim))
+        items[at] = rows_of_slice(items[at], domain.partition(length))[domain.rank][1]
     return tuple(items)
 
 
+@several_axes
 def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
     """``input[index]`` where ``index`` slices the sharded dim in global rows: each rank keeps the selected
     rows it holds (no communication; the output's partition is the count on every rank).
@@ -165,6 +167,7 @@ def slice_rows(input: torch.Tensor, index, *, axes: tuple[ShardAxis, ...]) -> to
     return out.clone() if out.numel() == 0 else out
 
 
+@several_axes
 def set_rows(target: torch.Tensor, index, value, *, axes: tuple[ShardAxis, ...]) -> None:
     """``target[index] = value`` where ``index`` slices the sharded dim of ``target`` in global rows and
     ``value`` holds, on every rank, the selected rows that rank's ``target`` holds (in place; no

@@ -54,6 +54,7 @@ from ..layout import (
     Partial,
     Sharded,
     as_layout,
+    axis_view,
     example_value,
     is_tensor_node,
     layout_of,
@@ -110,20 +111,35 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
         count += layout.is_sharded
         if node.op in ("call_function", "call_method") and not layout.is_sharded:
             count += _shard_again_where_it_grows(node, ctx, mode)
+        if node.op in ("call_function", "call_method") and ctx.on_mesh:
+            _shard_again_after_merge(node, ctx, mode)
     return count
 
 
 def _decide(node, ctx, mode, axis_ctxs):
-    from .propagate import decide_node
+    from .propagate import TwoAxesOnOneDim, decide_node
 
     _localize_shape_args(node, ctx, mode)
     if ctx.on_mesh:
         _align_operands_on_mesh(node, ctx, mode)
     else:
         _align_operands(node, ctx, mode)
-        _shard_assigned_target(node, ctx, mode)
+    _shard_assigned_target(node, ctx, mode)
     _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
     try:
+        decision = decide_node(node, ctx, axis_ctxs)
+    except TwoAxesOnOneDim as e:
+        # A reshape merging dims that two axes split (H and W into tokens): the inner dim's axis gathers
+        # its rows first, so the merged dim is split by the outer dim's axis alone, contiguously.
+        _gather_sharded_inputs(node, ctx, mode, e.axes)
+        for a in node.all_input_nodes:  # sliced again where the merge is undone (_shard_again_after_merge)
+            if GATHERED in a.meta:
+                shape = global_shape(a)
+                a.meta[MERGED] = tuple((axis, dim, len(shape), shape[dim]) for axis, dim in a.meta.pop(GATHERED))
+        if (node.op, node.target) == ("call_method", "view"):  # the gathered rows need not be contiguous
+            node.target = "reshape"
+        _localize_shape_args(node, ctx, mode)  # again: the gathered dims are whole now
+        _set_value(node, _run_fake(node, mode, fallback=_plain(node.meta[GLOBAL_VALUE])))
         decision = decide_node(node, ctx, axis_ctxs)
     except FxHaloError as e:
         if not isinstance(e, TooShort) and not isinstance(e.__context__, TooShort):
@@ -196,9 +212,10 @@ def _localize_shape_args(node, ctx, mode) -> None:
             s = _regroup_for_split(node, src, s, g_out[whole.dim], ctx, mode)
             src = node.args[0]
             whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
-        if isinstance(whole, str) or (g_out[whole.dim] * s.local) % n:
+        # Two axes whose dims merge into one (H and W into tokens) each scale it: the product of their shares.
+        if isinstance(whole, str) or (local_out[whole.dim] * s.local) % n:
             return  # the reshape rule refuses it, with the local sizes
-        local_out[whole.dim] = g_out[whole.dim] * s.local // n
+        local_out[whole.dim] = local_out[whole.dim] * s.local // n
     if key in _UNFLATTENS:  # its sizes are a sub-shape: a reshape to the whole local shape says the same
         node.op, node.target = "call_method", "reshape"
     if node.op == "call_method":
@@ -392,9 +409,27 @@ def _shard_assigned_target(node, ctx, mode) -> None:
     """Before ``target[index] = value`` with a sharded value: a replicated target (a zero buffer the
     values are written into) is sharded where the value's sharded dim lands (balanced; a free slice),
     for this write and every later use; and the value's rows move when they are not split as the rows
-    they are written to."""
+    they are written to.  On a mesh, axis by axis (an FNO's buffer, split along both mode dims)."""
     if node.op != "call_function" or node.target is not operator.setitem:
         return
+    if not ctx.on_mesh:
+        _shard_assigned_target_along(node, ctx.domain, 0, 1, mode)
+        return
+    for axis, along in enumerate(ctx.mesh.axes):
+        with axis_view(axis):
+            _shard_assigned_target_along(node, along, axis, ctx.n_axes, mode)
+
+
+def _with_entry(a, axis: int, entry: Sharded, n_axes: int) -> Layout:
+    """``a``'s layout with mesh ``axis``'s entry replaced by ``entry``."""
+    layout = layout_of(a)
+    entries = list(layout.axes) if isinstance(layout, Layout) else [None] * n_axes
+    entries[axis] = entry
+    return Layout(tuple(entries))
+
+
+def _shard_assigned_target_along(node, along, axis: int, n_axes: int, mode) -> None:
+    """:func:`_shard_assigned_target` along one mesh axis (``along``: its domain), inside its axis view."""
     target, index, value = node.args
     st, sv = sharding_of(target), sharding_of(value)
     t_shape, v_shape = global_shape(target), global_shape(value)
@@ -406,14 +441,15 @@ def _shard_assigned_target(node, ctx, mode) -> None:
             for d in range(len(t_shape))
             if (assigned_dim(index, len(t_shape), len(v_shape), d) or (0, -1))[1] == sv.dim
         ]
-        if len(dims) != 1 or t_shape[dims[0]] < ctx.domain.size:
+        if len(dims) != 1 or t_shape[dims[0]] < along.size:
             return  # the rule refuses
         n = t_shape[dims[0]]
-        st = layout_split(dims[0], n, ctx.domain)
+        st = layout_split(dims[0], n, along)
+        layout = _with_entry(target, axis, st, n_axes)
         # The buffer made at its local size (no whole buffer on any rank), else sliced to it.
-        if not _make_local_factory(target, st, mode, after=node):
-            axes = ctx.domain.kernel_axes(st.dim, n)
-            moved = _insert_move(node, target, moves.own_rows, (target,), axes, st, mode)
+        if not _make_local_factory(target, st, layout, mode, after=node):
+            axes = along.kernel_axes(st.dim, n)
+            moved = _insert_move(node, target, moves.own_rows, (target,), axes, layout, mode)
             later = node
             while True:  # this write and every later use read the sharded buffer
                 later.replace_input_with(target, moved)
@@ -426,25 +462,26 @@ def _shard_assigned_target(node, ctx, mode) -> None:
     if found is None or isinstance(found[0], int) or found[1] != sv.dim:
         return
     item, _ = found
-    part = ctx.domain.partition(st.global_length)
+    part = along.partition(st.global_length)
     want = (
         tuple(b - a for a, b in part)
         if item == slice(None, None, None)
         else tuple(c for c, _ in moves.rows_of_slice(item, part))
     )
-    if sum(want) != int(sv.global_length) or want == _lengths(sv, ctx):
+    if sum(want) != int(sv.global_length) or want == along.lengths(sv.global_length):
         return
-    axes = ctx.domain.kernel_axes(sv.dim, sv.global_length)
-    layout = Sharded(sv.dim, want[ctx.domain.rank], ctx.domain.length_of(want))
+    axes = along.kernel_axes(sv.dim, sv.global_length)
+    layout = _with_entry(value, axis, Sharded(sv.dim, want[along.rank], along.length_of(want)), n_axes)
     node.replace_input_with(value, _insert_move(node, value, moves.repartition, (value, want), axes, layout, mode))
 
 
 _FACTORIES = (torch.zeros, torch.ones, torch.empty, torch.full)
 
 
-def _make_local_factory(target, st: Sharded, mode, after) -> bool:
+def _make_local_factory(target, st: Sharded, layout: Layout, mode, after) -> bool:
     """A buffer made by ``torch.zeros(sizes...)`` (or ones, empty, full) and used from ``after`` on
-    only: make it at this rank's size along ``st.dim`` and call it sharded.  False when it is not."""
+    only: make it at this rank's size along ``st.dim`` and lay it out as ``layout``.  False when it is
+    not."""
     if target.op != "call_function" or target.target not in _FACTORIES or not target.args:
         return False
     order = {n: i for i, n in enumerate(target.graph.nodes)}
@@ -458,7 +495,7 @@ def _make_local_factory(target, st: Sharded, mode, after) -> bool:
     local = list(sizes)
     local[st.dim] = st.local
     target.args = (tuple(local), *target.args[1:]) if packed else tuple(local)
-    target.meta[LAYOUT] = Layout((st,))
+    target.meta[LAYOUT] = layout
     _set_value(target, _empty(local, example_value(target), mode))
     return True
 
@@ -475,10 +512,10 @@ def _axis_domains(ctx) -> tuple:
     return ctx.mesh.axes if ctx.on_mesh else (ctx.domain,)
 
 
-def _gather_sharded_inputs(node, ctx, mode) -> None:
-    """Step 5: each sharded input of ``node`` gathered whole (one all-gather per sharded mesh axis), so
-    that ``node`` computes replicated; the gathered value carries ``(axis, dim)`` pairs under
-    ``GATHERED``."""
+def _gather_sharded_inputs(node, ctx, mode, only_axes=None) -> None:
+    """Step 5: each sharded input of ``node`` gathered whole (one all-gather per sharded mesh axis, or per
+    axis of ``only_axes``), so that ``node`` computes replicated (along those axes); the gathered value
+    carries ``(axis, dim)`` pairs under ``GATHERED``."""
     domains = _axis_domains(ctx)
     for a in list(node.all_input_nodes):
         layout = layout_of(a)
@@ -486,7 +523,7 @@ def _gather_sharded_inputs(node, ctx, mode) -> None:
             continue
         whole, entries, gathered = a, list(layout.axes), []
         for axis, (s, domain) in enumerate(zip(layout.axes, domains)):
-            if not isinstance(s, Sharded):
+            if not isinstance(s, Sharded) or (only_axes is not None and axis not in only_axes):
                 continue
             with node.graph.inserting_before(node):
                 whole = node.graph.call_function(
@@ -498,8 +535,9 @@ def _gather_sharded_inputs(node, ctx, mode) -> None:
             whole.meta[GLOBAL_VALUE] = a.meta.get(GLOBAL_VALUE, example_value(a))
             whole.meta[LAYOUT] = Layout(tuple(entries))
             _set_value(whole, _localized(whole.meta[GLOBAL_VALUE], None, whole.meta[LAYOUT], mode))
-        whole.meta[GATHERED] = tuple(gathered)
-        node.replace_input_with(a, whole)
+        if gathered:
+            whole.meta[GATHERED] = tuple(gathered)
+            node.replace_input_with(a, whole)
 
 
 #: node.meta key: ``((mesh axis, tensor dim), ...)`` a replicated value was gathered along (step 5), while
@@ -540,6 +578,45 @@ def _shard_again_where_it_grows(node, ctx, mode) -> int:
     for user in users:
         user.replace_input_with(node, current)
     return 1
+
+
+#: node.meta key: ``((mesh axis, dim, ndim, length), ...)``: a value gathered along those axes before a
+#: reshape merged its dim into another that a second axis splits (H and W into tokens), and whole along
+#: them since: it is sliced again along an axis once a value of ``ndim`` dims has ``length`` rows on ``dim``
+#: again (the reshape back), so the ops after it are not computed on every rank of that axis
+MERGED = "fxhalo_merged_dim"
+
+
+def _shard_again_after_merge(node, ctx, mode) -> None:
+    """A value computed whole along the axes a merge gathered (``MERGED`` on an input) is sliced along each
+    (balanced, a free slice) where its dim is back at its length and no other axis splits it; the axes
+    still waiting ride on to the users.  Correct wherever it fires: a slice of a value whole along an axis
+    is a layout like any other."""
+    found = {a.meta[MERGED] for a in node.all_input_nodes if MERGED in a.meta}
+    shape, layout = global_shape(node), layout_of(node)
+    if len(found) != 1 or shape is None or not isinstance(layout, Layout):
+        return
+    entries, keep, current, users = list(layout.axes), [], node, list(node.users)
+    for axis, dim, ndim, length in found.pop():
+        if entries[axis] is not None:
+            continue  # sharded along that axis again already (an operand aligned to a sharded one)
+        taken = {s.dim for s in entries if isinstance(s, Sharded)}
+        if len(shape) != ndim or shape[dim] != length or dim in taken:
+            keep.append((axis, dim, ndim, length))
+            continue
+        domain = ctx.mesh.axes[axis]
+        with node.graph.inserting_after(current):
+            sliced = node.graph.call_function(moves.own_rows, (current,), {"axes": domain.kernel_axes(dim, length)})
+        _copy_source(sliced, node)
+        entries[axis] = Sharded(dim, domain.local_length(length), length)
+        sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
+        sliced.meta[LAYOUT] = Layout(tuple(entries))
+        _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, sliced.meta[LAYOUT], mode))
+        current = sliced
+    if keep:
+        current.meta[MERGED] = tuple(keep)
+    for user in users:
+        user.replace_input_with(node, current)
 
 
 # -- example values ---------------------------------------------------------------------------

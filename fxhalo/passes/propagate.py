@@ -22,6 +22,9 @@ axes' dims as the local blocks they are; a node that several axes rewrite needs 
 same kernel call from each, and a kernel that communicates along several axes at once
 (:func:`~fxhalo.domain.several_axes`), else it is refused.  Two axes whose entries
 land on one tensor dim are refused too (a reshape merging two sharded dims, say).
+A rule that plans over every axis at once (the FFT's pencil decomposition, where one
+axis's move must know the dims the others split) has ``decide_on_mesh(node, ctx)``
+instead, asked once with the whole mesh's context.
 """
 
 from __future__ import annotations
@@ -198,6 +201,10 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
     """``node``'s decision: its rule's, or on a mesh of several axes (``axis_ctxs``:
     :meth:`PassContext.along_each_axis`) the rule's along each axis, merged (:func:`merge_axes`)."""
     if ctx.on_mesh:
+        rule = rules.lookup(node)
+        if hasattr(rule, "decide_on_mesh") and not any(is_partial(a) for a in node.all_input_nodes):
+            # a rule that plans over every axis at once (the FFT's pencil): asked once, with the mesh
+            return _decide(node, ctx, rule.decide_on_mesh)
         return merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
     return _decide(node, ctx)
 
@@ -205,6 +212,27 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
 def _entries(out) -> list:
     """The one-axis entries of a rule's answer (each item's, for a tuple)."""
     return list(out) if isinstance(out, tuple) else [out]
+
+
+class TwoAxesOnOneDim(FxHaloError):
+    """:func:`merge_axes`' refusal of a value two mesh axes would split along one dim (a reshape merging
+    H and W into tokens).  ``axes``: the mesh axes to gather first so that one axis is left on each dim,
+    those whose entries there are interleaved (the inner dim of the merge), which the global view does
+    (:mod:`fxhalo.passes.localize`)."""
+
+    def __init__(self, message: str, axes: tuple[int, ...]):
+        super().__init__(message)
+        self.axes = axes
+
+
+def _axes_to_gather(entries) -> tuple[int, ...]:
+    """For each dim that several entries share: every one of them but the first contiguous one."""
+    out = []
+    for dim in {s.dim for s in entries if isinstance(s, Sharded)}:
+        on_it = [axis for axis, s in enumerate(entries) if isinstance(s, Sharded) and s.dim == dim]
+        keep = next((axis for axis in on_it if entries[axis].contiguous), None)
+        out.extend(axis for axis in on_it if axis != keep)
+    return tuple(sorted(out))
 
 
 def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
@@ -226,14 +254,18 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     for entries in per_value:
         dims = [s.dim for s in entries if isinstance(s, Sharded)]
         if len(set(dims)) != len(dims):
-            ctx.refuse(
-                node,
-                "gives a value that two mesh axes would shard along one dim ("
-                + ", ".join(str(s) for s in entries)
-                + "): it merges or moves sharded dims together",
-                "keep the dims that different mesh axes shard apart (reshape only dims no axis shards), "
-                "or shard one dim only (a one-axis group)",
-            )
+            try:
+                ctx.refuse(
+                    node,
+                    "gives a value that two mesh axes would shard along one dim ("
+                    + ", ".join(str(s) for s in entries)
+                    + "): it merges or moves sharded dims together",
+                    "keep the dims that different mesh axes shard apart (reshape only dims no axis shards), "
+                    "pass DomainTensors (the global view gathers the inner dim first), or shard one dim only "
+                    "(a one-axis group)",
+                )
+            except FxHaloError as e:
+                raise TwoAxesOnOneDim(str(e), _axes_to_gather(entries)) from None
     rewriting = [(axis, d) for axis, d in enumerate(decisions) if d.rewrites]
     if not rewriting:
         return Decision(out, rule=decisions[0].rule)
@@ -243,8 +275,9 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
         calls = [d.call(node) for _, d in rewriting]
         first = calls[0]
         same = all(c.kernel is first.kernel and c.args == first.args and c.kwargs == first.kwargs for c in calls)
-        if not same:  # a rule whose axes chose different kernels may know one that does them all (adaptive pools)
-            call = getattr(decisions[0].rule, "combined_call", lambda node: None)(node)
+        if not same:  # a rule whose axes chose different calls may know one that does them all (adaptive pools)
+            combined = getattr(decisions[0].rule, "combined_call", lambda node, calls: None)
+            call = combined(node, [d.call for _, d in rewriting])
         if call is None or (same and not takes_several_axes(first.kernel, first.args, first.kwargs)):
             ctx.refuse(
                 node,
@@ -292,13 +325,15 @@ def sum_partials(node, ctx: PassContext) -> None:
         node.replace_input_with(a, total)
 
 
-def _decide(node, ctx: PassContext) -> Decision:
+def _decide(node, ctx: PassContext, decide=None) -> Decision:
+    """The rule's decision for ``node`` (``decide(node, ctx)`` instead of the rule's own, when given), with
+    partial sums summed first (or kept, by ops linear in them) and the gather fallback on refusal."""
     if any(is_partial(a) for a in node.all_input_nodes):
         if keeps_partial(node):
             return dataclasses.replace(KEEPS_PARTIAL(node, ctx), rule=KEEPS_PARTIAL)
         sum_partials(node, ctx)
     rule = rules.lookup(node)
-    sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
+    sharded = [a for a in node.all_input_nodes if getattr(layout_of(a), "is_sharded", False)]
     try:
         if rule is None:
             if sharded:
@@ -311,7 +346,7 @@ def _decide(node, ctx: PassContext) -> Decision:
                     "options={'input_shard_dims': {name: None}} if it really is",
                 )
             return Decision()
-        return dataclasses.replace(rule(node, ctx), rule=rule)
+        return dataclasses.replace((decide or rule)(node, ctx), rule=rule)
     except FxHaloError:
         if ctx.fallback != "gather" or not sharded or node.op not in ("call_function", "call_method"):
             raise

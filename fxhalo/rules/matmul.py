@@ -209,6 +209,20 @@ class EinsumRule(Rule):
 
         return Decision(out, call, first)
 
+    def combined_call(self, node, calls):
+        """On a mesh, two axes each cutting replicated operands to their rows (an FNO's weights, along the
+        two mode dims): one :func:`fxhalo.ops.contract.product` that cuts along every axis, ``narrow`` one
+        tuple per axis.  ``None`` for anything else (a contraction, a move onto a carrier)."""
+        made = [call(node) for call in calls]
+        if not all(m.kernel is contract.product and m.args[0] == "einsum" and not m.kwargs.get("bias") for m in made):
+            return None
+        narrows = tuple(m.args[2] for m in made)
+
+        def call(node) -> KernelCall:
+            return KernelCall(contract.product, ("einsum", self._operands(node), narrows), made[0].kwargs)
+
+        return call
+
     def _on_carrier(self, node, ctx, terms, out_terms, values, layouts) -> Decision | None:
         """Operands sharded along different indices (queries ``i`` and keys ``j`` of attention inside each
         window): each moves its shard onto an index that every operand and the output share (the

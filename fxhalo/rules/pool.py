@@ -182,10 +182,11 @@ class AdaptivePoolRule(ResampleRule):
             )
         return Decision(None, self._to_one_call, s)
 
-    def combined_call(self, node):
+    def combined_call(self, node, calls):
         """On a mesh whose axes decided differently (one dim pooled to one value, a reduction; another to
         windows): the call of the kernel that pools dim by dim over all of them
-        (:func:`fxhalo.ops.adaptive_pool.adaptive_pool_dim_by_dim`); ``None`` for indices."""
+        (:func:`fxhalo.ops.adaptive_pool.adaptive_pool_dim_by_dim`); ``None`` for indices.  (``calls``,
+        each axis's own, are not needed.)"""
         a = bind(self.signature, node)
         if self.indices or a["return_indices"]:
             return None

@@ -19,10 +19,10 @@ import inspect
 
 import torch
 
-from ..layout import Sharded, example_value, sharding_of, split
+from ..layout import Layout, Sharded, example_value, layout_of, sharding_of, split
 from ..ops import shift as shift_ops
 from ..ops import spectral as ops
-from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
+from . import Decision, KernelCall, LayoutRule, OnAxes, Rule, bind, register, register_op
 from . import shift as shift_rules
 from .local import ELEMENTWISE
 from .resample import domain_for, require_contiguous
@@ -87,29 +87,56 @@ class FftRule(Rule):
         s = sharding_of(x)
         if s is None:
             return Decision()
-        local = example_value(x)
-        op = self.fft_op(node, local.ndim)
+        op = self.fft_op(node, example_value(x).ndim)
         if s.dim not in op.dims:
             return Decision(s)  # the transform leaves the sharded dim alone
-        require_contiguous(node, ctx, s)
-        shape = list(local.shape)
-        shape[s.dim] = int(s.global_length)
+        plan = self._plan(node, ctx, x, op, [(ctx.domain, s)])
+        (out,) = plan.out
+        return Decision(split(out.dim, plan.shape[out.dim], ctx.domain), self._call(plan), s, plan)
+
+    def decide_on_mesh(self, node, ctx) -> Decision:
+        """On a mesh of several axes, one plan over every axis that splits the input (the pencil when two
+        of them split transformed dims); the kernel gets every such axis, in mesh order."""
+        x = bind(self.sig, node)["input"]
+        layout = layout_of(x)
+        split_axes = [(axis, s) for axis, s in enumerate(layout.axes) if isinstance(s, Sharded)]
+        op = self.fft_op(node, example_value(x).ndim)
+        if not any(s.dim in op.dims for _, s in split_axes):
+            return Decision(layout)  # the transform leaves every sharded dim alone
+        plan = self._plan(node, ctx, x, op, [(ctx.mesh.axes[axis], s) for axis, s in split_axes], settle=True)
+        out = list(layout.axes)
+        moved = {step.axis for step in plan.steps if step.kind == "move"}
+        for k, ((axis, _), where) in enumerate(zip(split_axes, plan.out)):
+            if k in moved:
+                out[axis] = split(where.dim, plan.shape[where.dim], ctx.mesh.axes[axis])
+        entries = tuple((ctx.mesh.axes[axis], s) for axis, s in split_axes)
+        return Decision(Layout(tuple(out)), self._call(plan), OnAxes(entries, (plan,) * len(entries)), plan)
+
+    def _plan(self, node, ctx, x, op: ops.FftOp, axes, settle: bool = False) -> ops.FftPlan:
+        """The plan over ``axes`` (``(Domain, Sharded)`` of every axis that splits ``x``), or refused."""
+        shape = list(example_value(x).shape)
+        for _, s in axes:
+            if s.dim in op.dims:
+                require_contiguous(node, ctx, s)
+            shape[s.dim] = int(s.global_length)
+        split_as = tuple(ops.AxisShard(s.dim, domain.lengths(s.global_length)) for domain, s in axes)
         try:
-            plan = ops.plan_fft(op, tuple(shape), s.dim, ctx.domain.size, ctx.domain.lengths)
+            return ops.plan_fft(op, tuple(shape), split_as, settle=settle)
         except ops.NoCarrier:
+            dims = [s.dim for _, s in axes if s.dim in op.dims]
             ctx.refuse(
                 node,
-                f"transforms the sharded dim {s.dim} over dims {list(op.dims)} of a tensor of global shape "
+                f"transforms the sharded dims {dims} over dims {list(op.dims)} of a tensor of global shape "
                 f"{tuple(shape)}, and no other dim can carry the shard (each rank needs a row of it)",
                 "transform over fewer dims, keep a batch or channel dim of at least one row per rank, or "
                 "run the transform on fxhalo.gather()ed values",
             )
-        out = split(plan.carrier, plan.carrier_length, ctx.domain)
 
+    def _call(self, plan: ops.FftPlan):
         def call(node) -> KernelCall:
             return KernelCall(ops.fft, (bind(self.sig, node)["input"], plan.steps))
 
-        return Decision(out, call, s, plan)
+        return call
 
 
 for _name in _OPS:
@@ -137,7 +164,12 @@ class FftShiftRule(Rule):
         if s.dim not in dims:
             return Decision(s)
         require_contiguous(node, ctx, s)
-        sizes = [int(s.global_length) if d == s.dim else local.shape[d] for d in dims]
+        # every sharded dim at its global size (on a mesh, the other axes' too: each axis makes the same call)
+        shape = list(local.shape)
+        for e in layout_of(x).axes:
+            if isinstance(e, Sharded):
+                shape[e.dim] = int(e.global_length)
+        sizes = [shape[d] for d in dims]
         shifts = tuple(-(n // 2) if self.inverse else n // 2 for n in sizes)
         shift_rules._planned(
             node,

@@ -16,10 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tests.beyond_models import FNOBlock, TokenAttention
+from tests.distributed.test_beyond_halos import FFTS_2D
 from tests.distributed.test_mesh import SkipUNet
 from tests.harness import check_global_view, check_many_global_view, failed_cases, raised, run_ranks
 from tests.models import NormsOverBoth
 from tests.models import SkipUNet as DeepUNet
+from tests.passes.graphs import Lambda
 
 
 class Grid(nn.Module):
@@ -60,6 +63,29 @@ class ZonalAcrossBreak(nn.Module):
         return self.b(x * zonal)
 
 
+#: the 1-D suite's transforms over H (test_beyond_halos.py) that also take W: on a 2 x 2 mesh both dims of
+#: the transform are split, so no dim of it is whole at first
+MESH_FFTS = {
+    name: fn
+    for name, fn in FFTS_2D.items()
+    if name.startswith(("rfft2", "fft2", "ifft2", "irfft2", "fftn", "rfftn", "irfftn", "fftshift"))
+}
+
+
+class FlattenMix(nn.Module):
+    """neuraloperator's ChannelMLP pattern: H and W flattened into one dim for a pointwise ``Conv1d``, and
+    back; then a 3 x 3 conv, which needs the block split along both axes again."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.mix, self.conv = nn.Conv1d(c, c, 1), nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        y = self.mix(x.reshape(B, C, -1)).view(B, C, H, W)
+        return self.conv(torch.relu(y))
+
+
 class Sum2(nn.Module):
     def forward(self, x, y):
         return x + y
@@ -76,6 +102,15 @@ def _cases():
         # a size= in the model's code is global on both dims
         ("upsample_to_size", nn.Upsample(size=(20, 14), mode="bilinear"), torch.randn(1, 2, 13, 10), None),
         ("pool_to_size", nn.AdaptiveAvgPool2d((4, 5)), torch.randn(1, 2, 12, 10), None),
+        # Fourier transforms over both sharded dims (the pencil: moves along each axis in turn), H uneven
+        ("fno_block", FNOBlock(width=4), torch.randn(1, 4, 13, 10), None),
+        ("fno_block_custom_partition", FNOBlock(width=4), torch.randn(2, 4, 12, 10), ((9, 3), (3, 7))),
+        *((f"fft: {name}", Lambda(fn), torch.randn(1, 3, 13, 10), None) for name, fn in MESH_FFTS.items()),
+        # H and W merged into one dim: the w axis gathers W first, the tokens are split along h alone
+        ("flatten_mix", FlattenMix(3), torch.randn(2, 3, 13, 10), None),
+        ("attention_over_hw", TokenAttention(), torch.randn(2, 8, 5, 6), None),
+        ("attention_causal_gqa", TokenAttention(kv_heads=2, causal=True), torch.randn(1, 8, 7, 6), None),
+        ("attention_gathered_keys", TokenAttention(heads=2, mask="distance"), torch.randn(1, 8, 5, 6), None),
     ]
 
 
@@ -190,6 +225,23 @@ def _partitions_differ(mesh) -> dict:
     }
 
 
+def _merge_sliced_again(mesh) -> dict:
+    """After H and W are merged and split back (FlattenMix), the value is sliced along the w axis again (a
+    free slice), so the conv after it runs on this rank's block only: one all-gather (the merge's), and the
+    output split along both dims."""
+    import fxhalo
+
+    torch.manual_seed(8)
+    x = fxhalo.shard(torch.randn(2, 3, 13, 10), shard_dim=(2, 3), group=mesh)
+    rows = fxhalo.explain(FlattenMix(3), x).rows
+    out = _compiled(FlattenMix(3))(x)
+    return {
+        "one_gather": sum(c.label.startswith("all_gather") for r in rows for c in r.collectives) == 1,
+        "sliced_again": any(r.op.endswith("own_rows") for r in rows),
+        "output_on_both_axes": out.shard_dim == (2, 3),
+    }
+
+
 def _refusals(mesh) -> dict:
     import fxhalo
 
@@ -216,6 +268,7 @@ def _run(rank, world_size, shape):
     results = {name: {k: ok for k, (ok, _) in c.items()} for (name, *_), c in zip(cases, checks)}
     extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
     extra["partitions_differ"] = _partitions_differ(mesh)
+    extra["merge_sliced_again"] = _merge_sliced_again(mesh)
     # on its own: a graph break inside the batch's generator would leave the later cases to run eagerly
     torch.manual_seed(6)
     zonal = check_global_view(
@@ -255,6 +308,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         "partitions_differ",  # operands split differently along an axis: rows moved along that axis
         "zonal_across_a_graph_break",  # a value whole along W crosses a break: its gradient summed over W
         "unet_bottleneck_replicated",  # too short for the axes' ranks: gathered, computed whole, sliced again
+        "merge_sliced_again",  # H and W merged and split back: sliced along the w axis again after
     ],
 )
 def test_more_cases_match_one_device(ranks, case):

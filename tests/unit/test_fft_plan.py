@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fxhalo.domain import balanced_lengths
-from fxhalo.ops.spectral import FftOp, NoCarrier, _one_d, plan_fft
+from fxhalo.ops.spectral import AxisShard, FftOp, NoCarrier, _one_d, plan_fft
 
 SHAPE = (2, 3, 8, 6)
 N_D = {"c2c": torch.fft.fftn, "ic2c": torch.fft.ifftn, "r2c": torch.fft.rfftn, "c2r": torch.fft.irfftn}
@@ -43,7 +43,8 @@ def test_the_plan_is_torchs_transform(kind, dims, pad, norm):
         want = N_D[kind](x, s=ns if pad else None, dim=dims, norm=norm)
     for shard in dims:
         try:
-            plan = plan_fft(FftOp(dims, ns, norm, kind), SHAPE, shard, 2, lambda n: balanced_lengths(n, 2))
+            split = (AxisShard(shard, balanced_lengths(SHAPE[shard], 2)),)
+            plan = plan_fft(FftOp(dims, ns, norm, kind), SHAPE, split)
         except NoCarrier:
             continue
         got = x
@@ -51,4 +52,60 @@ def test_the_plan_is_torchs_transform(kind, dims, pad, norm):
             if step.kind != "move":
                 got = _one_d(step.kind, got, step)
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-9), (shard, plan)
-        assert plan.carrier_length == want.shape[plan.carrier]
+        assert plan.shape == want.shape, (shard, plan)
+        (out,) = plan.out
+        assert out.lengths == balanced_lengths(want.shape[out.dim], 2)
+
+
+#: two mesh axes: (dim, ranks) each; the second split dim may lie outside the transform
+MESHES = [((2, 2), (3, 2)), ((3, 3), (2, 2)), ((2, 2), (1, 2)), ((1, 2), (3, 3)), ((0, 2), (2, 2))]
+
+
+def _mesh_cases():
+    for (kind, dims, pad, norm), mesh in itertools.product(_cases(), MESHES):
+        if any(d in dims for d, _ in mesh):
+            yield kind, dims, pad, norm, mesh
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("shape", [SHAPE, (1, 3, 8, 6)])
+def test_the_pencil_is_torchs_transform(shape):
+    """Two mesh axes (the pencil): the steps, moves skipped, are torch's transform; every move takes an
+    axis from the dim it splits, with its rows there, onto a dim no other axis splits, with a row per
+    rank; each axis moves at most twice; settled, no axis that moved ends on a dim the op never
+    touches while a transformed dim could hold it."""
+    g = torch.Generator().manual_seed(0)
+    planned = 0
+    for kind, dims, pad, norm, mesh in _mesh_cases():
+        real = kind in ("r2c", "ir2hc")
+        x = torch.randn(shape, dtype=torch.float64 if real else torch.complex128, generator=g)
+        ns = tuple(shape[d] + 2 if pad else None for d in dims)
+        if kind in ONE_D:
+            want = ONE_D[kind](x, n=ns[0], dim=dims[0], norm=norm)
+        else:
+            want = N_D[kind](x, s=ns if pad else None, dim=dims, norm=norm)
+        axes = tuple(AxisShard(d, balanced_lengths(shape[d], p)) for d, p in mesh)
+        try:
+            plan = plan_fft(FftOp(dims, ns, norm, kind), shape, axes, settle=True)
+        except NoCarrier:
+            continue
+        planned += 1
+        where, moves, got = list(axes), [0, 0], x
+        for step in plan.steps:
+            if step.kind != "move":
+                assert all(a.dim != step.dim for a in where), (kind, dims, mesh, plan)  # whole when transformed
+                got = _one_d(step.kind, got, step)
+                continue
+            a = where[step.axis]
+            assert (step.dim, step.src_lengths) == (a.dim, a.lengths), (kind, dims, mesh, plan)
+            assert all(b.dim != step.dst for b in where) and min(step.dst_lengths) >= 1, (kind, dims, mesh, plan)
+            where[step.axis] = AxisShard(step.dst, step.dst_lengths)
+            moves[step.axis] += 1
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-9), (kind, dims, mesh, plan)
+        assert tuple(where) == plan.out and plan.shape == want.shape and max(moves) <= 2
+        for a, before, n in zip(where, axes, moves):
+            assert a.lengths == (before.lengths if n == 0 else balanced_lengths(want.shape[a.dim], len(a.lengths)))
+            if n and a.dim not in dims:  # parked outside: no transformed dim was free and long enough
+                free = [d for d in dims if all(b.dim != d for b in where) and want.shape[d] >= len(a.lengths)]
+                assert not free, (kind, dims, mesh, plan)
+    assert planned > 100
