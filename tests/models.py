@@ -60,3 +60,32 @@ class NormsOverBoth(nn.Module):
 
     def forward(self, x):
         return self.rms(self.ln(self.conv(x)))
+
+
+class SwinBlock(nn.Module):
+    """A Swin Transformer block on a ``[B, C, H, W]`` field: ``ws x ws`` windows (optionally shifted by
+    ``shift`` with ``torch.roll``), a pre-norm, multi-head attention inside each window, the windows put
+    back, a residual.  On a mesh the window index merges the H and W window counts into one dim."""
+
+    def __init__(self, channels: int = 8, ws: int = 2, heads: int = 2, shift: int = 0):
+        super().__init__()
+        self.ws, self.heads, self.shift = ws, heads, shift
+        self.norm, self.qkv, self.proj = (
+            nn.LayerNorm(channels),
+            nn.Linear(channels, 3 * channels),
+            nn.Linear(channels, channels),
+        )
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        ws, t = self.ws, x.permute(0, 2, 3, 1)
+        if self.shift:
+            t = torch.roll(t, (-self.shift, -self.shift), (1, 2))
+        win = t.reshape(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        n = win.shape[0]
+        q, k, v = self.qkv(self.norm(win)).reshape(n, ws * ws, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, ws * ws, c)
+        y = self.proj(y).reshape(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        if self.shift:
+            y = torch.roll(y, (self.shift, self.shift), (1, 2))
+        return x + y.permute(0, 3, 1, 2)

@@ -117,10 +117,12 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
 
 
 def _decide(node, ctx, mode, axis_ctxs):
+    from . import propagate
     from .propagate import TwoAxesOnOneDim, decide_node
 
     _localize_shape_args(node, ctx, mode)
     if ctx.on_mesh:
+        propagate.sum_partials(node, ctx)  # summed before the operands are aligned (as decide_node would)
         _align_operands_on_mesh(node, ctx, mode)
     else:
         _align_operands(node, ctx, mode)
@@ -138,6 +140,10 @@ def _decide(node, ctx, mode, axis_ctxs):
                 a.meta[MERGED] = tuple((axis, dim, len(shape), shape[dim]) for axis, dim in a.meta.pop(GATHERED))
         if (node.op, node.target) == ("call_method", "view"):  # the gathered rows need not be contiguous
             node.target = "reshape"
+        if (node.op, node.target) in _RESHAPES:  # localized again below from the global sizes, per axis left
+            shape = global_shape(node)
+            node.args = (node.args[0], *shape) if node.op == "call_method" else (node.args[0], tuple(shape))
+            node.kwargs = {}
         _localize_shape_args(node, ctx, mode)  # again: the gathered dims are whole now
         _set_value(node, _run_fake(node, mode, fallback=_plain(node.meta[GLOBAL_VALUE])))
         decision = decide_node(node, ctx, axis_ctxs)

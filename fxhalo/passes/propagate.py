@@ -201,17 +201,15 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
     """``node``'s decision: its rule's, or on a mesh of several axes (``axis_ctxs``:
     :meth:`PassContext.along_each_axis`) the rule's along each axis, merged (:func:`merge_axes`)."""
     if ctx.on_mesh:
+        # A partial sum is summed before any op on a mesh (over the ranks of the axis it is partial along):
+        # ops linear in it do not carry it on, as on one axis.
+        sum_partials(node, ctx)
         rule = rules.lookup(node)
         if hasattr(rule, "decide_on_mesh") and not any(is_partial(a) for a in node.all_input_nodes):
             # a rule that plans over every axis at once (the FFT's pencil): asked once, with the mesh
             return _decide(node, ctx, rule.decide_on_mesh)
         return merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
     return _decide(node, ctx)
-
-
-def _entries(out) -> list:
-    """The one-axis entries of a rule's answer (each item's, for a tuple)."""
-    return list(out) if isinstance(out, tuple) else [out]
 
 
 class TwoAxesOnOneDim(FxHaloError):
@@ -226,11 +224,12 @@ class TwoAxesOnOneDim(FxHaloError):
 
 
 def _axes_to_gather(entries) -> tuple[int, ...]:
-    """For each dim that several entries share: every one of them but the first contiguous one."""
+    """For each dim that several entries share: every one of them but the outermost (the fewest blocks
+    outside it: a contiguous one, else the least interleaved, as a 1-D window partition leaves it)."""
     out = []
     for dim in {s.dim for s in entries if isinstance(s, Sharded)}:
         on_it = [axis for axis, s in enumerate(entries) if isinstance(s, Sharded) and s.dim == dim]
-        keep = next((axis for axis in on_it if entries[axis].contiguous), None)
+        keep = min(on_it, key=lambda axis: entries[axis].outer)
         out.extend(axis for axis in on_it if axis != keep)
     return tuple(sorted(out))
 
@@ -238,13 +237,6 @@ def _axes_to_gather(entries) -> tuple[int, ...]:
 def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     """One decision from one per mesh axis (see the module docstring)."""
     outs = [d.out for d in decisions]
-    if any(isinstance(e, Partial) for out in outs for e in _entries(out)):
-        ctx.refuse(
-            node,
-            "leaves a partial sum (it contracts a sharded dim) on a mesh of several axes, "
-            "which fxhalo does not carry yet",
-            "contract a dim that no mesh axis shards, or shard one dim only (a one-axis group)",
-        )
     if isinstance(outs[0], tuple):
         out = Items(Layout(tuple(o[i] for o in outs)) for i in range(len(outs[0])))
         per_value = [[o[i] for o in outs] for i in range(len(outs[0]))]
@@ -310,18 +302,25 @@ def _best_guess(node):
 
 def sum_partials(node, ctx: PassContext) -> None:
     """Before ``node``: each partial sum it reads becomes its total (one all-reduce,
-    :func:`fxhalo.ops.moves.sum_partial`), a replicated value."""
+    :func:`fxhalo.ops.moves.sum_partial`), replicated along the axis it was partial along.  On a mesh,
+    one all-reduce over each such axis's ranks; the value's entries on the other axes stay."""
     for a in list(node.all_input_nodes):
         if not is_partial(a):
             continue
-        with node.graph.inserting_before(node):
-            total = node.graph.call_function(moves.sum_partial, (a,), {"axes": ctx.domain.kernel_axes(0)})
-        for key in ("example_value", "val", GLOBAL_VALUE):  # the same shape: the sum of the summands
-            if key in a.meta:
-                total.meta[key] = a.meta[key]
-        if "stack_trace" in node.meta:  # reports name the op that needed the sum
-            total.meta["stack_trace"] = node.meta["stack_trace"]
-        total.meta[LAYOUT] = Layout.replicated()
+        total, entries = a, list(layout_of(a).axes)
+        for axis, entry in enumerate(entries):
+            if not isinstance(entry, Partial):
+                continue
+            domain = ctx.mesh.axes[axis] if ctx.on_mesh else ctx.domain
+            with node.graph.inserting_before(node):
+                total = node.graph.call_function(moves.sum_partial, (total,), {"axes": domain.kernel_axes(0)})
+            for key in ("example_value", "val", GLOBAL_VALUE):  # the same shape: the sum of the summands
+                if key in a.meta:
+                    total.meta[key] = a.meta[key]
+            if "stack_trace" in node.meta:  # reports name the op that needed the sum
+                total.meta["stack_trace"] = node.meta["stack_trace"]
+            entries[axis] = None
+            total.meta[LAYOUT] = Layout(tuple(entries))
         node.replace_input_with(a, total)
 
 

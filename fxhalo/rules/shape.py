@@ -25,7 +25,7 @@ import operator
 
 import torch
 
-from ..layout import GLOBAL_VALUE, Sharded, example_value, sharding_of
+from ..layout import GLOBAL_VALUE, Layout, Sharded, example_value, layout_of, sharding_of
 from ..ops import moves
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
 
@@ -136,7 +136,7 @@ class Reshape(LayoutRule):
             return None
         in_shape = _check_traced_size(node, ctx, src, s)
         glob = node.meta.get(GLOBAL_VALUE) if ctx.global_view else None
-        out_global = list(glob.shape) if isinstance(glob, torch.Tensor) else None
+        out_global = _global_along_this_axis(src, s, list(glob.shape)) if isinstance(glob, torch.Tensor) else None
         out = reshape_sharding(in_shape, list(example_value(node).shape), s, out_global)
         if isinstance(out, str):
             ctx.refuse(
@@ -161,6 +161,25 @@ class Reshape(LayoutRule):
             "(the global view keeps each rank's rows through the reshape), or reshape only dims other than "
             "the sharded one",
         )
+
+
+def _global_along_this_axis(src, s: Sharded, out_global: list[int]) -> list[int] | None:
+    """The output's shape global along the axis of ``s`` only: on a mesh, each other axis's dim at this
+    rank's share (the reshape rule tells the dim this axis splits by its size differing from the global
+    one, and another axis's dims differ too).  ``None`` when another axis's dim does not map."""
+    layout, g_in = layout_of(src), src.meta.get(GLOBAL_VALUE)
+    if not isinstance(layout, Layout) or not isinstance(g_in, torch.Tensor):
+        return out_global
+    out = list(out_global)
+    for e in layout.axes:
+        if not isinstance(e, Sharded) or e is s:
+            continue
+        n = int(e.global_length)
+        whole = reshape_sharding(list(g_in.shape), list(out_global), Sharded(e.dim, n, n, e.outer))
+        if isinstance(whole, str) or (out[whole.dim] * e.local) % n:
+            return None
+        out[whole.dim] = out[whole.dim] * e.local // n
+    return out
 
 
 def _dim_map(node) -> list[int]:
