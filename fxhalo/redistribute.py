@@ -19,10 +19,11 @@ the channel shard between them).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 
-from .domain import Domain, _all_lengths
+from .domain import Domain, _all_lengths, balanced_lengths
 from .errors import FxHaloError
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "seq_to_channels",
     "channels_to_seq",
     "observe_moves",
+    "Move",
+    "plan_mesh_moves",
+    "run_moves",
 ]
 
 
@@ -138,6 +142,112 @@ def _(x, dim, lengths=None):
 _move_shard.register_autograd(lambda ctx, grad: (grad, None, None))
 
 
+@torch.library.custom_op("fxhalo::redistribute_mesh", mutates_args=())
+def _move_shards(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """:func:`_move_shard` on a mesh: each domain axis's shard onto ``dims[axis]`` (balanced); the rule's
+    :meth:`~fxhalo.rules.moves.RedistributeOnMesh.decide_on_mesh` plans the moves."""
+    return x.clone()
+
+
+@_move_shards.register_fake
+def _(x, dims):
+    return x.clone()
+
+
+_move_shards.register_autograd(lambda ctx, grad: (grad, None))
+
+
+class Move(NamedTuple):
+    """One move of one mesh axis's shard: from ``dim`` (every rank's rows ``src_lengths``) to ``dst``
+    (split as ``dst_lengths``), over the group of the kernel's ``axes[axis]``.  (A named tuple: FX prints
+    it in the graph's code.)"""
+
+    dim: int
+    dst: int
+    src_lengths: tuple[int, ...]
+    dst_lengths: tuple[int, ...]
+    axis: int = 0
+
+
+def plan_mesh_moves(shape, split, dims) -> tuple[Move, ...]:
+    """The moves that take a value of global ``shape`` split as ``split`` (per mesh axis that splits it:
+    ``(dim, every rank's lengths)``) to ``dims`` (one target dim per such axis, balanced).
+
+    An axis moves only when its target dim is split by no other axis at that moment; when every
+    waiting axis waits for another (a swap of H and W), one of them first parks on a dim no axis
+    splits nor targets (the longest with a row per rank).  Raises :class:`FxHaloError` when no order
+    and no free dim does it.
+    """
+    where = [tuple(a) for a in split]
+    if len(dims) != len(where) or len(set(dims)) != len(dims):
+        raise FxHaloError(
+            f"redistribute on a mesh takes one target dim per mesh axis that splits the tensor ({len(where)}), "
+            f"each a different dim; got {tuple(dims)}"
+        )
+    moves: list[Move] = []
+
+    def move(axis: int, dst: int) -> None:
+        dim, lengths = where[axis]
+        new = tuple(balanced_lengths(shape[dst], len(lengths)))
+        moves.append(Move(dim, dst, tuple(lengths), new, axis))
+        where[axis] = (dst, new)
+
+    while True:
+        waiting = [a for a, (d, _) in enumerate(where) if d != dims[a]]
+        if not waiting:
+            return tuple(moves)
+        taken = {d for d, _ in where}
+        ready = [a for a in waiting if dims[a] not in taken]
+        if ready:
+            move(ready[0], dims[ready[0]])
+            continue
+        axis = waiting[0]
+        size = len(where[axis][1])
+        free = [d for d in range(len(shape)) if d not in taken and d not in dims and shape[d] >= size]
+        if not free:
+            raise FxHaloError(
+                f"redistribute: the mesh axes' shards cannot move from dims {[d for d, _ in where]} to {list(dims)}: "
+                "each waits for a dim another splits, and no other dim has a row per rank to pass through. "
+                "Remedy: move them in two calls through a dim of your choice"
+            )
+        move(axis, max(free, key=lambda d: (shape[d], -d)))
+
+
+def run_moves(x: torch.Tensor, moves, groups: tuple[str, ...]) -> torch.Tensor:
+    """Run ``moves`` (:class:`Move`s, or steps with the same fields) on this rank's block; ``groups``: the
+    process group of each axis the moves name."""
+    for m in moves:
+        rank = Domain.from_group(groups[m.axis]).rank
+        x = redistribute_slab(x, m.dim, m.dst, groups[m.axis], tuple(m.src_lengths), tuple(m.dst_lengths), rank)
+    return x
+
+
+def _redistribute_on_mesh(x, dims, dst_lengths):
+    """:func:`redistribute` of a DomainTensor split over several mesh axes (``dims``: one per split axis)."""
+    from .tensor import DomainSpec, MeshSpec, wrap_local
+
+    if not isinstance(dims, (tuple, list)) or dst_lengths is not None:
+        raise FxHaloError(
+            "redistribute of a tensor split over mesh axes takes one target dim per axis, balanced (no "
+            "dst_lengths), e.g. fxhalo.redistribute(x, (1, 3))"
+        )
+    dims = tuple(int(d) % x.ndim for d in dims)
+    if torch.compiler.is_compiling():
+        return _move_shards(x, list(dims))
+    if not isinstance(x.spec, MeshSpec):
+        raise FxHaloError(f"redistribute: a tuple of dims is for tensors split over mesh axes; this one is {x.spec}")
+    specs = x.spec.axis_specs
+    moves = plan_mesh_moves(tuple(x.shape), tuple((a.dim, tuple(a.lengths)) for a in specs), dims)
+    block = run_moves(x.to_local(), moves, tuple(a.group_name for a in specs))
+    new = {
+        a.group_name: DomainSpec(a.group_name, d, tuple(balanced_lengths(x.shape[d], len(a.lengths))))
+        for a, d in zip(specs, dims)
+        if a.dim != d
+    }
+    axes = tuple(None if a is None else new.get(a.group_name, a) for a in x.spec.axes)
+    return wrap_local(block, MeshSpec(x.spec.group_name, axes))
+
+
 def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int | None = None, group=None, dst_lengths=None):
     """Move the shard of a tensor to another dim, with one ``all_to_all_single``.
 
@@ -145,6 +255,9 @@ def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int | None = None, grou
       the same global tensor, sharded along ``dim`` (the balanced partition, or
       ``dst_lengths``).  Inside a ``domain_parallel`` compiled region it is a graph op the
       backend partitions; outside, it moves the slabs at once.
+    * ``fxhalo.redistribute(x, (d1, d2))`` on a DomainTensor split over two mesh axes: each axis's
+      shard onto its dim (balanced), one ``all_to_all_single`` per axis that moves, over that
+      axis's ranks (:func:`plan_mesh_moves`; a swap passes through a free dim).
     * ``fxhalo.redistribute(x, dim)`` on a plain tensor returns it: the same model code runs on
       one device (and in a compiled region on DomainTensors the tensor is a DomainTensor).
     * ``fxhalo.redistribute(x, src_dim, dst_dim, group, dst_lengths=None)`` on this rank's
@@ -154,8 +267,13 @@ def redistribute(x: torch.Tensor, src_dim: int, dst_dim: int | None = None, grou
     Differentiable: the backward is the reverse move.
     """
     from .construct import from_local
-    from .tensor import DomainTensor
+    from .tensor import DomainTensor, MeshSpec
 
+    # A tuple of dims is the mesh spelling (read from the arguments: Dynamo cannot trace the spec's type)
+    if isinstance(x, DomainTensor) and isinstance(src_dim, (tuple, list)):
+        return _redistribute_on_mesh(x, src_dim, dst_lengths if dst_dim is None else dst_dim)
+    if isinstance(x, DomainTensor) and not torch.compiler.is_compiling() and isinstance(x.spec, MeshSpec):
+        return _redistribute_on_mesh(x, src_dim, dst_lengths)  # refused: one dim per axis
     if isinstance(x, DomainTensor):
         dim, lengths = src_dim % x.ndim, dst_lengths if dst_dim is None else dst_dim
         lengths = None if lengths is None else [int(n) for n in lengths]

@@ -91,6 +91,15 @@ def move_shard(input: torch.Tensor, dim: int, lengths: tuple[int, ...], *, axes:
     return redistribute_slab(input, src, dim, group_name, tuple(domain.lengths(length)), tuple(lengths), domain.rank)
 
 
+@several_axes
+def move_shards(input: torch.Tensor, moves: tuple, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
+    """``fxhalo.redistribute`` on a mesh: the planned moves (:func:`fxhalo.redistribute.plan_mesh_moves`),
+    each over its axis's group (``axes``: every axis that splits the input, in the plan's order)."""
+    from ..redistribute import run_moves
+
+    return run_moves(input, moves, tuple(a.group_name for a in axes))
+
+
 def sum_partial(input: torch.Tensor, *, axes: tuple[ShardAxis, ...]) -> torch.Tensor:
     """The total of the partial sums ``input`` over ``axes``' group, on every rank (one all-reduce)."""
     return all_reduce_sum(input, one_axis(axes).group_name)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from ..domain import ShardAxis, balanced_lengths, several_axes
-from ..redistribute import redistribute_slab
+from ..redistribute import run_moves
 
 __all__ = ["Step", "AxisShard", "FftPlan", "plan_fft", "run_fft_plan", "fft"]
 
@@ -100,14 +100,8 @@ def _one_d(kind: str, x: torch.Tensor, step: Step) -> torch.Tensor:
 
 def run_fft_plan(x: torch.Tensor, steps: tuple[Step, ...], groups: tuple[str, ...]) -> torch.Tensor:
     """Run a plan's steps on this rank's block (``groups``: the process group of each of the plan's axes)."""
-    from ..domain import Domain
-
     for step in steps:
-        if step.kind == "move":
-            rank = Domain.from_group(groups[step.axis]).rank
-            x = redistribute_slab(x, step.dim, step.dst, groups[step.axis], step.src_lengths, step.dst_lengths, rank)
-        else:
-            x = _one_d(step.kind, x, step)
+        x = run_moves(x, (step,), groups) if step.kind == "move" else _one_d(step.kind, x, step)
     return x
 
 

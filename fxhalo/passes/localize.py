@@ -569,14 +569,7 @@ def _shard_again_where_it_grows(node, ctx, mode) -> int:
         if shape[dim] < domain.size:
             keep.append((axis, dim))
             continue
-        with node.graph.inserting_after(current):
-            sliced = node.graph.call_function(moves.own_rows, (current,), {"axes": domain.kernel_axes(dim, shape[dim])})
-        _copy_source(sliced, node)
-        entries[axis] = Sharded(dim, domain.local_length(shape[dim]), shape[dim])
-        sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
-        sliced.meta[LAYOUT] = Layout(tuple(entries))
-        _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, sliced.meta[LAYOUT], mode))
-        current = sliced
+        current = _slice_after(node, current, entries, axis, domain, dim, shape[dim], mode)
     if keep:
         current.meta[GATHERED] = tuple(keep)
     if current is node:
@@ -584,6 +577,20 @@ def _shard_again_where_it_grows(node, ctx, mode) -> int:
     for user in users:
         user.replace_input_with(node, current)
     return 1
+
+
+def _slice_after(node, current, entries: list, axis: int, domain, dim: int, length: int, mode):
+    """Insert, after ``current`` (``node``'s value so far, whole along mesh ``axis``), this rank's rows of
+    ``dim`` along that axis (a free slice, balanced); ``entries`` (the layout's, updated in place) gets the
+    axis's entry.  Returns the slice."""
+    with node.graph.inserting_after(current):
+        sliced = node.graph.call_function(moves.own_rows, (current,), {"axes": domain.kernel_axes(dim, length)})
+    _copy_source(sliced, node)
+    entries[axis] = Sharded(dim, domain.local_length(length), length)
+    sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
+    sliced.meta[LAYOUT] = Layout(tuple(entries))
+    _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, sliced.meta[LAYOUT], mode))
+    return sliced
 
 
 #: node.meta key: ``((mesh axis, dim, ndim, length), ...)``: a value gathered along those axes before a
@@ -610,15 +617,7 @@ def _shard_again_after_merge(node, ctx, mode) -> None:
         if len(shape) != ndim or shape[dim] != length or dim in taken:
             keep.append((axis, dim, ndim, length))
             continue
-        domain = ctx.mesh.axes[axis]
-        with node.graph.inserting_after(current):
-            sliced = node.graph.call_function(moves.own_rows, (current,), {"axes": domain.kernel_axes(dim, length)})
-        _copy_source(sliced, node)
-        entries[axis] = Sharded(dim, domain.local_length(length), length)
-        sliced.meta[GLOBAL_VALUE] = node.meta[GLOBAL_VALUE]
-        sliced.meta[LAYOUT] = Layout(tuple(entries))
-        _set_value(sliced, _localized(node.meta[GLOBAL_VALUE], None, sliced.meta[LAYOUT], mode))
-        current = sliced
+        current = _slice_after(node, current, entries, axis, ctx.mesh.axes[axis], dim, length, mode)
     if keep:
         current.meta[MERGED] = tuple(keep)
     for user in users:

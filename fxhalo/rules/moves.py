@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Sharded, example_value, sharding_of
+from ..errors import FxHaloError
+from ..layout import Layout, Sharded, example_value, layout_of, sharding_of
+from ..layout import split as split_layout
 from ..ops import moves
-from . import Decision, KernelCall, Rule, register
+from ..redistribute import plan_mesh_moves
+from . import Decision, KernelCall, OnAxes, Rule, register
 from .resample import require_contiguous
 
 
@@ -43,3 +46,49 @@ class RedistributeRule(Rule):
 
 
 register(RedistributeRule(), torch.ops.fxhalo.redistribute.default)
+
+
+class RedistributeOnMesh(Rule):
+    """``fxhalo.redistribute(x, (d1, d2))`` on a mesh (the op ``fxhalo::redistribute_mesh``): the moves of
+    :func:`fxhalo.redistribute.plan_mesh_moves`, planned once over every axis (``decide_on_mesh``)."""
+
+    name = "redistribute"
+
+    def decide(self, node, ctx) -> Decision:
+        if sharding_of(node.args[0]) is None:
+            return Decision()
+        ctx.refuse(
+            node, "moves the shards of several mesh axes on a one-axis domain", "use fxhalo.redistribute(x, dim)"
+        )
+
+    def decide_on_mesh(self, node, ctx) -> Decision:
+        x, dims = node.args[0], tuple(int(d) for d in node.args[1])
+        layout = layout_of(x)
+        split = [(axis, s) for axis, s in enumerate(layout.axes) if isinstance(s, Sharded)]
+        if not split:
+            return Decision()
+        for _, s in split:
+            require_contiguous(node, ctx, s)
+        shape = list(example_value(x).shape)
+        for _, s in split:
+            shape[s.dim] = int(s.global_length)
+        try:
+            plan = plan_mesh_moves(
+                tuple(shape), tuple((s.dim, ctx.mesh.axes[a].lengths(s.global_length)) for a, s in split), dims
+            )
+        except FxHaloError as e:
+            ctx.refuse(node, str(e).split(". Remedy")[0].removeprefix("redistribute: "), "move the shards in two calls")
+        out = list(layout.axes)
+        for (axis, s), d in zip(split, dims):
+            if d != s.dim:
+                out[axis] = split_layout(d, shape[d], ctx.mesh.axes[axis])
+        entries = tuple((ctx.mesh.axes[a], s) for a, s in split)
+        return Decision(
+            Layout(tuple(out)),
+            lambda node: KernelCall(moves.move_shards, (node.args[0], plan)),
+            OnAxes(entries, (plan,) * len(entries)),
+            plan,
+        )
+
+
+register(RedistributeOnMesh(), torch.ops.fxhalo.redistribute_mesh.default)

@@ -110,6 +110,21 @@ class MixW(nn.Module):
         return x + self.back(torch.relu(self.mix(x)))
 
 
+class MovedToChannels(nn.Module):
+    """A user's own move: ``fxhalo.redistribute(x, (1, 3))`` puts the h axis's shard on the channels, so an
+    FFT along H is local, then ``(2, 3)`` puts it back (the graph op fxhalo.redistribute_mesh)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        import fxhalo
+
+        y = fxhalo.redistribute(self.conv(x), (1, 3))
+        return fxhalo.redistribute(torch.fft.fft(y, dim=2).abs(), (2, 3))
+
+
 class Sum2(nn.Module):
     def forward(self, x, y):
         return x + y
@@ -148,6 +163,7 @@ def _eager_cases():
         ("legendre_like_over_h", LegendreLike(13), torch.randn(1, 3, 13, 10), None),
         ("contract_both", ContractBoth(13, 10), torch.randn(2, 3, 13, 10), None),
         ("mlp_along_w", MixW(10), torch.randn(2, 3, 13, 10), None),
+        ("redistribute_in_a_model", MovedToChannels(), torch.randn(1, 4, 13, 10), None),
         # Swin windows: the window index merges the H and W window counts (the w axis gathers first)
         ("swin_block", SwinBlock(), torch.randn(2, 8, 8, 12), None),
         ("swin_block_shifted", SwinBlock(shift=1), torch.randn(1, 8, 8, 12), None),
@@ -287,6 +303,26 @@ def _merge_sliced_again(mesh) -> dict:
     }
 
 
+def _redistributed(mesh) -> dict:
+    """fxhalo.redistribute on mesh DomainTensors, eagerly: onto the channels along the h axis, and H and W
+    swapped (through a free dim); the values stay, the gradient comes back to the input's block."""
+    import fxhalo
+
+    torch.manual_seed(9)
+    whole = torch.randn(2, 4, 13, 10)
+    x = fxhalo.shard(whole, shard_dim=(2, 3), group=mesh)
+    block = x.to_local().detach().requires_grad_()
+    x = fxhalo.from_local(block, like=x)
+    to_channels, swapped = fxhalo.redistribute(x, (1, 3)), fxhalo.redistribute(x, (3, 2))
+    (swapped.to_local() * 2).sum().backward()
+    return {
+        "to_channels": to_channels.shard_dim == (1, 3) and torch.equal(fxhalo.gather(to_channels), whole),
+        "swapped": swapped.shard_dim == (3, 2) and torch.equal(fxhalo.gather(swapped), whole),
+        "grad": torch.equal(block.grad, torch.full_like(block, 2.0)),
+        "one_dim_refused": raised(lambda: fxhalo.redistribute(x, 1)).startswith("FxHaloError"),
+    }
+
+
 def _refusals(mesh) -> dict:
     import fxhalo
 
@@ -315,6 +351,7 @@ def _run(rank, world_size, shape):
     extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
     extra["partitions_differ"] = _partitions_differ(mesh)
     extra["merge_sliced_again"] = _merge_sliced_again(mesh)
+    extra["redistributed"] = _redistributed(mesh)
     # on its own: a graph break inside the batch's generator would leave the later cases to run eagerly
     torch.manual_seed(6)
     zonal = check_global_view(
@@ -355,6 +392,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         "zonal_across_a_graph_break",  # a value whole along W crosses a break: its gradient summed over W
         "unet_bottleneck_replicated",  # too short for the axes' ranks: gathered, computed whole, sliced again
         "merge_sliced_again",  # H and W merged and split back: sliced along the w axis again after
+        "redistributed",  # fxhalo.redistribute of mesh DomainTensors, eagerly (onto C; H and W swapped)
     ],
 )
 def test_more_cases_match_one_device(ranks, case):

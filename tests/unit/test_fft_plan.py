@@ -30,17 +30,21 @@ def _cases():
         yield kind, dims, False, norm
 
 
+def _input_and_torchs(kind, dims, pad, norm, shape, g):
+    """A random input of ``shape`` for the transform (real for the real-input kinds), each transformed dim's
+    ``n`` (its size + 2 with ``pad``), and torch's transform of it."""
+    real = kind in ("r2c", "ir2hc")
+    x = torch.randn(shape, dtype=torch.float64 if real else torch.complex128, generator=g)
+    ns = tuple(shape[d] + 2 if pad else None for d in dims)
+    if kind in ONE_D:
+        return x, ns, ONE_D[kind](x, n=ns[0], dim=dims[0], norm=norm)
+    return x, ns, N_D[kind](x, s=ns if pad else None, dim=dims, norm=norm)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("kind, dims, pad, norm", list(_cases()))
 def test_the_plan_is_torchs_transform(kind, dims, pad, norm):
-    g = torch.Generator().manual_seed(0)
-    real = kind in ("r2c", "ir2hc")
-    x = torch.randn(SHAPE, dtype=torch.float64 if real else torch.complex128, generator=g)
-    ns = tuple(SHAPE[d] + 2 if pad else None for d in dims)
-    if kind in ONE_D:
-        want = ONE_D[kind](x, n=ns[0], dim=dims[0], norm=norm)
-    else:
-        want = N_D[kind](x, s=ns if pad else None, dim=dims, norm=norm)
+    x, ns, want = _input_and_torchs(kind, dims, pad, norm, SHAPE, torch.Generator().manual_seed(0))
     for shard in dims:
         try:
             split = (AxisShard(shard, balanced_lengths(SHAPE[shard], 2)),)
@@ -77,13 +81,7 @@ def test_the_pencil_is_torchs_transform(shape):
     g = torch.Generator().manual_seed(0)
     planned = 0
     for kind, dims, pad, norm, mesh in _mesh_cases():
-        real = kind in ("r2c", "ir2hc")
-        x = torch.randn(shape, dtype=torch.float64 if real else torch.complex128, generator=g)
-        ns = tuple(shape[d] + 2 if pad else None for d in dims)
-        if kind in ONE_D:
-            want = ONE_D[kind](x, n=ns[0], dim=dims[0], norm=norm)
-        else:
-            want = N_D[kind](x, s=ns if pad else None, dim=dims, norm=norm)
+        x, ns, want = _input_and_torchs(kind, dims, pad, norm, shape, g)
         axes = tuple(AxisShard(d, balanced_lengths(shape[d], p)) for d, p in mesh)
         try:
             plan = plan_fft(FftOp(dims, ns, norm, kind), shape, axes, settle=True)
