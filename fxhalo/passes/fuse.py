@@ -6,7 +6,10 @@ Two patterns, both applied after the rewrite, when every kernel call is in place
   (how ``nn.Conv*d(padding_mode=...)`` reaches the graph).  The pad's rows become
   the conv's halo edge, so one exchange fetches both.  Always on.
 * :func:`fuse_norm_exchanges`: a norm's statistics travel with the next conv's halo
-  rows.  On with ``fuse_exchanges`` (the default).
+  rows.  On with ``fuse_exchanges`` (the default).  The norm is a GroupNorm, or an
+  InstanceNorm on its input's statistics with no running statistics to update (the
+  same statistics and affine terms as a GroupNorm of one channel per group, so it
+  becomes that kernel).
 
 Folding a pad
 -------------
@@ -58,6 +61,7 @@ travel in the rows' buffer, and they need float32.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import operator
 
 import torch
@@ -91,15 +95,44 @@ def _is_random(node) -> bool:
     return any(word in name for word in _RANDOM)
 
 
+_INSTANCE_NORM = inspect.signature(norm_ops.instance_norm)
+_GROUP_NORM = inspect.signature(norm_ops.group_norm)
+
+
+def _bound(signature, node) -> dict:
+    """``node``'s arguments by name (defaults filled in), ``axes`` aside."""
+    a = signature.bind(*node.args, **{k: v for k, v in node.kwargs.items() if k != "axes"}, axes=None)
+    a.apply_defaults()
+    return a.arguments
+
+
+def _as_group_norm(node):
+    """``(input, num_groups, weight, bias, eps)`` of a norm kernel call that is a group norm: ``group_norm``
+    itself, or ``instance_norm`` on its input's statistics with no running statistics to update (one
+    channel per group: the same statistics, the same per-channel affine terms).  ``None`` otherwise."""
+    if node.op != "call_function":
+        return None
+    if node.target is norm_ops.group_norm:
+        a = _bound(_GROUP_NORM, node)
+        return [a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]]
+    if node.target is norm_ops.instance_norm:
+        a = _bound(_INSTANCE_NORM, node)
+        val = example_value(a["input"])
+        if a["use_input_stats"] and a["running_mean"] is None and a["running_var"] is None and val is not None:
+            return [a["input"], val.shape[1], a["weight"], a["bias"], a["eps"]]
+    return None
+
+
 def _norm_source(conv):
-    """``(group_norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``.
+    """``(norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``: a group
+    norm, or an instance norm that is one (:func:`_as_group_norm`).
 
     The chain lists the nodes between the two in graph order; each must be
     elementwise, deterministic, and read exactly one sharded node, the one before it.
     """
     chain, node = [], conv.args[0]
     while hasattr(node, "meta"):
-        if node.op == "call_function" and node.target is norm_ops.group_norm:
+        if _as_group_norm(node) is not None:
             return node, chain[::-1]
         if not isinstance(getattr(decision_of(node), "rule", None), Elementwise) or _is_random(node):
             return None, None
@@ -161,7 +194,8 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
 
 
 def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Fuse every ``group_norm -> elementwise ops -> conv`` of ``gm``; returns how many."""
+    """Fuse every ``group_norm`` (or ``instance_norm``) ``-> elementwise ops -> conv`` of ``gm``; returns how
+    many."""
     graph = gm.graph
     fused = 0
     for conv in list(graph.nodes):
@@ -182,9 +216,9 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         with graph.inserting_before(norm):
             both = graph.call_function(
                 norm_ops.group_norm_exchange,
-                norm.args,
+                tuple(_as_group_norm(norm)),
                 dict(
-                    norm.kwargs,
+                    axes=norm.kwargs["axes"],
                     window=dataclasses.astuple(window),
                     edge_mode=edge.mode,
                     edge_value=edge.value,

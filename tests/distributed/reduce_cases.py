@@ -367,8 +367,9 @@ class _TwoUses(nn.Module):
 
 
 def norm_conv_case(P: int) -> Case:
-    """GroupNorm -> elementwise ops -> conv: the norm's statistics and the conv's halo in one exchange
-    (fxhalo.passes.fuse), on an uneven row count, for convs of every geometry.
+    """GroupNorm (or an InstanceNorm without running statistics) -> elementwise ops -> conv: the norm's
+    statistics and the conv's halo in one exchange (fxhalo.passes.fuse), on an uneven row count, for convs
+    of every geometry.
 
     The dropout one is not fused (a random op stops the search); the others are.
     """
@@ -398,6 +399,10 @@ def norm_conv_case(P: int) -> Case:
             "GroupNorm -> GELU -> conv3d k3",
             nn.Sequential(gn(41, c=4), nn.GELU(), p(nn.Conv3d(4, 2, 3, padding=1), 42)),
             ("x3",),
+        ),
+        Op(
+            "InstanceNorm (affine) -> GELU -> conv 3x3",
+            nn.Sequential(p(nn.InstanceNorm2d(6, affine=True), 45), nn.GELU(), p(nn.Conv2d(6, 4, 3, padding=1), 46)),
         ),
         Op(
             "GroupNorm -> Dropout(0) -> conv (not fused)",
