@@ -30,7 +30,15 @@ from ..halo import Edge
 from .collectives import all_reduce_sum
 from .moments import global_count, global_moments, global_moments_with_rows, normalize, over_axes
 
-__all__ = ["group_norm", "group_norm_exchange", "instance_norm", "batch_norm", "layer_norm", "rms_norm"]
+__all__ = [
+    "group_norm",
+    "group_norm_exchange",
+    "batch_norm_exchange",
+    "instance_norm",
+    "batch_norm",
+    "layer_norm",
+    "rms_norm",
+]
 
 
 def _per_channel(t, ndim: int):
@@ -89,23 +97,60 @@ def group_norm_exchange(
     ordered as :func:`fxhalo.halo.assemble` expects.  ``length`` (the global length)
     is required: it gives every rank's element count.
     """
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    dim = domain.dim_of(input.ndim)
-    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    plan = plan_window(Window(*window), domain, length, edge, "group_norm_exchange").halo
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
-    per_row = math.prod(grouped.shape[d] for d in dims if d != dim + 1)  # grouping adds a dim before it
-    counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
-    mean, m2, count, received = global_moments_with_rows(grouped, dims, input, dim, plan, counts, group_name, edge=edge)
+    # grouping adds a dim before the sharded one
+    mean, m2, count, received = _moments_with_halo(
+        grouped, dims, 1, input, axes, window, edge_mode, edge_value, edge_extent
+    )
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
 
     def norm(t):
         g = t.reshape(n, num_groups, c // num_groups, *t.shape[2:])
         return normalize(g, mean, m2 / count, eps, w, b).reshape(t.shape)
 
+    return norm(input), norm(received)
+
+
+def _moments_with_halo(x, dims, shift: int, rows, axes, window, edge_mode, edge_value, edge_extent):
+    """``(mean, m2, count, received)``: the global moments of ``x`` over ``dims`` and the halo rows of
+    ``rows`` that the consumer's ``window`` needs, in one exchange (``x`` is ``rows`` or a view of it
+    whose sharded dim sits ``shift`` dims later)."""
+    shard_dim, group_name, length = one_axis(axes)
+    domain = Domain.from_group(group_name, shard_dim=shard_dim)
+    dim = domain.dim_of(rows.ndim)
+    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
+    plan = plan_window(Window(*window), domain, length, edge, "norm exchange").halo
+    per_row = math.prod(x.shape[d] for d in dims if d != dim + shift)
+    counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
+    return global_moments_with_rows(x, dims, rows, dim, plan, counts, group_name, edge=edge)
+
+
+def batch_norm_exchange(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    axes: tuple[ShardAxis, ...],
+    window: tuple[int, ...],
+    edge_mode: str = "zeros",
+    edge_value: float = 0.0,
+    edge_extent: tuple[int, int] = (0, 0),
+):
+    """:func:`batch_norm` in training, and the halo rows of its output that a windowed op needs, in one
+    ``all_to_all_single``: :func:`group_norm_exchange` with per-channel statistics over the batch and
+    every spatial dim (the running statistics updated as :func:`batch_norm` updates them)."""
+    dims = (0,) + tuple(range(2, input.ndim))
+    mean, m2, count, received = _moments_with_halo(
+        input, dims, 0, input, axes, window, edge_mode, edge_value, edge_extent
+    )
+    norm = _trained_batch_norm(mean, m2, count, running_mean, running_var, weight, bias, momentum, eps)
     return norm(input), norm(received)
 
 
@@ -163,9 +208,19 @@ def batch_norm(
     dims = (0,) + tuple(range(2, input.ndim))
     count = global_count(input, dims, lengths)
     mean, m2, count = global_moments(input, dims, group_name, count)
+    return _trained_batch_norm(mean, m2, count, running_mean, running_var, weight, bias, momentum, eps)(input)
+
+
+def _trained_batch_norm(mean, m2, count, running_mean, running_var, weight, bias, momentum, eps):
+    """A batch norm in training from its global moments: the running statistics updated (in place, the
+    unbiased variance from the global count), and the function that normalises a tensor with them."""
     _update_running(running_mean, mean, momentum)
     _update_running(running_var, m2 / (count - 1), momentum)
-    return normalize(input, mean, m2 / count, eps, _per_channel(weight, input.ndim), _per_channel(bias, input.ndim))
+
+    def norm(t):
+        return normalize(t, mean, m2 / count, eps, _per_channel(weight, t.ndim), _per_channel(bias, t.ndim))
+
+    return norm
 
 
 @several_axes

@@ -6,10 +6,10 @@ Two patterns, both applied after the rewrite, when every kernel call is in place
   (how ``nn.Conv*d(padding_mode=...)`` reaches the graph).  The pad's rows become
   the conv's halo edge, so one exchange fetches both.  Always on.
 * :func:`fuse_norm_exchanges`: a norm's statistics travel with the next conv's halo
-  rows.  On with ``fuse_exchanges`` (the default).  The norm is a GroupNorm, or an
+  rows.  On with ``fuse_exchanges`` (the default).  The norm is a GroupNorm, an
   InstanceNorm on its input's statistics with no running statistics to update (the
   same statistics and affine terms as a GroupNorm of one channel per group, so it
-  becomes that kernel).
+  becomes that kernel), or a BatchNorm in training (``batch_norm_exchange``).
 
 Folding a pad
 -------------
@@ -106,33 +106,42 @@ def _bound(signature, node) -> dict:
     return a.arguments
 
 
-def _as_group_norm(node):
-    """``(input, num_groups, weight, bias, eps)`` of a norm kernel call that is a group norm: ``group_norm``
-    itself, or ``instance_norm`` on its input's statistics with no running statistics to update (one
-    channel per group: the same statistics, the same per-channel affine terms).  ``None`` otherwise."""
+_BATCH_NORM = inspect.signature(norm_ops.batch_norm)
+
+
+def _exchange_call(node):
+    """``(fused kernel, its arguments)`` for a norm kernel call whose statistics can travel with a conv's
+    halo rows, else ``None``: ``group_norm``; ``instance_norm`` on its input's statistics with no running
+    statistics to update (a group norm of one channel per group: the same statistics, the same per-channel
+    affine terms); ``batch_norm`` in training (its running statistics updated by the fused kernel)."""
     if node.op != "call_function":
         return None
     if node.target is norm_ops.group_norm:
         a = _bound(_GROUP_NORM, node)
-        return [a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"]]
+        return norm_ops.group_norm_exchange, (a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"])
     if node.target is norm_ops.instance_norm:
         a = _bound(_INSTANCE_NORM, node)
         val = example_value(a["input"])
         if a["use_input_stats"] and a["running_mean"] is None and a["running_var"] is None and val is not None:
-            return [a["input"], val.shape[1], a["weight"], a["bias"], a["eps"]]
+            return norm_ops.group_norm_exchange, (a["input"], val.shape[1], a["weight"], a["bias"], a["eps"])
+    if node.target is norm_ops.batch_norm:
+        a = _bound(_BATCH_NORM, node)
+        if a["training"] is True:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            return norm_ops.batch_norm_exchange, tuple(a[k] for k in names)
     return None
 
 
 def _norm_source(conv):
-    """``(norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``: a group
-    norm, or an instance norm that is one (:func:`_as_group_norm`).
+    """``(norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``: a norm
+    that :func:`_exchange_call` can fuse.
 
     The chain lists the nodes between the two in graph order; each must be
     elementwise, deterministic, and read exactly one sharded node, the one before it.
     """
     chain, node = [], conv.args[0]
     while hasattr(node, "meta"):
-        if _as_group_norm(node) is not None:
+        if _exchange_call(node) is not None:
             return node, chain[::-1]
         if not isinstance(getattr(decision_of(node), "rule", None), Elementwise) or _is_random(node):
             return None, None
@@ -194,8 +203,8 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
 
 
 def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Fuse every ``group_norm`` (or ``instance_norm``) ``-> elementwise ops -> conv`` of ``gm``; returns how
-    many."""
+    """Fuse every ``group_norm`` (or ``instance_norm``, ``batch_norm``) ``-> elementwise ops -> conv`` of
+    ``gm``; returns how many."""
     graph = gm.graph
     fused = 0
     for conv in list(graph.nodes):
@@ -213,10 +222,11 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         _, window = conv_ops.conv_window(
             local_shape, tuple(example_value(weight).shape), stride, padding, dilation, domain, edge
         )
+        kernel, args = _exchange_call(norm)
         with graph.inserting_before(norm):
             both = graph.call_function(
-                norm_ops.group_norm_exchange,
-                tuple(_as_group_norm(norm)),
+                kernel,
+                args,
                 dict(
                     axes=norm.kwargs["axes"],
                     window=dataclasses.astuple(window),

@@ -367,9 +367,9 @@ class _TwoUses(nn.Module):
 
 
 def norm_conv_case(P: int) -> Case:
-    """GroupNorm (or an InstanceNorm without running statistics) -> elementwise ops -> conv: the norm's
-    statistics and the conv's halo in one exchange (fxhalo.passes.fuse), on an uneven row count, for convs
-    of every geometry.
+    """GroupNorm (or an InstanceNorm without running statistics, or a BatchNorm in training) -> elementwise
+    ops -> conv: the norm's statistics and the conv's halo in one exchange (fxhalo.passes.fuse), on an
+    uneven row count, for convs of every geometry (the BatchNorm's running statistics checked too).
 
     The dropout one is not fused (a random op stops the search); the others are.
     """
@@ -403,6 +403,10 @@ def norm_conv_case(P: int) -> Case:
         Op(
             "InstanceNorm (affine) -> GELU -> conv 3x3",
             nn.Sequential(p(nn.InstanceNorm2d(6, affine=True), 45), nn.GELU(), p(nn.Conv2d(6, 4, 3, padding=1), 46)),
+        ),
+        Op(
+            "BatchNorm (training) -> ReLU -> conv 3x3",
+            nn.Sequential(p(nn.BatchNorm2d(6), 47), nn.ReLU(), p(nn.Conv2d(6, 4, 3, padding=1), 48)),
         ),
         Op(
             "GroupNorm -> Dropout(0) -> conv (not fused)",

@@ -57,12 +57,13 @@ def test_a_norm_and_the_next_convs_halo_share_one_exchange(world_size):
     per_rank = results(world_size)
     assert all(r["fused"]["ok"] for r in per_rank), [r["fused"]["failed"][:6] for r in per_rank]
     assert case["kernels"].count("norm.group_norm_exchange") == 8, case["kernels"]  # 7 GroupNorms, 1 InstanceNorm
+    assert case["kernels"].count("norm.batch_norm_exchange") == 1, case["kernels"]
     assert case["kernels"].count("norm.group_norm") == 1  # the dropout one
-    assert "norm.instance_norm" not in case["kernels"]
+    assert "norm.instance_norm" not in case["kernels"] and "norm.batch_norm" not in case["kernels"]
     if world_size not in COUNTED:
         return
-    # 8 fused exchanges, and the unfused norm's sum plus its conv's exchange
-    assert len(case["fw"]) == 8 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
+    # 9 fused exchanges, and the unfused norm's sum plus its conv's exchange
+    assert len(case["fw"]) == 9 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
     assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case["bw"]
 
 
