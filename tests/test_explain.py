@@ -39,7 +39,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxhalo
 from fxhalo.explain import _with_grad
@@ -572,8 +571,8 @@ def test_validate_on_a_mesh_reports_per_axis():
             self.conv = torch.nn.Conv2d(1, 2, 9, padding=4)
 
         def forward(self, x):
-            # an adaptive max pool's indices on two sharded dims: refused (its values run)
-            return F.adaptive_max_pool2d(self.conv(x), (4, 4), return_indices=True)[0]
+            # H and W merged into one dim on plain blocks: refused (two mesh axes on one dim)
+            return self.conv(x).flatten(2).softmax(-1)
 
     problems = fxhalo.validate(Wide(), torch.randn(1, 1, 3, 16), world_size=(2, 2), rank=1, shard_dim=(2, 3))
     kinds = sorted((p.kind, p.op.split("'")[1]) for p in problems)
@@ -581,7 +580,7 @@ def test_validate_on_a_mesh_reports_per_axis():
     wide = next(p for p in problems if p.kind == "wide halo")
     assert "4 rows along dim 2, wider than the 3-row shards" in wide.message  # W's 16 columns are wide enough
     refused = next(p for p in problems if p.kind == "refused")
-    assert "2 mesh axes" in refused.message
+    assert "two mesh axes would shard along one dim" in refused.message
     assert fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 3), rank=5, shard_dim=(2, 3)) == []
     with pytest.raises(fxhalo.FxHaloError, match="world_size"):
         fxhalo.validate(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=6, shard_dim=(2, 3))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch.nn.functional as F
 
@@ -19,7 +20,7 @@ from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import Unsplittable, split_rows
 from ..halo import HaloPlan
-from .pool import _domain_and_dim, _inner, global_indices
+from .pool import _domain_and_dim, global_indices
 from .rows import ceil_div, halo_plan
 
 __all__ = [
@@ -111,9 +112,15 @@ def _adaptive_pool(nd, kind, input, output_size, return_indices, axes):
     out = op(x, tuple(sizes), *extra)
     if not (kind == "max" and return_indices) or not starts:
         return out
-    ((dim, n, start),) = starts  # indices on one sharded dim (several_axes refuses them on more)
+    # Indices into the extended block -> into the global input, one sharded dim at a time, innermost first:
+    # then the dims after the one being converted already have their global sizes.
     values, idx = out
-    return values, global_indices(idx, _inner(x, dim), x.shape[dim], n, start)
+    sizes_now = list(x.shape)
+    for dim, n, start in sorted(starts, reverse=True):
+        inner = math.prod(sizes_now[dim + 1 :])
+        idx = global_indices(idx, inner, sizes_now[dim], n, start)
+        sizes_now[dim] = n
+    return values, idx
 
 
 @several_axes
@@ -150,11 +157,6 @@ def adaptive_pool_dim_by_dim(input, output_size, *, nd: int, kind: str, axes: tu
     return x
 
 
-def _values_only(args, kwargs) -> bool:
-    """Adaptive max pooling on several sharded dims: values only (indices would need every dim's offset)."""
-    return not (args[2] if len(args) > 2 else kwargs.get("return_indices", False))
-
-
 @several_axes
 def adaptive_avg_pool1d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool1d``; ``output_size`` along a sharded dim is the global length."""
@@ -173,19 +175,19 @@ def adaptive_avg_pool3d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     return _adaptive_pool(3, "avg", input, output_size, False, axes)
 
 
-@several_axes(when=_values_only)
+@several_axes
 def adaptive_max_pool1d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
     return _adaptive_pool(1, "max", input, output_size, return_indices, axes)
 
 
-@several_axes(when=_values_only)
+@several_axes
 def adaptive_max_pool2d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
     return _adaptive_pool(2, "max", input, output_size, return_indices, axes)
 
 
-@several_axes(when=_values_only)
+@several_axes
 def adaptive_max_pool3d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""
     return _adaptive_pool(3, "max", input, output_size, return_indices, axes)

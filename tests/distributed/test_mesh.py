@@ -11,8 +11,8 @@ kind and mode, strides, dilations, groups) and 12 random resampling and normalis
 (interpolations, avg, max and adaptive pools, GroupNorm / InstanceNorm / BatchNorm).
 
 What must raise on every rank: a shard_dim tuple of the wrong length, a dim named
-twice, a mesh axis that is not in the mesh, and an op that would need communication
-along both axes and has no kernel for it yet (an adaptive max pool's indices, as of now).
+twice, a mesh axis that is not in the mesh, and a reshape merging H and W on plain
+blocks (two axes on one dim; the global view handles it, test_mesh_global_view.py).
 And a small UNet trains 10 SGD steps on each mesh as on one device.
 """
 
@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.harness import check_many_on_mesh, failed_cases, raised, run_ranks
+from tests.passes.graphs import Lambda
 
 
 class PadThenConv(nn.Module):
@@ -84,9 +85,10 @@ class Softmaxes(nn.Module):
 class MaxPoolIndices(nn.Module):
     """A max pool's values scaled by a function of its indices: wrong indices change the output."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, adaptive: bool = False):
         super().__init__()
-        self.pool = nn.MaxPool2d(*args, return_indices=True)
+        pool = nn.AdaptiveMaxPool2d if adaptive else nn.MaxPool2d
+        self.pool = pool(*args, return_indices=True)
 
     def forward(self, x):
         values, indices = self.pool(x)
@@ -161,6 +163,10 @@ def _cases_2d():
         ("adaptive_avg_to_1x5", nn.AdaptiveAvgPool2d((1, 5)), x()),
         ("adaptive_max_to_1x5_ties", nn.AdaptiveMaxPool2d((1, 5)), _ties()),
         ("adaptive_max_to_4x1_ties", nn.AdaptiveMaxPool2d((4, 1)), _ties()),
+        # indices into the global input (refused before): made global dim by dim, innermost first (to one
+        # row along a sharded dim, indices stay refused, as in 1-D: that is a reduction)
+        ("adaptive_max_indices_4x3", MaxPoolIndices((4, 3), adaptive=True), x()),
+        ("adaptive_max_indices_4x5_ties", MaxPoolIndices((4, 5), adaptive=True), _ties()),
         # a size is global along both sharded dims (refused before: the kernel took scale factors only)
         ("bilinear_to_size", nn.Upsample(size=(20, 23), mode="bilinear"), x()),
         ("bicubic_to_size_down", nn.Upsample(size=(9, 7), mode="bicubic"), x()),
@@ -332,8 +338,8 @@ def _refusals(mesh):
         "too_many_dims": raised(lambda: compiled(group=mesh, shard_dim=(1, 2, 3))(x)),
         "dim_twice": raised(lambda: compiled(group=mesh, shard_dim=(2, 2))(x)),
         "unknown_axis": raised(lambda: compiled(group=(mesh, ("h", "depth")), shard_dim=(2, 3))(x)),
-        # an adaptive max pool's indices have no kernel for two axes yet
-        "adaptive_max_pool_indices": raised(on_mesh(nn.AdaptiveMaxPool2d((4, 3), return_indices=True))),
+        # H and W merged into one dim on plain blocks (the global view gathers one axis first; blocks do not)
+        "merge_h_and_w": raised(on_mesh(Lambda(lambda t: t.flatten(2).softmax(-1)))),
     }
 
 
@@ -455,7 +461,7 @@ def test_the_exchange_with_corners_sends_no_padding(ranks):
         ("too_many_dims", ["3 dims for 2"]),
         ("dim_twice", ["names one dim twice"]),
         ("unknown_axis", ["'depth'", "not an axis"]),
-        ("adaptive_max_pool_indices", ["adaptive_max_pool2d", "2 mesh axes", "Remedy"]),
+        ("merge_h_and_w", ["flatten", "two mesh axes would shard along one dim", "DomainTensors", "Remedy"]),
     ],
 )
 def test_bad_input_raises_on_every_rank(ranks, case, words):
