@@ -39,11 +39,13 @@ __all__ = [
     "as_layout",
     "axis_view",
     "example_value",
+    "global_shape_of",
     "is_tensor_node",
     "layout_of",
     "resized",
     "sharding_of",
     "split",
+    "split_axes",
 ]
 
 #: node.meta key: the node's :class:`Layout` (or :class:`Items`)
@@ -215,6 +217,22 @@ def sharding_of(arg):
     if isinstance(layout, Items):
         return tuple(None if item is None else item.one_axis() for item in layout)
     return None if layout is None else layout.one_axis()
+
+
+def split_axes(layout) -> list[tuple[int, Sharded]]:
+    """``(mesh axis, entry)`` of every axis that splits a value laid out as ``layout`` (none for others)."""
+    if not isinstance(layout, Layout):
+        return []
+    return [(axis, s) for axis, s in enumerate(layout.axes) if isinstance(s, Sharded)]
+
+
+def global_shape_of(node) -> list[int]:
+    """``node``'s example shape with every dim a mesh axis splits at its global length (all axes', whatever
+    the axis view)."""
+    shape = list(example_value(node).shape)
+    for _, s in split_axes(layout_of(node)):
+        shape[s.dim] = int(s.global_length)
+    return shape
 
 
 def example_value(node):

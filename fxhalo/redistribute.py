@@ -239,12 +239,8 @@ def _redistribute_on_mesh(x, dims, dst_lengths):
     specs = x.spec.axis_specs
     moves = plan_mesh_moves(tuple(x.shape), tuple((a.dim, tuple(a.lengths)) for a in specs), dims)
     block = run_moves(x.to_local(), moves, tuple(a.group_name for a in specs))
-    new = {
-        a.group_name: DomainSpec(a.group_name, d, tuple(balanced_lengths(x.shape[d], len(a.lengths))))
-        for a, d in zip(specs, dims)
-        if a.dim != d
-    }
-    axes = tuple(None if a is None else new.get(a.group_name, a) for a in x.spec.axes)
+    moved = {specs[m.axis].group_name: DomainSpec(specs[m.axis].group_name, m.dst, m.dst_lengths) for m in moves}
+    axes = tuple(None if a is None else moved.get(a.group_name, a) for a in x.spec.axes)
     return wrap_local(block, MeshSpec(x.spec.group_name, axes))
 
 

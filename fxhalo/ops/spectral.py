@@ -154,8 +154,7 @@ def plan_fft(op: FftOp, shape: tuple[int, ...], axes: tuple[AxisShard, ...], *, 
     an axis parked on a dim the op never touches moves once more, onto a transformed
     dim, where a later channel mix or elementwise op finds the layout it expects.
     """
-    n = len(op.dims)
-    last = n - 1
+    last = len(op.dims) - 1
     real_forward, real_inverse = op.kind in ("r2c", "ir2hc"), op.kind in ("c2r", "hc2r")
     inverse = op.kind in ("ic2c", "c2r", "hc2r", "ir2hc")
     length = list(shape)
@@ -165,7 +164,7 @@ def plan_fft(op: FftOp, shape: tuple[int, ...], axes: tuple[AxisShard, ...], *, 
     moved: set[int] = set()
 
     def kind_of(i: int) -> str:
-        if i == last and real_forward and steps and any(s.kind != "move" for s in steps):
+        if i == last and real_forward and any(s.kind != "move" for s in steps):
             return "c2c_half"  # the others made it complex: a complex transform cut to n // 2 + 1
         if i == last and (real_forward or real_inverse):
             return op.kind
@@ -214,7 +213,7 @@ def plan_fft(op: FftOp, shape: tuple[int, ...], axes: tuple[AxisShard, ...], *, 
     if settle:
         for axis in sorted(moved):
             if where[axis].dim not in op.dims:
-                dst = carrier(len(where[axis].lengths), [d for d in op.dims])
+                dst = carrier(len(where[axis].lengths), op.dims)
                 if dst is not None:
                     move(axis, dst)
     return FftPlan(tuple(steps), tuple(where), tuple(length))

@@ -95,8 +95,9 @@ def _is_random(node) -> bool:
     return any(word in name for word in _RANDOM)
 
 
-_INSTANCE_NORM = inspect.signature(norm_ops.instance_norm)
 _GROUP_NORM = inspect.signature(norm_ops.group_norm)
+_INSTANCE_NORM = inspect.signature(norm_ops.instance_norm)
+_BATCH_NORM = inspect.signature(norm_ops.batch_norm)
 
 
 def _bound(signature, node) -> dict:
@@ -104,9 +105,6 @@ def _bound(signature, node) -> dict:
     a = signature.bind(*node.args, **{k: v for k, v in node.kwargs.items() if k != "axes"}, axes=None)
     a.apply_defaults()
     return a.arguments
-
-
-_BATCH_NORM = inspect.signature(norm_ops.batch_norm)
 
 
 def _exchange_call(node):
@@ -133,24 +131,25 @@ def _exchange_call(node):
 
 
 def _norm_source(conv):
-    """``(norm kernel call, elementwise chain)`` that feed ``conv``'s input, or ``(None, None)``: a norm
-    that :func:`_exchange_call` can fuse.
+    """``(norm kernel call, elementwise chain, its fused call)`` that feed ``conv``'s input, or ``None``: a
+    norm that :func:`_exchange_call` can fuse.
 
     The chain lists the nodes between the two in graph order; each must be
     elementwise, deterministic, and read exactly one sharded node, the one before it.
     """
     chain, node = [], conv.args[0]
     while hasattr(node, "meta"):
-        if _exchange_call(node) is not None:
-            return node, chain[::-1]
+        fused = _exchange_call(node)
+        if fused is not None:
+            return node, chain[::-1], fused
         if not isinstance(getattr(decision_of(node), "rule", None), Elementwise) or _is_random(node):
-            return None, None
+            return None
         sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
         if len(sharded) != 1:
-            return None, None
+            return None
         chain.append(node)
         node = sharded[0]
-    return None, None
+    return None
 
 
 def _fusible(conv, norm) -> bool:
@@ -210,9 +209,10 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     for conv in list(graph.nodes):
         if conv.op != "call_function" or conv.target is not conv_ops.conv:
             continue
-        norm, chain = _norm_source(conv)
-        if norm is None or not _fusible(conv, norm):
+        source = _norm_source(conv)
+        if source is None or not _fusible(conv, source[0]):
             continue
+        norm, chain, (kernel, args) = source
         x, weight, bias, stride, padding, dilation, groups = (list(conv.args) + [None, 1, 0, 1, 1])[:7]
         s = sharding_of(norm)
         kw = conv.kwargs
@@ -222,7 +222,6 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         _, window = conv_ops.conv_window(
             local_shape, tuple(example_value(weight).shape), stride, padding, dilation, domain, edge
         )
-        kernel, args = _exchange_call(norm)
         with graph.inserting_before(norm):
             both = graph.call_function(
                 kernel,

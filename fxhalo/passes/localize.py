@@ -117,12 +117,11 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
 
 
 def _decide(node, ctx, mode, axis_ctxs):
-    from . import propagate
-    from .propagate import TwoAxesOnOneDim, decide_node
+    from .propagate import TwoAxesOnOneDim, decide_node, sum_partials
 
     _localize_shape_args(node, ctx, mode)
     if ctx.on_mesh:
-        propagate.sum_partials(node, ctx)  # summed before the operands are aligned (as decide_node would)
+        sum_partials(node, ctx)  # before the operands are aligned (decide_node would, after them)
         _align_operands_on_mesh(node, ctx, mode)
     else:
         _align_operands(node, ctx, mode)

@@ -205,7 +205,7 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
         # ops linear in it do not carry it on, as on one axis.
         sum_partials(node, ctx)
         rule = rules.lookup(node)
-        if hasattr(rule, "decide_on_mesh") and not any(is_partial(a) for a in node.all_input_nodes):
+        if hasattr(rule, "decide_on_mesh"):
             # a rule that plans over every axis at once (the FFT's pencil): asked once, with the mesh
             return _decide(node, ctx, rule.decide_on_mesh)
         return merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
@@ -269,7 +269,7 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
         same = all(c.kernel is first.kernel and c.args == first.args and c.kwargs == first.kwargs for c in calls)
         if not same:  # a rule whose axes chose different calls may know one that does them all (adaptive pools)
             combined = getattr(decisions[0].rule, "combined_call", lambda node, calls: None)
-            call = combined(node, [d.call for _, d in rewriting])
+            call = combined(node, calls)
         if call is None or (same and not takes_several_axes(first.kernel, first.args, first.kwargs)):
             ctx.refuse(
                 node,

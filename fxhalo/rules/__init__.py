@@ -47,6 +47,7 @@ __all__ = [
     "Rule",
     "all_rules",
     "bind",
+    "decided_on_mesh",
     "decision_of",
     "lookup",
     "register",
@@ -133,6 +134,20 @@ class OnAxes:
 
     entries: tuple
     plans: tuple = ()
+
+
+def decided_on_mesh(ctx, layout, axes, targets, call, plan) -> Decision:
+    """The decision of a rule that plans over every mesh axis at once (``decide_on_mesh``): ``axes`` are
+    ``(mesh axis, input entry)`` of every axis that splits the input (the kernel gets them all, in that
+    order); an axis with a target ``(dim, global length)`` ends there, balanced, the others stay."""
+    from ..layout import Layout, split
+
+    out = list(layout.axes)
+    for (axis, _), target in zip(axes, targets):
+        if target is not None:
+            out[axis] = split(*target, ctx.mesh.axes[axis])
+    entries = tuple((ctx.mesh.axes[axis], s) for axis, s in axes)
+    return Decision(Layout(tuple(out)), call, OnAxes(entries, (plan,) * len(entries)), plan)
 
 
 def replace_node(node, call: KernelCall, ctx, layout=None):

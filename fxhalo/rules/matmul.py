@@ -212,14 +212,14 @@ class EinsumRule(Rule):
     def combined_call(self, node, calls):
         """On a mesh, two axes each cutting replicated operands to their rows (an FNO's weights, along the
         two mode dims): one :func:`fxhalo.ops.contract.product` that cuts along every axis, ``narrow`` one
-        tuple per axis.  ``None`` for anything else (a contraction, a move onto a carrier)."""
-        made = [call(node) for call in calls]
-        if not all(m.kernel is contract.product and m.args[0] == "einsum" and not m.kwargs.get("bias") for m in made):
+        tuple per axis.  ``None`` for anything else (a contraction, a move onto a carrier).  ``calls``: each
+        axis's own kernel call."""
+        if not all(c.kernel is contract.product and c.args[0] == "einsum" and not c.kwargs.get("bias") for c in calls):
             return None
-        narrows = tuple(m.args[2] for m in made)
+        narrows, kwargs = tuple(c.args[2] for c in calls), calls[0].kwargs
 
         def call(node) -> KernelCall:
-            return KernelCall(contract.product, ("einsum", self._operands(node), narrows), made[0].kwargs)
+            return KernelCall(contract.product, ("einsum", self._operands(node), narrows), kwargs)
 
         return call
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import FxHaloError
-from ..layout import Layout, Sharded, example_value, layout_of, sharding_of
-from ..layout import split as split_layout
+from ..layout import Sharded, example_value, global_shape_of, layout_of, sharding_of, split_axes
 from ..ops import moves
 from ..redistribute import plan_mesh_moves
-from . import Decision, KernelCall, OnAxes, Rule, register
+from . import Decision, KernelCall, Rule, decided_on_mesh, register
 from .resample import require_contiguous
 
 
@@ -64,31 +63,24 @@ class RedistributeOnMesh(Rule):
     def decide_on_mesh(self, node, ctx) -> Decision:
         x, dims = node.args[0], tuple(int(d) for d in node.args[1])
         layout = layout_of(x)
-        split = [(axis, s) for axis, s in enumerate(layout.axes) if isinstance(s, Sharded)]
-        if not split:
+        axes = split_axes(layout)
+        if not axes:
             return Decision()
-        for _, s in split:
+        for _, s in axes:
             require_contiguous(node, ctx, s)
-        shape = list(example_value(x).shape)
-        for _, s in split:
-            shape[s.dim] = int(s.global_length)
+        shape = global_shape_of(x)
         try:
             plan = plan_mesh_moves(
-                tuple(shape), tuple((s.dim, ctx.mesh.axes[a].lengths(s.global_length)) for a, s in split), dims
+                tuple(shape), tuple((s.dim, ctx.mesh.axes[a].lengths(s.global_length)) for a, s in axes), dims
             )
         except FxHaloError as e:
             ctx.refuse(node, str(e).split(". Remedy")[0].removeprefix("redistribute: "), "move the shards in two calls")
-        out = list(layout.axes)
-        for (axis, s), d in zip(split, dims):
-            if d != s.dim:
-                out[axis] = split_layout(d, shape[d], ctx.mesh.axes[axis])
-        entries = tuple((ctx.mesh.axes[a], s) for a, s in split)
-        return Decision(
-            Layout(tuple(out)),
-            lambda node: KernelCall(moves.move_shards, (node.args[0], plan)),
-            OnAxes(entries, (plan,) * len(entries)),
-            plan,
-        )
+        targets = [(d, shape[d]) if d != s.dim else None for (_, s), d in zip(axes, dims)]
+
+        def call(node) -> KernelCall:
+            return KernelCall(moves.move_shards, (node.args[0], plan))
+
+        return decided_on_mesh(ctx, layout, axes, targets, call, plan)
 
 
 register(RedistributeOnMesh(), torch.ops.fxhalo.redistribute_mesh.default)

@@ -186,7 +186,7 @@ class AdaptivePoolRule(ResampleRule):
         """On a mesh whose axes decided differently (one dim pooled to one value, a reduction; another to
         windows): the call of the kernel that pools dim by dim over all of them
         (:func:`fxhalo.ops.adaptive_pool.adaptive_pool_dim_by_dim`); ``None`` for indices.  (``calls``,
-        each axis's own, are not needed.)"""
+        each axis's own kernel call, are not needed.)"""
         a = bind(self.signature, node)
         if self.indices or a["return_indices"]:
             return None

@@ -19,10 +19,10 @@ import inspect
 
 import torch
 
-from ..layout import Layout, Sharded, example_value, layout_of, sharding_of, split
+from ..layout import Sharded, example_value, global_shape_of, layout_of, sharding_of, split, split_axes
 from ..ops import shift as shift_ops
 from ..ops import spectral as ops
-from . import Decision, KernelCall, LayoutRule, OnAxes, Rule, bind, register, register_op
+from . import Decision, KernelCall, LayoutRule, Rule, bind, decided_on_mesh, register, register_op
 from . import shift as shift_rules
 from .local import ELEMENTWISE
 from .resample import domain_for, require_contiguous
@@ -99,26 +99,21 @@ class FftRule(Rule):
         of them split transformed dims); the kernel gets every such axis, in mesh order."""
         x = bind(self.sig, node)["input"]
         layout = layout_of(x)
-        split_axes = [(axis, s) for axis, s in enumerate(layout.axes) if isinstance(s, Sharded)]
+        axes = split_axes(layout)
         op = self.fft_op(node, example_value(x).ndim)
-        if not any(s.dim in op.dims for _, s in split_axes):
+        if not any(s.dim in op.dims for _, s in axes):
             return Decision(layout)  # the transform leaves every sharded dim alone
-        plan = self._plan(node, ctx, x, op, [(ctx.mesh.axes[axis], s) for axis, s in split_axes], settle=True)
-        out = list(layout.axes)
+        plan = self._plan(node, ctx, x, op, [(ctx.mesh.axes[axis], s) for axis, s in axes], settle=True)
         moved = {step.axis for step in plan.steps if step.kind == "move"}
-        for k, ((axis, _), where) in enumerate(zip(split_axes, plan.out)):
-            if k in moved:
-                out[axis] = split(where.dim, plan.shape[where.dim], ctx.mesh.axes[axis])
-        entries = tuple((ctx.mesh.axes[axis], s) for axis, s in split_axes)
-        return Decision(Layout(tuple(out)), self._call(plan), OnAxes(entries, (plan,) * len(entries)), plan)
+        targets = [(w.dim, plan.shape[w.dim]) if k in moved else None for k, w in enumerate(plan.out)]
+        return decided_on_mesh(ctx, layout, axes, targets, self._call(plan), plan)
 
     def _plan(self, node, ctx, x, op: ops.FftOp, axes, settle: bool = False) -> ops.FftPlan:
         """The plan over ``axes`` (``(Domain, Sharded)`` of every axis that splits ``x``), or refused."""
-        shape = list(example_value(x).shape)
+        shape = global_shape_of(x)
         for _, s in axes:
             if s.dim in op.dims:
                 require_contiguous(node, ctx, s)
-            shape[s.dim] = int(s.global_length)
         split_as = tuple(ops.AxisShard(s.dim, domain.lengths(s.global_length)) for domain, s in axes)
         try:
             return ops.plan_fft(op, tuple(shape), split_as, settle=settle)
@@ -165,10 +160,7 @@ class FftShiftRule(Rule):
             return Decision(s)
         require_contiguous(node, ctx, s)
         # every sharded dim at its global size (on a mesh, the other axes' too: each axis makes the same call)
-        shape = list(local.shape)
-        for e in layout_of(x).axes:
-            if isinstance(e, Sharded):
-                shape[e.dim] = int(e.global_length)
+        shape = global_shape_of(x)
         sizes = [shape[d] for d in dims]
         shifts = tuple(-(n // 2) if self.inverse else n // 2 for n in sizes)
         shift_rules._planned(
