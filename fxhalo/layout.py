@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
+from fractions import Fraction
 
 import torch
 
@@ -44,8 +46,10 @@ __all__ = [
     "layout_of",
     "resized",
     "sharding_of",
+    "shared_dims",
     "split",
     "split_axes",
+    "whole_entry",
 ]
 
 #: node.meta key: the node's :class:`Layout` (or :class:`Items`)
@@ -229,10 +233,67 @@ def split_axes(layout) -> list[tuple[int, Sharded]]:
 def global_shape_of(node) -> list[int]:
     """``node``'s example shape with every dim a mesh axis splits at its global length (all axes', whatever
     the axis view)."""
+    layout = layout_of(node)
     shape = list(example_value(node).shape)
-    for _, s in split_axes(layout_of(node)):
-        shape[s.dim] = int(s.global_length)
+    for axis, s in split_axes(layout):
+        shape[s.dim] = int(whole_entry(layout, axis).global_length)
     return shape
+
+
+# -- one dim split by several axes -----------------------------------------------------------------
+#
+# A reshape can merge dims that different mesh axes split (H and W into the tokens of attention, or the
+# window counts of a Swin partition into its window index).  The merged dim is then split by each of
+# those axes, and each axis's entry describes it as that axis alone sees it, *with every other axis's
+# dims at this rank's size*: the view the rules decide in (:func:`axis_view`).  For H (axis h) merged
+# outside W (axis w) into ``[H*W]``, on the rank holding ``hl`` rows of H and ``wl`` of W:
+#
+#     h: Sharded(dim, hl*wl, H*wl)            one contiguous block of its own rows, whole W-blocks inside
+#     w: Sharded(dim, hl*wl, hl*W, outer=hl)  one slice of each of the hl rows
+#
+# Every entry has the same ``local`` (this rank's true length), and the entry outside the others has
+# the fewest blocks outside it: its ``outer`` is smaller.  Equal ``outer`` (one row per rank of the
+# outer axis) cannot tell which axis is outside; :func:`nesting` returns ``None`` then, and the
+# propagation gathers instead of keeping such a layout.
+
+
+def shared_dims(layout) -> dict[int, tuple[int, ...]]:
+    """Every tensor dim that several mesh axes split under ``layout``: dim -> those axes."""
+    on_dim: dict[int, list[int]] = {}
+    for axis, s in split_axes(layout):
+        on_dim.setdefault(s.dim, []).append(axis)
+    return {dim: tuple(axes) for dim, axes in on_dim.items() if len(axes) > 1}
+
+
+def nesting(layout, dim: int) -> tuple[int, ...] | None:
+    """The mesh axes that split ``dim``, outermost first; ``None`` when the entries do not describe one
+    nested split (different local lengths, or two with the same ``outer``)."""
+    axes = [axis for axis, s in split_axes(layout) if s.dim == dim]
+    entries = [layout.axes[axis] for axis in axes]
+    if len({s.local for s in entries}) != 1 or len({s.outer for s in entries}) != len(entries):
+        return None
+    return tuple(sorted(axes, key=lambda axis: layout.axes[axis].outer))
+
+
+def whole_entry(layout, axis: int) -> Sharded:
+    """Mesh ``axis``'s entry of ``layout`` for the value whole along every axis: ``Sharded(dim, N, N,
+    outer)`` with ``N`` the dim's global length and ``outer`` the blocks outside this axis's factor, at
+    the global lengths of the axes outside it.  What a reshape of the global shape needs to place it."""
+    s = layout.axes[axis]
+    order = nesting(layout, s.dim)
+    if order is None or len(order) == 1:
+        n = int(s.global_length)
+        return Sharded(s.dim, n, n, s.outer)
+
+    def scale(other: int) -> Fraction:  # the other axis's factor: global over local
+        e = layout.axes[other]
+        return Fraction(int(e.global_length), e.local)
+
+    n = Fraction(s.local) * math.prod(scale(other) for other in order)
+    outer = Fraction(s.outer) * math.prod(scale(other) for other in order[: order.index(axis)])
+    if n.denominator != 1 or outer.denominator != 1:
+        raise ValueError(f"entries of one dim that do not nest: {layout}")
+    return Sharded(s.dim, int(n), int(n), int(outer))
 
 
 def example_value(node):

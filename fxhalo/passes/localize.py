@@ -36,6 +36,7 @@ fusions, boundaries, meta refresh) runs unchanged.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import operator
@@ -59,6 +60,9 @@ from ..layout import (
     is_tensor_node,
     layout_of,
     sharding_of,
+    shared_dims,
+    split_axes,
+    whole_entry,
 )
 from ..layout import split as layout_split
 from ..ops import moves
@@ -82,7 +86,31 @@ def global_shape(node) -> tuple[int, ...] | None:
 
 
 def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None = None) -> int:
-    """Decide and localize every node of the global graph ``gm`` in place; returns how many values are sharded."""
+    """Decide and localize every node of the global graph ``gm`` in place; returns how many values are sharded.
+
+    On a mesh, a reshape that merges dims different axes split keeps each axis on the merged dim
+    (:mod:`fxhalo.layout`, "one dim split by several axes"), so the ops after it run on this rank's part
+    only.  Where a later op must reach along that dim (attention over the tokens, a graph output), the
+    walk starts again from the traced graph with the merge gathering its inner axes first.
+    """
+    pristine = _copy_graph(gm.graph) if ctx.on_mesh else None
+    gather_first: set[str] = set()
+    while True:
+        found = [] if problems is not None else None
+        try:
+            count = _localize_walk(gm, ctx, found, gather_first)
+        except _MergeTooEarly as e:
+            if not e.merges - gather_first:  # cannot happen: each retry gathers at one more merge
+                raise FxHaloError(f"{e.__cause__}") from None
+            gather_first |= e.merges
+            gm.graph = _copy_graph(pristine)
+            continue
+        if problems is not None:
+            problems.extend(found)
+        return count
+
+
+def _localize_walk(gm, ctx: PassContext, problems, gather_first: set[str]) -> int:
     from . import propagate
 
     mode = _fake_mode(gm)
@@ -93,13 +121,14 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
         if node.op == "placeholder":
             out = _input_layout(node, ctx)
         elif node.op in ("get_attr", "output"):
+            _merged_too_early(node.all_input_nodes, "is a graph output")
             propagate.sum_partials(node, ctx)
             out = None
         else:
             node.meta[GLOBAL_VALUE] = example_value(node)
             _set_value(node, _plain(example_value(node)))
             try:
-                out = _decide(node, ctx, mode, axis_ctxs)
+                out = _decide(node, ctx, mode, axis_ctxs, gather_first)
             except FxHaloError as e:
                 if problems is None:
                     raise
@@ -108,6 +137,7 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
             _set_value(node, _local_value(node, out, mode))
         layout = as_layout(out, ctx.n_axes)
         node.meta[LAYOUT] = layout
+        _note_merge(node, layout)
         count += layout.is_sharded
         if node.op in ("call_function", "call_method") and not layout.is_sharded:
             count += _shard_again_where_it_grows(node, ctx, mode)
@@ -116,8 +146,8 @@ def localize(gm: torch.fx.GraphModule, ctx: PassContext, problems: list | None =
     return count
 
 
-def _decide(node, ctx, mode, axis_ctxs):
-    from .propagate import TwoAxesOnOneDim, decide_node, sum_partials
+def _decide(node, ctx, mode, axis_ctxs, gather_first: set[str]):
+    from .propagate import TwoAxesOnOneDim, _axes_to_gather, decide_node, sum_partials
 
     _localize_shape_args(node, ctx, mode)
     if ctx.on_mesh:
@@ -129,7 +159,11 @@ def _decide(node, ctx, mode, axis_ctxs):
     _set_value(node, _run_fake(node, mode, fallback=example_value(node)))
     try:
         decision = decide_node(node, ctx, axis_ctxs)
+        out = as_layout(decision.out, ctx.n_axes)
+        if node.name in gather_first and isinstance(out, Layout) and shared_dims(out):
+            raise TwoAxesOnOneDim(f"node '{node.name}' merges dims several mesh axes split", _axes_to_gather(out.axes))
     except TwoAxesOnOneDim as e:
+        _merged_too_early(node.all_input_nodes, str(e))
         # A reshape merging dims that two axes split (H and W into tokens): the inner dim's axis gathers
         # its rows first, so the merged dim is split by the outer dim's axis alone, contiguously.
         _gather_sharded_inputs(node, ctx, mode, e.axes)
@@ -154,6 +188,51 @@ def _decide(node, ctx, mode, axis_ctxs):
         decision = decide_node(node, ctx, axis_ctxs)
     node.meta[DECISION] = decision
     return decision.out
+
+
+# -- a dim several axes split -----------------------------------------------------------------
+
+#: node.meta key: the names of the nodes that merged the dims several mesh axes split in this value
+MERGED_AT = "fxhalo_merged_at"
+
+
+class _MergeTooEarly(Exception):
+    """An op (or a graph output) must reach along a dim that several axes split: :func:`localize` walks
+    again, with ``merges`` gathering their inner axes first."""
+
+    def __init__(self, merges: set[str]):
+        super().__init__(f"gather first at {sorted(merges)}")
+        self.merges = merges
+
+
+def _note_merge(node, layout) -> None:
+    """``MERGED_AT`` of a value with a dim several axes split: its inputs' merges, or itself when it made
+    that dim."""
+    if isinstance(layout, Layout) and shared_dims(layout):
+        inherited = set().union(*(a.meta.get(MERGED_AT, set()) for a in node.all_input_nodes))
+        node.meta[MERGED_AT] = inherited or {node.name}
+
+
+def _merged_too_early(inputs, why: str) -> None:
+    """Raise :class:`_MergeTooEarly` when one of ``inputs`` has a dim several axes split."""
+    merges = set().union(*(a.meta.get(MERGED_AT, set()) for a in inputs if shared_dims(layout_of(a))))
+    if merges:
+        raise _MergeTooEarly(merges) from FxHaloError(why)
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph``, nodes of the same names with shallow copies of their meta (the walk replaces
+    meta entries, it does not change them in place)."""
+    new = torch.fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    new._codegen = copy.deepcopy(graph._codegen)
+    copies: dict = {}
+    rv, output = new.graph_copy(graph, copies, return_output_node=True)
+    new.output(rv, type_expr=output.type).meta = copy.copy(output.meta)
+    for old, node in copies.items():  # what Dynamo set on the nodes themselves (a placeholder's source)
+        for key, value in vars(old).items():
+            if key not in vars(node):
+                setattr(node, key, value)
+    return new
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -203,16 +282,16 @@ def _localize_shape_args(node, ctx, mode) -> None:
     src = node.args[0]
     layout = layout_of(src)
     g_in, g_out = global_shape(src), global_shape(node)
-    entries = [s for s in layout.axes if isinstance(s, Sharded)] if isinstance(layout, Layout) else []
+    entries = split_axes(layout)
     if not entries or g_in is None or g_out is None:
         return
     local_out = list(g_out)
-    for s in entries:  # each mesh axis's sharded dim, in turn
+    for axis, s in entries:  # each mesh axis's sharded dim, in turn
         n = int(s.global_length)
         if key in _EXPANDS:
             local_out[s.dim + len(g_out) - len(g_in)] = s.local
             continue
-        whole = reshape_sharding(list(g_in), list(g_out), Sharded(s.dim, n, n, s.outer))
+        whole = reshape_sharding(list(g_in), list(g_out), whole_entry(layout, axis))
         if not ctx.on_mesh and not isinstance(whole, str) and _straddles(s, g_out[whole.dim], ctx):
             s = _regroup_for_split(node, src, s, g_out[whole.dim], ctx, mode)
             src = node.args[0]
@@ -321,6 +400,9 @@ def _align_operands_on_mesh(node, ctx, mode) -> None:
     it); an operand the axis shards along another dim is refused (no moves of the shard between dims on a
     mesh yet)."""
     target_node, inputs = _operands_to_align(node)
+    if any(shared_dims(layout_of(a)) for a in inputs):
+        _check_alike_on_shared_dims(node, inputs)
+        return
     moved = {a: a for a in inputs}
     for axis, along in enumerate(ctx.mesh.axes):
 
@@ -367,6 +449,24 @@ def _align_operands_on_mesh(node, ctx, mode) -> None:
     for a, m in moved.items():
         if m is not a:
             node.replace_input_with(a, m)
+
+
+def _check_alike_on_shared_dims(node, inputs) -> None:
+    """Operands of which one has a dim several axes split: each other one must be laid out alike (the same
+    layout and global shape), or replicated without spanning a sharded dim (a broadcast scalar, a bias
+    along the channels); else the walk starts again with the merge gathering first (no moves onto such a
+    dim)."""
+    ref = next(a for a in inputs if shared_dims(layout_of(a)))
+    layout, shape = layout_of(ref), global_shape(ref)
+    for a in inputs:
+        a_layout, a_shape = layout_of(a), global_shape(a)
+        if a_layout == layout and a_shape == shape:
+            continue
+        replicated = not (isinstance(a_layout, Layout) and a_layout.is_sharded)
+        pos = [s.dim - len(shape) for _, s in split_axes(layout)]  # broadcasting aligns dims from the right
+        if replicated and a_shape is not None and all(len(a_shape) < -p or a_shape[p] == 1 for p in pos):
+            continue
+        _merged_too_early([ref], f"node '{node.name}' meets '{a.name}' laid out otherwise than '{ref.name}'")
 
 
 def _split_alike(e, t: Sharded, dim: int, along, lengths: bool = True) -> bool:

@@ -21,7 +21,11 @@ local; a node that one axis rewrites calls that axis's kernel, which treats the 
 axes' dims as the local blocks they are; a node that several axes rewrite needs the
 same kernel call from each, and a kernel that communicates along several axes at once
 (:func:`~fxhalo.domain.several_axes`), else it is refused.  Two axes whose entries
-land on one tensor dim are refused too (a reshape merging two sharded dims, say).
+land on one tensor dim (a reshape merging two sharded dims) are kept in the global view
+when no axis rewrites the op and the entries nest (:func:`~fxhalo.layout.nesting`), and
+an op may read such a dim only if it is local along every axis; anything else raises
+:class:`TwoAxesOnOneDim`, on which the global view gathers the inner axes before the
+merge (:mod:`fxhalo.passes.localize`), and which plain blocks report as a refusal.
 A rule that plans over every axis at once (the FFT's pencil decomposition, where one
 axis's move must know the dims the others split) has ``decide_on_mesh(node, ctx)``
 instead, asked once with the whole mesh's context.
@@ -49,7 +53,9 @@ from ..layout import (
     axis_view,
     example_value,
     layout_of,
+    nesting,
     sharding_of,
+    shared_dims,
 )
 from ..ops import moves
 from ..rules import DECISION, Decision, OnAxes
@@ -206,9 +212,20 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
         sum_partials(node, ctx)
         rule = rules.lookup(node)
         if hasattr(rule, "decide_on_mesh"):
+            shared = _shared_input(node)
+            if shared is not None:  # its plans place each axis on a dim of its own
+                raise _gather_before_merge(node, shared, "plans moves over every mesh axis")
             # a rule that plans over every axis at once (the FFT's pencil): asked once, with the mesh
             return _decide(node, ctx, rule.decide_on_mesh)
-        return merge_axes(node, ctx, _per_axis(axis_ctxs, functools.partial(_decide, node)))
+        try:
+            decisions = _per_axis(axis_ctxs, functools.partial(_decide, node))
+        except FxHaloError as e:
+            shared = _shared_input(node)
+            if shared is None or isinstance(e, TwoAxesOnOneDim):
+                raise
+            # an axis refused to reach along its part of a dim several axes split: gather before the merge
+            raise _gather_before_merge(node, shared, f"was refused along one axis ({e})") from e
+        return merge_axes(node, ctx, decisions)
     return _decide(node, ctx)
 
 
@@ -234,6 +251,27 @@ def _axes_to_gather(entries) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _nest(entries) -> bool:
+    """Do the entries that share a dim describe one nested split of it (:func:`~fxhalo.layout.nesting`)?"""
+    layout = Layout(tuple(entries))
+    return all(nesting(layout, dim) is not None for dim in shared_dims(layout))
+
+
+def _shared_input(node):
+    """The first input of ``node`` with a dim several mesh axes split, or ``None``."""
+    return next((a for a in node.all_input_nodes if shared_dims(layout_of(a))), None)
+
+
+def _gather_before_merge(node, shared, why: str) -> TwoAxesOnOneDim:
+    """``node`` cannot read its input ``shared`` where several axes split one dim: the inner ones gather."""
+    op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return TwoAxesOnOneDim(
+        f"node '{node.name}' ({op}) {why} along a dim that several mesh axes split ('{shared.name}': "
+        f"{layout_of(shared)})",
+        _axes_to_gather(layout_of(shared).axes),
+    )
+
+
 def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     """One decision from one per mesh axis (see the module docstring)."""
     outs = [d.out for d in decisions]
@@ -243,9 +281,18 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     else:
         out = Layout(tuple(outs))
         per_value = [outs]
+    rewriting = [(axis, d) for axis, d in enumerate(decisions) if d.rewrites]
+    shared = _shared_input(node)
+    if shared is not None and rewriting:
+        # Only ops local along every axis read a dim several axes split (a pointwise op, a batched one,
+        # the reshape that splits it back): each axis's view is then true of the whole.  An op that reaches
+        # along such a dim gathers the inner axes, before the merge (fxhalo.passes.localize).
+        raise _gather_before_merge(node, shared, "needs communication")
     for entries in per_value:
         dims = [s.dim for s in entries if isinstance(s, Sharded)]
         if len(set(dims)) != len(dims):
+            if ctx.global_view and not rewriting and _nest(entries):
+                continue  # a dim split by several axes, each axis's entry true in its view (layout.nesting)
             try:
                 ctx.refuse(
                     node,
@@ -258,7 +305,6 @@ def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
                 )
             except FxHaloError as e:
                 raise TwoAxesOnOneDim(str(e), _axes_to_gather(entries)) from None
-    rewriting = [(axis, d) for axis, d in enumerate(decisions) if d.rewrites]
     if not rewriting:
         return Decision(out, rule=decisions[0].rule)
     call = rewriting[0][1].call

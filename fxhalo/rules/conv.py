@@ -57,6 +57,8 @@ class ConvRule(Rule):
         # Only a window along the sharded dim needs each rank's rows as one block; a conv never mixes
         # batch entries, so an interleaved shard in the batch dim (windows of a partition) was local above.
         if not s.contiguous:
+            if _pointwise_along(args, w_shape, sdim):  # each output row is its own input row: any layout
+                return Decision(s)
             ctx.refuse(
                 node,
                 f"convolves along a dim whose shards are interleaved with another dim ({s})",
@@ -72,6 +74,17 @@ class ConvRule(Rule):
             ctx.refuse(node, e.problem, e.remedy)
         out = resized(s, plan.out_length, ctx.domain)
         return Decision(out, None if plan.local else _kernel_call, s, plan)
+
+
+def _pointwise_along(args, w_shape, sdim: int) -> bool:
+    """Does the conv map each row along spatial dim ``sdim`` to the same row (kernel 1, stride 1, no
+    padding: neuraloperator's ChannelMLP, a 1x1 projection)?"""
+
+    def at(value):
+        return value if isinstance(value, (int, str)) else value[sdim] if len(value) > 1 else value[0]
+
+    padding = at(args["padding"])
+    return w_shape[2 + sdim] == 1 and at(args["stride"]) == 1 and (padding in ("same", "valid") or padding == 0)
 
 
 def _kernel_call(node) -> KernelCall:

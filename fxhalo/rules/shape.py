@@ -25,7 +25,7 @@ import operator
 
 import torch
 
-from ..layout import GLOBAL_VALUE, Layout, Sharded, example_value, layout_of, sharding_of
+from ..layout import GLOBAL_VALUE, Layout, Sharded, example_value, layout_of, sharding_of, split_axes, whole_entry
 from ..ops import moves
 from . import Decision, KernelCall, LayoutRule, Rule, bind, register, register_op
 
@@ -171,11 +171,11 @@ def _global_along_this_axis(src, s: Sharded, out_global: list[int]) -> list[int]
     if not isinstance(layout, Layout) or not isinstance(g_in, torch.Tensor):
         return out_global
     out = list(out_global)
-    for e in layout.axes:
-        if not isinstance(e, Sharded) or e is s:
+    for axis, e in split_axes(layout):
+        if e is s:
             continue
         n = int(e.global_length)
-        whole = reshape_sharding(list(g_in.shape), list(out_global), Sharded(e.dim, n, n, e.outer))
+        whole = reshape_sharding(list(g_in.shape), list(out_global), whole_entry(layout, axis))
         if isinstance(whole, str) or (out[whole.dim] * e.local) % n:
             return None
         out[whole.dim] = out[whole.dim] * e.local // n

@@ -164,9 +164,13 @@ def _eager_cases():
         ("contract_both", ContractBoth(13, 10), torch.randn(2, 3, 13, 10), None),
         ("mlp_along_w", MixW(10), torch.randn(2, 3, 13, 10), None),
         ("redistribute_in_a_model", MovedToChannels(), torch.randn(1, 4, 13, 10), None),
-        # Swin windows: the window index merges the H and W window counts (the w axis gathers first)
+        # Swin windows: the window index merges the H and W window counts, split by both axes
         ("swin_block", SwinBlock(), torch.randn(2, 8, 8, 12), None),
         ("swin_block_shifted", SwinBlock(shift=1), torch.randn(1, 8, 8, 12), None),
+        # one window row per rank of h: which axis is outside cannot be told, the w axis gathers first
+        ("swin_one_window_row_per_rank", SwinBlock(), torch.randn(1, 8, 4, 12), None),
+        # the merged tokens are the output: the w axis gathers before the merge (a second walk)
+        ("tokens_out", Lambda(lambda x: torch.tanh(x.flatten(2).transpose(1, 2))), torch.randn(2, 3, 13, 10), None),
     ]
 
 
@@ -281,25 +285,30 @@ def _partitions_differ(mesh) -> dict:
     }
 
 
-def _merge_sliced_again(mesh) -> dict:
-    """After H and W are merged and split back (FlattenMix), the value is sliced along the w axis again (a
-    free slice), so the conv after it runs on this rank's block only: one all-gather (the merge's), and the
-    output split along both dims."""
+def _merges(mesh) -> dict:
+    """H and W merged into one dim.  Where only ops local along every axis follow until the merge is undone
+    (FlattenMix's pointwise Conv1d, a Swin block's windows), both axes stay on the merged dim: no
+    collective for it.  Where an op must reach along it (attention over the tokens), the w axis gathers W
+    before the merge (one all-gather), and the value is sliced along w again (a free slice) where the merge
+    is undone, so the block after it runs on this rank's part only."""
     import fxhalo
 
     torch.manual_seed(8)
-    x = fxhalo.shard(torch.randn(2, 3, 13, 10), shard_dim=(2, 3), group=mesh)
-    rows = fxhalo.explain(FlattenMix(3), x).rows
-    out = _compiled(FlattenMix(3))(x)
-    # A Swin block: one gather before the window partition, none at the windows' reverse (before the fix of
-    # the reshape rule's global sizes on a mesh, the reverse read the other axis's shard as its own and
-    # gathered again)
-    swin = fxhalo.explain(SwinBlock(), fxhalo.shard(torch.randn(2, 8, 8, 12), shard_dim=(2, 3), group=mesh)).rows
+
+    def collectives(model, x):
+        rows = fxhalo.explain(model, fxhalo.shard(x, shard_dim=(2, 3), group=mesh)).rows
+        return [c.label for r in rows for c in r.collectives], [r.op for r in rows]
+
+    mix, _ = collectives(FlattenMix(3), torch.randn(2, 3, 13, 10))
+    swin, _ = collectives(SwinBlock(), torch.randn(2, 8, 8, 12))
+    attention, ops = collectives(TokenAttention(), torch.randn(2, 8, 5, 6))
+    out = _compiled(FlattenMix(3))(fxhalo.shard(torch.randn(2, 3, 13, 10), shard_dim=(2, 3), group=mesh))
     return {
-        "one_gather": sum(c.label.startswith("all_gather") for r in rows for c in r.collectives) == 1,
-        "sliced_again": any(r.op.endswith("own_rows") for r in rows),
+        "mix_conv_exchange_only": mix == ["all_to_all[whole]"],  # the 3 x 3 conv's halo; before: an all-gather too
+        "swin_no_collective": swin == [],  # before: one all-gather along w
+        "attention_one_gather": sum(c.startswith("all_gather") for c in attention) == 1,
+        "attention_sliced_again": any(op.endswith("own_rows") for op in ops),
         "output_on_both_axes": out.shard_dim == (2, 3),
-        "swin_one_gather": sum(c.label.startswith("all_gather") for r in swin for c in r.collectives) == 1,
     }
 
 
@@ -350,7 +359,7 @@ def _run(rank, world_size, shape):
         results.update({name: {k: ok for k, (ok, _) in c.items()} for (name, *_), c in zip(cases, checks)})
     extra = {"dtensor": _from_dtensor(mesh), "zonal_mean_on_blocks": _zonal_mean_on_blocks(mesh)}
     extra["partitions_differ"] = _partitions_differ(mesh)
-    extra["merge_sliced_again"] = _merge_sliced_again(mesh)
+    extra["merges"] = _merges(mesh)
     extra["redistributed"] = _redistributed(mesh)
     # on its own: a graph break inside the batch's generator would leave the later cases to run eagerly
     torch.manual_seed(6)
@@ -391,7 +400,7 @@ def test_every_case_matches_one_device_on_every_rank(ranks):
         "partitions_differ",  # operands split differently along an axis: rows moved along that axis
         "zonal_across_a_graph_break",  # a value whole along W crosses a break: its gradient summed over W
         "unet_bottleneck_replicated",  # too short for the axes' ranks: gathered, computed whole, sliced again
-        "merge_sliced_again",  # H and W merged and split back: sliced along the w axis again after
+        "merges",  # H and W merged: kept on both axes, or gathered first and sliced again after
         "redistributed",  # fxhalo.redistribute of mesh DomainTensors, eagerly (onto C; H and W swapped)
     ],
 )
