@@ -14,6 +14,7 @@ ranks, the sum of the partial weight gradients over the ranks (one flat
 ``fxhalo``             ``backend="domain_parallel"``, 1 rank and P ranks
 ``fxhalo-eager``       ``fxhalo.convert_to_domain_parallel`` (when it exists), P ranks
 ``credit``             CREDIT's ``credit.domain_parallel`` layers (if installed), P ranks
+``shardtensor``        PhysicsNeMo's ``ShardTensor`` (if installed), P ranks
 =====================  ======================================================
 
 Every rank runs 1 thread.  One-process rows run in one spawned process, the P-rank
@@ -48,7 +49,9 @@ from .minimum import minimum_bytes
 from .models import MODELS, Config, make, make_input
 
 ROOT = pathlib.Path(__file__).resolve().parent
-ROW_KINDS = ("eager", "inductor", "fxhalo", "fxhalo-eager", "credit")
+#: whether ShardTensor hands back weight gradients summed over the ranks (then the step does not sum them)
+SHARDTENSOR_SUMS_GRADS = True
+ROW_KINDS = ("eager", "inductor", "fxhalo", "fxhalo-eager", "credit", "shardtensor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Row:
             "fxhalo": "fxhalo compiled" if compiler == "inductor" else f"fxhalo compiled ({compiler})",
             "fxhalo-eager": "fxhalo eager layer",
             "credit": "CREDIT eager",
+            "shardtensor": "PhysicsNeMo ShardTensor",
         }[self.kind]
         where = "1 process" if self.kind in ("eager", "inductor") else f"{self.procs} rank{'s' * (self.procs > 1)}"
         return f"{what}, {where}"
@@ -281,6 +285,14 @@ def _build(row: Row, plan: Plan, rank: int, x: torch.Tensor):
         except ImportError as e:
             raise _Skip(f"CREDIT not available: {e}") from None
         return model, model, False
+    if row.kind == "shardtensor":
+        from .shardtensor_compat import wrap
+
+        try:
+            fn = wrap(model, spec.shard_dim, x.shape, row.procs)
+        except ImportError as e:
+            raise _Skip(f"PhysicsNeMo not available: {e}") from None
+        return fn, model, SHARDTENSOR_SUMS_GRADS
     raise AssertionError(row.kind)
 
 
@@ -296,7 +308,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.detach() - want).abs().max().item() / scale
 
 
-def _count(row: Row, plan: Plan, model, x, numel) -> dict:
+def _count(row: Row, plan: Plan, fn, model, x, numel) -> dict:
     """Communication of one step (forward + backward, without the gradient sum)."""
     if row.kind == "fxhalo":
         import fxhalo
@@ -310,7 +322,7 @@ def _count(row: Row, plan: Plan, model, x, numel) -> dict:
         step, _ = _make_step(counted, model, x, numel, None)
         step()
         return sink.as_dict()
-    step, _ = _make_step(model, model, x, numel, None)
+    step, _ = _make_step(fn, model, x, numel, None)
     with comm.CountingMode() as mode:
         step()
     return mode.tally.as_dict()
@@ -357,7 +369,7 @@ def _run_row(row: Row, plan: Plan, rank: int, x_full: torch.Tensor, ref) -> dict
             dist.barrier()
         out["memory"] = _measure_memory(step)
         if multi and plan.count:
-            out["comm"] = _count(row, plan, model, x, x_full.numel())
+            out["comm"] = _count(row, plan, fn, model, x, x_full.numel())
             out["grad_sync_bytes"] = sum(p.numel() * p.element_size() for p in params)
     return out
 
