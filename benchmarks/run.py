@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from fxhalo.launch import run_ranks
 
-from . import comm
+from . import comm, shardtensor_compat
 from . import report as report_
 from .minimum import minimum_bytes
 from .models import MODELS, Config, make, make_input
@@ -273,27 +273,27 @@ def _build(row: Row, plan: Plan, rank: int, x: torch.Tensor):
         # the step must not sum them again.
         syncs = fxhalo_syncs_grads()
         return torch.compile(model, backend="domain_parallel", options=opts), model, syncs
-    if row.kind == "fxhalo-eager":
+    # the peers: (what the note says when the peer's package is missing, the conversion)
+    peers = {
+        "fxhalo-eager": ("", lambda: _same(_convert_fxhalo(model, spec.shard_dim))),
+        "credit": ("CREDIT not available: ", lambda: _same(_convert_credit(model, spec.shard_dim, x.ndim, row.procs))),
+        "shardtensor": (
+            "PhysicsNeMo not available: ",
+            lambda: (shardtensor_compat.wrap(model, spec.shard_dim, x.shape, row.procs), model, SHARDTENSOR_SUMS_GRADS),
+        ),
+    }
+    if row.kind in peers:
+        missing, convert = peers[row.kind]
         try:
-            model = _convert_fxhalo(model, spec.shard_dim)
+            return convert()
         except ImportError as e:
-            raise _Skip(str(e)) from None
-        return model, model, False
-    if row.kind == "credit":
-        try:
-            model = _convert_credit(model, spec.shard_dim, x.ndim, row.procs)
-        except ImportError as e:
-            raise _Skip(f"CREDIT not available: {e}") from None
-        return model, model, False
-    if row.kind == "shardtensor":
-        from .shardtensor_compat import wrap
-
-        try:
-            fn = wrap(model, spec.shard_dim, x.shape, row.procs)
-        except ImportError as e:
-            raise _Skip(f"PhysicsNeMo not available: {e}") from None
-        return fn, model, SHARDTENSOR_SUMS_GRADS
+            raise _Skip(f"{missing}{e}") from None
     raise AssertionError(row.kind)
+
+
+def _same(model):
+    """A converted model that runs as it is and sums nothing itself: ``(callable, model, syncs)``."""
+    return model, model, False
 
 
 def _singleton_group(rank: int):
