@@ -230,10 +230,11 @@ def decide_node(node, ctx: PassContext, axis_ctxs: list[PassContext] | None) -> 
 
 
 class TwoAxesOnOneDim(FxHaloError):
-    """:func:`merge_axes`' refusal of a value two mesh axes would split along one dim (a reshape merging
-    H and W into tokens).  ``axes``: the mesh axes to gather first so that one axis is left on each dim,
-    those whose entries there are interleaved (the inner dim of the merge), which the global view does
-    (:mod:`fxhalo.passes.localize`)."""
+    """A value two mesh axes would split along one dim (a reshape merging H and W into tokens) that cannot
+    stay so: on plain blocks, where the entries do not nest, where the merge itself communicates, or
+    where a later op must reach along that dim.  ``axes``: the mesh axes to gather first so that one axis
+    is left on each dim, those whose entries there are interleaved (the inner dim of the merge), which the
+    global view does before the merge (:mod:`fxhalo.passes.localize`)."""
 
     def __init__(self, message: str, axes: tuple[int, ...]):
         super().__init__(message)
