@@ -205,17 +205,23 @@ class _MergeTooEarly(Exception):
         self.merges = merges
 
 
+def _has_shared_dim(layout) -> bool:
+    """Has the value (or an item of a tuple, such as ``chunk``'s) a dim several axes split?"""
+    items = layout if isinstance(layout, Items) else (layout,)
+    return any(isinstance(item, Layout) and shared_dims(item) for item in items)
+
+
 def _note_merge(node, layout) -> None:
     """``MERGED_AT`` of a value with a dim several axes split: its inputs' merges, or itself when it made
     that dim."""
-    if isinstance(layout, Layout) and shared_dims(layout):
+    if _has_shared_dim(layout):
         inherited = set().union(*(a.meta.get(MERGED_AT, set()) for a in node.all_input_nodes))
         node.meta[MERGED_AT] = inherited or {node.name}
 
 
 def _merged_too_early(inputs, why: str) -> None:
     """Raise :class:`_MergeTooEarly` when one of ``inputs`` has a dim several axes split."""
-    merges = set().union(*(a.meta.get(MERGED_AT, set()) for a in inputs if shared_dims(layout_of(a))))
+    merges = set().union(*(a.meta.get(MERGED_AT, set()) for a in inputs if _has_shared_dim(layout_of(a))))
     if merges:
         raise _MergeTooEarly(merges) from FxHaloError(why)
 

@@ -276,9 +276,11 @@ def _gather_before_merge(node, shared, why: str) -> TwoAxesOnOneDim:
 def merge_axes(node, ctx: PassContext, decisions: list[Decision]) -> Decision:
     """One decision from one per mesh axis (see the module docstring)."""
     outs = [d.out for d in decisions]
-    if isinstance(outs[0], tuple):
-        out = Items(Layout(tuple(o[i] for o in outs)) for i in range(len(outs[0])))
-        per_value = [[o[i] for o in outs] for i in range(len(outs[0]))]
+    items = next((len(o) for o in outs if isinstance(o, tuple)), None)
+    if items is not None:  # a tuple (chunk, split): an axis that splits no input answers None for all items
+        outs = [(None,) * items if o is None else o for o in outs]
+        out = Items(Layout(tuple(o[i] for o in outs)) for i in range(items))
+        per_value = [[o[i] for o in outs] for i in range(items)]
     else:
         out = Layout(tuple(outs))
         per_value = [outs]

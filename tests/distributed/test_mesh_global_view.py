@@ -15,6 +15,7 @@ axes), outputs split over one axis only, and refusals on every rank.
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tests.beyond_models import FNOBlock, TokenAttention
 from tests.distributed.test_beyond_halos import FFTS_2D, LegendreLike
@@ -84,6 +85,21 @@ class FlattenMix(nn.Module):
         B, C, H, W = x.shape
         y = self.mix(x.reshape(B, C, -1)).view(B, C, H, W)
         return self.conv(torch.relu(y))
+
+
+class ChunkAttention(nn.Module):
+    """Attention over the H*W tokens with q, k and v from one ``chunk`` of a projection: a tuple-valued op
+    on the merged tokens (which the w axis gathers first, so the chunk's input is replicated along w)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.qkv = nn.Linear(c, 3 * c)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + y.transpose(1, 2).reshape(B, C, H, W)
 
 
 class ContractBoth(nn.Module):
@@ -169,6 +185,8 @@ def _eager_cases():
         ("swin_block_shifted", SwinBlock(shift=1), torch.randn(1, 8, 8, 12), None),
         # one window row per rank of h: which axis is outside cannot be told, the w axis gathers first
         ("swin_one_window_row_per_rank", SwinBlock(), torch.randn(1, 8, 4, 12), None),
+        # q, k, v from one chunk: before the fix, a tuple-valued op replicated along one axis raised a TypeError
+        ("chunk_attention", ChunkAttention(8), torch.randn(2, 8, 5, 6), None),
         # the merged tokens are the output: the w axis gathers before the merge (a second walk)
         ("tokens_out", Lambda(lambda x: torch.tanh(x.flatten(2).transpose(1, 2))), torch.randn(2, 3, 13, 10), None),
     ]
