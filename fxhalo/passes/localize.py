@@ -464,12 +464,12 @@ def _check_alike_on_shared_dims(node, inputs) -> None:
     dim)."""
     ref = next(a for a in inputs if shared_dims(layout_of(a)))
     layout, shape = layout_of(ref), global_shape(ref)
+    pos = [s.dim - len(shape) for _, s in split_axes(layout)]  # broadcasting aligns dims from the right
     for a in inputs:
         a_layout, a_shape = layout_of(a), global_shape(a)
         if a_layout == layout and a_shape == shape:
             continue
         replicated = not (isinstance(a_layout, Layout) and a_layout.is_sharded)
-        pos = [s.dim - len(shape) for _, s in split_axes(layout)]  # broadcasting aligns dims from the right
         if replicated and a_shape is not None and all(len(a_shape) < -p or a_shape[p] == 1 for p in pos):
             continue
         _merged_too_early([ref], f"node '{node.name}' meets '{a.name}' laid out otherwise than '{ref.name}'")
