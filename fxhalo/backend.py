@@ -71,9 +71,10 @@ class DomainParallelBackend:
       reads is summed over the domain group inside the backward, so every rank
       ends ``backward()`` with the full, identical gradient.  ``False``: each rank
       keeps its partial gradient (sum them yourself).
-    * ``fuse_exchanges``: ``True`` (default): a GroupNorm followed (through elementwise
-      ops) by a conv sends its statistics and the conv's halo rows in one collective
-      (:mod:`fxhalo.passes.fuse`).  ``False``: two collectives, as written.
+    * ``fuse_exchanges``: ``True`` (default): a norm (group, instance, batch in training,
+      layer without affine terms) followed (through row-wise ops) by a halo op (conv,
+      transposed conv, pool, interpolation) sends its statistics and the halo op's rows in
+      one collective (:mod:`fxhalo.passes.fuse`).  ``False``: two collectives, as written.
     """
 
     group: Any = None

@@ -34,7 +34,7 @@ import torch
 
 from .domain import Domain, each_axis
 from .errors import FxHaloError
-from .halo import HaloPlan, _notify, _runs_for, halo_exchange, plan_halo
+from .halo import HaloPlan, _notify, _runs_for, before_block_exchange, halo_exchange, plan_halo
 from .mesh import whole_coords, whole_group
 
 __all__ = ["BlockPlan", "plan_block", "block_exchange", "exchange_on_axes"]
@@ -135,6 +135,7 @@ def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks) -> 
     ``(dim, HaloPlan, edge)`` per axis (``edge`` only tells the halo observers), ``group_name`` the
     whole domain's group and ``whole_ranks`` its ranks' coordinates (:func:`plan_block`).
     Differentiable: autograd sends each halo value's gradient back to its owner."""
+    before_block_exchange()
     if x.is_complex():  # collectives take real tensors: exchange the real view (a trailing dim of 2)
         exchanges = tuple((d % x.ndim, plan, edge) for d, plan, edge in exchanges)
         real = block_exchange(torch.view_as_real(x.resolve_conj()), exchanges, group_name, whole_ranks)

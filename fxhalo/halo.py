@@ -45,6 +45,9 @@ __all__ = [
     "needs_from_widths",
     "observe_halos",
     "Fill",
+    "planned_exchange",
+    "takes_received_rows",
+    "takes_received",
 ]
 
 EDGE_MODES = ("zeros", "constant", "reflect", "replicate", "circular")
@@ -390,6 +393,10 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
     the plan already holds the rows.  (Several dims at once, a block's halo on a mesh:
     :func:`fxhalo.block_halo.block_exchange`.)
     """
+    if _PLANNING:
+        raise _Planned(dim % x.ndim, plan, edge)
+    if _RECEIVED and _RECEIVED[-1][0] is not None:
+        return _assemble_received(x, dim % x.ndim, plan)
     if plan.is_identity:
         return x
     if x.is_complex() and plan.collective:  # collectives take real tensors: exchange the real view
@@ -402,3 +409,96 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
         )
         recv = torch.ops._c10d_functional.wait_tensor(recv).movedim(0, dim)
     return assemble(x, recv, dim, plan)
+
+
+# -- rows that a fused producer fetched (fxhalo.passes.fuse) ------------------------------------------
+#
+# A norm whose output feeds a halo op through elementwise ops can fetch that op's halo rows with its
+# own statistics, in one collective.  The pass needs two things from the halo op's kernel, and asks the
+# kernel itself rather than a table of ops, so the rows always follow from the op's own geometry:
+# *which* rows it would exchange (:func:`planned_exchange`: the kernel runs on the graph's example
+# values until its exchange, which then reports its plan instead of communicating), and a way to hand
+# it those rows ready-made (:func:`takes_received_rows`: the kernel's one exchange assembles them).
+
+_PLANNING: list[bool] = []  # non-empty inside planned_exchange
+_RECEIVED: list[list] = []  # one [rows] slot per kernel call given halo_rows; None once used
+
+
+class _Planned(Exception):
+    """What the exchange inside :func:`planned_exchange` would have done."""
+
+    def __init__(self, dim: int | None, plan: HaloPlan | None, edge=None):
+        super().__init__("planned")
+        self.dim, self.plan, self.edge = dim, plan, edge
+
+
+def planned_exchange(kernel: Callable, args: tuple, kwargs: dict) -> tuple[int, HaloPlan] | None:
+    """``(dim, plan)`` of the first halo exchange ``kernel(*args, **kwargs)`` makes, or ``None`` when it
+    makes none along one dim (it finishes without one, or its first is a block's on several mesh axes).
+
+    The kernel runs up to that exchange only; pass fake tensors (the graph's example values), inside
+    their fake mode.
+    """
+    _PLANNING.append(True)
+    try:
+        kernel(*args, **kwargs)
+    except _Planned as planned:
+        return None if planned.plan is None else (planned.dim, planned.plan)
+    finally:
+        _PLANNING.pop()
+    return None
+
+
+def before_block_exchange() -> None:
+    """Called by the exchange of a block on several mesh axes (:func:`fxhalo.block_halo.block_exchange`),
+    which no fused producer makes: inside :func:`planned_exchange` it reports no plan."""
+    if _PLANNING:
+        raise _Planned(None, None)
+    if _RECEIVED and _RECEIVED[-1][0] is not None:
+        raise AssertionError("received halo rows handed to a kernel that exchanges a block on several axes")
+
+
+def _assemble_received(x: torch.Tensor, dim: int, plan: HaloPlan) -> torch.Tensor:
+    slot = _RECEIVED[-1]
+    (received, needs), slot[0] = slot[0], None
+    if needs != plan.needs or received.shape[dim] != plan.rows_received:
+        # The pass planned the producer's exchange from this kernel's plan; they cannot differ unless the
+        # two were planned from different shapes, and then the rows would be the wrong ones.
+        raise AssertionError(
+            f"the fused producer fetched the rows {needs} ({received.shape[dim]} here), the kernel needs "
+            f"{plan.needs} ({plan.rows_received} here)"
+        )
+    return assemble(x, received, dim, plan)
+
+
+def takes_received_rows(kernel: Callable) -> Callable:
+    """Let ``kernel`` take ``halo_rows=`` and ``halo_needs=``: the rows its (first) halo exchange receives,
+    fetched already by a producer in the collective that carried its own data
+    (:func:`fxhalo.ops.norm.group_norm_exchange`), in source-rank order as :func:`assemble` expects, and
+    every rank's needed rows the producer planned them for (:attr:`HaloPlan.needs`; checked against the
+    kernel's own plan).  That exchange then only assembles the extended slab.
+
+    The one switch for every halo kernel: the conv, the transposed conv, the pools and the interpolation
+    go through :func:`halo_exchange`, which looks for the rows here."""
+
+    @functools.wraps(kernel)
+    def call(*args, halo_rows=None, halo_needs=None, **kwargs):
+        if halo_rows is None:
+            return kernel(*args, **kwargs)
+        slot = [(halo_rows, tuple(tuple(r) for r in halo_needs))]
+        _RECEIVED.append(slot)
+        try:
+            out = kernel(*args, **kwargs)
+        finally:
+            _RECEIVED.pop()
+        if slot[0] is not None:
+            raise AssertionError(f"{kernel.__qualname__} made no halo exchange for the rows it was handed")
+        return out
+
+    call.fxhalo_takes_received_rows = True
+    return call
+
+
+def takes_received(kernel) -> bool:
+    """Was ``kernel`` made by :func:`takes_received_rows`?"""
+    return getattr(kernel, "fxhalo_takes_received_rows", False)

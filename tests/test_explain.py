@@ -151,21 +151,26 @@ def test_fused_norms_send_their_statistics_with_the_halo():
     ex = _explain(2, 0, fuse_exchanges=True)
     fused = [r for r in ex.rows if r.kernel == "ops.norm.group_norm_exchange"]
     plain = [r for r in ex.rows if r.kernel == "ops.norm.group_norm"]
-    # enc.norm1 -> enc.conv2, enc.norm2 -> down, mid.norm1 -> mid.conv2, dec.norm1 -> dec.conv2.
-    # mid.norm2 feeds the upsample and dec.norm2 the 1x1 head: they keep their all_reduce.
-    assert len(fused) == 4 and len(plain) == 2
-    # Each fused exchange carries the conv's halo rows (the same rows as without fusion: 2048 B,
-    # see test_two_ranks_rank0_matches_hand_arithmetic) and this rank's statistics for the
-    # other rank: (c, s1, s2) per (sample, group) in fp32, 3 * B(1) * G(4) * 4 B = 48 B.
-    assert [r.halo for r in fused] == [((1, 1),), ((1, 0),), ((1, 1),), ((1, 1),)]
-    assert all(_kinds(r) == ["all_to_all"] and r.bytes_sent == 2048 + 3 * B * 4 * F32 for r in fused)
-    convs = [r for r in ex.rows if r.kernel == "ops.conv.conv_with_halo"]
-    assert len(convs) == 4 and not any(r.collectives for r in convs)  # their rows came with the norm
-    halo_bytes = 256 + 2048 + 2048 + 6144  # enc.conv1, mid.conv1, the upsample, dec.conv1
+    # enc.norm1 -> enc.conv2, enc.norm2 -> down, mid.norm1 -> mid.conv2, mid.norm2 -> the upsample,
+    # dec.norm1 -> dec.conv2.  dec.norm2 feeds the 1x1 head (no halo): it keeps its all_reduce.
+    assert len(fused) == 5 and len(plain) == 1
+    # Each fused exchange carries the halo op's rows (the same rows as without fusion: 2048 B, one row
+    # of 8 x 64 for the convs and of 16 x 32 for the upsample, see
+    # test_two_ranks_rank0_matches_hand_arithmetic) and this rank's statistics for the other rank:
+    # (c, s1, s2) per (sample, group) in fp32, 3 * B(1) * G(4) * 4 B = 48 B.
+    assert [r.halo for r in fused] == [((1, 1),), ((1, 0),), ((1, 1),), ((0, 1),), ((1, 1),)]
+    halo = [2048] * 5
+    assert all(_kinds(r) == ["all_to_all"] for r in fused)
+    assert [r.bytes_sent for r in fused] == [b + 3 * B * 4 * F32 for b in halo]
+    # The halo ops take their rows from the norm (halo_rows=): no collective of their own.
+    takers = [r for r in ex.rows if r.kernel in ("ops.conv.conv", "ops.interpolate.interpolate") and not r.collectives]
+    assert len(takers) == 5
+    assert ex.graph.code.count("halo_rows = ") == 5
+    halo_bytes = 256 + 2048 + 6144  # enc.conv1, mid.conv1, dec.conv1
     d = ex.to_dict()
     assert d["forward"]["by_kind"] == {
-        "all_to_all": {"count": 8, "bytes": halo_bytes + 4 * (2048 + 48)},
-        "all_reduce": {"count": 2, "bytes": 2 * _STATS * B * 4 * 8},
+        "all_to_all": {"count": 8, "bytes": halo_bytes + sum(halo) + 5 * 48},
+        "all_reduce": {"count": 1, "bytes": _STATS * B * 4 * 8},
     }
     # Backward: every exchange but the first conv's (its input needs no gradient) runs once more.
     assert d["backward"]["by_kind"]["all_to_all"]["count"] == 7
@@ -342,8 +347,8 @@ def _only_rank0_explains(rank, world_size):
 def test_one_rank_alone_can_explain_in_a_real_group():
     from tests.harness import run_ranks
 
-    # 10 forward collectives: the default fuses four norms with the next conv's halo exchange
-    assert run_ranks(_only_rank0_explains, 2, timeout=180) == [((0, 2, 10), 2.0), (None, 2.0)]
+    # 9 forward collectives: the default fuses five norms with the next halo op's exchange
+    assert run_ranks(_only_rank0_explains, 2, timeout=180) == [((0, 2, 9), 2.0), (None, 2.0)]
 
 
 # -- the command line and the log ------------------------------------------------------
@@ -433,7 +438,7 @@ def test_torch_logs_shows_the_rewritten_graph_on_rank0(tmp_path):
     out = _run([str(script), "0"], env={"TORCH_LOGS": "+fxhalo"})
     assert out.returncode == 0 and "done" in out.stdout, out.stderr[-3000:]
     assert "fxhalo rewrote graph" in out.stderr and "class GraphModule" in out.stderr
-    assert "halo lo/hi" in out.stderr and "forward:  10 collectives" in out.stderr  # fused norms
+    assert "halo lo/hi" in out.stderr and "forward:  9 collectives" in out.stderr  # fused norms
 
     info = _run([str(script), "0"], env={"TORCH_LOGS": "fxhalo"})  # INFO: one line per graph
     assert "fxhalo rewrote graph" in info.stderr and "halo lo/hi" not in info.stderr

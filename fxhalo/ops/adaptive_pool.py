@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import Unsplittable, split_rows
-from ..halo import HaloPlan
+from ..halo import HaloPlan, takes_received_rows
 from .pool import _domain_and_dim, global_indices
 from .rows import ceil_div, halo_plan
 
@@ -157,36 +157,42 @@ def adaptive_pool_dim_by_dim(input, output_size, *, nd: int, kind: str, axes: tu
     return x
 
 
+@takes_received_rows
 @several_axes
 def adaptive_avg_pool1d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool1d``; ``output_size`` along a sharded dim is the global length."""
     return _adaptive_pool(1, "avg", input, output_size, False, axes)
 
 
+@takes_received_rows
 @several_axes
 def adaptive_avg_pool2d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool2d``; ``output_size`` along a sharded dim is the global length."""
     return _adaptive_pool(2, "avg", input, output_size, False, axes)
 
 
+@takes_received_rows
 @several_axes
 def adaptive_avg_pool3d(input, output_size, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_avg_pool3d``; ``output_size`` along a sharded dim is the global length."""
     return _adaptive_pool(3, "avg", input, output_size, False, axes)
 
 
+@takes_received_rows
 @several_axes
 def adaptive_max_pool1d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool1d``; indices refer to the global input."""
     return _adaptive_pool(1, "max", input, output_size, return_indices, axes)
 
 
+@takes_received_rows
 @several_axes
 def adaptive_max_pool2d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool2d``; indices refer to the global input."""
     return _adaptive_pool(2, "max", input, output_size, return_indices, axes)
 
 
+@takes_received_rows
 @several_axes
 def adaptive_max_pool3d(input, output_size, return_indices=False, *, axes: tuple[ShardAxis, ...]):
     """``F.adaptive_max_pool3d``; indices refer to the global input."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..block_halo import exchange_on_axes
-from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
+from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import Window, WindowPlan, plan_window
-from ..halo import Edge, assemble
+from ..halo import Edge, takes_received_rows
 from .rows import ints
 from .shift import pad_entries
 
-__all__ = ["conv", "conv_with_halo", "conv_plan", "conv_window", "explicit_padding", "padding_edge"]
+__all__ = ["conv", "conv_plan", "conv_window", "explicit_padding", "padding_edge"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -96,6 +96,7 @@ def _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims):
     return _CONV[nd](x, weight, bias, ints(stride, nd), tuple(symmetric), dilation_t, groups)
 
 
+@takes_received_rows
 @several_axes
 def conv(
     input,
@@ -124,6 +125,10 @@ def conv(
     over the whole domain (:mod:`fxhalo.block_halo`): every rank receives exactly the
     values of its extended block that it lacks, and the padding past the global edges is
     never sent.
+
+    ``halo_rows=`` (:func:`fxhalo.halo.takes_received_rows`): the halo rows along one axis, already
+    fetched by the producer of ``input`` (:func:`fxhalo.ops.norm.group_norm_exchange`); then the conv
+    communicates nothing.
     """
     edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
     exchanges, sdims = {}, []
@@ -134,33 +139,3 @@ def conv(
         sdims.append(sdim)
     x = exchange_on_axes(input, axes, exchanges)
     return _local_conv(x, weight, bias, stride, padding, dilation, groups, sdims)
-
-
-def conv_with_halo(
-    input,
-    received,
-    weight,
-    bias=None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    *,
-    axes: tuple[ShardAxis, ...],
-    edge_mode: str = "zeros",
-    edge_value: float = 0.0,
-    edge_extent: tuple[int, int] = (0, 0),
-):
-    """:func:`conv` whose halo rows have already been exchanged: ``received`` holds them, in
-    source-rank order, as the collective that fetched them delivered them.
-
-    The producer of ``input`` fetched them (e.g.
-    :func:`fxhalo.ops.norm.group_norm_exchange`, with the window of
-    :func:`conv_window`), so this kernel communicates nothing.
-    """
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    sdim, plan = conv_plan(tuple(input.shape), tuple(weight.shape), stride, padding, dilation, domain, edge, length)
-    x = assemble(input, received, domain.dim_of(input.ndim), plan.halo)
-    return _local_conv(x, weight, bias, stride, padding, dilation, groups, [sdim])

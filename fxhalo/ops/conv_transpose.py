@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, Fill, HaloPlan
+from ..halo import Edge, Fill, HaloPlan, takes_received_rows
 from .rows import ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = ["TransposedDim", "TransposedPlan", "plan_conv_transpose", "conv_transpose"]
@@ -118,6 +118,7 @@ def plan_conv_transpose(sdim: TransposedDim, domain: Domain, n: int, what: str) 
     return TransposedPlan(n, m, (c, e), False, halo_plan(in_part, needs, domain.rank), before, after, crop)
 
 
+@takes_received_rows
 @several_axes
 def conv_transpose(
     input,

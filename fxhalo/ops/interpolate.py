@@ -48,7 +48,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, one_axis, several_axes
 from ..geometry import Unsplittable, split_rows
-from ..halo import HaloPlan, halo_exchange
+from ..halo import HaloPlan, halo_exchange, takes_received_rows
 from .rows import along, halo_plan, spatial_index
 
 __all__ = ["MODES", "DimResize", "InterpPlan", "dim_resize", "source_taps", "plan_interpolate", "interpolate"]
@@ -326,6 +326,7 @@ def _interpolate_on_axes(input, size, scale_factor, mode, align_corners, recompu
     return _other_axes(x, {sdim for _, sdim, _ in resamples}, nd, size, scale_factor, recompute, mode, align)
 
 
+@takes_received_rows
 @several_axes(when=_several_axes_interpolate)
 def interpolate(
     input,

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..domain import Domain, ShardAxis, one_axis, several_axes
-from ..geometry import Window, plan_window
-from ..halo import Edge
+from ..halo import Edge, plan_halo
 from .collectives import all_reduce_sum
 from .moments import global_count, global_moments, global_moments_with_rows, normalize, over_axes
 
@@ -37,6 +36,7 @@ __all__ = [
     "instance_norm",
     "batch_norm",
     "layer_norm",
+    "layer_norm_exchange",
     "rms_norm",
 ]
 
@@ -80,29 +80,30 @@ def group_norm_exchange(
     eps=1e-5,
     *,
     axes: tuple[ShardAxis, ...],
-    window: tuple[int, ...],
+    needs: tuple[tuple[int, int], ...],
     edge_mode: str = "zeros",
     edge_value: float = 0.0,
-    edge_extent: tuple[int, int] = (0, 0),
+    edge_extent: tuple[int, int] | None = (0, 0),
 ):
-    """:func:`group_norm`, and the halo rows of its output that a windowed op needs, in **one**
+    """:func:`group_norm`, and the halo rows of its output that the next halo op needs, in **one**
     ``all_to_all_single`` (:func:`fxhalo.ops.moments.global_moments_with_rows`).
 
-    ``window`` is the consumer's :class:`~fxhalo.geometry.Window` along the sharded dim,
-    as a tuple (``kernel, stride, dilation, pad_lo, pad_hi``), and ``edge_*`` its
-    edge: the rows fetched are the ones :func:`fxhalo.halo.plan_halo` plans for that
-    window.  The exchange carries the *input's* rows and each rank normalises the
-    rows it receives with the global statistics, so no second exchange is needed.
-    Returns ``(output, received)``: ``received`` is normalised like ``output`` and
-    ordered as :func:`fxhalo.halo.assemble` expects.  ``length`` (the global length)
-    is required: it gives every rank's element count.
+    ``needs`` and ``edge_*`` are the consumer's exchange (its :class:`~fxhalo.halo.HaloPlan`'s
+    ``needs``, every rank's needed global rows, and its :class:`~fxhalo.halo.Edge`): the rows
+    fetched are the ones :func:`fxhalo.halo.plan_halo` plans for them, so the consumer takes
+    them as its own (``halo_rows=``, :func:`fxhalo.halo.takes_received_rows`).  The exchange
+    carries the *input's* rows and each rank normalises the rows it receives with the
+    global statistics, so no second exchange is needed.  Returns ``(output, received)``:
+    ``received`` is normalised like ``output`` and ordered as :func:`fxhalo.halo.assemble`
+    expects.  ``length`` (the global length) is required: it gives every rank's element
+    count.
     """
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
     # grouping adds a dim before the sharded one
     mean, m2, count, received = _moments_with_halo(
-        grouped, dims, 1, input, axes, window, edge_mode, edge_value, edge_extent
+        grouped, dims, 1, input, axes, needs, edge_mode, edge_value, edge_extent
     )
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
 
@@ -113,15 +114,15 @@ def group_norm_exchange(
     return norm(input), norm(received)
 
 
-def _moments_with_halo(x, dims, shift: int, rows, axes, window, edge_mode, edge_value, edge_extent):
+def _moments_with_halo(x, dims, shift: int, rows, axes, needs, edge_mode, edge_value, edge_extent):
     """``(mean, m2, count, received)``: the global moments of ``x`` over ``dims`` and the halo rows of
-    ``rows`` that the consumer's ``window`` needs, in one exchange (``x`` is ``rows`` or a view of it
-    whose sharded dim sits ``shift`` dims later)."""
+    ``rows`` that the consumer ``needs``, in one exchange (``x`` is ``rows`` or a view of it whose
+    sharded dim sits ``shift`` dims later)."""
     shard_dim, group_name, length = one_axis(axes)
     domain = Domain.from_group(group_name, shard_dim=shard_dim)
     dim = domain.dim_of(rows.ndim)
-    edge = Edge(edge_mode, float(edge_value), tuple(edge_extent))
-    plan = plan_window(Window(*window), domain, length, edge, "norm exchange").halo
+    edge = Edge(edge_mode, float(edge_value), None if edge_extent is None else tuple(edge_extent))
+    plan = plan_halo(domain.partition(length), tuple(tuple(r) for r in needs), domain.rank, edge)
     per_row = math.prod(x.shape[d] for d in dims if d != dim + shift)
     counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
     return global_moments_with_rows(x, dims, rows, dim, plan, counts, group_name, edge=edge)
@@ -138,17 +139,17 @@ def batch_norm_exchange(
     eps=1e-5,
     *,
     axes: tuple[ShardAxis, ...],
-    window: tuple[int, ...],
+    needs: tuple[tuple[int, int], ...],
     edge_mode: str = "zeros",
     edge_value: float = 0.0,
-    edge_extent: tuple[int, int] = (0, 0),
+    edge_extent: tuple[int, int] | None = (0, 0),
 ):
     """:func:`batch_norm` in training, and the halo rows of its output that a windowed op needs, in one
     ``all_to_all_single``: :func:`group_norm_exchange` with per-channel statistics over the batch and
     every spatial dim (the running statistics updated as :func:`batch_norm` updates them)."""
     dims = (0,) + tuple(range(2, input.ndim))
     mean, m2, count, received = _moments_with_halo(
-        input, dims, 0, input, axes, window, edge_mode, edge_value, edge_extent
+        input, dims, 0, input, axes, needs, edge_mode, edge_value, edge_extent
     )
     norm = _trained_batch_norm(mean, m2, count, running_mean, running_var, weight, bias, momentum, eps)
     return norm(input), norm(received)
@@ -244,6 +245,27 @@ def layer_norm(
     count = global_count(input, dims, lengths)
     mean, m2, count = global_moments(input, dims, group_name, count)
     return normalize(input, mean, m2 / count, eps, weight, bias)
+
+
+def layer_norm_exchange(
+    input,
+    normalized_shape,
+    eps=1e-5,
+    *,
+    axes: tuple[ShardAxis, ...],
+    needs: tuple[tuple[int, int], ...],
+    edge_mode: str = "zeros",
+    edge_value: float = 0.0,
+    edge_extent: tuple[int, int] | None = (0, 0),
+):
+    """:func:`layer_norm` without affine terms, and the halo rows of its output that the next halo op
+    needs, in one ``all_to_all_single``, as :func:`group_norm_exchange`.  (With ``weight`` or ``bias``
+    each received row would need its owner's rows of them too: the pass leaves such a norm alone.)"""
+    dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
+    mean, m2, count, received = _moments_with_halo(
+        input, dims, 0, input, axes, needs, edge_mode, edge_value, edge_extent
+    )
+    return normalize(input, mean, m2 / count, eps), normalize(received, mean, m2 / count, eps)
 
 
 @several_axes

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..block_halo import exchange_on_axes
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..geometry import split_rows
-from ..halo import Edge, HaloPlan, halo_exchange
+from ..halo import Edge, HaloPlan, halo_exchange, takes_received_rows
 from .rows import along, ceil_div, covers_only_own_rows, halo_plan, ints, spatial_index
 
 __all__ = [
@@ -336,6 +336,7 @@ def _avg_pool(nd, input, kernel_size, stride, padding, ceil_mode, count_include_
 # -- the public kernels, one per torch op ---------------------------------------------
 
 
+@takes_received_rows
 @several_axes
 def max_pool1d(
     input,
@@ -352,6 +353,7 @@ def max_pool1d(
     return _max_pool(1, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@takes_received_rows
 @several_axes
 def max_pool2d(
     input,
@@ -368,6 +370,7 @@ def max_pool2d(
     return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@takes_received_rows
 @several_axes
 def max_pool3d(
     input,
@@ -384,6 +387,7 @@ def max_pool3d(
     return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, axes)
 
 
+@takes_received_rows
 @several_axes
 def avg_pool1d(
     input,
@@ -399,6 +403,7 @@ def avg_pool1d(
     return _avg_pool(1, input, kernel_size, stride, padding, ceil_mode, count_include_pad, None, axes)
 
 
+@takes_received_rows
 @several_axes
 def avg_pool2d(
     input,
@@ -415,6 +420,7 @@ def avg_pool2d(
     return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override, axes)
 
 
+@takes_received_rows
 @several_axes
 def avg_pool3d(
     input,

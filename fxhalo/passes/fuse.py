@@ -5,11 +5,14 @@ Two patterns, both applied after the rewrite, when every kernel call is in place
 * :func:`fold_pads`: ``F.pad`` along the sharded dim feeding exactly one conv
   (how ``nn.Conv*d(padding_mode=...)`` reaches the graph).  The pad's rows become
   the conv's halo edge, so one exchange fetches both.  Always on.
-* :func:`fuse_norm_exchanges`: a norm's statistics travel with the next conv's halo
+* :func:`fuse_norm_exchanges`: a norm's statistics travel with the next halo op's
   rows.  On with ``fuse_exchanges`` (the default).  The norm is a GroupNorm, an
   InstanceNorm on its input's statistics with no running statistics to update (the
   same statistics and affine terms as a GroupNorm of one channel per group, so it
-  becomes that kernel), or a BatchNorm in training (``batch_norm_exchange``).
+  becomes that kernel), a BatchNorm in training (``batch_norm_exchange``), or a
+  layer_norm without affine terms (``layer_norm_exchange``).  The halo op is any
+  kernel that takes received rows (:func:`fxhalo.halo.takes_received_rows`): a conv,
+  a transposed conv, a max, average or adaptive pool, an interpolation.
 
 Folding a pad
 -------------
@@ -26,48 +29,57 @@ and writes::
 The conv's output rows are the same either way (it owns its output rows by the
 partition rule); the pad's rows at the global edges come from the edge mode.
 
-Merging a norm's statistics with the next conv's halo exchange
---------------------------------------------------------------
+Merging a norm's statistics with the next halo op's exchange
+-------------------------------------------------------------
 
 A UNet block is ``conv -> GroupNorm -> activation -> conv``.  After the rewrite the
 GroupNorm sums its statistics over the ranks (one collective) and the second conv
 fetches its halo rows (another), forward and backward alike.  Both can travel
 together: the norm is elementwise once its statistics are known, and so is the
 activation, so the neighbour may send the norm's *input* rows along with its
-statistics and each rank normalises and activates the rows it receives itself.
+statistics and each rank normalises and activates the rows it receives itself.  The
+same holds for any op that fetches halo rows of its input: a pool, an upsample, a
+transposed conv.
 
 The pass looks for::
 
     y = fxhalo.ops.norm.group_norm(x, ...)       # one collective
-    a = f_k(... f_1(y) ...)                      # elementwise, deterministic, y's only sharded operand
-    z = fxhalo.ops.conv.conv(a, w, ...)          # one collective
+    a = f_k(... f_1(y) ...)                      # row-wise, deterministic, y's only sharded operand
+    z = fxhalo.ops.<halo op>(a, ...)             # one collective
 
 and writes::
 
-    y, r = fxhalo.ops.norm.group_norm_exchange(x, ..., window=<the conv's window>)   # one collective
+    y, r = fxhalo.ops.norm.group_norm_exchange(x, ..., needs=<the halo op's needs>, edge_*=<its edge>)
     a = f_k(... f_1(y) ...)
     h = f_k(... f_1(r) ...)                      # the same ops, on the received rows only
-    z = fxhalo.ops.conv.conv_with_halo(a, h, w, ...)
+    z = fxhalo.ops.<halo op>(a, ..., halo_rows=h, halo_needs=<the same needs>)
 
-The rows exchanged, the windows and the edges are the conv's own (its
-:class:`~fxhalo.geometry.Window` goes to the norm kernel), so the conv reads exactly
-the rows it would have fetched; the backward comes from autograd through the one
-exchange, which returns each received row's and statistic's gradient to its owner.
-Random ops (dropout) stop the search: the received rows would draw other numbers
-than their owner did.  Half-precision activations are left alone: the statistics
-travel in the rows' buffer, and they need float32.
+Which rows the halo op fetches is asked of its kernel, not worked out here:
+:func:`fxhalo.halo.planned_exchange` runs the kernel on the graph's example values up
+to its exchange, which reports its :class:`~fxhalo.halo.HaloPlan` instead of
+communicating.  The norm kernel plans the same exchange from the plan's ``needs`` and
+edge, so the halo op reads exactly the rows it would have fetched (its kernel checks
+``halo_needs`` against its own plan when it is traced).  The fill past the global
+edges (zeros, ``-inf`` for a max pool, a folded pad's mode) stays the halo op's: it is
+added after the copied row-wise ops, as it was.  The backward comes from autograd
+through the one exchange, which returns each received row's and statistic's gradient
+to its owner.  Random ops (dropout) stop the search: the received rows would draw other
+numbers than their owner did.  Half-precision activations are left alone: the
+statistics travel in the rows' buffer, and they need float32.  On a mesh the pass is off
+(a block's exchange carries no statistics yet).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import inspect
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from ..domain import Domain, one_axis
-from ..halo import Edge
+from ..halo import HaloPlan, planned_exchange, takes_received
 from ..layout import LAYOUT, example_value, sharding_of
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
@@ -85,6 +97,12 @@ HALO_ROWS = "fxhalo_halo_rows"
 _RANDOM = ("dropout", "rand", "rrelu", "bernoulli")
 
 
+def _fake_mode_of(val):
+    """The fake mode ``val`` belongs to (Dynamo's, not the backend's fresh one), to run kernels on the
+    graph's example values; a no-op context for a real tensor."""
+    return getattr(val, "fake_mode", None) or contextlib.nullcontext()
+
+
 def _source_of(node) -> dict:
     """The meta that names the user's source line, for a node the pass adds in ``node``'s place."""
     return {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
@@ -98,6 +116,7 @@ def _is_random(node) -> bool:
 _GROUP_NORM = inspect.signature(norm_ops.group_norm)
 _INSTANCE_NORM = inspect.signature(norm_ops.instance_norm)
 _BATCH_NORM = inspect.signature(norm_ops.batch_norm)
+_LAYER_NORM = inspect.signature(norm_ops.layer_norm)
 
 
 def _bound(signature, node) -> dict:
@@ -108,10 +127,12 @@ def _bound(signature, node) -> dict:
 
 
 def _exchange_call(node):
-    """``(fused kernel, its arguments)`` for a norm kernel call whose statistics can travel with a conv's
-    halo rows, else ``None``: ``group_norm``; ``instance_norm`` on its input's statistics with no running
-    statistics to update (a group norm of one channel per group: the same statistics, the same per-channel
-    affine terms); ``batch_norm`` in training (its running statistics updated by the fused kernel)."""
+    """``(fused kernel, its arguments)`` for a norm kernel call whose statistics can travel with the next
+    halo op's rows, else ``None``: ``group_norm``; ``instance_norm`` on its input's statistics with no
+    running statistics to update (a group norm of one channel per group: the same statistics, the same
+    per-channel affine terms); ``batch_norm`` in training (its running statistics updated by the fused
+    kernel); ``layer_norm`` without affine terms (with them, each received row would need its owner's
+    rows of the weight too)."""
     if node.op != "call_function":
         return None
     if node.target is norm_ops.group_norm:
@@ -127,22 +148,26 @@ def _exchange_call(node):
         if a["training"] is True:
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             return norm_ops.batch_norm_exchange, tuple(a[k] for k in names)
+    if node.target is norm_ops.layer_norm:
+        a = _bound(_LAYER_NORM, node)
+        if a["weight"] is None and a["bias"] is None:
+            return norm_ops.layer_norm_exchange, (a["input"], a["normalized_shape"], a["eps"])
     return None
 
 
-def _norm_source(conv):
-    """``(norm kernel call, elementwise chain, its fused call)`` that feed ``conv``'s input, or ``None``: a
-    norm that :func:`_exchange_call` can fuse.
+def _norm_source(consumer):
+    """``(norm kernel call, elementwise chain, its fused call)`` that feed ``consumer``'s input, or
+    ``None``: a norm that :func:`_exchange_call` can fuse.
 
-    The chain lists the nodes between the two in graph order; each must be
-    elementwise, deterministic, and read exactly one sharded node, the one before it.
+    The chain lists the nodes between the two in graph order; each must be row-wise
+    (:func:`_rowwise`) and read exactly one sharded node, the one before it.
     """
-    chain, node = [], conv.args[0]
+    chain, node = [], consumer.args[0] if consumer.args else None
     while hasattr(node, "meta"):
         fused = _exchange_call(node)
         if fused is not None:
             return node, chain[::-1], fused
-        if not isinstance(getattr(decision_of(node), "rule", None), Elementwise) or _is_random(node):
+        if not _rowwise(node):
             return None
         sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
         if len(sharded) != 1:
@@ -152,14 +177,48 @@ def _norm_source(conv):
     return None
 
 
-def _fusible(conv, norm) -> bool:
-    decision = decision_of(conv)
-    if decision is None or decision.plan is None or _folded(conv):
+def _rowwise(node) -> bool:
+    """Does ``node`` map each row along the sharded dim on its own, deterministically, so that it may run
+    again on the received rows?  Elementwise ops do, and so does a pad of the other dims (the one
+    :func:`fold_pads` puts before a conv whose pad it folded, so that halo rows arrive padded)."""
+    if _is_random(node):
         return False
-    if not decision.plan.halo.collective or one_axis(norm.kwargs["axes"]).global_length is None:
-        return False
+    if isinstance(getattr(decision_of(node), "rule", None), Elementwise):
+        return True
+    if node.op == "call_function" and node.target in (torch._C._nn.pad, F.pad) and node.args:
+        s, val = sharding_of(node.args[0]), example_value(node.args[0])
+        return s is not None and val is not None and shift_ops.pad_entries(node.args[1], val.ndim, s.dim)[0] == (0, 0)
+    return False
+
+
+def _consumer_plan(consumer, norm) -> HaloPlan | None:
+    """The halo plan of ``consumer``'s exchange, if ``norm``'s fused kernel can fetch its rows: the
+    consumer's kernel takes received rows, exchanges along the norm's sharded dim only, over the same
+    axis and partition, with something to send, and the norm's output is float32 or float64 (the
+    statistics travel in the rows' buffer).
+
+    The plan comes from the kernel itself (:func:`fxhalo.halo.planned_exchange`, on the graph's
+    example values), so the rows fetched are the ones the kernel would fetch, whatever its geometry."""
+    if consumer.op != "call_function" or not takes_received(consumer.target) or "halo_rows" in consumer.kwargs:
+        return None
+    if consumer.kwargs.get("axes") != norm.kwargs["axes"] or len(norm.kwargs["axes"]) != 1:
+        return None
+    axis = one_axis(norm.kwargs["axes"])
     val = example_value(norm)
-    return isinstance(val, torch.Tensor) and val.dtype in (torch.float32, torch.float64)
+    if axis.global_length is None or not isinstance(val, torch.Tensor):
+        return None
+    if val.dtype not in (torch.float32, torch.float64):
+        return None
+    args, kwargs = torch.fx.node.map_arg((consumer.args, consumer.kwargs), example_value)
+    with _fake_mode_of(val):
+        planned = planned_exchange(consumer.target, args, kwargs)
+    if planned is None:
+        return None
+    dim, plan = planned
+    domain = Domain.from_group(axis.group_name, shard_dim=axis.dim)
+    if not plan.collective or dim != domain.dim_of(val.ndim) or plan.partition != domain.partition(axis.global_length):
+        return None
+    return plan
 
 
 def _folded(conv) -> bool:
@@ -189,6 +248,10 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
                 x_padded = graph.call_function(torch._C._nn.pad, (x, tuple(rest), mode, fill))
             x_padded.meta.update(_source_of(pad))
             x_padded.meta[LAYOUT] = x.meta[LAYOUT]
+            val = example_value(x)
+            if isinstance(val, torch.Tensor):  # the norm fusion plans the conv on example values
+                with _fake_mode_of(val):
+                    x_padded.meta["val"] = torch._C._nn.pad(val, tuple(rest), mode, fill)
             x = x_padded
         edge = dict(edge_mode=edge.mode, edge_value=edge.value, edge_extent=edge.extent, axes=pad.kwargs["axes"])
         conv.args = (x, *conv.args[1:])
@@ -202,36 +265,30 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
 
 
 def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
-    """Fuse every ``group_norm`` (or ``instance_norm``, ``batch_norm``) ``-> elementwise ops -> conv`` of
-    ``gm``; returns how many."""
+    """Fuse every ``group_norm`` (or ``instance_norm``, ``batch_norm``, ``layer_norm``) ``-> elementwise ops
+    -> halo op`` of ``gm``; returns how many."""
     graph = gm.graph
     fused = 0
-    for conv in list(graph.nodes):
-        if conv.op != "call_function" or conv.target is not conv_ops.conv:
-            continue
-        source = _norm_source(conv)
-        if source is None or not _fusible(conv, source[0]):
+    for consumer in list(graph.nodes):
+        source = _norm_source(consumer) if consumer.op == "call_function" and takes_received(consumer.target) else None
+        if source is None:
             continue
         norm, chain, (kernel, args) = source
-        x, weight, bias, stride, padding, dilation, groups = (list(conv.args) + [None, 1, 0, 1, 1])[:7]
+        plan = _consumer_plan(consumer, norm)
+        if plan is None:
+            continue
         s = sharding_of(norm)
-        kw = conv.kwargs
-        edge = Edge(kw["edge_mode"], kw["edge_value"], tuple(kw["edge_extent"]))
-        local_shape = tuple(example_value(x).shape)
-        domain = Domain(ctx.domain.group_name, ctx.domain.rank, ctx.domain.size, s.dim)
-        _, window = conv_ops.conv_window(
-            local_shape, tuple(example_value(weight).shape), stride, padding, dilation, domain, edge
-        )
+        edge = plan.edge
         with graph.inserting_before(norm):
             both = graph.call_function(
                 kernel,
                 args,
                 dict(
                     axes=norm.kwargs["axes"],
-                    window=dataclasses.astuple(window),
+                    needs=plan.needs,
                     edge_mode=edge.mode,
                     edge_value=edge.value,
-                    edge_extent=tuple(edge.extent),
+                    edge_extent=edge.extent,
                 ),
             )
             y = graph.call_function(operator.getitem, (both, 0))
@@ -244,18 +301,11 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         copies = {y: rows}
         last = rows
         for node in chain:
-            with graph.inserting_before(conv):
+            with graph.inserting_before(consumer):
                 last = graph.node_copy(node, lambda a, copies=copies: copies.get(a, a))
             last.meta = {HALO_ROWS: s.dim}
             copies[node] = last
-        x = conv.args[0]  # the norm's replacement, when the conv read the norm directly
-        with graph.inserting_before(conv):
-            new = graph.call_function(
-                conv_ops.conv_with_halo, (x, last, weight, bias, stride, padding, dilation, groups), dict(kw)
-            )
-        new.meta.update(conv.meta)
-        conv.replace_all_uses_with(new)
-        graph.erase_node(conv)
+        consumer.kwargs = dict(consumer.kwargs, halo_rows=last, halo_needs=plan.needs)
         fused += 1
     if fused:
         graph.lint()

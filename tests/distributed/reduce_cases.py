@@ -366,10 +366,22 @@ class _TwoUses(nn.Module):
         return self.conv(F.gelu(y)) + y
 
 
+class _LayerNormConv(nn.Module):
+    """``F.layer_norm`` over (C, H, W) without affine terms -> GELU -> ``conv``."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(F.gelu(F.layer_norm(x, x.shape[-3:])))
+
+
 def norm_conv_case(P: int) -> Case:
-    """GroupNorm (or an InstanceNorm without running statistics, or a BatchNorm in training) -> elementwise
-    ops -> conv: the norm's statistics and the conv's halo in one exchange (fxhalo.passes.fuse), on an
-    uneven row count, for convs of every geometry (the BatchNorm's running statistics checked too).
+    """GroupNorm (or an InstanceNorm without running statistics, a BatchNorm in training, a layer_norm
+    without affine terms) -> elementwise ops -> conv, pool, interpolation or transposed conv: the norm's
+    statistics and the halo op's rows in one exchange (fxhalo.passes.fuse), on an uneven row count, for
+    convs of every geometry (the BatchNorm's running statistics checked too).
 
     The dropout one is not fused (a random op stops the search); the others are.
     """
@@ -412,9 +424,30 @@ def norm_conv_case(P: int) -> Case:
             "GroupNorm -> Dropout(0) -> conv (not fused)",
             nn.Sequential(gn(43), nn.Dropout(0.0), p(nn.Conv2d(6, 4, 3, padding=1), 44)),
         ),
+        # Any halo op takes the rows, whatever its geometry and fill (fxhalo.halo.planned_exchange).
+        Op("GroupNorm -> GELU -> max_pool k3 s2 p1", nn.Sequential(gn(49), nn.GELU(), nn.MaxPool2d(3, 2, 1))),
+        Op(
+            "GroupNorm -> avg_pool k3 s1 p1, count_include_pad=False",
+            nn.Sequential(gn(50), nn.AvgPool2d(3, 1, 1, count_include_pad=False)),
+        ),
+        Op(
+            "InstanceNorm (affine) -> SiLU -> bilinear x2",
+            nn.Sequential(
+                p(nn.InstanceNorm2d(6, affine=True), 51), nn.SiLU(), nn.Upsample(scale_factor=2.0, mode="bilinear")
+            ),
+        ),
+        Op(
+            "BatchNorm (training) -> ReLU -> conv_transpose k4 s2 p1",
+            nn.Sequential(p(nn.BatchNorm2d(6), 52), nn.ReLU(), p(nn.ConvTranspose2d(6, 4, 4, 2, 1), 53)),
+        ),
+        Op("layer_norm over (C, H, W) -> GELU -> conv 3x3", _LayerNormConv(p(nn.Conv2d(6, 4, 3, padding=1), 54))),
+        Op(
+            "GroupNorm -> GELU -> conv 3x3, padding_mode='reflect' (a folded pad)",
+            nn.Sequential(gn(55), nn.GELU(), p(nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), 56)),
+        ),
     ]
     ops[5].inputs = ("x1",)
-    return Case("GroupNorm then conv: one exchange", ops, pool, {"x": 2, "x1": 2, "x3": 3}, steps=2)
+    return Case("GroupNorm then a halo op: one exchange", ops, pool, {"x": 2, "x1": 2, "x3": 3}, steps=2)
 
 
 def running_stats_case(P: int) -> Case:

@@ -50,20 +50,22 @@ def test_one_collective_per_norm_in_the_forward(world_size):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_a_norm_and_the_next_convs_halo_share_one_exchange(world_size):
+def test_a_norm_and_the_next_halo_ops_rows_share_one_exchange(world_size):
     """fxhalo.passes.fuse: exact against one device (forward, input and weight gradients, two
-    steps, uneven rows), and one collective per fused norm + conv, forward and backward."""
+    steps, uneven rows), and one collective per fused norm + halo op, forward and backward."""
     case = results(world_size)[0]["fused"]
     per_rank = results(world_size)
     assert all(r["fused"]["ok"] for r in per_rank), [r["fused"]["failed"][:6] for r in per_rank]
-    assert case["kernels"].count("norm.group_norm_exchange") == 8, case["kernels"]  # 7 GroupNorms, 1 InstanceNorm
-    assert case["kernels"].count("norm.batch_norm_exchange") == 1, case["kernels"]
+    # 10 GroupNorms, 2 InstanceNorms; the halo ops: convs, a max and an average pool, a bilinear upsample
+    assert case["kernels"].count("norm.group_norm_exchange") == 12, case["kernels"]
+    assert case["kernels"].count("norm.batch_norm_exchange") == 2, case["kernels"]  # a conv, a transposed conv
+    assert case["kernels"].count("norm.layer_norm_exchange") == 1, case["kernels"]
     assert case["kernels"].count("norm.group_norm") == 1  # the dropout one
-    assert "norm.instance_norm" not in case["kernels"] and "norm.batch_norm" not in case["kernels"]
+    assert not {"norm.instance_norm", "norm.batch_norm", "norm.layer_norm"} & set(case["kernels"])
     if world_size not in COUNTED:
         return
-    # 9 fused exchanges, and the unfused norm's sum plus its conv's exchange
-    assert len(case["fw"]) == 9 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
+    # 15 fused exchanges, and the unfused norm's sum plus its conv's exchange
+    assert len(case["fw"]) == 15 + 2 and set(case["fw"]) == {"all_to_all_single"}, case["fw"]
     assert len(case["bw"]) == len(case["fw"]) + case["buckets"], case["bw"]
 
 

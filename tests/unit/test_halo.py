@@ -7,6 +7,7 @@ tensor if 0 <= i < N, else what the edge rule says (torch's F.pad semantics).
 import random
 
 import pytest
+import torch
 
 from fxhalo import Edge, FxHaloError, plan_halo
 from fxhalo.domain import _balanced_partition
@@ -149,3 +150,42 @@ def test_random_plans_match_the_global_picture():
         if mode in ("reflect", "circular") and any(s < -limit or e > n + limit for s, e in needs):
             continue
         check(part, needs, edge)
+
+
+# -- a fused producer's rows: planned_exchange and takes_received_rows --------------------------------
+
+
+def _windowed(x, plan):
+    """A stand-in halo kernel: one exchange along dim 1 (``group_name`` is never used here), then a sum
+    of three neighbouring rows."""
+    from fxhalo.halo import halo_exchange
+
+    ext = halo_exchange(x, 1, plan, "never-used", edge=plan.edge)
+    return ext[:, :-2] + ext[:, 1:-1] + ext[:, 2:]
+
+
+def test_planned_exchange_reports_the_kernels_plan_without_communicating():
+    from fxhalo.halo import planned_exchange
+
+    part = ((0, 4), (4, 8))
+    plan = plan_halo(part, needs_from_widths(part, ((1, 1), (1, 1))), 1)
+    assert planned_exchange(_windowed, (torch.zeros(2, 4), plan), {}) == (1, plan)
+    assert planned_exchange(lambda x: x * 2, (torch.zeros(2, 4),), {}) is None  # no exchange at all
+
+
+def test_received_rows_are_assembled_and_checked_against_the_kernels_needs():
+    from fxhalo.halo import takes_received, takes_received_rows
+
+    part = ((0, 4), (4, 8))
+    needs = needs_from_widths(part, ((1, 1), (1, 1)))
+    plan = plan_halo(part, needs, 1)  # rank 1: row 3 from rank 0, zeros past the end
+    kernel = takes_received_rows(_windowed)
+    assert takes_received(kernel) and not takes_received(_windowed)
+    x = torch.arange(4.0, 8.0).expand(2, 4)
+    got = kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=needs)
+    whole = torch.cat([torch.arange(8.0), torch.zeros(1)]).expand(2, 9)
+    assert torch.equal(got, whole[:, 3:7] + whole[:, 4:8] + whole[:, 5:9])  # rows 3 .. 8 of it
+    with pytest.raises(AssertionError, match="needs"):  # rows planned for another op
+        kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=((0, 5), (3, 9)))
+    with pytest.raises(AssertionError, match="no halo exchange"):  # a kernel that never used them
+        takes_received_rows(lambda x, plan: x)(x, plan, halo_rows=x, halo_needs=needs)
