@@ -4,9 +4,9 @@ Both are functional collectives, so the backward is whatever autograd derives fr
 them: an ``all_reduce``'s backward is an ``all_reduce``, an ``all_gather``'s a
 ``reduce_scatter``.
 
-On gloo, a sum of up to :data:`EXCHANGE_SUM_MAX_BYTES` travels by one
-``all_to_all_single`` instead of an ``all_reduce`` (forward and backward alike): it is
-several times faster there.  See :func:`all_reduce_sum`.
+On gloo, a sum or a gather of up to :data:`EXCHANGE_SUM_MAX_BYTES` travels by one
+``all_to_all_single`` instead of an ``all_reduce`` or ``all_gather`` (forward and
+backward alike): it is several times faster there.  See :func:`all_reduce_sum`.
 
 **Gradient convention.**  Inside a compiled graph the gradient that a rank holds for
 a *replicated* value is a partial one: the true gradient is the sum over the domain
@@ -47,7 +47,8 @@ EXCHANGE_SUM_MAX_BYTES = 64 * 1024
 
 
 def sums_by_exchange(t: torch.Tensor, group_name: str) -> bool:
-    """True when :func:`all_reduce_sum` adds ``t`` up with an ``all_to_all_single`` instead of an ``all_reduce``.
+    """True when :func:`all_reduce_sum` adds ``t`` up with an ``all_to_all_single`` instead of an ``all_reduce``
+    (and :func:`all_gather_stacked` gathers it so instead of an ``all_gather``).
 
     Only CPU tensors on gloo, up to :data:`EXCHANGE_SUM_MAX_BYTES`.  The backend is the
     same on every rank, so every rank decides the same.
@@ -84,7 +85,18 @@ def all_reduce_sum(t: torch.Tensor, group_name: str) -> torch.Tensor:
 
 
 def all_gather_stacked(t: torch.Tensor, group_name: str) -> torch.Tensor:
-    """Every rank's ``t``, stacked along a new dim 0 (rank order); backward is a reduce-scatter."""
+    """Every rank's ``t``, stacked along a new dim 0 (rank order); backward is a reduce-scatter.
+
+    One collective: an ``all_gather``, or on gloo, for a small ``t`` (as :func:`sums_by_exchange`
+    decides), one ``all_to_all_single`` that sends ``t`` to every rank, for the same reason as
+    :func:`all_reduce_sum`'s exchange.  Its backward returns each copy's gradient to its sender,
+    where they add up: the reduce-scatter."""
     size = group_size(group_name)
-    out = torch.ops._c10d_functional.all_gather_into_tensor(t.unsqueeze(0).contiguous(), size, group_name)
+    t = t.contiguous()
+    if sums_by_exchange(t, group_name):
+        n = t.numel()
+        copies = t.reshape(1, n).expand(size, n).reshape(size * n)
+        got = torch.ops._c10d_functional.all_to_all_single(copies, [n] * size, [n] * size, group_name)
+        return torch.ops._c10d_functional.wait_tensor(got).view(size, *t.shape)
+    out = torch.ops._c10d_functional.all_gather_into_tensor(t.unsqueeze(0), size, group_name)
     return torch.ops._c10d_functional.wait_tensor(out)
