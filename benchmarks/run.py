@@ -84,6 +84,33 @@ class Plan:
     rows: tuple[Row, ...]
     count: bool = True
     check: bool = True
+    #: ``torch._inductor.config`` settings for every compiled row, ``((name, value), ...)``; dotted
+    #: names reach into the config's classes (``aten_distributed_optimizations.enable_overlap_scheduling``)
+    inductor_config: tuple[tuple[str, object], ...] = ()
+
+
+def inductor_settings(pairs) -> tuple[tuple[str, object], ...]:
+    """``--inductor-config NAME=VALUE`` arguments as ``((name, value), ...)``, each value a Python literal,
+    each name checked against ``torch._inductor.config`` (a typo would otherwise change nothing)."""
+    import ast
+
+    import torch._inductor.config as config
+
+    out = []
+    for pair in pairs:
+        name, _, text = pair.partition("=")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string
+        owner = config
+        *path, leaf = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if not hasattr(owner, leaf):
+            raise ValueError(f"torch._inductor.config has no setting {name!r}")
+        out.append((name, value))
+    return tuple(out)
 
 
 def plan_rows(kinds, ranks: int) -> tuple[Row, ...]:
@@ -397,11 +424,13 @@ def _worker(rank: int, world_size: int, plan: Plan, row_keys: tuple[str, ...]) -
     x_full = make_input(plan.cfg)
     ref = _reference(plan.cfg, x_full) if plan.check else None
     results = {}
+    settings = torch._inductor.config.patch(dict(plan.inductor_config))
     for row in plan.rows:
         if row.key not in row_keys:
             continue
         try:
-            results[row.key] = _run_row(row, plan, rank, x_full, ref)
+            with settings:
+                results[row.key] = _run_row(row, plan, rank, x_full, ref)
         except _Skip as e:
             results[row.key] = {"key": row.key, "skipped": str(e)}
         except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
@@ -489,6 +518,7 @@ def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host
             "repeats": plan.repeats,
             "warmup": plan.warmup,
             "compiler": plan.compiler,
+            "inductor_config": dict(plan.inductor_config),
         },
         "machine": host,
         "lifetime_peak_rss_bytes": per_row.get("_maxrss", []),
@@ -534,6 +564,14 @@ def main(argv=None) -> int:
         choices=["inductor", "aot_eager", "eager"],
         help="compiler of the compiled rows (aot_eager, eager: quick, for smoke tests)",
     )
+    parser.add_argument(
+        "--inductor-config",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a torch._inductor.config setting for every compiled row, e.g. reorder_for_compute_comm_overlap=True "
+        "(repeatable; dotted names reach into its classes)",
+    )
     parser.add_argument("--no-count", action="store_true", help="skip the (untimed) byte-counting step")
     parser.add_argument("--no-check", action="store_true", help="skip the one-device error check")
     parser.add_argument("--json", help="where to write the JSON (default benchmarks/results/<name>.json)")
@@ -556,6 +594,7 @@ def main(argv=None) -> int:
         plan_rows(kinds, args.ranks),
         count=not args.no_count,
         check=not args.no_check,
+        inductor_config=inductor_settings(args.inductor_config),
     )
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(plan, timeout=args.timeout, command=command)
