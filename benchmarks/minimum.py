@@ -26,8 +26,11 @@ from first principles on an even partition of its input and output rows.
 (halo bytes are averaged over ranks, since edge ranks send less; each rank
 contributes its statistics in full.)  The weight-gradient sum is not included: it
 is the same for every domain-parallel method and is reported separately.  Ops that
-this module does not know are assumed local; the benchmark models use only the ops
-above along the sharded dim.
+this module does not know are assumed local, except two that need the whole sharded
+dim: an FFT over it and attention (``F.scaled_dot_product_attention``, whose tokens come
+from it in the benchmark models).  Their moves depend on the method's plan (which dim the
+shard moves to, which modes it keeps), so they are listed in ``uncosted`` and not
+costed: the report then shows no byte ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Minimum", "minimum_bytes", "even_partition", "remote_rows"]
@@ -51,6 +56,9 @@ class Minimum:
     exchange: float = 0.0
     reduce: float = 0.0
     ops: list = dataclasses.field(default_factory=list)  # one line per costed op, for the JSON
+    #: ops that need the whole sharded dim (an FFT over it, attention over its tokens): their moves are not
+    #: costed here, so the minimum is a lower bound of the halos and statistics only
+    uncosted: list = dataclasses.field(default_factory=list)
 
     @property
     def total(self) -> float:
@@ -123,7 +131,13 @@ class _Recorder(TorchDispatchMode):
             nbytes = (2 + 2 * x.requires_grad) * n * groups * x.element_size()
             self.result.reduce += nbytes
             self.result.ops.append(f"group_norm N={n} G={groups}: {nbytes} B of statistics")
+        elif packet in (aten._fft_r2c, aten._fft_c2c, aten._fft_c2r) and self._along(args[0], args[1]):
+            self.result.uncosted.append(f"{packet.__name__} over dims {list(args[1])}")
         return out
+
+    def _along(self, x: torch.Tensor, dims) -> bool:
+        """Does an op over ``dims`` of ``x`` run along the sharded dim?"""
+        return self.dim in [d % x.ndim for d in dims]
 
     def _charge(self, what: str, x: torch.Tensor, rows: int) -> None:
         if not rows:
@@ -181,10 +195,25 @@ class _Recorder(TorchDispatchMode):
         self._charge(f"{func.overloadpacket.__name__} {n_in}->{n_out}", x, rows)
 
 
+class _Attention(TorchFunctionMode):
+    """Notes every ``F.scaled_dot_product_attention``: its tokens come from the sharded dim in the benchmark
+    models.  (Seen as the call: under the dispatcher it is already matmuls and a softmax.)"""
+
+    def __init__(self, result: Minimum):
+        super().__init__()
+        self.result = result
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.result.uncosted.append("scaled_dot_product_attention (attention over the sharded tokens)")
+        return func(*args, **(kwargs or {}))
+
+
 def minimum_bytes(model: torch.nn.Module, x: torch.Tensor, shard_dim: int, ranks: int) -> Minimum:
     """The analytic minimum for ``model`` on the global input ``x`` over ``ranks`` ranks."""
     meta_model = copy.deepcopy(model).to("meta")
     rec = _Recorder(shard_dim % x.ndim, ranks)
-    with rec:  # with autograd: an op's input says whether the backward needs its halo's gradient
+    # With autograd: an op's input says whether the backward needs its halo's gradient.
+    with rec, _Attention(rec.result):
         meta_model(torch.empty(x.shape, dtype=x.dtype, device="meta"))
     return rec.result

@@ -12,6 +12,12 @@ sharded dim splittable by the rank counts we use (2 and 4) at every depth.
   ``nn.Conv1d(groups=C)``, each followed by GELU, a 1x1 mix and a residual add, NCL,
   sharded along L.  The pad along the sharded dim is folded into the conv's halo by
   fxhalo; CREDIT has no Conv1d wrapper.
+* ``fno``: a 2-D Fourier neural operator (:class:`FNO2d`: a 1x1 lift, Fourier layers of
+  ``rfft2`` / kept modes / ``irfft2`` plus a 1x1 conv, a 1x1 projection), NCHW, sharded
+  along H.  Its FFTs need the whole H: fxhalo runs it in the global view (``global_view``).
+* ``attn-unet``: :class:`AttentionUNet`, SmallUNet with multi-head self-attention over
+  the bottleneck's tokens (the diffusion-UNet pattern), NCHW, sharded along H; also in
+  the global view (the attention reads every token).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 
 from fxhalo.models import SmallUNet
 
-__all__ = ["Config", "BenchModel", "MODELS", "Conv3dStack", "CausalDepthwiseStack"]
+__all__ = ["Config", "BenchModel", "MODELS", "Conv3dStack", "CausalDepthwiseStack", "FNO2d", "AttentionUNet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +82,39 @@ class CausalDepthwiseStack(nn.Module):
         return self.head(x)
 
 
+class FNO2d(nn.Module):
+    """A 1x1 lift from 3 channels, ``layers`` Fourier layers of ``width`` channels keeping ``modes`` x
+    ``modes`` modes, a 1x1 projection to 1 channel (the layers of ``tests/beyond_models.py``)."""
+
+    def __init__(self, width: int = 32, modes: int = 16, layers: int = 4):
+        super().__init__()
+        from tests.beyond_models import FNOBlock
+
+        self.lift = nn.Conv2d(3, width, 1)
+        self.blocks = nn.Sequential(*(FNOBlock(width, modes, modes) for _ in range(layers)))
+        self.project = nn.Conv2d(width, 1, 1)
+
+    def forward(self, x):
+        return self.project(self.blocks(self.lift(x)))
+
+
+class AttentionUNet(SmallUNet):
+    """:class:`fxhalo.models.SmallUNet` with ``heads``-head self-attention (and a residual) over the
+    ``(H/2) * (W/2)`` tokens of its bottleneck, before the upsample."""
+
+    def __init__(self, width: int = 16, groups: int = 4, heads: int = 4):
+        super().__init__(in_channels=1, out_channels=1, width=width, groups=groups)
+        from tests.beyond_models import TokenAttention
+
+        self.attention = TokenAttention(2 * width, heads)
+
+    def forward(self, x):
+        skip = self.enc(x)
+        h = self.attention(self.mid(self.down(skip)))
+        h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.head(self.dec(torch.cat([h, skip], dim=1)))
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchModel:
     """How to build one benchmark model and its global input."""
@@ -86,6 +125,9 @@ class BenchModel:
     shard_dim: int
     defaults: dict
     tiny: dict  # the smoke test's configuration: seconds, not minutes
+    #: fxhalo's compiled row takes a DomainTensor of the input (the global view), not the bare slab:
+    #: needed where an op reads the whole sharded dim (an FFT, attention over all tokens)
+    global_view: bool = False
 
     def config(self, size=None, batch=None, width=None) -> Config:
         d = self.defaults
@@ -117,6 +159,26 @@ MODELS: dict[str, BenchModel] = {
             # the ranks would time a different kernel from the one process (docs/performance.md).
             defaults={"size": 64, "batch": 2, "width": 8},
             tiny={"size": 8, "batch": 1, "width": 2},
+        ),
+        BenchModel(
+            "fno",
+            build=lambda c: FNO2d(width=c.width, modes=max(c.size // 16, 2)),
+            input_shape=lambda c: (c.batch, 3, c.size, c.size),
+            shard_dim=2,
+            defaults={"size": 256, "batch": 1, "width": 32},
+            tiny={"size": 32, "batch": 1, "width": 4},
+            global_view=True,
+        ),
+        BenchModel(
+            "attn-unet",
+            build=lambda c: AttentionUNet(width=c.width),
+            input_shape=lambda c: (c.batch, 1, c.size, c.size),
+            shard_dim=2,
+            # 64 x 64: the bottleneck's 32 x 32 = 1024 tokens attend to each other (a 1024 x 1024 score
+            # matrix per head); at 256 x 256 it would be 16384 x 16384
+            defaults={"size": 64, "batch": 2, "width": 16},
+            tiny={"size": 16, "batch": 1, "width": 4},
+            global_view=True,
         ),
         BenchModel(
             "causal1d",

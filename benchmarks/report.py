@@ -100,7 +100,11 @@ def derive(report: dict) -> None:
             # The same from CPU time: what the efficiency would be if every rank had its core.
             r["cpu_efficiency"] = rows[ref_key]["cpu_s"] / (r["procs"] * r["cpu_s"])
         c = r.get("comm")
-        if c:
+        if c and mini.get("uncosted"):  # the minimum leaves out moves of the whole dim: no ratio
+            for part in ("exchange", "reduce"):
+                c[f"{part}_ratio"] = None
+            c["ratio"] = None
+        elif c:
             for part, m in (("exchange", mini["exchange_bytes"]), ("reduce", mini["reduce_bytes"])):
                 c[f"{part}_ratio"] = c[f"{part}_bytes_mean"] / m if m else None
             c["ratio"] = c["bytes_mean"] / mini["total_bytes"] if mini["total_bytes"] else None
@@ -209,7 +213,9 @@ def summary(report: dict, fmt: str = "simple") -> str:
         f"fxhalo {m['fxhalo']} ({m['fxhalo_git'] or 'not a git checkout'}); "
         f"load average {m['load_avg_1m']:.1f} at start, {m['load_avg_1m_end']:.1f} at end\n"
         f"efficiency = T({report['efficiency_reference']}) / (P * T_P); minimum per rank per step = "
-        f"{mini['exchange_bytes'] / 1024:.2f} KiB halo + {mini['reduce_bytes'] / 1024:.2f} KiB statistics; "
+        f"{mini['exchange_bytes'] / 1024:.2f} KiB halo + {mini['reduce_bytes'] / 1024:.2f} KiB statistics"
+        + (f" + not costed: {', '.join(sorted(set(mini['uncosted'])))}" if mini.get("uncosted") else "")
+        + "; "
         "weight-gradient sum (not in the bytes) = "
         + next((f"{r['comm']['grad_sync_bytes'] / 1024:.1f} KiB" for r in report["rows"] if "comm" in r), "-")
     )

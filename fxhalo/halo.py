@@ -394,7 +394,7 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
     :func:`fxhalo.block_halo.block_exchange`.)
     """
     if _PLANNING:
-        raise _Planned(dim % x.ndim, plan, edge)
+        raise _Planned(dim % x.ndim, plan)
     if _RECEIVED and _RECEIVED[-1][0] is not None:
         return _assemble_received(x, dim % x.ndim, plan)
     if plan.is_identity:
@@ -413,7 +413,7 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
 
 # -- rows that a fused producer fetched (fxhalo.passes.fuse) ------------------------------------------
 #
-# A norm whose output feeds a halo op through elementwise ops can fetch that op's halo rows with its
+# A norm whose output feeds a halo op through row-wise ops can fetch that op's halo rows with its
 # own statistics, in one collective.  The pass needs two things from the halo op's kernel, and asks the
 # kernel itself rather than a table of ops, so the rows always follow from the op's own geometry:
 # *which* rows it would exchange (:func:`planned_exchange`: the kernel runs on the graph's example
@@ -427,9 +427,9 @@ _RECEIVED: list[list] = []  # one [rows] slot per kernel call given halo_rows; N
 class _Planned(Exception):
     """What the exchange inside :func:`planned_exchange` would have done."""
 
-    def __init__(self, dim: int | None, plan: HaloPlan | None, edge=None):
+    def __init__(self, dim: int | None, plan: HaloPlan | None):
         super().__init__("planned")
-        self.dim, self.plan, self.edge = dim, plan, edge
+        self.dim, self.plan = dim, plan
 
 
 def planned_exchange(kernel: Callable, args: tuple, kwargs: dict) -> tuple[int, HaloPlan] | None:

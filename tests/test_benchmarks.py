@@ -58,7 +58,8 @@ def test_every_benchmark_model_runs_one_tiny_step():
         fx = rows["fxhalo-2x1"]
         assert max(fx["rel_err"].values()) < 1e-4, (name, fx["rel_err"])  # fxhalo is exact
         minimum = rep["minimum"]
-        assert minimum["exchange_bytes"] > 0, name
+        # every model has a halo op, or an op whose moves the minimum leaves out (the FNO's FFTs)
+        assert minimum["exchange_bytes"] > 0 or minimum["uncosted"], name
         assert fx["comm"]["exchange_bytes_mean"] >= minimum["exchange_bytes"] * (1 - 1e-9), (name, fx["comm"])
         assert fx["comm"]["calls_max"] > 0 and "efficiency" in fx, name
 
