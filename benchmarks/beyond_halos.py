@@ -21,7 +21,7 @@ bytes.  The step times come from the first spawn.  Where torch cannot compile th
 model (the FNO under Inductor, in torch 2.13), that row's one-process columns are
 ``nan`` and the error is printed under it.
 
-Models (tests/beyond_models.py): ``fno``, a lift (1x1 conv), 4 Fourier layers of width
+Models (``benchmarks.models.FNO2d``, ``tests/beyond_models.py``): ``fno``, a lift (1x1 conv), 4 Fourier layers of width
 32 keeping 16 x 16 modes, a projection, on ``[1, 3, 256, 256]``; ``attention``, one
 8-head attention block of 256 channels over the 64 * 64 tokens of ``[1, 256, 64, 64]``.
 """
@@ -34,7 +34,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 import fxhalo
 from benchmarks.run import _measure_memory, map_large_blocks
@@ -42,20 +41,11 @@ from fxhalo.launch import run_ranks
 
 
 def _models():
-    from tests.beyond_models import FNOBlock, TokenAttention
-
-    class FNO(nn.Module):
-        def __init__(self, width=32, modes=16, layers=4):
-            super().__init__()
-            self.lift = nn.Conv2d(3, width, 1)
-            self.blocks = nn.Sequential(*(FNOBlock(width, modes, modes) for _ in range(layers)))
-            self.project = nn.Conv2d(width, 1, 1)
-
-        def forward(self, x):
-            return self.project(self.blocks(self.lift(x)))
+    from benchmarks.models import FNO2d
+    from tests.beyond_models import TokenAttention
 
     return {
-        "fno": (FNO, (1, 3, 256, 256)),
+        "fno": (FNO2d, (1, 3, 256, 256)),
         "attention": (lambda: TokenAttention(256, 8), (1, 256, 64, 64)),
     }
 
