@@ -34,10 +34,10 @@ import torch
 
 from .domain import Domain, each_axis
 from .errors import FxHaloError
-from .halo import HaloPlan, _notify, _runs_for, before_block_exchange, halo_exchange, plan_halo
+from .halo import HaloPlan, _notify, _runs_for, assemble_fetched, fetched_rows, halo_exchange, plan_halo
 from .mesh import whole_coords, whole_group
 
-__all__ = ["BlockPlan", "plan_block", "block_exchange", "exchange_on_axes"]
+__all__ = ["BlockPlan", "plan_block", "block_exchange", "block_parts", "exchange_on_axes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,47 +130,130 @@ def _cell_shape(x: torch.Tensor, dims, rows) -> list[int]:
     return shape
 
 
-def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks) -> torch.Tensor:
-    """This rank's block of ``x`` extended along several dims at once: ``exchanges`` is one
-    ``(dim, HaloPlan, edge)`` per axis (``edge`` only tells the halo observers), ``group_name`` the
-    whole domain's group and ``whole_ranks`` its ranks' coordinates (:func:`plan_block`).
-    Differentiable: autograd sends each halo value's gradient back to its owner."""
-    before_block_exchange()
-    if x.is_complex():  # collectives take real tensors: exchange the real view (a trailing dim of 2)
-        exchanges = tuple((d % x.ndim, plan, edge) for d, plan, edge in exchanges)
-        real = block_exchange(torch.view_as_real(x.resolve_conj()), exchanges, group_name, whole_ranks)
-        return torch.view_as_complex(real)
+def _recv_numels(x: torch.Tensor, dims, plan: BlockPlan) -> list[int]:
+    """How many values this rank receives from each rank of the whole group."""
+    inner = x.numel() // math.prod(x.shape[d] for d in dims) if x.numel() else 0
+    sizes = [0] * len(plan.recv_cells)
+    for c in plan.cells:
+        if c.kind == "recv":
+            sizes[c.owner] += inner * math.prod(n for _, n, _ in c.rows)
+    return sizes
+
+
+def block_parts(x: torch.Tensor, exchanges, whole_ranks):
+    """:func:`block_exchange`'s collective taken apart, as :func:`fxhalo.halo.exchange_parts` does for
+    one dim: ``(sends, recv_numels, received, plan)``; ``received(chunks)`` gives the received values
+    as :func:`block_exchange` takes them (``received=``), ``plan`` is the :class:`BlockPlan`."""
     dims = tuple(d for d, _, _ in exchanges)
     for _, plan, edge in exchanges:
         if plan.collective:  # as the 1-D exchange tells its observers (an axis taking its own rows: never)
             _notify(plan, edge)
     plan = plan_block(tuple(p for _, p, _ in exchanges), tuple(whole_ranks))
-    recv, starts = None, {}
-    if plan.collective:
-        inner = x.numel() // math.prod(x.shape[d] for d in dims) if x.numel() else 0
-        # A rank that sends nothing still sends a view of its block (empty): then the collective is on its
-        # autograd graph, and it joins the backward all_to_all the others run.
-        sends = [_take(x, dims, rows).reshape(-1) for rows in plan.send] or [x.reshape(-1).narrow(0, 0, 0)]
-        buffer = torch.cat(sends) if len(sends) > 1 else sends[0]
-        elements = [inner * math.prod(n for _, n, _ in rows) for rows in plan.send]
-        send_sizes, at = [], 0
-        for n in plan.send_cells:
-            send_sizes.append(sum(elements[at : at + n]))
-            at += n
-        recv_sizes = [0] * len(plan.recv_cells)
-        for c in plan.cells:
-            if c.kind == "recv":
-                recv_sizes[c.owner] += inner * math.prod(n for _, n, _ in c.rows)
-        recv = torch.ops._c10d_functional.all_to_all_single(buffer, recv_sizes, send_sizes, group_name)
-        recv = torch.ops._c10d_functional.wait_tensor(recv)
-        starts = {q: sum(recv_sizes[:q]) for q in range(len(recv_sizes))}
-    parts = []
+    cells = [_take(x, dims, rows).reshape(-1) for rows in plan.send]
+    sends, at = [], 0
+    for n in plan.send_cells:
+        mine = cells[at : at + n]
+        sends.append(torch.cat(mine) if len(mine) > 1 else mine[0] if mine else x.reshape(-1).narrow(0, 0, 0))
+        at += n
+    recv_sizes = _recv_numels(x, dims, plan)
+
+    def received(chunks):
+        return _packed(x, dims, plan, chunks)
+
+    return sends, recv_sizes, received, plan
+
+
+def _packed(x: torch.Tensor, dims, plan: BlockPlan, chunks) -> torch.Tensor:
+    """The received cells (``chunks[q]``: what came from rank ``q``, flat) as one tensor shaped like ``x``
+    except along the sharded ``dims``: each cell's values along them flattened onto the first, the others
+    of length 1, the cells one after another in the plan's order.  Every other dim keeps its place, so
+    values that broadcast over the block (a norm's statistics per sample and channel) broadcast over it
+    too.  The sharded dims must be adjacent (:func:`packable`); :func:`_unpacked` undoes it."""
+    at = [0] * len(chunks)
+    cells = []
     for c in plan.cells:
+        if c.kind != "recv":
+            continue
+        shape = _cell_shape(x, dims, c.rows)
+        n = math.prod(shape)
+        cell = chunks[c.owner].narrow(0, at[c.owner], n).view(shape)
+        at[c.owner] += n
+        cells.append(cell.reshape(_packed_shape(shape, dims)))
+    if not cells:
+        empty = list(x.shape)
+        for d in dims:
+            empty[d] = 0 if d == dims[0] else 1
+        # Still reading every chunk (empty), so that the collective stays on this rank's autograd graph.
+        return torch.cat([t.reshape(-1) for t in chunks]).view(empty) if chunks else x.new_zeros(empty)
+    return torch.cat(cells, dims[0]) if len(cells) > 1 else cells[0]
+
+
+def _packed_shape(shape, dims) -> list[int]:
+    out = list(shape)
+    out[dims[0]] = math.prod(shape[d] for d in dims)
+    for d in dims[1:]:
+        out[d] = 1
+    return out
+
+
+def packable(dims) -> bool:
+    """Can a block sharded along ``dims`` carry its received cells packed (:func:`block_parts`): are the
+    sharded dims adjacent?"""
+    dims = sorted(dims)
+    return dims == list(range(dims[0], dims[0] + len(dims)))
+
+
+def _unpacked(x: torch.Tensor, dims, plan: BlockPlan, packed: torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{cell index: its values}`` of the received cells in ``packed`` (:func:`_packed`)."""
+    out, at = {}, 0
+    for i, c in enumerate(plan.cells):
+        if c.kind != "recv":
+            continue
+        shape = _cell_shape(x, dims, c.rows)
+        n = math.prod(shape[d] for d in dims)
+        out[i] = packed.narrow(dims[0], at, n).reshape(shape)
+        at += n
+    return out
+
+
+def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks, *, received=None) -> torch.Tensor:
+    """This rank's block of ``x`` extended along several dims at once: ``exchanges`` is one
+    ``(dim, HaloPlan, edge)`` per axis (``edge`` only tells the halo observers), ``group_name`` the
+    whole domain's group and ``whole_ranks`` its ranks' coordinates (:func:`plan_block`).
+    ``received``: the values a fused producer fetched already (:func:`block_parts`); then nothing is
+    communicated.  Differentiable: autograd sends each halo value's gradient back to its owner."""
+    if x.is_complex():  # collectives take real tensors: exchange the real view (a trailing dim of 2)
+        exchanges = tuple((d % x.ndim, plan, edge) for d, plan, edge in exchanges)
+        real = block_exchange(torch.view_as_real(x.resolve_conj()), exchanges, group_name, whole_ranks)
+        return torch.view_as_complex(real)
+    dims = tuple(d for d, _, _ in exchanges)
+    fetched = {}
+    recv = None
+    if received is not None:
+        plan = plan_block(tuple(p for _, p, _ in exchanges), tuple(whole_ranks))
+        fetched = _unpacked(x, dims, plan, received)
+    else:
+        sends, recv_sizes, _, plan = block_parts(x, exchanges, whole_ranks)
+        if plan.collective:
+            # A rank that sends nothing still sends a view of its block (empty): then the collective is on
+            # its autograd graph, and it joins the backward all_to_all the others run.
+            buffer = torch.cat(sends) if len(sends) > 1 else sends[0]
+            send_sizes = [t.numel() for t in sends]
+            recv = torch.ops._c10d_functional.all_to_all_single(buffer, recv_sizes, send_sizes, group_name)
+            recv = torch.ops._c10d_functional.wait_tensor(recv)
+    starts = {}
+    if recv is not None:
+        sizes = _recv_numels(x, dims, plan)
+        starts = {q: sum(sizes[:q]) for q in range(len(sizes))}
+    parts = []
+    for i, c in enumerate(plan.cells):
         if c.kind == "fill":
             parts.append(x.new_full(_cell_shape(x, dims, c.rows), c.value))
             continue
         if c.kind == "local":
             t = _take(x, dims, c.rows)
+        elif i in fetched:
+            t = fetched[i]
         else:
             shape = _cell_shape(x, dims, c.rows)
             t = recv.narrow(0, starts[c.owner], math.prod(shape)).view(shape)
@@ -184,6 +267,8 @@ def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks) -> 
         for d, length in zip(dims, plan.lengths):
             shape[d] = length
         out = x.new_zeros(shape)
+    if received is not None and not fetched:  # the fused producer's (empty) values: stay on the graph
+        recv = received
     if recv is not None and recv.numel() == 0:
         # The (empty) received buffer feeds the result on every rank, so that every rank's autograd
         # graph reaches the collective and joins its backward (a rank missing it would hang the others).
@@ -210,8 +295,12 @@ def exchange_on_axes(x: torch.Tensor, axes, exchanges: dict) -> torch.Tensor:
     axes = each_axis(axes)
     if not exchanges:
         return x
+    # A fused producer may have fetched the rows already (fxhalo.halo.takes_received_rows).
+    fetched = fetched_rows(tuple(exchanges[a][1] if a in exchanges else None for a in range(len(axes))))
     if len(exchanges) == 1:
         ((a, (dim, plan, edge)),) = exchanges.items()
+        if fetched is not None:
+            return assemble_fetched(x, fetched, dim, plan)
         return halo_exchange(x, dim, plan, axes[a].group_name, edge=edge)
     per_axis = []
     for a, axis in enumerate(axes):
@@ -222,4 +311,4 @@ def exchange_on_axes(x: torch.Tensor, axes, exchanges: dict) -> torch.Tensor:
         dim = domain.dim_of(x.ndim)
         own = ((0, x.shape[dim]),) * domain.size  # every rank of this line holds these rows: its own
         per_axis.append((dim, plan_halo(own, own, domain.rank), None))
-    return block_exchange(x, per_axis, whole_group(axes), whole_coords(axes))
+    return block_exchange(x, per_axis, whole_group(axes), whole_coords(axes), received=fetched)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,8 @@ __all__ = [
     "observe_halos",
     "Fill",
     "planned_exchange",
+    "fetched_rows",
+    "exchange_parts",
     "takes_received_rows",
     "takes_received",
 ]
@@ -393,10 +396,9 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
     the plan already holds the rows.  (Several dims at once, a block's halo on a mesh:
     :func:`fxhalo.block_halo.block_exchange`.)
     """
-    if _PLANNING:
-        raise _Planned(dim % x.ndim, plan)
-    if _RECEIVED and _RECEIVED[-1][0] is not None:
-        return _assemble_received(x, dim % x.ndim, plan)
+    fetched = fetched_rows((plan,))
+    if fetched is not None:
+        return assemble_fetched(x, fetched, dim, plan)
     if plan.is_identity:
         return x
     if x.is_complex() and plan.collective:  # collectives take real tensors: exchange the real view
@@ -411,6 +413,23 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
     return assemble(x, recv, dim, plan)
 
 
+def exchange_parts(x: torch.Tensor, dim: int, plan: HaloPlan, edge=None):
+    """:func:`halo_exchange`'s collective taken apart, for a producer that sends more in the same one
+    (:func:`fxhalo.ops.moments.global_moments_with_rows`): ``(sends, recv_numels, received)``.
+    ``sends[q]`` is the rows for rank ``q``, flat; ``recv_numels[q]`` how many elements come from
+    ``q``; ``received(chunks)`` turns what came from each rank into the received rows as
+    :func:`assemble` takes them."""
+    rows = send_buffer(x, dim, plan, edge)
+    rest = [n for i, n in enumerate(x.shape) if i != dim]
+    per_row = math.prod(rest)
+    sends = [r.reshape(-1) for r in rows.split(list(plan.send_splits))]
+
+    def received(chunks):
+        return torch.cat([c.view(n, *rest) for c, n in zip(chunks, plan.recv_splits)], 0).movedim(0, dim)
+
+    return sends, [n * per_row for n in plan.recv_splits], received
+
+
 # -- rows that a fused producer fetched (fxhalo.passes.fuse) ------------------------------------------
 #
 # A norm whose output feeds a halo op through row-wise ops can fetch that op's halo rows with its
@@ -421,20 +440,21 @@ def halo_exchange(x: torch.Tensor, dim: int, plan: HaloPlan, group_name: str, *,
 # it those rows ready-made (:func:`takes_received_rows`: the kernel's one exchange assembles them).
 
 _PLANNING: list[bool] = []  # non-empty inside planned_exchange
-_RECEIVED: list[list] = []  # one [rows] slot per kernel call given halo_rows; None once used
+_RECEIVED: list[list] = []  # one [(rows, needs)] slot per kernel call given halo_rows; [None] once used
 
 
 class _Planned(Exception):
-    """What the exchange inside :func:`planned_exchange` would have done."""
+    """What the exchange inside :func:`planned_exchange` would have done: one plan per mesh axis of the
+    kernel's ``axes`` (``None`` for an axis whose rows the block takes as they are)."""
 
-    def __init__(self, dim: int | None, plan: HaloPlan | None):
+    def __init__(self, plans: tuple[HaloPlan | None, ...]):
         super().__init__("planned")
-        self.dim, self.plan = dim, plan
+        self.plans = plans
 
 
-def planned_exchange(kernel: Callable, args: tuple, kwargs: dict) -> tuple[int, HaloPlan] | None:
-    """``(dim, plan)`` of the first halo exchange ``kernel(*args, **kwargs)`` makes, or ``None`` when it
-    makes none along one dim (it finishes without one, or its first is a block's on several mesh axes).
+def planned_exchange(kernel: Callable, args: tuple, kwargs: dict) -> tuple[HaloPlan | None, ...] | None:
+    """The plans of the first halo exchange ``kernel(*args, **kwargs)`` makes, one per mesh axis of its
+    ``axes`` (``None``: that axis's rows are taken as they are), or ``None`` when it makes none.
 
     The kernel runs up to that exchange only; pass fake tensors (the graph's example values), inside
     their fake mode.
@@ -443,40 +463,44 @@ def planned_exchange(kernel: Callable, args: tuple, kwargs: dict) -> tuple[int, 
     try:
         kernel(*args, **kwargs)
     except _Planned as planned:
-        return None if planned.plan is None else (planned.dim, planned.plan)
+        return planned.plans
     finally:
         _PLANNING.pop()
     return None
 
 
-def before_block_exchange() -> None:
-    """Called by the exchange of a block on several mesh axes (:func:`fxhalo.block_halo.block_exchange`),
-    which no fused producer makes: inside :func:`planned_exchange` it reports no plan."""
+def fetched_rows(plans: tuple[HaloPlan | None, ...]):
+    """The exchange of ``plans`` (one per mesh axis, as :func:`planned_exchange` gives them) is about to
+    run: inside :func:`planned_exchange` it reports them instead; in a kernel handed ``halo_rows=``,
+    returns those rows (checked against the plans' needs); else ``None``, and the exchange runs."""
     if _PLANNING:
-        raise _Planned(None, None)
-    if _RECEIVED and _RECEIVED[-1][0] is not None:
-        raise AssertionError("received halo rows handed to a kernel that exchanges a block on several axes")
-
-
-def _assemble_received(x: torch.Tensor, dim: int, plan: HaloPlan) -> torch.Tensor:
+        raise _Planned(plans)
+    if not _RECEIVED or _RECEIVED[-1][0] is None:
+        return None
     slot = _RECEIVED[-1]
     (received, needs), slot[0] = slot[0], None
-    if needs != plan.needs or received.shape[dim] != plan.rows_received:
-        # The pass planned the producer's exchange from this kernel's plan; they cannot differ unless the
+    mine = tuple(None if p is None else p.needs for p in plans)
+    if needs != mine:
+        # The pass planned the producer's exchange from this kernel's plans; they cannot differ unless the
         # two were planned from different shapes, and then the rows would be the wrong ones.
-        raise AssertionError(
-            f"the fused producer fetched the rows {needs} ({received.shape[dim]} here), the kernel needs "
-            f"{plan.needs} ({plan.rows_received} here)"
-        )
-    return assemble(x, received, dim, plan)
+        raise AssertionError(f"the fused producer fetched the rows {needs}, the kernel needs {mine}")
+    return received
+
+
+def assemble_fetched(x: torch.Tensor, fetched: torch.Tensor, dim: int, plan: HaloPlan) -> torch.Tensor:
+    """:func:`assemble` with rows a fused producer fetched (:func:`fetched_rows`)."""
+    if fetched.shape[dim] != plan.rows_received:
+        raise AssertionError(f"{fetched.shape[dim]} rows fetched, the plan receives {plan.rows_received}")
+    return assemble(x, fetched, dim, plan)
 
 
 def takes_received_rows(kernel: Callable) -> Callable:
     """Let ``kernel`` take ``halo_rows=`` and ``halo_needs=``: the rows its (first) halo exchange receives,
     fetched already by a producer in the collective that carried its own data
-    (:func:`fxhalo.ops.norm.group_norm_exchange`), in source-rank order as :func:`assemble` expects, and
-    every rank's needed rows the producer planned them for (:attr:`HaloPlan.needs`; checked against the
-    kernel's own plan).  That exchange then only assembles the extended slab.
+    (:func:`fxhalo.ops.norm.group_norm_exchange`), as that exchange's collective would deliver them
+    (:func:`exchange_parts`, :func:`fxhalo.block_halo.block_parts`), and, per mesh axis, every rank's
+    needed rows the producer planned them for (:attr:`HaloPlan.needs`, ``None`` for an axis taken as
+    it is; checked against the kernel's own plans).  That exchange then only assembles.
 
     The one switch for every halo kernel: the conv, the transposed conv, the pools and the interpolation
     go through :func:`halo_exchange`, which looks for the rows here."""
@@ -485,7 +509,8 @@ def takes_received_rows(kernel: Callable) -> Callable:
     def call(*args, halo_rows=None, halo_needs=None, **kwargs):
         if halo_rows is None:
             return kernel(*args, **kwargs)
-        slot = [(halo_rows, tuple(tuple(r) for r in halo_needs))]
+        needs = tuple(None if n is None else tuple(tuple(r) for r in n) for n in halo_needs)
+        slot = [(halo_rows, needs)]
         _RECEIVED.append(slot)
         try:
             out = kernel(*args, **kwargs)

@@ -530,9 +530,11 @@ def test_a_mesh_reports_each_axis_and_the_minimum():
     A 3x3 conv with zero padding needs 1 row of 6 columns from its H neighbour (rank 1), 1 column of 8 rows
     from its W neighbour (rank 2) and the corner value from rank 0, in one all_to_all over the whole domain;
     it sends as much (the neighbours' blocks are as large); the zero padding past the global edges is
-    never sent.  The GroupNorm sums over the whole domain."""
+    never sent.  The GroupNorm sums over the whole domain (unfused here; fused below)."""
     hook = sys.excepthook
-    ex = fxhalo.explain(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 2), rank=3, shard_dim=(2, 3))
+    ex = fxhalo.explain(
+        _mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 2), rank=3, shard_dim=(2, 3), fuse_exchanges=False
+    )
     assert not dist.is_initialized() and sys.excepthook is hook
     assert (ex.world_size, ex.rank, ex.shard_dim) == ((2, 2), 3, (2, 3))
     conv1, norm, conv2 = [r for r in ex.rows if r.op != "ops.grad.synced_params"]
@@ -543,6 +545,25 @@ def test_a_mesh_reports_each_axis_and_the_minimum():
     assert "all_to_all[whole]" in ex.table and "rank 3 of 2 x 2 mesh" in ex.summary
     assert "along whole:" in ex.summary
     assert json.dumps(ex.to_dict())  # the axes travel in the JSON too
+
+
+@pytest.mark.timeout(120)
+def test_on_a_mesh_a_norm_sends_its_statistics_with_the_next_blocks_halo():
+    """The same model with the default fusion: the GroupNorm's statistics and the second conv's block
+    halo (4 channels now: a row of 6, a column of 8 and the corner) go in one all_to_all over the whole
+    domain, and the conv sends nothing.  Statistics: (c, s1, s2) per (sample, group) in fp32 to each of
+    the 3 other ranks: 3 * 1 * 2 * 4 B * 3."""
+    ex = fxhalo.explain(_mesh_model(), torch.randn(1, 2, 8, 6), world_size=(2, 2), rank=3, shard_dim=(2, 3))
+    conv1, norm, conv2 = [r for r in ex.rows if r.op != "ops.grad.synced_params"]
+    assert norm.kernel == "ops.norm.group_norm_exchange" and not conv2.collectives
+    halo = (1 * 4 * 6 + 8 * 4 * 1 + 4) * 4
+    assert [(c.kind, c.axis, c.bytes) for c in norm.collectives] == [("all_to_all", "whole", halo + 3 * 2 * 4 * 3)]
+    assert len(ex.forward()) == 2  # was 3: the conv's halo, the norm's sum, the next conv's halo
+
+    small = fxhalo.explain(small_unet(), torch.randn(1, 1, 32, 32), world_size=(2, 2), shard_dim=(2, 3))
+    # 14 forward collectives unfused; the five norms that feed a conv or the upsample now ride with its halo
+    assert [r.kernel for r in small.rows].count("ops.norm.group_norm_exchange") == 5
+    assert len(small.forward()) == 9
 
 
 @pytest.mark.timeout(120)
@@ -608,3 +629,4 @@ def test_cli_explains_a_block_of_a_mesh(capsys):
     assert not dist.is_initialized()
     assert main([*argv, "--shard-dim", "2"]) == 2
     assert "names 1 dims for a mesh of 2 axes" in capsys.readouterr().err
+

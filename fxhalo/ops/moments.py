@@ -93,60 +93,51 @@ def global_moments(x: torch.Tensor, dims: tuple[int, ...], group_name: str, coun
 def global_moments_with_rows(
     x: torch.Tensor,
     dims: tuple[int, ...],
-    rows: torch.Tensor,
-    dim: int,
-    plan,
+    sends: list[torch.Tensor],
+    recv_numels: list[int],
     counts: tuple[int, ...],
     group_name: str,
-    *,
-    edge=None,
 ):
-    """:func:`global_moments` of ``x`` and the halo rows of ``rows`` that ``plan`` asks for, in **one**
+    """:func:`global_moments` of ``x`` and the halo values that ``sends`` carries, in **one**
     ``all_to_all_single``.
 
-    ``rows`` is the tensor whose rows along ``dim`` the plan exchanges (``x`` may be a
-    view of it, e.g. grouped); ``counts[q]`` is the number of elements per statistic
-    on rank ``q``.  Every rank sends to every rank (itself included) its
-    :func:`shifted_sums` ``(c, s1, s2)`` in the working dtype, followed by the rows
-    that rank needs; each rank then merges the statistics in float64, in rank order
-    (so every rank gets the same bits, and the same accuracy as :func:`global_moments`),
-    and gets the received rows in source-rank order, ready for
-    :func:`fxhalo.halo.assemble`.  The backward is the exchange's own: each copy's
-    gradient goes back to its sender.  Returns ``(mean, m2, count, received)``.
+    ``sends[q]`` (flat) is what rank ``q`` needs of this rank's rows, ``recv_numels[q]`` how many
+    values come from ``q``: the parts of a halo exchange (:func:`fxhalo.halo.exchange_parts`, or a
+    block's on a mesh, :func:`fxhalo.block_halo.block_parts`).  ``counts[q]`` is the number of
+    elements per statistic on rank ``q``.  Every rank sends to every rank (itself included) its
+    :func:`shifted_sums` ``(c, s1, s2)`` in the working dtype, followed by the values that rank
+    needs; each rank then merges the statistics in float64, in rank order (so every rank gets the
+    same bits, and the same accuracy as :func:`global_moments`).  The backward is the exchange's own:
+    each copy's gradient goes back to its sender.  Returns ``(mean, m2, count, chunks)``, ``chunks[q]``
+    the values received from ``q``.
 
-    The statistics and the rows share one buffer, so ``x`` must be float32 or
-    float64 (its own accumulation dtype).  ``edge`` describes the rows' fill past the
-    global edges to the halo observers (:func:`fxhalo.halo.observe_halos`).
+    The statistics and the rows share one buffer, so ``x`` must be float32 or float64 (its own
+    accumulation dtype), and so must the rows.
     """
-    from ..halo import send_buffer
-
-    if _acc_dtype(x.dtype) != x.dtype or rows.dtype != x.dtype:
-        raise AssertionError(f"statistics and rows share one buffer: {x.dtype} and {rows.dtype}")
+    if _acc_dtype(x.dtype) != x.dtype or any(t.dtype != x.dtype for t in sends):
+        raise AssertionError(f"statistics and rows share one buffer: {x.dtype} and {[t.dtype for t in sends]}")
     size = group_size(group_name)
     stats = torch.cat([t.reshape(-1) for t in shifted_sums(x, dims)])
     k = stats.numel()
-    row_numel = math.prod(d for i, d in enumerate(rows.shape) if i != dim)
-    sends = [
-        torch.cat([stats, r.reshape(-1)]) for r in send_buffer(rows, dim, plan, edge).split(list(plan.send_splits))
-    ]
-    send_sizes = [k + n * row_numel for n in plan.send_splits]
-    recv_sizes = [k + n * row_numel for n in plan.recv_splits]
-    got = torch.ops._c10d_functional.all_to_all_single(torch.cat(sends), recv_sizes, send_sizes, group_name)
+    send_sizes = [k + t.numel() for t in sends]
+    recv_sizes = [k + n for n in recv_numels]
+    got = torch.ops._c10d_functional.all_to_all_single(
+        torch.cat([torch.cat([stats, t]) for t in sends]), recv_sizes, send_sizes, group_name
+    )
     got = torch.ops._c10d_functional.wait_tensor(got)
     keep = list(x.shape)
     for d in dims:
         keep[d] = 1
-    total, received, at = None, [], 0
+    total, chunks, at = None, [], 0
     for q in range(size):
         c, s1, s2 = got.narrow(0, at, k).view(3, *keep).unbind(0)
         sums = torch.stack(sums_from_shifted(c, s1, s2, counts[q]))
         total = sums if total is None else total + sums
-        shape = [plan.recv_splits[q]] + [d for i, d in enumerate(rows.shape) if i != dim]
-        received.append(got.narrow(0, at + k, recv_sizes[q] - k).view(shape))
+        chunks.append(got.narrow(0, at + k, recv_numels[q]))
         at += recv_sizes[q]
     count = math.fsum(counts)
     mean, m2 = moments_from_sums(total, count)
-    return mean, m2, count, torch.cat(received, 0).movedim(0, dim)
+    return mean, m2, count, chunks
 
 
 def global_count(x: torch.Tensor, dims: tuple[int, ...], lengths: dict[int, int | None]) -> int | None:

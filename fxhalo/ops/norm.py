@@ -24,8 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, ShardAxis, one_axis, several_axes
-from ..halo import Edge, plan_halo
+from ..block_halo import block_parts
+from ..domain import Domain, ShardAxis, each_axis, several_axes
+from ..halo import Edge, exchange_parts, plan_halo
+from ..mesh import whole_coords, whole_group
 from .collectives import all_reduce_sum
 from .moments import global_count, global_moments, global_moments_with_rows, normalize, over_axes
 
@@ -72,6 +74,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axes: tup
     return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
 
 
+@several_axes
 def group_norm_exchange(
     input,
     num_groups,
@@ -80,31 +83,27 @@ def group_norm_exchange(
     eps=1e-5,
     *,
     axes: tuple[ShardAxis, ...],
-    needs: tuple[tuple[int, int], ...],
-    edge_mode: str = "zeros",
-    edge_value: float = 0.0,
-    edge_extent: tuple[int, int] | None = (0, 0),
+    halo: tuple,
 ):
-    """:func:`group_norm`, and the halo rows of its output that the next halo op needs, in **one**
+    """:func:`group_norm`, and the halo values of its output that the next halo op needs, in **one**
     ``all_to_all_single`` (:func:`fxhalo.ops.moments.global_moments_with_rows`).
 
-    ``needs`` and ``edge_*`` are the consumer's exchange (its :class:`~fxhalo.halo.HaloPlan`'s
-    ``needs``, every rank's needed global rows, and its :class:`~fxhalo.halo.Edge`): the rows
-    fetched are the ones :func:`fxhalo.halo.plan_halo` plans for them, so the consumer takes
-    them as its own (``halo_rows=``, :func:`fxhalo.halo.takes_received_rows`).  The exchange
-    carries the *input's* rows and each rank normalises the rows it receives with the
-    global statistics, so no second exchange is needed.  Returns ``(output, received)``:
-    ``received`` is normalised like ``output`` and ordered as :func:`fxhalo.halo.assemble`
-    expects.  ``length`` (the global length) is required: it gives every rank's element
-    count.
+    ``halo`` is the consumer's exchange, one entry per mesh axis: ``(needs, edge mode, edge value,
+    edge extent)`` (its :class:`~fxhalo.halo.HaloPlan`'s ``needs``, every rank's needed global rows,
+    and its :class:`~fxhalo.halo.Edge`), or ``None`` for an axis whose rows its block takes as they
+    are.  The values fetched are the ones the consumer's own exchange would fetch
+    (:func:`fxhalo.halo.exchange_parts` along one axis, :func:`fxhalo.block_halo.block_parts` for a
+    block on several), so it takes them as its own (``halo_rows=``,
+    :func:`fxhalo.halo.takes_received_rows`).  The exchange carries the *input's* values and each
+    rank normalises what it receives with the global statistics, so no second exchange is needed.
+    Returns ``(output, received)``: ``received`` is normalised like ``output``.  Every axis's
+    ``length`` (the global length) is required: it gives every rank's element count.
     """
     n, c = input.shape[:2]
     grouped = input.reshape(n, num_groups, c // num_groups, *input.shape[2:])
     dims = tuple(range(2, grouped.ndim))
     # grouping adds a dim before the sharded one
-    mean, m2, count, received = _moments_with_halo(
-        grouped, dims, 1, input, axes, needs, edge_mode, edge_value, edge_extent
-    )
+    mean, m2, count, received = _moments_with_halo(grouped, dims, 1, input, axes, halo)
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
 
     def norm(t):
@@ -114,20 +113,46 @@ def group_norm_exchange(
     return norm(input), norm(received)
 
 
-def _moments_with_halo(x, dims, shift: int, rows, axes, needs, edge_mode, edge_value, edge_extent):
-    """``(mean, m2, count, received)``: the global moments of ``x`` over ``dims`` and the halo rows of
-    ``rows`` that the consumer ``needs``, in one exchange (``x`` is ``rows`` or a view of it whose
-    sharded dim sits ``shift`` dims later)."""
-    shard_dim, group_name, length = one_axis(axes)
-    domain = Domain.from_group(group_name, shard_dim=shard_dim)
-    dim = domain.dim_of(rows.ndim)
-    edge = Edge(edge_mode, float(edge_value), None if edge_extent is None else tuple(edge_extent))
-    plan = plan_halo(domain.partition(length), tuple(tuple(r) for r in needs), domain.rank, edge)
-    per_row = math.prod(x.shape[d] for d in dims if d != dim + shift)
-    counts = tuple(per_row * domain.local_length(length, q) for q in range(domain.size))
-    return global_moments_with_rows(x, dims, rows, dim, plan, counts, group_name, edge=edge)
+def _moments_with_halo(x, dims, shift: int, rows, axes, halo):
+    """``(mean, m2, count, received)``: the global moments of ``x`` over ``dims`` and the halo values of
+    ``rows`` that the consumer's exchange ``halo`` needs, in one collective (``x`` is ``rows`` or a view
+    of it whose sharded dims sit ``shift`` dims later).
+
+    ``halo`` has one entry per mesh axis of ``axes``: ``(needs, edge mode, edge value, edge extent)``
+    of the consumer's exchange along that axis (:class:`~fxhalo.halo.HaloPlan`'s ``needs`` and
+    :class:`~fxhalo.halo.Edge`), or ``None`` for an axis whose rows the consumer's block takes as they
+    are.  One axis: the rows of a 1-D exchange over its group; several: a block's values over the whole
+    domain (:mod:`fxhalo.block_halo`), where the statistics are summed too."""
+    axes = each_axis(axes)
+    domains = [Domain.from_group(a.group_name, shard_dim=a.dim) for a in axes]
+    sharded = [d.dim_of(rows.ndim) for d in domains]
+    plans = []
+    for axis, domain, dim, entry in zip(axes, domains, sharded, halo):
+        if entry is None:  # the block takes this axis's rows as they are (block_halo.exchange_on_axes)
+            own = ((0, rows.shape[dim]),) * domain.size
+            plans.append((dim, plan_halo(own, own, domain.rank), None))
+            continue
+        needs, mode, value, extent = entry
+        edge = Edge(mode, float(value), None if extent is None else tuple(extent))
+        needs = tuple(tuple(r) for r in needs)
+        plans.append((dim, plan_halo(domain.partition(axis.global_length), needs, domain.rank, edge), edge))
+    per_row = math.prod(x.shape[d] for d in dims if d - shift not in sharded)
+    if len(axes) == 1:
+        (dim, plan, edge), (domain,), (axis,) = plans[0], domains, axes
+        sends, recv, received = exchange_parts(rows, dim, plan, edge)
+        counts = tuple(per_row * domain.local_length(axis.global_length, q) for q in range(domain.size))
+    else:
+        coords = whole_coords(axes)
+        sends, recv, received, _ = block_parts(rows, plans, coords)
+        counts = tuple(
+            per_row * math.prod(d.local_length(a.global_length, c) for d, a, c in zip(domains, axes, where))
+            for where in coords
+        )
+    mean, m2, count, chunks = global_moments_with_rows(x, dims, sends, recv, counts, whole_group(axes))
+    return mean, m2, count, received(chunks)
 
 
+@several_axes
 def batch_norm_exchange(
     input,
     running_mean,
@@ -139,18 +164,13 @@ def batch_norm_exchange(
     eps=1e-5,
     *,
     axes: tuple[ShardAxis, ...],
-    needs: tuple[tuple[int, int], ...],
-    edge_mode: str = "zeros",
-    edge_value: float = 0.0,
-    edge_extent: tuple[int, int] | None = (0, 0),
+    halo: tuple,
 ):
     """:func:`batch_norm` in training, and the halo rows of its output that a windowed op needs, in one
     ``all_to_all_single``: :func:`group_norm_exchange` with per-channel statistics over the batch and
     every spatial dim (the running statistics updated as :func:`batch_norm` updates them)."""
     dims = (0,) + tuple(range(2, input.ndim))
-    mean, m2, count, received = _moments_with_halo(
-        input, dims, 0, input, axes, needs, edge_mode, edge_value, edge_extent
-    )
+    mean, m2, count, received = _moments_with_halo(input, dims, 0, input, axes, halo)
     norm = _trained_batch_norm(mean, m2, count, running_mean, running_var, weight, bias, momentum, eps)
     return norm(input), norm(received)
 
@@ -247,24 +267,20 @@ def layer_norm(
     return normalize(input, mean, m2 / count, eps, weight, bias)
 
 
+@several_axes
 def layer_norm_exchange(
     input,
     normalized_shape,
     eps=1e-5,
     *,
     axes: tuple[ShardAxis, ...],
-    needs: tuple[tuple[int, int], ...],
-    edge_mode: str = "zeros",
-    edge_value: float = 0.0,
-    edge_extent: tuple[int, int] | None = (0, 0),
+    halo: tuple,
 ):
     """:func:`layer_norm` without affine terms, and the halo rows of its output that the next halo op
     needs, in one ``all_to_all_single``, as :func:`group_norm_exchange`.  (With ``weight`` or ``bias``
     each received row would need its owner's rows of them too: the pass leaves such a norm alone.)"""
     dims = tuple(range(input.ndim - len(normalized_shape), input.ndim))
-    mean, m2, count, received = _moments_with_halo(
-        input, dims, 0, input, axes, needs, edge_mode, edge_value, edge_extent
-    )
+    mean, m2, count, received = _moments_with_halo(input, dims, 0, input, axes, halo)
     return normalize(input, mean, m2 / count, eps), normalize(received, mean, m2 / count, eps)
 
 

@@ -65,8 +65,13 @@ added after the copied row-wise ops, as it was.  The backward comes from autogra
 through the one exchange, which returns each received row's and statistic's gradient
 to its owner.  Random ops (dropout) stop the search: the received rows would draw other
 numbers than their owner did.  Half-precision activations are left alone: the
-statistics travel in the rows' buffer, and they need float32.  On a mesh the pass is off
-(a block's exchange carries no statistics yet).
+statistics travel in the rows' buffer, and they need float32.
+
+On a mesh the halo op's exchange is a block's, over the whole domain, the group the norm
+sums its statistics over too, so both go in one collective; the received cells travel
+packed (:func:`fxhalo.block_halo.block_parts`), so the copied ops run on one tensor.  An
+op that exchanges along one axis only is left alone: its collective runs over that
+axis's group, not the whole domain.
 """
 
 from __future__ import annotations
@@ -78,9 +83,10 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from ..domain import Domain, one_axis
+from ..block_halo import packable
+from ..domain import Domain, each_axis
 from ..halo import HaloPlan, planned_exchange, takes_received
-from ..layout import LAYOUT, example_value, sharding_of
+from ..layout import LAYOUT, example_value, layout_of, sharding_of, split_axes
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
 from ..ops import shift as shift_ops
@@ -169,7 +175,7 @@ def _norm_source(consumer):
             return node, chain[::-1], fused
         if not _rowwise(node):
             return None
-        sharded = [a for a in node.all_input_nodes if sharding_of(a) is not None]
+        sharded = [a for a in node.all_input_nodes if _sharded_dims(a)]
         if len(sharded) != 1:
             return None
         chain.append(node)
@@ -186,39 +192,53 @@ def _rowwise(node) -> bool:
     if isinstance(getattr(decision_of(node), "rule", None), Elementwise):
         return True
     if node.op == "call_function" and node.target in (torch._C._nn.pad, F.pad) and node.args:
-        s, val = sharding_of(node.args[0]), example_value(node.args[0])
-        return s is not None and val is not None and shift_ops.pad_entries(node.args[1], val.ndim, s.dim)[0] == (0, 0)
+        dims, val = _sharded_dims(node.args[0]), example_value(node.args[0])
+        return (
+            bool(dims)
+            and val is not None
+            and all(shift_ops.pad_entries(node.args[1], val.ndim, d)[0] == (0, 0) for d in dims)
+        )
     return False
 
 
-def _consumer_plan(consumer, norm) -> HaloPlan | None:
-    """The halo plan of ``consumer``'s exchange, if ``norm``'s fused kernel can fetch its rows: the
-    consumer's kernel takes received rows, exchanges along the norm's sharded dim only, over the same
-    axis and partition, with something to send, and the norm's output is float32 or float64 (the
-    statistics travel in the rows' buffer).
+def _sharded_dims(node) -> tuple[int, ...]:
+    """The dims of ``node``'s value that mesh axes split, in mesh-axis order (none: replicated)."""
+    return tuple(s.dim for _, s in split_axes(layout_of(node))) if hasattr(node, "meta") else ()
 
-    The plan comes from the kernel itself (:func:`fxhalo.halo.planned_exchange`, on the graph's
-    example values), so the rows fetched are the ones the kernel would fetch, whatever its geometry."""
+
+def _consumer_plans(consumer, norm) -> tuple[HaloPlan | None, ...] | None:
+    """The plans of ``consumer``'s exchange, one per mesh axis (``None``: an axis whose rows its block takes
+    as they are), if ``norm``'s fused kernel can fetch its rows: the consumer's kernel takes received rows,
+    exchanges over the norm's axes and partitions, with something to send, in a collective over the group
+    the norm sums its statistics over (one axis's, or the whole domain's for a block on several axes), and
+    the norm's output is float32 or float64 (the statistics travel in the rows' buffer).
+
+    The plans come from the kernel itself (:func:`fxhalo.halo.planned_exchange`, on the graph's example
+    values), so the rows fetched are the ones the kernel would fetch, whatever its geometry."""
     if consumer.op != "call_function" or not takes_received(consumer.target) or "halo_rows" in consumer.kwargs:
         return None
-    if consumer.kwargs.get("axes") != norm.kwargs["axes"] or len(norm.kwargs["axes"]) != 1:
+    axes = norm.kwargs["axes"]
+    if consumer.kwargs.get("axes") != axes:
         return None
-    axis = one_axis(norm.kwargs["axes"])
     val = example_value(norm)
-    if axis.global_length is None or not isinstance(val, torch.Tensor):
+    if not isinstance(val, torch.Tensor) or val.dtype not in (torch.float32, torch.float64):
         return None
-    if val.dtype not in (torch.float32, torch.float64):
+    if any(axis.global_length is None for axis in each_axis(axes)):
         return None
     args, kwargs = torch.fx.node.map_arg((consumer.args, consumer.kwargs), example_value)
     with _fake_mode_of(val):
-        planned = planned_exchange(consumer.target, args, kwargs)
-    if planned is None:
+        plans = planned_exchange(consumer.target, args, kwargs)
+    if plans is None or len(plans) != len(axes) or not any(p is not None and p.collective for p in plans):
         return None
-    dim, plan = planned
-    domain = Domain.from_group(axis.group_name, shard_dim=axis.dim)
-    if not plan.collective or dim != domain.dim_of(val.ndim) or plan.partition != domain.partition(axis.global_length):
+    if len(axes) > 1 and (sum(p is not None for p in plans) < 2 or not packable(_sharded_dims(norm))):
+        # One axis's exchange runs over that axis's group, while the statistics sum over the whole domain;
+        # and a block's received values travel packed along its sharded dims, which must be adjacent.
         return None
-    return plan
+    for axis, plan in zip(each_axis(axes), plans):
+        domain = Domain.from_group(axis.group_name, shard_dim=axis.dim)
+        if plan is not None and plan.partition != domain.partition(axis.global_length):
+            return None
+    return plans
 
 
 def _folded(conv) -> bool:
@@ -274,28 +294,18 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         if source is None:
             continue
         norm, chain, (kernel, args) = source
-        plan = _consumer_plan(consumer, norm)
-        if plan is None:
+        plans = _consumer_plans(consumer, norm)
+        if plans is None:
             continue
-        s = sharding_of(norm)
-        edge = plan.edge
+        rows_dim = _sharded_dims(norm)[0]  # the dim along which ranks receive different numbers of rows
+        halo = tuple(None if p is None else (p.needs, p.edge.mode, p.edge.value, p.edge.extent) for p in plans)
         with graph.inserting_before(norm):
-            both = graph.call_function(
-                kernel,
-                args,
-                dict(
-                    axes=norm.kwargs["axes"],
-                    needs=plan.needs,
-                    edge_mode=edge.mode,
-                    edge_value=edge.value,
-                    edge_extent=edge.extent,
-                ),
-            )
+            both = graph.call_function(kernel, args, dict(axes=norm.kwargs["axes"], halo=halo))
             y = graph.call_function(operator.getitem, (both, 0))
             rows = graph.call_function(operator.getitem, (both, 1))
         both.meta.update(_source_of(norm))
         y.meta.update(norm.meta)
-        rows.meta[HALO_ROWS] = s.dim
+        rows.meta[HALO_ROWS] = rows_dim
         norm.replace_all_uses_with(y)
         graph.erase_node(norm)
         copies = {y: rows}
@@ -303,9 +313,11 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
         for node in chain:
             with graph.inserting_before(consumer):
                 last = graph.node_copy(node, lambda a, copies=copies: copies.get(a, a))
-            last.meta = {HALO_ROWS: s.dim}
+            last.meta = {HALO_ROWS: rows_dim}
             copies[node] = last
-        consumer.kwargs = dict(consumer.kwargs, halo_rows=last, halo_needs=plan.needs)
+        consumer.kwargs = dict(
+            consumer.kwargs, halo_rows=last, halo_needs=tuple(None if p is None else p.needs for p in plans)
+        )
         fused += 1
     if fused:
         graph.lint()

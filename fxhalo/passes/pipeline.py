@@ -50,7 +50,7 @@ def _fold_pads(gm, example_inputs, ctx: PassContext, problems):
 
 
 def _fuse_norms(gm, example_inputs, ctx: PassContext, problems):
-    return fuse_norm_exchanges(gm, ctx) if ctx.fuse_exchanges and not ctx.on_mesh else 0
+    return fuse_norm_exchanges(gm, ctx) if ctx.fuse_exchanges else 0
 
 
 def _wrap(gm, example_inputs, ctx: PassContext, problems):
@@ -66,7 +66,7 @@ PASSES = (
     ("propagate_sharding", _propagate),  # every node's layout (fxhalo.passes.propagate, or .localize)
     ("rewrite", _rewrite),  # nodes that reach across a shard edge -> fxhalo.ops kernels
     ("fold_pads", _fold_pads),  # a sharded pad feeding one conv becomes that conv's halo edge (fxhalo.passes.fuse)
-    ("fuse_norm_exchanges", _fuse_norms),  # a GroupNorm's statistics ride with the next conv's halo
+    ("fuse_norm_exchanges", _fuse_norms),  # a norm's statistics ride with the next halo op's rows
     ("wrap_replicated_boundaries", _wrap),  # gradient syncs of replicated inputs and parameters
     ("refresh_meta", _refresh),  # fake-tensor metadata of the rewritten graph
 )

@@ -127,6 +127,18 @@ def _cases_2d():
         ("group_norm", nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU()), x()),
         ("instance_norm", nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.Conv2d(2, 2, 3, padding=1)), x()),
         ("batch_norm", nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1)), x()),
+        # a norm's statistics with the next op's block halo, in one exchange (fxhalo.passes.fuse)
+        (
+            "group_norm_gelu_conv3",
+            nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.GELU(), nn.Conv2d(4, 3, 3, padding=1)),
+            x(),
+        ),
+        ("batch_norm_relu_max_pool_padded", nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(3, 2, 1)), x()),
+        (
+            "instance_norm_silu_bilinear",
+            nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.SiLU(), nn.Upsample(scale_factor=2, mode="bilinear")),
+            x(),
+        ),
         ("mean_var", Centered(), x()),
         ("sum_std", SumStd(), x()),
         ("roll_flip", RollFlip(), x()),

@@ -169,7 +169,7 @@ def test_planned_exchange_reports_the_kernels_plan_without_communicating():
 
     part = ((0, 4), (4, 8))
     plan = plan_halo(part, needs_from_widths(part, ((1, 1), (1, 1))), 1)
-    assert planned_exchange(_windowed, (torch.zeros(2, 4), plan), {}) == (1, plan)
+    assert planned_exchange(_windowed, (torch.zeros(2, 4), plan), {}) == (plan,)  # one plan per mesh axis
     assert planned_exchange(lambda x: x * 2, (torch.zeros(2, 4),), {}) is None  # no exchange at all
 
 
@@ -182,10 +182,10 @@ def test_received_rows_are_assembled_and_checked_against_the_kernels_needs():
     kernel = takes_received_rows(_windowed)
     assert takes_received(kernel) and not takes_received(_windowed)
     x = torch.arange(4.0, 8.0).expand(2, 4)
-    got = kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=needs)
+    got = kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=(needs,))
     whole = torch.cat([torch.arange(8.0), torch.zeros(1)]).expand(2, 9)
     assert torch.equal(got, whole[:, 3:7] + whole[:, 4:8] + whole[:, 5:9])  # rows 3 .. 8 of it
     with pytest.raises(AssertionError, match="needs"):  # rows planned for another op
-        kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=((0, 5), (3, 9)))
+        kernel(x, plan, halo_rows=torch.full((2, 1), 3.0), halo_needs=(((0, 5), (3, 9)),))
     with pytest.raises(AssertionError, match="no halo exchange"):  # a kernel that never used them
-        takes_received_rows(lambda x, plan: x)(x, plan, halo_rows=x, halo_needs=needs)
+        takes_received_rows(lambda x, plan: x)(x, plan, halo_rows=x, halo_needs=(needs,))
