@@ -38,6 +38,22 @@ def fresh_callable(model):
     return types.MethodType(copy_fn, bound) if bound is not None else copy_fn
 
 
+def _own_frame(fn):
+    """``fn`` called from a frame of its own: a function of this file, with a code object of its own.
+
+    Dynamo does not trace a torch function (``nn.Conv2d.forward``, ``nn.Sequential.forward``) as
+    the top frame: it wraps it in ``torch._dynamo.external_utils.wrap_inline``, whose one ``inner``
+    code object every such call shares, and with it one recompile limit (8).  After eight tools'
+    traces of torch's own modules, Dynamo would run the next one eagerly, and the tool would see no
+    graph at all.  This frame is not torch's, so Dynamo traces it, and it is new each time."""
+
+    def call(*args):
+        return fn(*args)
+
+    call.__code__ = call.__code__.replace()
+    return call
+
+
 def trace_once(model, args: tuple, backend) -> str | None:
     """Run ``model(*args)`` once under ``torch.compile(backend=backend)``; ``None``, or why torch could not.
 
@@ -46,7 +62,7 @@ def trace_once(model, args: tuple, backend) -> str | None:
     local shape, or the backend itself), in one line.
     """
     try:
-        torch.compile(fresh_callable(model), backend=backend, dynamic=False)(*args)
+        torch.compile(_own_frame(fresh_callable(model)), backend=backend, dynamic=False)(*args)
     except Exception as e:  # torch could not run the model on the local shape
         message = str(e).splitlines()[0] if str(e) else ""
         return f"torch could not trace the model on the local input: {type(e).__name__}: {message}"

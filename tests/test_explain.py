@@ -630,3 +630,14 @@ def test_cli_explains_a_block_of_a_mesh(capsys):
     assert main([*argv, "--shard-dim", "2"]) == 2
     assert "names 1 dims for a mesh of 2 axes" in capsys.readouterr().err
 
+
+@pytest.mark.timeout(120)
+def test_many_explains_of_torch_modules_in_one_process_each_see_their_graph():
+    """Dynamo wraps a torch module's forward, as the top frame, in one shared ``inner`` code object with one
+    recompile limit (8): the ninth explain of an ``nn.Conv2d`` with new guards ran eagerly and reported no
+    collective at all (fxhalo.tracing._own_frame)."""
+    seen = []
+    for w in range(4, 16):
+        ex = fxhalo.explain(nn.Conv2d(2, 2, 3, padding=1), torch.randn(1, 2, 8, w), world_size=2, rank=0)
+        seen.append(len(ex.forward()))
+    assert seen == [1] * 12, seen
