@@ -49,17 +49,17 @@ The pass looks for::
 
 and writes::
 
-    y, r = fxhalo.ops.norm.group_norm_exchange(x, ..., needs=<the halo op's needs>, edge_*=<its edge>)
+    y, r = fxhalo.ops.norm.group_norm_exchange(x, ..., halo=<per axis: the halo op's needs and edge>)
     a = f_k(... f_1(y) ...)
     h = f_k(... f_1(r) ...)                      # the same ops, on the received rows only
-    z = fxhalo.ops.<halo op>(a, ..., halo_rows=h, halo_needs=<the same needs>)
+    z = fxhalo.ops.<halo op>(a, ..., halo_rows=h, halo_needs=<per axis: the same needs>)
 
 Which rows the halo op fetches is asked of its kernel, not worked out here:
 :func:`fxhalo.halo.planned_exchange` runs the kernel on the graph's example values up
-to its exchange, which reports its :class:`~fxhalo.halo.HaloPlan` instead of
-communicating.  The norm kernel plans the same exchange from the plan's ``needs`` and
-edge, so the halo op reads exactly the rows it would have fetched (its kernel checks
-``halo_needs`` against its own plan when it is traced).  The fill past the global
+to its exchange, which reports its :class:`~fxhalo.halo.HaloPlan` (one per mesh axis)
+instead of communicating.  The norm kernel plans the same exchange from the plans'
+``needs`` and edges, so the halo op reads exactly the rows it would have fetched (its
+kernel checks ``halo_needs`` against its own plans when it is traced).  The fill past the global
 edges (zeros, ``-inf`` for a max pool, a folded pad's mode) stays the halo op's: it is
 added after the copied row-wise ops, as it was.  The backward comes from autograd
 through the one exchange, which returns each received row's and statistic's gradient
