@@ -37,7 +37,7 @@ from .errors import FxHaloError
 from .halo import HaloPlan, _notify, _runs_for, assemble_fetched, fetched_rows, halo_exchange, plan_halo
 from .mesh import whole_coords, whole_group
 
-__all__ = ["BlockPlan", "plan_block", "block_exchange", "block_parts", "exchange_on_axes"]
+__all__ = ["BlockPlan", "plan_block", "block_exchange", "block_parts", "exchange_on_axes", "own_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +227,7 @@ def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks, *, 
         real = block_exchange(torch.view_as_real(x.resolve_conj()), exchanges, group_name, whole_ranks)
         return torch.view_as_complex(real)
     dims = tuple(d for d, _, _ in exchanges)
-    fetched = {}
-    recv = None
+    fetched, recv, starts = {}, None, {}
     if received is not None:
         plan = plan_block(tuple(p for _, p, _ in exchanges), tuple(whole_ranks))
         fetched = _unpacked(x, dims, plan, received)
@@ -241,10 +240,7 @@ def block_exchange(x: torch.Tensor, exchanges, group_name: str, whole_ranks, *, 
             send_sizes = [t.numel() for t in sends]
             recv = torch.ops._c10d_functional.all_to_all_single(buffer, recv_sizes, send_sizes, group_name)
             recv = torch.ops._c10d_functional.wait_tensor(recv)
-    starts = {}
-    if recv is not None:
-        sizes = _recv_numels(x, dims, plan)
-        starts = {q: sum(sizes[:q]) for q in range(len(sizes))}
+            starts = {q: sum(recv_sizes[:q]) for q in range(len(recv_sizes))}
     parts = []
     for i, c in enumerate(plan.cells):
         if c.kind == "fill":
@@ -287,6 +283,14 @@ def _join(parts: list[torch.Tensor], shape: tuple[int, ...], dims) -> torch.Tens
     return bands[0] if len(bands) == 1 else torch.cat(bands, dims[0])
 
 
+def own_rows(x: torch.Tensor, domain: Domain) -> tuple:
+    """The ``(dim, HaloPlan, edge)`` entry of :func:`block_exchange` for an axis whose rows the block takes
+    as they are: every rank of that axis's line holds, and needs, its own rows."""
+    dim = domain.dim_of(x.ndim)
+    own = ((0, x.shape[dim]),) * domain.size
+    return dim, plan_halo(own, own, domain.rank), None
+
+
 def exchange_on_axes(x: torch.Tensor, axes, exchanges: dict) -> torch.Tensor:
     """The halo an op needs on several mesh axes: ``exchanges`` maps the index (in ``axes``) of each axis
     whose halo it needs to ``(dim, HaloPlan, edge)``.  One such axis: that axis's 1-D exchange
@@ -307,8 +311,5 @@ def exchange_on_axes(x: torch.Tensor, axes, exchanges: dict) -> torch.Tensor:
         if a in exchanges:
             per_axis.append(exchanges[a])
             continue
-        domain = Domain.from_group(axis.group_name, shard_dim=axis.dim)
-        dim = domain.dim_of(x.ndim)
-        own = ((0, x.shape[dim]),) * domain.size  # every rank of this line holds these rows: its own
-        per_axis.append((dim, plan_halo(own, own, domain.rank), None))
+        per_axis.append(own_rows(x, Domain.from_group(axis.group_name, shard_dim=axis.dim)))
     return block_exchange(x, per_axis, whole_group(axes), whole_coords(axes), received=fetched)

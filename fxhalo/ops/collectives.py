@@ -75,11 +75,7 @@ def all_reduce_sum(t: torch.Tensor, group_name: str) -> torch.Tensor:
         return torch.view_as_complex(all_reduce_sum(torch.view_as_real(t.resolve_conj()), group_name))
     t = t.contiguous()
     if sums_by_exchange(t, group_name):
-        size = group_size(group_name)
-        n = t.numel()
-        copies = t.reshape(1, n).expand(size, n).reshape(size * n)
-        got = torch.ops._c10d_functional.all_to_all_single(copies, [n] * size, [n] * size, group_name)
-        return torch.ops._c10d_functional.wait_tensor(got).view(size, *t.shape).sum(0)
+        return _copies_from_every_rank(t, group_name).sum(0)
     out = torch.ops._c10d_functional.all_reduce(t, "sum", group_name)
     return torch.ops._c10d_functional.wait_tensor(out)
 
@@ -91,12 +87,17 @@ def all_gather_stacked(t: torch.Tensor, group_name: str) -> torch.Tensor:
     decides), one ``all_to_all_single`` that sends ``t`` to every rank, for the same reason as
     :func:`all_reduce_sum`'s exchange.  Its backward returns each copy's gradient to its sender,
     where they add up: the reduce-scatter."""
-    size = group_size(group_name)
     t = t.contiguous()
     if sums_by_exchange(t, group_name):
-        n = t.numel()
-        copies = t.reshape(1, n).expand(size, n).reshape(size * n)
-        got = torch.ops._c10d_functional.all_to_all_single(copies, [n] * size, [n] * size, group_name)
-        return torch.ops._c10d_functional.wait_tensor(got).view(size, *t.shape)
-    out = torch.ops._c10d_functional.all_gather_into_tensor(t.unsqueeze(0), size, group_name)
+        return _copies_from_every_rank(t, group_name)
+    out = torch.ops._c10d_functional.all_gather_into_tensor(t.unsqueeze(0), group_size(group_name), group_name)
     return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def _copies_from_every_rank(t: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Every rank's (contiguous) ``t``, stacked along a new dim 0 in rank order, by one ``all_to_all_single``
+    that sends ``t`` to every rank; its backward returns each copy's gradient to its sender."""
+    size, n = group_size(group_name), t.numel()
+    copies = t.reshape(1, n).expand(size, n).reshape(size * n)
+    got = torch.ops._c10d_functional.all_to_all_single(copies, [n] * size, [n] * size, group_name)
+    return torch.ops._c10d_functional.wait_tensor(got).view(size, *t.shape)

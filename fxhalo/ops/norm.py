@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..block_halo import block_parts
+from ..block_halo import block_parts, own_rows
 from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..halo import Edge, exchange_parts, plan_halo
 from ..mesh import whole_coords, whole_group
@@ -128,9 +128,8 @@ def _moments_with_halo(x, dims, shift: int, rows, axes, halo):
     sharded = [d.dim_of(rows.ndim) for d in domains]
     plans = []
     for axis, domain, dim, entry in zip(axes, domains, sharded, halo):
-        if entry is None:  # the block takes this axis's rows as they are (block_halo.exchange_on_axes)
-            own = ((0, rows.shape[dim]),) * domain.size
-            plans.append((dim, plan_halo(own, own, domain.rank), None))
+        if entry is None:  # the block takes this axis's rows as they are, as block_halo.exchange_on_axes does
+            plans.append(own_rows(rows, domain))
             continue
         needs, mode, value, extent = entry
         edge = Edge(mode, float(value), None if extent is None else tuple(extent))
