@@ -306,9 +306,19 @@ def _inner(compiler) -> Callable:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager
-    from torch._inductor.compile_fx import compile_fx
+    return _inductor
 
-    return compile_fx
+
+def _inductor(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """Inductor, with fxhalo's post-grad pass after the user's own (:mod:`fxhalo.passes.cat_layout`)."""
+    from torch._inductor import config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    from .passes.cat_layout import ChannelsLastCats
+
+    passes = [*get_custom_graph_passes(config.post_grad_custom_post_pass), ChannelsLastCats()]
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes})
 
 
 def backend(**options) -> DomainParallelBackend:

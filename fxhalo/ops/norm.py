@@ -29,7 +29,15 @@ from ..domain import Domain, ShardAxis, each_axis, several_axes
 from ..halo import Edge, exchange_parts, plan_halo
 from ..mesh import whole_coords, whole_group
 from .collectives import all_reduce_sum
-from .moments import global_count, global_moments, global_moments_with_rows, normalize, over_axes
+from .moments import (
+    apply_norm,
+    global_count,
+    global_moments,
+    global_moments_with_rows,
+    norm_coefficients,
+    normalize,
+    over_axes,
+)
 
 __all__ = [
     "group_norm",
@@ -71,7 +79,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axes: tup
     count = global_count(grouped, dims, lengths)
     mean, m2, count = global_moments(grouped, dims, group_name, count)
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
-    return normalize(grouped, mean, m2 / count, eps, w, b).reshape(input.shape)
+    per = _per_channel_of_group(grouped)
+    return normalize(grouped, mean, m2 / count, eps, w, b, per).reshape(input.shape)
 
 
 @several_axes
@@ -105,12 +114,19 @@ def group_norm_exchange(
     # grouping adds a dim before the sharded one
     mean, m2, count, received = _moments_with_halo(grouped, dims, 1, input, axes, halo)
     w, b = _per_group(weight, num_groups, input.ndim), _per_group(bias, num_groups, input.ndim)
+    coefficients = norm_coefficients(
+        input.dtype, mean, m2 / count, eps, w, b, _per_channel_of_group(grouped), grouped.numel()
+    )
 
     def norm(t):
-        g = t.reshape(n, num_groups, c // num_groups, *t.shape[2:])
-        return normalize(g, mean, m2 / count, eps, w, b).reshape(t.shape)
+        return apply_norm(t.reshape(n, num_groups, c // num_groups, *t.shape[2:]), coefficients).reshape(t.shape)
 
     return norm(input), norm(received)
+
+
+def _per_channel_of_group(grouped):
+    """The shape of a group norm's coefficients per channel, ``(N, G, C / G, 1, ...)``, for a grouped input."""
+    return (*grouped.shape[:3], *([1] * (grouped.ndim - 3)))
 
 
 def _moments_with_halo(x, dims, shift: int, rows, axes, halo):

@@ -18,7 +18,49 @@ def _inductor_cases(rank, world_size):
         # depthwise 3-D with 'same' padding and a halo wider than a shard (2 rows per rank, reach 4)
         ConvCase(3, 2, 2, 2, (5, 3, 3), (1, 1, 1), (1, 1, 1), "same", "zeros", 2, False, 1, (2, 3, 3)),
     ]
-    return [run_case(c, rank, world_size, "inductor", seed=i) for i, c in enumerate(cases)]
+    return [run_case(c, rank, world_size, "inductor", seed=i) for i, c in enumerate(cases)] + _norm_then_halo(rank)
+
+
+def _norm_then_halo(rank):
+    """Norms whose statistics ride with the next halo op's rows, then GELU and that op, through Inductor:
+    exact, and each halo ``cat`` read by a convolution laid out channels-last by fxhalo's post-grad pass
+    (``fxhalo.passes.cat_layout``), counted over the forward and backward graphs."""
+    import torch._inductor.config as inductor_config
+    import torch.nn as nn
+
+    import fxhalo.passes.cat_layout as cat_layout
+    from tests.harness import check_many_against_one_device
+
+    def block(norm, op):
+        return nn.Sequential(norm, nn.GELU(), op)
+
+    torch.manual_seed(0)
+    cases = [
+        (block(nn.GroupNorm(2, 4), nn.Conv2d(4, 3, 3, padding=1)), torch.randn(2, 4, 8, 6), 0),
+        (block(nn.GroupNorm(2, 4, affine=False), nn.Conv2d(4, 3, 3, stride=2, padding=1)), torch.randn(1, 4, 8, 5), 1),
+        (
+            block(nn.InstanceNorm2d(4, affine=True), nn.Conv2d(4, 2, (3, 1), padding=(2, 0), dilation=2)),
+            torch.randn(2, 4, 8, 3),
+            2,
+        ),
+        (block(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1)), torch.randn(2, 4, 6, 4), 3),
+    ]
+    made = []
+    counted = cat_layout.channels_last_cats
+
+    def counting(graph, is_inference):
+        made.append(counted(graph, is_inference))
+        return made[-1]
+
+    cat_layout.channels_last_cats = counting
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            results = check_many_against_one_device(cases, options={"compiler": "inductor"})
+    finally:
+        cat_layout.channels_last_cats = counted
+    return [{"ok": all(ok for ok, _ in r.values()), "case": i, "checks": r} for i, r in enumerate(results)] + [
+        {"ok": sum(made) >= 3, "channels_last_cats": made}
+    ]
 
 
 @pytest.mark.timeout(600)
