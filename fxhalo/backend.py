@@ -294,7 +294,7 @@ def compile_local(compiler, gm: torch.fx.GraphModule, example_inputs) -> Callabl
     patch covers it; other compiles keep their setting.
     """
     with torch._functorch.config.patch(cse=False):
-        return _inner(compiler)(gm, example_inputs)
+        return (_inductor_for_halos if compiler == "inductor" else _inner(compiler))(gm, example_inputs)
 
 
 def _inner(compiler) -> Callable:
@@ -306,11 +306,14 @@ def _inner(compiler) -> Callable:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager
-    return _inductor
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx
 
 
-def _inductor(gm: torch.fx.GraphModule, example_inputs) -> Callable:
-    """Inductor, with fxhalo's post-grad pass after the user's own (:mod:`fxhalo.passes.cat_layout`)."""
+def _inductor_for_halos(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """Inductor, with fxhalo's post-grad pass after the user's own (:mod:`fxhalo.passes.cat_layout`), for a
+    rewritten graph.  (With one rank the graph goes to plain Inductor: nothing of fxhalo's in it.)"""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
