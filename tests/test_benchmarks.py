@@ -86,3 +86,18 @@ def test_the_mesh_minimum_matches_hand_arithmetic():
     conv, x = nn.Conv2d(1, 1, 3, padding=1), torch.randn(1, 1, 8, 8)
     assert minimum_halo_bytes(conv, x, (2, 2)) == 9 * 4
     assert minimum_halo_bytes(conv, x, (4, 1)) == (1 + 2 + 2 + 1) * 8 * 4 / 4
+
+
+@pytest.mark.timeout(300)
+def test_the_profile_and_late_rank_scripts_run(capsys):
+    """benchmarks.profile_step (aot_eager, a tiny UNet) and benchmarks.late_rank print their tables;
+    the figures themselves are for docs/performance.md, not checked here."""
+    from benchmarks import late_rank, profile_step
+
+    profile_step.main(["--size", "32", "--repeats", "1", "--profiled", "1", "--compiler", "aot_eager"])
+    printed = capsys.readouterr().out
+    assert "main-thread CPU" in printed and "after both ms" in printed
+    table = printed.split("after both ms")[-1].splitlines()
+    assert len([line for line in table if line.strip()]) >= 10  # a row per collective of one step
+    late_rank.main(["--steps", "16"])
+    assert "left the wait after rank 1" in capsys.readouterr().out
