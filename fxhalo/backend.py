@@ -293,8 +293,11 @@ def compile_local(compiler, gm: torch.fx.GraphModule, example_inputs) -> Callabl
     collective these ranks never call.  The partitioner runs inside this call, so the
     patch covers it; other compiles keep their setting.
     """
+    inner = _inner(compiler)
+    if inner is _compile_fx():  # Inductor: with fxhalo's post-grad pass
+        inner = _inductor_for_halos
     with torch._functorch.config.patch(cse=False):
-        return (_inductor_for_halos if compiler == "inductor" else _inner(compiler))(gm, example_inputs)
+        return inner(gm, example_inputs)
 
 
 def _inner(compiler) -> Callable:
@@ -306,6 +309,10 @@ def _inner(compiler) -> Callable:
         from torch._dynamo.backends.debugging import aot_eager
 
         return aot_eager
+    return _compile_fx()
+
+
+def _compile_fx() -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx

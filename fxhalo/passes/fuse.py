@@ -87,8 +87,10 @@ from ..block_halo import packable
 from ..domain import Domain, each_axis
 from ..halo import HaloPlan, planned_exchange, takes_received
 from ..layout import LAYOUT, example_value, layout_of, sharding_of, split_axes
+from ..ops import adaptive_pool as adaptive_ops
 from ..ops import conv as conv_ops
 from ..ops import norm as norm_ops
+from ..ops import pool as pool_ops
 from ..ops import shift as shift_ops
 from ..rules import decision_of
 from ..rules.local import Elementwise
@@ -284,13 +286,34 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     return folded
 
 
+def _fusible_consumer(node) -> bool:
+    """Can ``node``, a halo op, take its rows from a norm before it?  Every halo kernel can
+    (:func:`~fxhalo.halo.takes_received`), but not a max pool, for now: with a max pool's rows
+    fused, and the normalised rows read by another halo op too, Inductor's vectorised C++ backward
+    computed wrong gradients on the rank that sends the pool's rows (SkipUNet's pattern on 45 rows;
+    exact with ``aot_eager`` and with ``torch._inductor.config.cpp.simdlen = 1``); the same for the
+    adaptive max pools, whose backward also scatters by the argmax.  Such a norm keeps
+    its own all_reduce (``tests/distributed/test_inductor.py``)."""
+    return node.op == "call_function" and takes_received(node.target) and node.target not in _UNFUSED_MAX_POOLS
+
+
+_UNFUSED_MAX_POOLS = (
+    pool_ops.max_pool1d,
+    pool_ops.max_pool2d,
+    pool_ops.max_pool3d,
+    adaptive_ops.adaptive_max_pool1d,
+    adaptive_ops.adaptive_max_pool2d,
+    adaptive_ops.adaptive_max_pool3d,
+)
+
+
 def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     """Fuse every ``group_norm`` (or ``instance_norm``, ``batch_norm``, ``layer_norm``) ``-> elementwise ops
     -> halo op`` of ``gm``; returns how many."""
     graph = gm.graph
     fused = 0
     for consumer in list(graph.nodes):
-        source = _norm_source(consumer) if consumer.op == "call_function" and takes_received(consumer.target) else None
+        source = _norm_source(consumer) if _fusible_consumer(consumer) else None
         if source is None:
             continue
         norm, chain, (kernel, args) = source

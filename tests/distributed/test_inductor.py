@@ -29,7 +29,7 @@ def _norm_then_halo(rank):
     import torch.nn as nn
 
     import fxhalo.passes.cat_layout as cat_layout
-    from tests.harness import check_many_against_one_device
+    from tests.harness import check_many_against_one_device, check_many_global_view
 
     def block(norm, op):
         return nn.Sequential(norm, nn.GELU(), op)
@@ -58,9 +58,29 @@ def _norm_then_halo(rank):
             results = check_many_against_one_device(cases, options={"compiler": "inductor"})
     finally:
         cat_layout.channels_last_cats = counted
-    return [{"ok": all(ok for ok, _ in r.values()), "case": i, "checks": r} for i, r in enumerate(results)] + [
+    pooled = check_many_global_view(
+        [(_NormThenPoolAndConv(), torch.randn(2, 1, 45, 32), None)], options={"compiler": "inductor"}
+    )
+    return [{"ok": all(ok for ok, _ in r.values()), "case": i, "checks": r} for i, r in enumerate(results + pooled)] + [
         {"ok": sum(made) >= 3, "channels_last_cats": made}
     ]
+
+
+class _NormThenPoolAndConv(torch.nn.Module):
+    """SkipUNet's pattern that Inductor's vectorised C++ backward got wrong when the norm's statistics rode
+    with the max pool's rows (45 rows: 23 + 22, rank 0 sends its last row for the pool): the norm's
+    output is read by a max pool and by a conv.  ``fxhalo.passes.fuse`` fuses no norm into a max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.norm = torch.nn.InstanceNorm2d(4, affine=True)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        s = torch.nn.functional.silu(self.norm(self.conv1(x)))
+        pooled = torch.nn.functional.max_pool2d(s, 2)
+        return torch.cat([torch.nn.functional.interpolate(pooled, size=s.shape[-2:]), self.conv2(s)], 1)
 
 
 @pytest.mark.timeout(600)
