@@ -291,7 +291,8 @@ def _fusible_consumer(node) -> bool:
     (:func:`~fxhalo.halo.takes_received`), but not a max pool, for now: with a max pool's rows
     fused, and the normalised rows read by another halo op too, Inductor's vectorised C++ backward
     computed wrong gradients on the rank that sends the pool's rows (SkipUNet's pattern on 45 rows;
-    exact with ``aot_eager`` and with ``torch._inductor.config.cpp.simdlen = 1``); the same for the
+    exact with ``aot_eager``, with ``torch._inductor.config.cpp.simdlen = 1`` and with
+    ``cpp.enable_loop_tail_vec = False``: Inductor's masked tail vectorisation is the suspect); the same for the
     adaptive max pools, whose backward also scatters by the argmax.  Such a norm keeps
     its own all_reduce (``tests/distributed/test_inductor.py``)."""
     return node.op == "call_function" and takes_received(node.target) and node.target not in _UNFUSED_MAX_POOLS
