@@ -127,6 +127,7 @@ class DomainParallelBackend:
                 known_inputs=known_layouts.known(gm, example_inputs),
                 grad_sync=self.grad_sync,
                 fuse_exchanges=self.fuse_exchanges,
+                fuse_max_pools=fuses_max_pools(self.compiler),
                 mesh=mesh,
             )
             local = local_input_lengths(gm, ctx)
@@ -172,6 +173,7 @@ class DomainParallelBackend:
                 fallback=self.fallback,
                 grad_sync=self.grad_sync,
                 fuse_exchanges=self.fuse_exchanges,
+                fuse_max_pools=fuses_max_pools(self.compiler),
                 global_view=True,
                 mesh=mesh,
             )
@@ -312,6 +314,19 @@ def _inner(compiler) -> Callable:
     return _compile_fx()
 
 
+def fuses_max_pools(compiler) -> bool:
+    """May a norm's statistics ride with a max pool's rows (:mod:`fxhalo.passes.fuse`) under this inner
+    compiler?  Under Inductor only where its C++ is compiled without GCC's loop splitting, which got such a
+    backward wrong (:mod:`fxhalo.passes.cpp_flags`); under ``eager`` and ``aot_eager``, yes; under another
+    callable, which may end in Inductor, no.  Every rank decides alone: a rank that decided otherwise
+    compiled other kernels, and the backend's fingerprint check refuses the graph on every rank."""
+    from .passes.cpp_flags import split_loops_off
+
+    if _inner(compiler) is _compile_fx():
+        return bool(split_loops_off())
+    return not callable(compiler)
+
+
 def _compile_fx() -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
@@ -319,16 +334,19 @@ def _compile_fx() -> Callable:
 
 
 def _inductor_for_halos(gm: torch.fx.GraphModule, example_inputs) -> Callable:
-    """Inductor, with fxhalo's post-grad pass after the user's own (:mod:`fxhalo.passes.cat_layout`), for a
-    rewritten graph.  (With one rank the graph goes to plain Inductor: nothing of fxhalo's in it.)"""
+    """Inductor, with fxhalo's post-grad pass after the user's own (:mod:`fxhalo.passes.cat_layout`), and its
+    C++ kernels compiled without GCC's loop splitting, which miscompiled a halo's backward
+    (:mod:`fxhalo.passes.cpp_flags`), for a rewritten graph.  (With one rank the graph goes to plain
+    Inductor: nothing of fxhalo's in it.)"""
     from torch._inductor import config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.custom_graph_pass import get_custom_graph_passes
 
     from .passes.cat_layout import ChannelsLastCats
+    from .passes.cpp_flags import split_loops_off
 
     passes = [*get_custom_graph_passes(config.post_grad_custom_post_pass), ChannelsLastCats()]
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes})
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": passes, **split_loops_off()})
 
 
 def backend(**options) -> DomainParallelBackend:

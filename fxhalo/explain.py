@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 
 from . import measure
-from .backend import DomainParallelBackend
+from .backend import DomainParallelBackend, fuses_max_pools
 from .domain import Domain, resolve_group
 from .errors import FxHaloError
 from .measure import _with_grad  # noqa: F401  (tests/test_explain.py reads it here)
@@ -108,9 +108,9 @@ def explain(
     ``partition`` (every rank's length; default balanced), and explain shows what
     the backend does to the model compiled on DomainTensors.  ``options`` are
     the backend's (``shard_dim``, ``input_shard_dims``, ``fallback``, ``group``,
-    ``mesh_axis``; ``compiler`` is accepted and ignored).  Without a process group,
-    ``world_size`` is required and ``rank`` defaults to 0; inside one, both default
-    to the real ones.  No collective is run either way.
+    ``mesh_axis``; ``compiler`` only decides whether a norm fuses with a max pool, as in
+    the backend).  Without a process group, ``world_size`` is required and ``rank``
+    defaults to 0; inside one, both default to the real ones.  No collective is run either way.
 
     The model runs once, eagerly and unchanged, on ``local_inputs`` while Dynamo
     traces it; the trace compiles a fresh copy of ``forward``'s code, so that
@@ -298,6 +298,7 @@ def _context(domain: Domain, settings, gm, example_inputs, mesh=None) -> PassCon
         for name in ("grad_sync", "fuse_exchanges")
         if name in fields and hasattr(settings, name)
     }
+    extra["fuse_max_pools"] = fuses_max_pools(settings.compiler)  # as the backend decides
     if any(isinstance(x, DomainTensor) for x in example_inputs):  # traced at global shapes
         return PassContext(domain, fallback=settings.fallback, global_view=True, mesh=mesh, **extra)
     return PassContext(

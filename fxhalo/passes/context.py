@@ -27,6 +27,9 @@ class PassContext:
     grad_sync: bool = True
     #: send a norm's statistics with the next conv's halo rows (fxhalo.passes.fuse)
     fuse_exchanges: bool = True
+    #: ... a max pool's rows too (fxhalo.backend.fuses_max_pools: not under an Inductor whose C++ may be
+    #: compiled with GCC's loop splitting, which got such a backward wrong)
+    fuse_max_pools: bool = True
     #: the graph was traced at global shapes on DomainTensor inputs (fxhalo.passes.localize)
     global_view: bool = False
     #: the domain axes, when there are several (``domain`` is then the whole domain: every rank of them);

@@ -286,16 +286,19 @@ def fold_pads(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     return folded
 
 
-def _fusible_consumer(node) -> bool:
+def _fusible_consumer(node, ctx: PassContext) -> bool:
     """Can ``node``, a halo op, take its rows from a norm before it?  Every halo kernel can
-    (:func:`~fxhalo.halo.takes_received`), but not a max pool, for now: with a max pool's rows
-    fused, and the normalised rows read by another halo op too, Inductor's vectorised C++ backward
-    computed wrong gradients on the rank that sends the pool's rows (SkipUNet's pattern on 45 rows;
-    exact with ``aot_eager``, with ``torch._inductor.config.cpp.simdlen = 1`` and with
-    ``cpp.enable_loop_tail_vec = False``: Inductor's masked tail vectorisation is the suspect); the same for the
-    adaptive max pools, whose backward also scatters by the argmax.  Such a norm keeps
-    its own all_reduce (``tests/distributed/test_inductor.py``)."""
-    return node.op == "call_function" and takes_received(node.target) and node.target not in _UNFUSED_MAX_POOLS
+    (:func:`~fxhalo.halo.takes_received`); a max pool only with ``ctx.fuse_max_pools``.  With a max pool's
+    rows fused, and the normalised rows read by another halo op too (SkipUNet's pattern on 45 rows), GCC's
+    loop splitting miscompiled one tiled kernel of Inductor's C++ backward: wrong gradients on the halo's
+    rows.  The backend compiles with ``-fno-split-loops`` where it can (:mod:`fxhalo.passes.cpp_flags`), and
+    fuses max pools only then, or under a compiler with no C++ (``aot_eager``; see
+    :func:`fxhalo.backend.fuses_max_pools`).  The adaptive max pools alike, whose backward also scatters by
+    the argmax.  Unfused, such a norm keeps its own all_reduce (``tests/distributed/test_inductor.py`` runs
+    the pattern through Inductor both ways)."""
+    if node.op != "call_function" or not takes_received(node.target):
+        return False
+    return ctx.fuse_max_pools or node.target not in _UNFUSED_MAX_POOLS
 
 
 _UNFUSED_MAX_POOLS = (
@@ -314,7 +317,7 @@ def fuse_norm_exchanges(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     graph = gm.graph
     fused = 0
     for consumer in list(graph.nodes):
-        source = _norm_source(consumer) if _fusible_consumer(consumer) else None
+        source = _norm_source(consumer) if _fusible_consumer(consumer, ctx) else None
         if source is None:
             continue
         norm, chain, (kernel, args) = source
