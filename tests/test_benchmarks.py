@@ -101,3 +101,12 @@ def test_the_profile_and_late_rank_scripts_run(capsys):
     assert len([line for line in table if line.strip()]) >= 10  # a row per collective of one step
     late_rank.main(["--steps", "16"])
     assert "left the wait after rank 1" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_the_overlap_split_script_runs(capsys):
+    """benchmarks.overlap_split checks that its two forms of a halo conv agree, then prints its table."""
+    from benchmarks import overlap_split
+
+    overlap_split.main(["--quick", "--repeats", "2", "--backward", "--jitter", "0.5"])
+    assert "split / whole" in capsys.readouterr().out
