@@ -87,6 +87,8 @@ def _collectives(trace_dir: str, world_size: int, profiled: int) -> list[list[tu
         events = json.loads((Path(trace_dir) / f"rank{r}.json").read_text())["traceEvents"]
         per_rank.append(sorted((e for e in events if e.get("name", "").startswith("gloo:")), key=lambda e: e["ts"]))
     n = min(len(g) for g in per_rank) // profiled
+    if not n:  # one rank (plain Inductor, the reference's kernels): no collectives
+        return []
     start = per_rank[0][(profiled - 1) * n]["ts"]
     rows = []
     for k in range((profiled - 1) * n, profiled * n):

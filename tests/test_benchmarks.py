@@ -101,6 +101,9 @@ def test_the_profile_and_late_rank_scripts_run(capsys):
     assert len([line for line in table if line.strip()]) >= 10  # a row per collective of one step
     late_rank.main(["--steps", "16"])
     assert "left the wait after rank 1" in capsys.readouterr().out
+    # one rank (the one-process reference's kernels): no collectives to line up (an IndexError before)
+    profile_step.main(["--size", "32", "--ranks", "1", "--repeats", "1", "--profiled", "1", "--compiler", "aot_eager"])
+    assert "rank 0: step" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)
