@@ -295,7 +295,7 @@ def _fusible_consumer(node, ctx: PassContext) -> bool:
     fuses max pools only then, or under a compiler with no C++ (``aot_eager``; see
     :func:`fxhalo.backend.fuses_max_pools`).  The adaptive max pools alike, whose backward also scatters by
     the argmax.  Unfused, such a norm keeps its own all_reduce (``tests/distributed/test_inductor.py`` runs
-    the pattern through Inductor both ways)."""
+    the fused pattern through Inductor with the flag)."""
     if node.op != "call_function" or not takes_received(node.target):
         return False
     return ctx.fuse_max_pools or node.target not in _UNFUSED_MAX_POOLS
