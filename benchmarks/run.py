@@ -87,6 +87,9 @@ class Plan:
     #: ``torch._inductor.config`` settings for every compiled row, ``((name, value), ...)``; dotted
     #: names reach into the config's classes (``aten_distributed_optimizations.enable_overlap_scheduling``)
     inductor_config: tuple[tuple[str, object], ...] = ()
+    #: serve every block of 128 KiB or more by its own mmap (:func:`map_large_blocks`), so that a step's
+    #: memory is the peak of live tensor bytes rather than the rise of glibc's heap
+    live_memory: bool = False
 
 
 def inductor_settings(pairs) -> tuple[tuple[str, object], ...]:
@@ -432,6 +435,8 @@ def _reference(cfg: Config, x: torch.Tensor):
 
 def _worker(rank: int, world_size: int, plan: Plan, row_keys: tuple[str, ...]) -> dict:
     """Every row in ``row_keys`` on this process's group, one after another."""
+    if plan.live_memory and not map_large_blocks():
+        raise RuntimeError("--live-memory needs glibc's mallopt")
     x_full = make_input(plan.cfg)
     ref = _reference(plan.cfg, x_full) if plan.check else None
     results = {}
@@ -536,6 +541,7 @@ def assemble(plan: Plan, per_row: dict[str, list[dict]], *, started: float, host
             "warmup": plan.warmup,
             "compiler": plan.compiler,
             "inductor_config": dict(plan.inductor_config),
+            "live_memory": plan.live_memory,
         },
         "machine": host,
         "lifetime_peak_rss_bytes": per_row.get("_maxrss", []),
@@ -590,6 +596,11 @@ def main(argv=None) -> int:
         help="a torch._inductor.config setting for every compiled row, e.g. reorder_for_compute_comm_overlap=True "
         "(repeatable; dotted names reach into its classes)",
     )
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="step memory as the peak of live tensor bytes (every large block mmapped; steps are slower)",
+    )
     parser.add_argument("--no-count", action="store_true", help="skip the (untimed) byte-counting step")
     parser.add_argument("--no-check", action="store_true", help="skip the one-device error check")
     parser.add_argument("--json", help="where to write the JSON (default benchmarks/results/<name>.json)")
@@ -613,6 +624,7 @@ def main(argv=None) -> int:
         count=not args.no_count,
         check=not args.no_check,
         inductor_config=inductor_settings(args.inductor_config),
+        live_memory=args.live_memory,
     )
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     report = run(plan, timeout=args.timeout, command=command)

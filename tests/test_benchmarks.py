@@ -23,7 +23,15 @@ def _plans(world_size):
     # One thread per process: the one-process rows with P threads would run on every rank at once here.
     rows = tuple(r for r in run.plan_rows(run.ROW_KINDS, world_size) if r.threads == 1)
     return {
-        name: run.Plan(spec.tiny_config(), world_size, repeats=1, warmup=1, compiler="eager", rows=rows)
+        name: run.Plan(
+            spec.tiny_config(),
+            world_size,
+            repeats=1,
+            warmup=1,
+            compiler="eager",
+            rows=rows,
+            live_memory=name == "causal1d",  # --live-memory: the last model, as mallopt lasts for the process
+        )
         for name, spec in MODELS.items()
     }
 
